@@ -239,7 +239,9 @@ impl LocalServer {
             cmd.arg("-js").arg("-sd").arg(self.dir.join("jetstream"));
         }
         cmd.args(&self.options.extra_args);
-        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
         let child = cmd.spawn().map_err(|e| {
             Error::with_source(
                 ServerErrorKind::Spawn,

@@ -196,8 +196,14 @@ mod tests {
         assert_eq!(q.max_agents, 20);
         q.set("messages_per_window", "1_000_000").unwrap();
         assert_eq!(q.get("messages_per_window").unwrap(), "1000000");
-        assert_eq!(q.set("nope", "1").unwrap_err().kind(), QuotaErrorKind::UnknownField);
-        assert_eq!(q.set("max_agents", "-1").unwrap_err().kind(), QuotaErrorKind::InvalidValue);
+        assert_eq!(
+            q.set("nope", "1").unwrap_err().kind(),
+            QuotaErrorKind::UnknownField
+        );
+        assert_eq!(
+            q.set("max_agents", "-1").unwrap_err().kind(),
+            QuotaErrorKind::InvalidValue
+        );
         assert_eq!(q.max_agents, 20, "a failed set changes nothing");
     }
 }

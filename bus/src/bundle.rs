@@ -69,11 +69,14 @@ impl CredentialBundle {
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self, BundleError> {
         let path = path.as_ref();
         let text = std::fs::read_to_string(path).map_err(|e| {
-            Error::with_source(BundleErrorKind::Io, format!("reading {}", path.display()), e)
+            Error::with_source(
+                BundleErrorKind::Io,
+                format!("reading {}", path.display()),
+                e,
+            )
         })?;
-        Self::from_json(&text).map_err(|e| {
-            Error::new(e.kind(), format!("{}: {}", path.display(), e))
-        })
+        Self::from_json(&text)
+            .map_err(|e| Error::new(e.kind(), format!("{}: {}", path.display(), e)))
     }
 
     /// The bundle as pretty JSON (holds secrets: write it only where the agent reads).
@@ -87,14 +90,18 @@ impl CredentialBundle {
         let path = path.as_ref();
         let json = self.to_json()?;
         write_private(path, json.as_bytes()).map_err(|e| {
-            Error::with_source(BundleErrorKind::Io, format!("writing {}", path.display()), e)
+            Error::with_source(
+                BundleErrorKind::Io,
+                format!("writing {}", path.display()),
+                e,
+            )
         })
     }
 
     fn check(&self) -> Result<(), BundleError> {
-        self.keys.ensure_tenant(&self.tenant).map_err(|e| {
-            Error::new(BundleErrorKind::TenantMismatch, e.detail().to_string())
-        })
+        self.keys
+            .ensure_tenant(&self.tenant)
+            .map_err(|e| Error::new(BundleErrorKind::TenantMismatch, e.detail().to_string()))
     }
 }
 
@@ -144,7 +151,9 @@ mod tests {
             tenant: TenantId::new(tenant).unwrap(),
             agent: AgentId::new("planner").unwrap(),
             creds: Some("-----BEGIN NATS USER JWT-----\nsecret".into()),
-            keys: m.key_set(&TenantId::new(key_tenant).unwrap(), [1], 1).unwrap(),
+            keys: m
+                .key_set(&TenantId::new(key_tenant).unwrap(), [1], 1)
+                .unwrap(),
         }
     }
 

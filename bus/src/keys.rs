@@ -381,8 +381,14 @@ mod tests {
         let e = m.key_set(&t("acme"), [1], 2).unwrap_err();
         assert_eq!(e.kind(), KeyErrorKind::InvalidKeySet);
         let set = m.key_set(&t("acme"), [1, 2], 2).unwrap();
-        assert_eq!(set.without(2).unwrap_err().kind(), KeyErrorKind::InvalidKeySet);
-        assert_eq!(set.without(9).unwrap_err().kind(), KeyErrorKind::UnknownVersion);
+        assert_eq!(
+            set.without(2).unwrap_err().kind(),
+            KeyErrorKind::InvalidKeySet
+        );
+        assert_eq!(
+            set.without(9).unwrap_err().kind(),
+            KeyErrorKind::UnknownVersion
+        );
         assert!(set.without(1).unwrap().get(1).is_none());
     }
 }

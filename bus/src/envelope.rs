@@ -1,0 +1,423 @@
+//! The sealed envelope: a compact, versioned binary header in the message body,
+//! followed by the AES-256-GCM ciphertext and tag. Specified byte by byte in
+//! `docs/wire-format.md`; summary (integers big-endian):
+//!
+//! | offset    | size | field |
+//! |-----------|------|-------|
+//! | 0         | 1    | format version, `0x01` |
+//! | 1         | 1    | flags, must be `0x00` |
+//! | 2         | 4    | key version (key id) |
+//! | 6         | 16   | message id: sender instance (8) + sequence (8) |
+//! | 22        | 8    | timestamp, ms since the Unix epoch |
+//! | 30        | 12   | nonce |
+//! | 42        | 1    | tenant id length `T` (1..=63) |
+//! | 43        | T    | tenant id |
+//! | 43+T      | 1    | sender agent id length `S` (0 = none, ..=63) |
+//! | 44+T      | S    | sender agent id |
+//! | 44+T+S    | n+16 | ciphertext of the n-byte payload, then the 16-byte tag |
+//!
+//! The additional authenticated data is the whole header (bytes `0..44+T+S`), then
+//! the full NATS subject and the reply subject, each preceded by its length as u16.
+//! Moving a message to another subject, tenant or reply inbox, or changing any
+//! header byte, makes it fail to open.
+//!
+//! Nonces: a [`Sealer`] draws one random 64-bit instance id `I` when created (the
+//! only system call) and counts messages with a 64-bit sequence `s` from 1. The
+//! message id is `I || s`; the 96-bit nonce is `(I * 2^32 + s) mod 2^96`. One
+//! sealer never repeats a nonce (`s` is below 2^48, see [`MAX_SEQUENCE`]); two
+//! sealers under one key can only collide if their instance ids are within
+//! `s / 2^32 + 1` of each other: for `n` sealers of at most `2^32` messages each the
+//! probability is below `n^2 / 2^63`, e.g. 2^-23 for a million sealers per key
+//! version. Rotate the tenant key (a new version) long before 2^20 sealers.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::{Bytes, BytesMut};
+use ring::aead::{Aad, Nonce, Tag, NONCE_LEN};
+use ring::rand::{SecureRandom, SystemRandom};
+
+use crate::error::Error;
+use crate::ids::{AgentId, TenantId, MAX_ID_LEN};
+use crate::keys::{KeyError, KeyErrorKind, TenantKeySet};
+use crate::verify::DropReason;
+
+/// The format version this crate writes and reads.
+pub const FORMAT_VERSION: u8 = 1;
+/// Fixed header bytes before the tenant id.
+pub const FIXED_HEADER_LEN: usize = 43;
+/// Length of the GCM tag.
+pub const TAG_LEN: usize = 16;
+/// The largest sequence a sealer issues (2^48): far beyond any process's life,
+/// and it keeps the nonce ranges of distinct sealers apart (see module docs).
+pub const MAX_SEQUENCE: u64 = 1 << 48;
+/// Room for the AAD on the stack: header (<= 170) + subject + reply.
+const AAD_CAP: usize = 1024;
+
+/// A 128-bit message id: the sender instance (high 8 bytes) and its sequence.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MessageId(pub [u8; 16]);
+
+impl MessageId {
+    /// The random id of the sealer that issued the message.
+    pub fn instance(&self) -> u64 {
+        u64::from_be_bytes(self.0[..8].try_into().unwrap_or([0; 8]))
+    }
+
+    /// The sealer's sequence number of the message.
+    pub fn sequence(&self) -> u64 {
+        u64::from_be_bytes(self.0[8..].try_into().unwrap_or([0; 8]))
+    }
+
+    /// The id as 32 lowercase hex digits.
+    pub fn to_hex(&self) -> String {
+        let mut s = String::with_capacity(32);
+        for b in self.0 {
+            s.push(char::from(HEX[usize::from(b >> 4)]));
+            s.push(char::from(HEX[usize::from(b & 15)]));
+        }
+        s
+    }
+}
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+impl std::fmt::Display for MessageId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+impl std::fmt::Debug for MessageId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "MessageId({})", self.to_hex())
+    }
+}
+
+/// What went wrong sealing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum SealErrorKind {
+    /// The sealer issued [`MAX_SEQUENCE`] messages; create a new one.
+    Exhausted,
+    /// The subject plus reply do not fit the authenticated data bound.
+    TooLong,
+    /// The AEAD refused (payload over the GCM limit).
+    Crypto,
+}
+
+crate::kind_display!(SealErrorKind {
+    Exhausted => "sealer sequence exhausted",
+    TooLong => "subject and reply too long to authenticate",
+    Crypto => "AES-GCM seal failed",
+});
+
+/// A sealing error.
+pub type SealError = Error<SealErrorKind>;
+
+/// The authenticated stamp of an opened message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stamp {
+    /// The key version that sealed it.
+    pub key_version: u32,
+    /// The tenant it was sealed for.
+    pub tenant: TenantId,
+    /// Its message id.
+    pub msg_id: MessageId,
+    /// When it was sealed, ms since the Unix epoch (sender's clock).
+    pub timestamp_ms: u64,
+    /// The sending agent, if it identified itself.
+    pub sender: Option<AgentId>,
+}
+
+/// The current time in ms since the Unix epoch (a vDSO read, no system call).
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Seals messages for one tenant; cheap to share (`Arc`), lock-free.
+pub struct Sealer {
+    keys: Arc<TenantKeySet>,
+    sender: Option<AgentId>,
+    instance: u64,
+    seq: AtomicU64,
+}
+
+impl std::fmt::Debug for Sealer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sealer")
+            .field("tenant", self.keys.tenant())
+            .field("sender", &self.sender)
+            .field("instance", &format_args!("{:016x}", self.instance))
+            .finish()
+    }
+}
+
+impl Sealer {
+    /// A sealer with a fresh random instance id.
+    pub fn new(keys: Arc<TenantKeySet>, sender: Option<AgentId>) -> Result<Self, KeyError> {
+        let mut buf = [0u8; 8];
+        SystemRandom::new()
+            .fill(&mut buf)
+            .map_err(|_| Error::new(KeyErrorKind::Random, "drawing a sealer instance id"))?;
+        Ok(Self::with_instance(keys, sender, u64::from_be_bytes(buf)))
+    }
+
+    /// A sealer with a given instance id (test vectors only: reusing an instance id
+    /// under the same key repeats nonces).
+    #[doc(hidden)]
+    pub fn with_instance(keys: Arc<TenantKeySet>, sender: Option<AgentId>, instance: u64) -> Self {
+        Self {
+            keys,
+            sender,
+            instance,
+            seq: AtomicU64::new(0),
+        }
+    }
+
+    /// The key set this sealer uses.
+    pub fn keys(&self) -> &Arc<TenantKeySet> {
+        &self.keys
+    }
+
+    /// The random instance id (the high half of every message id it issues).
+    pub fn instance(&self) -> u64 {
+        self.instance
+    }
+
+    /// Seals `payload` for the full `subject` (and `reply`, if the message carries
+    /// one), stamped now.
+    pub fn seal(
+        &self,
+        subject: &str,
+        reply: Option<&str>,
+        payload: &[u8],
+    ) -> Result<(MessageId, Bytes), SealError> {
+        self.seal_at(subject, reply, payload, now_ms())
+    }
+
+    /// Seals with an explicit timestamp (tests, vectors).
+    pub fn seal_at(
+        &self,
+        subject: &str,
+        reply: Option<&str>,
+        payload: &[u8],
+        timestamp_ms: u64,
+    ) -> Result<(MessageId, Bytes), SealError> {
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
+        if seq >= MAX_SEQUENCE {
+            return Err(Error::new(SealErrorKind::Exhausted, "create a new sealer"));
+        }
+        let key = self.keys.current();
+        let tenant = self.keys.tenant().as_str().as_bytes();
+        let sender = self
+            .sender
+            .as_ref()
+            .map(|s| s.as_str().as_bytes())
+            .unwrap_or(&[]);
+        let mut msg_id = [0u8; 16];
+        msg_id[..8].copy_from_slice(&self.instance.to_be_bytes());
+        msg_id[8..].copy_from_slice(&seq.to_be_bytes());
+        let nonce_int = ((u128::from(self.instance)) << 32).wrapping_add(u128::from(seq));
+        let mut nonce = [0u8; NONCE_LEN];
+        nonce.copy_from_slice(&nonce_int.to_be_bytes()[16 - NONCE_LEN..]);
+
+        let header_len = FIXED_HEADER_LEN + tenant.len() + 1 + sender.len();
+        let mut out = BytesMut::with_capacity(header_len + payload.len() + TAG_LEN);
+        out.extend_from_slice(&[FORMAT_VERSION, 0]);
+        out.extend_from_slice(&key.version().to_be_bytes());
+        out.extend_from_slice(&msg_id);
+        out.extend_from_slice(&timestamp_ms.to_be_bytes());
+        out.extend_from_slice(&nonce);
+        // Ids are validated to at most 63 bytes, so each length fits a byte.
+        out.extend_from_slice(&[tenant.len() as u8]);
+        out.extend_from_slice(tenant);
+        out.extend_from_slice(&[sender.len() as u8]);
+        out.extend_from_slice(sender);
+
+        let mut aad = [0u8; AAD_CAP];
+        let aad_len = build_aad(&mut aad, &out[..header_len], subject, reply.unwrap_or(""))
+            .ok_or_else(|| Error::new(SealErrorKind::TooLong, subject.to_string()))?;
+
+        out.extend_from_slice(payload);
+        let tag = key
+            .aead()
+            .seal_in_place_separate_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(&aad[..aad_len]),
+                &mut out[header_len..],
+            )
+            .map_err(|_| Error::new(SealErrorKind::Crypto, "payload too large for GCM"))?;
+        out.extend_from_slice(tag.as_ref());
+        Ok((MessageId(msg_id), out.freeze()))
+    }
+}
+
+/// Writes `header || u16 len(subject) || subject || u16 len(reply) || reply` into
+/// `buf`, returning its length, or `None` if it does not fit.
+fn build_aad(buf: &mut [u8; AAD_CAP], header: &[u8], subject: &str, reply: &str) -> Option<usize> {
+    let total = header.len() + 2 + subject.len() + 2 + reply.len();
+    if total > AAD_CAP {
+        return None;
+    }
+    let mut at = 0;
+    for part in [
+        header,
+        &(subject.len() as u16).to_be_bytes(),
+        subject.as_bytes(),
+        &(reply.len() as u16).to_be_bytes(),
+        reply.as_bytes(),
+    ] {
+        buf[at..at + part.len()].copy_from_slice(part);
+        at += part.len();
+    }
+    Some(at)
+}
+
+/// A decoded (not yet authenticated) envelope.
+#[derive(Debug)]
+pub struct Header<'a> {
+    /// The key version.
+    pub key_version: u32,
+    /// The message id.
+    pub msg_id: MessageId,
+    /// The timestamp, ms since the epoch.
+    pub timestamp_ms: u64,
+    /// The nonce.
+    pub nonce: [u8; NONCE_LEN],
+    /// The tenant id bytes as sent (validated as a slug).
+    pub tenant: &'a str,
+    /// The sender id bytes as sent (validated as a slug), if any.
+    pub sender: Option<&'a str>,
+    /// Length of the header: the AAD prefix, and where the ciphertext starts.
+    pub header_len: usize,
+}
+
+/// Parses the header of `body` without authenticating anything. Never panics.
+pub fn decode_header(body: &[u8]) -> Result<Header<'_>, DropReason> {
+    if body.len() < FIXED_HEADER_LEN + 1 + 1 + TAG_LEN {
+        return Err(DropReason::Malformed);
+    }
+    if body[0] != FORMAT_VERSION {
+        return Err(DropReason::UnsupportedVersion);
+    }
+    if body[1] != 0 {
+        return Err(DropReason::Malformed);
+    }
+    let u32_at = |at: usize| {
+        body.get(at..at + 4)
+            .and_then(|s| s.try_into().ok())
+            .map(u32::from_be_bytes)
+    };
+    let u64_at = |at: usize| {
+        body.get(at..at + 8)
+            .and_then(|s| s.try_into().ok())
+            .map(u64::from_be_bytes)
+    };
+    let key_version = u32_at(2).ok_or(DropReason::Malformed)?;
+    let msg_id: [u8; 16] = body
+        .get(6..22)
+        .and_then(|s| s.try_into().ok())
+        .ok_or(DropReason::Malformed)?;
+    let timestamp_ms = u64_at(22).ok_or(DropReason::Malformed)?;
+    let nonce: [u8; NONCE_LEN] = body
+        .get(30..42)
+        .and_then(|s| s.try_into().ok())
+        .ok_or(DropReason::Malformed)?;
+    let tenant_len = usize::from(body[42]);
+    if tenant_len == 0 || tenant_len > MAX_ID_LEN {
+        return Err(DropReason::Malformed);
+    }
+    let tenant_end = FIXED_HEADER_LEN + tenant_len;
+    let tenant = body
+        .get(FIXED_HEADER_LEN..tenant_end)
+        .ok_or(DropReason::Malformed)?;
+    let sender_len = usize::from(*body.get(tenant_end).ok_or(DropReason::Malformed)?);
+    if sender_len > MAX_ID_LEN {
+        return Err(DropReason::Malformed);
+    }
+    let sender_start = tenant_end + 1;
+    let header_len = sender_start + sender_len;
+    let sender = body
+        .get(sender_start..header_len)
+        .ok_or(DropReason::Malformed)?;
+    if body.len() < header_len + TAG_LEN {
+        return Err(DropReason::Malformed);
+    }
+    let tenant = std::str::from_utf8(tenant).map_err(|_| DropReason::Malformed)?;
+    crate::ids::validate_slug(tenant).map_err(|_| DropReason::Malformed)?;
+    let sender = if sender_len == 0 {
+        None
+    } else {
+        let s = std::str::from_utf8(sender).map_err(|_| DropReason::Malformed)?;
+        crate::ids::validate_slug(s).map_err(|_| DropReason::Malformed)?;
+        Some(s)
+    };
+    Ok(Header {
+        key_version,
+        msg_id: MessageId(msg_id),
+        timestamp_ms,
+        nonce,
+        tenant,
+        sender,
+        header_len,
+    })
+}
+
+/// Authenticates and decrypts `body` received on the full `subject` with `reply`,
+/// for the tenant of `keys`. Checks, in order: format, tenant, key version, tag.
+/// Freshness and replay are the verifier's (see [`crate::verify`]).
+pub fn open(
+    keys: &TenantKeySet,
+    subject: &str,
+    reply: Option<&str>,
+    body: &[u8],
+) -> Result<(Stamp, Bytes), DropReason> {
+    let header = decode_header(body)?;
+    if header.tenant != keys.tenant().as_str() {
+        return Err(DropReason::WrongTenant);
+    }
+    let key = keys.get(header.key_version).ok_or(DropReason::UnknownKey)?;
+    let mut aad = [0u8; AAD_CAP];
+    let aad_len = build_aad(
+        &mut aad,
+        &body[..header.header_len],
+        subject,
+        reply.unwrap_or(""),
+    )
+    .ok_or(DropReason::OutsideNamespace)?;
+    let ct_end = body.len() - TAG_LEN;
+    let tag: [u8; TAG_LEN] = body[ct_end..]
+        .try_into()
+        .map_err(|_| DropReason::Malformed)?;
+    let mut plain = BytesMut::from(&body[header.header_len..ct_end]);
+    key.aead()
+        .open_in_place_separate_tag(
+            Nonce::assume_unique_for_key(header.nonce),
+            Aad::from(&aad[..aad_len]),
+            Tag::from(tag),
+            &mut plain,
+            0..,
+        )
+        .map_err(|_| DropReason::Authentication)?;
+    // Both ids were validated as slugs by `decode_header`.
+    let tenant = keys.tenant().clone();
+    let sender = match header.sender {
+        Some(s) => Some(AgentId::new(s).map_err(|_| DropReason::Malformed)?),
+        None => None,
+    };
+    Ok((
+        Stamp {
+            key_version: header.key_version,
+            tenant,
+            msg_id: header.msg_id,
+            timestamp_ms: header.timestamp_ms,
+            sender,
+        },
+        plain.freeze(),
+    ))
+}

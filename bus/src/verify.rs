@@ -1,0 +1,332 @@
+//! Verification on receive, and the public drop counters.
+//!
+//! A received message is delivered only if it decodes, names this tenant, arrived
+//! on a subject inside this tenant's namespace, is sealed with a key version the
+//! key set still holds, authenticates, lies inside the replay window (not older
+//! than the window, not further in the future than the clock-skew allowance) and
+//! is not a replay. Otherwise it is dropped, counted under its [`DropReason`] and
+//! logged at `warn`; never delivered, never a panic, whatever the bytes.
+//!
+//! Timestamp checks run after authentication, so an altered timestamp counts as
+//! [`DropReason::Authentication`]; only authentic old or future messages count as
+//! [`DropReason::Stale`] or [`DropReason::Future`].
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Why a received message was dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[non_exhaustive]
+pub enum DropReason {
+    /// Not a well-formed envelope (truncated, random bytes, bad lengths or ids).
+    Malformed,
+    /// An envelope format version this build does not read.
+    UnsupportedVersion,
+    /// The envelope names another tenant.
+    WrongTenant,
+    /// The NATS subject or reply lies outside the tenant's namespace.
+    OutsideNamespace,
+    /// Sealed with a key version not in the key set (unknown or retired).
+    UnknownKey,
+    /// The tag did not verify: altered bytes, another subject, another key.
+    Authentication,
+    /// Older than the replay window.
+    Stale,
+    /// Further in the future than the clock-skew allowance.
+    Future,
+    /// A message id already delivered on this subscription.
+    Replay,
+    /// The anti-replay table is at its sender cap.
+    ReplayStateFull,
+}
+
+impl DropReason {
+    /// Every reason, in declaration order.
+    pub const ALL: [DropReason; 10] = [
+        DropReason::Malformed,
+        DropReason::UnsupportedVersion,
+        DropReason::WrongTenant,
+        DropReason::OutsideNamespace,
+        DropReason::UnknownKey,
+        DropReason::Authentication,
+        DropReason::Stale,
+        DropReason::Future,
+        DropReason::Replay,
+        DropReason::ReplayStateFull,
+    ];
+
+    /// A short stable name (for metrics labels).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropReason::Malformed => "malformed",
+            DropReason::UnsupportedVersion => "unsupported_version",
+            DropReason::WrongTenant => "wrong_tenant",
+            DropReason::OutsideNamespace => "outside_namespace",
+            DropReason::UnknownKey => "unknown_key",
+            DropReason::Authentication => "authentication",
+            DropReason::Stale => "stale",
+            DropReason::Future => "future",
+            DropReason::Replay => "replay",
+            DropReason::ReplayStateFull => "replay_state_full",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl std::fmt::Display for DropReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Freshness settings of verification.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Freshness {
+    /// Messages older than this are stale. Default 5 minutes.
+    pub replay_window: Duration,
+    /// Messages stamped further ahead than this are refused. Default 30 s.
+    pub clock_skew: Duration,
+}
+
+impl Default for Freshness {
+    fn default() -> Self {
+        Self {
+            replay_window: Duration::from_secs(300),
+            clock_skew: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Freshness {
+    /// Checks `timestamp_ms` against `now_ms`.
+    pub fn check(&self, timestamp_ms: u64, now_ms: u64) -> Result<(), DropReason> {
+        let window = self.replay_window.as_millis() as u64;
+        let skew = self.clock_skew.as_millis() as u64;
+        if timestamp_ms.saturating_add(window) < now_ms {
+            return Err(DropReason::Stale);
+        }
+        if timestamp_ms > now_ms.saturating_add(skew) {
+            return Err(DropReason::Future);
+        }
+        Ok(())
+    }
+
+    /// How long the anti-replay state must remember a sender (window + skew).
+    pub fn retain_ms(&self) -> u64 {
+        (self.replay_window + self.clock_skew).as_millis() as u64
+    }
+}
+
+/// Counters of one namespace: messages delivered and dropped per reason, and the
+/// asynchronous events async-nats reports. Lock-free; read at any time.
+#[derive(Debug, Default)]
+pub struct Counters {
+    delivered: AtomicU64,
+    dropped: [AtomicU64; DropReason::ALL.len()],
+    slow_consumer: AtomicU64,
+    permission_violation: AtomicU64,
+    server_error: AtomicU64,
+    rejected_by_admission: AtomicU64,
+}
+
+/// A point-in-time copy of [`Counters`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CountersSnapshot {
+    /// Messages delivered to the application.
+    pub delivered: u64,
+    /// Messages dropped, per reason (every reason present, zeros included).
+    pub dropped: Vec<(DropReason, u64)>,
+    /// Slow-consumer events (async-nats dropped messages client-side).
+    pub slow_consumer: u64,
+    /// Permission violations reported by the server.
+    pub permission_violation: u64,
+    /// Other server errors.
+    pub server_error: u64,
+    /// Outgoing messages refused by the admission layer.
+    pub rejected_by_admission: u64,
+}
+
+impl CountersSnapshot {
+    /// Drops counted for `reason`.
+    pub fn dropped(&self, reason: DropReason) -> u64 {
+        self.dropped
+            .iter()
+            .find(|(r, _)| *r == reason)
+            .map(|(_, n)| *n)
+            .unwrap_or(0)
+    }
+
+    /// All drops.
+    pub fn dropped_total(&self) -> u64 {
+        self.dropped.iter().map(|(_, n)| n).sum()
+    }
+}
+
+impl Counters {
+    /// Drops counted so far for `reason`.
+    pub fn dropped(&self, reason: DropReason) -> u64 {
+        self.dropped[reason.index()].load(Ordering::Relaxed)
+    }
+
+    /// Messages delivered so far.
+    pub fn delivered(&self) -> u64 {
+        self.delivered.load(Ordering::Relaxed)
+    }
+
+    /// Slow-consumer events so far.
+    pub fn slow_consumer(&self) -> u64 {
+        self.slow_consumer.load(Ordering::Relaxed)
+    }
+
+    /// Permission violations so far.
+    pub fn permission_violation(&self) -> u64 {
+        self.permission_violation.load(Ordering::Relaxed)
+    }
+
+    /// A copy of every counter.
+    pub fn snapshot(&self) -> CountersSnapshot {
+        CountersSnapshot {
+            delivered: self.delivered(),
+            dropped: DropReason::ALL
+                .iter()
+                .map(|r| (*r, self.dropped(*r)))
+                .collect(),
+            slow_consumer: self.slow_consumer(),
+            permission_violation: self.permission_violation(),
+            server_error: self.server_error.load(Ordering::Relaxed),
+            rejected_by_admission: self.rejected_by_admission.load(Ordering::Relaxed),
+        }
+    }
+
+    pub(crate) fn count_drop(&self, reason: DropReason) {
+        self.dropped[reason.index()].fetch_add(1, Ordering::Relaxed);
+    }
+    pub(crate) fn count_delivered(&self) {
+        self.delivered.fetch_add(1, Ordering::Relaxed);
+    }
+    pub(crate) fn count_slow_consumer(&self) {
+        self.slow_consumer.fetch_add(1, Ordering::Relaxed);
+    }
+    pub(crate) fn count_permission_violation(&self) {
+        self.permission_violation.fetch_add(1, Ordering::Relaxed);
+    }
+    pub(crate) fn count_server_error(&self) {
+        self.server_error.fetch_add(1, Ordering::Relaxed);
+    }
+    pub(crate) fn count_admission_rejection(&self) {
+        self.rejected_by_admission.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Verifies received bodies for one tenant and counts the outcome.
+#[derive(Debug, Clone)]
+pub struct Verifier {
+    keys: std::sync::Arc<crate::keys::TenantKeySet>,
+    freshness: Freshness,
+    counters: std::sync::Arc<Counters>,
+}
+
+impl Verifier {
+    /// A verifier for the tenant of `keys`.
+    pub fn new(
+        keys: std::sync::Arc<crate::keys::TenantKeySet>,
+        freshness: Freshness,
+        counters: std::sync::Arc<Counters>,
+    ) -> Self {
+        Self {
+            keys,
+            freshness,
+            counters,
+        }
+    }
+
+    /// The freshness settings.
+    pub fn freshness(&self) -> Freshness {
+        self.freshness
+    }
+
+    /// The counters this verifier updates.
+    pub fn counters(&self) -> &std::sync::Arc<Counters> {
+        &self.counters
+    }
+
+    /// A fresh anti-replay state sized for these settings.
+    pub fn replay_guard(&self, max_senders: usize) -> crate::replay::ReplayGuard {
+        crate::replay::ReplayGuard::new(crate::replay::ReplayOptions {
+            retain_ms: self.freshness.retain_ms(),
+            max_senders,
+        })
+    }
+
+    /// Verifies one message received on the full `subject`, whose `reply` (if any)
+    /// was bound into the seal, against the replay state `guard`.
+    ///
+    /// The outcome is not counted; see [`Verifier::verify_counted`].
+    pub fn verify(
+        &self,
+        guard: &mut crate::replay::ReplayGuard,
+        subject: &str,
+        reply: Option<&str>,
+        body: &[u8],
+        now_ms: u64,
+    ) -> Result<crate::message::TenantMessage, DropReason> {
+        let tenant = self.keys.tenant();
+        let (stamp, payload) = crate::envelope::open(&self.keys, subject, reply, body)?;
+        let relative =
+            crate::subject::unscope(tenant, subject).map_err(|_| DropReason::OutsideNamespace)?;
+        let reply = match reply {
+            Some(r) if crate::subject::is_tenant_inbox(tenant, r) => {
+                Some(crate::message::ReplyTo::new(r))
+            }
+            Some(_) => return Err(DropReason::OutsideNamespace),
+            None => None,
+        };
+        self.freshness.check(stamp.timestamp_ms, now_ms)?;
+        guard.check(stamp.msg_id.instance(), stamp.msg_id.sequence(), now_ms)?;
+        Ok(crate::message::TenantMessage {
+            subject: relative,
+            tenant: stamp.tenant,
+            msg_id: stamp.msg_id,
+            timestamp: std::time::UNIX_EPOCH + Duration::from_millis(stamp.timestamp_ms),
+            sender: stamp.sender,
+            key_version: stamp.key_version,
+            payload,
+            reply,
+        })
+    }
+
+    /// [`Verifier::verify`], counting the outcome and logging drops at `warn`
+    /// (the first 10 of each reason, then every power of two, so a flood of bad
+    /// messages cannot flood the log).
+    pub fn verify_counted(
+        &self,
+        guard: &mut crate::replay::ReplayGuard,
+        subject: &str,
+        reply: Option<&str>,
+        body: &[u8],
+    ) -> Option<crate::message::TenantMessage> {
+        match self.verify(guard, subject, reply, body, crate::envelope::now_ms()) {
+            Ok(msg) => {
+                self.counters.count_delivered();
+                Some(msg)
+            }
+            Err(reason) => {
+                self.counters.count_drop(reason);
+                let n = self.counters.dropped(reason);
+                if n <= 10 || n.is_power_of_two() {
+                    tracing::warn!(
+                        tenant = %self.keys.tenant(),
+                        subject = %subject.escape_debug(),
+                        reason = reason.as_str(),
+                        count = n,
+                        "dropped a message that failed verification"
+                    );
+                }
+                None
+            }
+        }
+    }
+}
