@@ -3,7 +3,10 @@
 //! # Layout
 //! - [`local_server`]: find and run a local `nats-server` (CLI, examples, tests).
 //! - [`tiers`]: service tiers and the one table of per-tenant quotas.
+//! - [`control`]: the control plane: operator-mode NATS accounts per tenant, agent
+//!   credentials, suspension and revocation pushed live to the server.
 #![forbid(unsafe_code)]
 
+pub mod control;
 pub mod local_server;
 pub mod tiers;
