@@ -1,0 +1,369 @@
+//! Concurrent agents per tenant, cluster-wide: slots are leases in a JetStream
+//! key-value bucket.
+//!
+//! Bucket [`SLOT_BUCKET`] (`agentbus_agent_slots`), keys `<tenant>.slot.<i>` for `i`
+//! in `0..max_agents`, value: the holder (agent id). A slot is taken with an atomic
+//! `create` (succeeds only if the key is absent or deleted), so at most one holder
+//! per key and at most `max_agents` holders per tenant in the whole cluster. The
+//! holder refreshes the key every `ttl / 3` with `update(key, holder, revision)`
+//! (compare-and-set: a slot that expired and was taken by someone else is never
+//! overwritten; the old holder sees [`AgentSlot::is_lost`]). Release deletes the key
+//! with the holder's revision. The bucket's `max_age` is the lease TTL: a crashed
+//! agent's key stops being refreshed and the server removes it after the TTL, which
+//! frees the slot.
+//!
+//! A tenant with a free slot gets one in at most `max_agents` creates (it starts
+//! at a rotating index to spread racing callers); an instance that itself holds all
+//! `max_agents` slots refuses without a round trip.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use async_nats::jetstream::kv;
+use bytes::Bytes;
+use tenant_bus::admission::RejectReason;
+use tenant_bus::error::Error;
+use tenant_bus::{AgentId, TenantId};
+
+use super::error::{rejected, store_error, SchedulerError, SchedulerErrorKind};
+
+/// The default agent-slot bucket.
+pub const SLOT_BUCKET: &str = "agentbus_agent_slots";
+
+/// Options of the agent-slot bucket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotBucket {
+    /// Bucket name (default [`SLOT_BUCKET`]).
+    pub bucket: String,
+    /// Lease TTL: the bucket's `max_age` (default 30 s; at least 1 s). Heartbeats
+    /// run every `ttl / 3`.
+    pub ttl: Duration,
+    /// Storage (default file: a server restart must not free every slot).
+    pub storage: jetstream::stream::StorageType,
+    /// Replicas in a cluster (default 1).
+    pub replicas: usize,
+}
+
+impl Default for SlotBucket {
+    fn default() -> Self {
+        Self {
+            bucket: SLOT_BUCKET.to_owned(),
+            ttl: Duration::from_secs(30),
+            storage: jetstream::stream::StorageType::File,
+            replicas: 1,
+        }
+    }
+}
+
+/// The agent-slot bucket, shared by every tenant of an instance.
+#[derive(Debug, Clone)]
+pub struct SlotStore {
+    kv: kv::Store,
+    ttl: Duration,
+}
+
+impl SlotStore {
+    /// Creates (or updates) the bucket.
+    pub async fn open(
+        js: &jetstream::Context,
+        options: &SlotBucket,
+    ) -> Result<Self, SchedulerError> {
+        if options.ttl < Duration::from_secs(1) {
+            return Err(Error::new(
+                SchedulerErrorKind::InvalidConfig,
+                "agent slot TTL must be at least 1 s",
+            ));
+        }
+        let kv = js
+            .create_or_update_key_value(kv::Config {
+                bucket: options.bucket.clone(),
+                description: "agentbus scheduler: agent slot leases".into(),
+                history: 1,
+                max_age: options.ttl,
+                storage: options.storage,
+                num_replicas: options.replicas,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| store_error(format!("opening bucket {:?}", options.bucket), e))?;
+        Ok(Self {
+            kv,
+            ttl: options.ttl,
+        })
+    }
+
+    /// The lease TTL.
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    /// The bucket.
+    pub fn store(&self) -> &kv::Store {
+        &self.kv
+    }
+
+    /// The slots of `tenant`, at most `max_agents` held cluster-wide.
+    pub fn tenant(&self, tenant: TenantId, max_agents: u64) -> AgentSlots {
+        AgentSlots {
+            inner: Arc::new(SlotsInner {
+                store: self.clone(),
+                tenant,
+                max: AtomicU64::new(max_agents),
+                held_here: AtomicU64::new(0),
+                cursor: AtomicU64::new(0),
+            }),
+        }
+    }
+}
+
+struct SlotsInner {
+    store: SlotStore,
+    tenant: TenantId,
+    max: AtomicU64,
+    held_here: AtomicU64,
+    cursor: AtomicU64,
+}
+
+/// One tenant's cluster-wide agent slots (cheap to clone).
+#[derive(Clone)]
+pub struct AgentSlots {
+    inner: Arc<SlotsInner>,
+}
+
+impl AgentSlots {
+    /// The cluster-wide limit.
+    pub fn max(&self) -> u64 {
+        self.inner.max.load(Ordering::Acquire)
+    }
+
+    /// Changes the limit. Lowering it never evicts a holder; slots at or above the
+    /// new limit are not handed out again.
+    pub fn set_max(&self, max: u64) {
+        self.inner.max.store(max, Ordering::Release);
+    }
+
+    /// Slots held through this instance.
+    pub fn held_here(&self) -> u64 {
+        self.inner.held_here.load(Ordering::Acquire)
+    }
+
+    fn key(&self, index: u64) -> String {
+        format!("{}.slot.{index}", self.inner.tenant)
+    }
+
+    /// Slots held cluster-wide right now (one read per slot; for tests and tools).
+    pub async fn held_cluster_wide(&self) -> Result<u64, SchedulerError> {
+        let mut n = 0;
+        for i in 0..self.max() {
+            let key = self.key(i);
+            let entry = self
+                .inner
+                .store
+                .kv
+                .entry(&key)
+                .await
+                .map_err(|e| store_error(format!("reading {key}"), e))?;
+            if matches!(entry, Some(e) if e.operation == kv::Operation::Put) {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// Takes a free slot for `holder`, or refuses with
+    /// [`RejectReason::Concurrency`] when all `max_agents` are held cluster-wide.
+    pub async fn acquire(&self, holder: &AgentId) -> Result<AgentSlot, SchedulerError> {
+        let max = self.max();
+        if self.held_here() >= max {
+            return Err(self.full(max));
+        }
+        let start = self.inner.cursor.fetch_add(1, Ordering::Relaxed);
+        for j in 0..max {
+            let index = start.wrapping_add(j) % max;
+            let key = self.key(index);
+            match self
+                .inner
+                .store
+                .kv
+                .create(&key, Bytes::copy_from_slice(holder.as_str().as_bytes()))
+                .await
+            {
+                Ok(revision) => {
+                    self.inner.held_here.fetch_add(1, Ordering::AcqRel);
+                    return Ok(AgentSlot::start(
+                        self.inner.clone(),
+                        key,
+                        index,
+                        revision,
+                        holder,
+                    ));
+                }
+                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(store_error(format!("creating {key}"), e)),
+            }
+        }
+        Err(self.full(max))
+    }
+
+    fn full(&self, max: u64) -> SchedulerError {
+        rejected(
+            RejectReason::Concurrency,
+            None,
+            format!("tenant {} runs {max} of {max} agents", self.inner.tenant),
+        )
+    }
+}
+
+impl std::fmt::Debug for AgentSlots {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentSlots")
+            .field("tenant", &self.inner.tenant)
+            .field("max", &self.max())
+            .field("held_here", &self.held_here())
+            .finish()
+    }
+}
+
+/// A held agent slot. Heartbeats run in a background task; dropping the slot
+/// stops them and deletes the key (in the background); [`release`](Self::release)
+/// does it and waits. If the process dies, the slot frees itself after the TTL.
+#[must_use = "the slot is released when dropped"]
+pub struct AgentSlot {
+    slots: Arc<SlotsInner>,
+    key: String,
+    index: u64,
+    revision: Arc<AtomicU64>,
+    lost: Arc<AtomicBool>,
+    heartbeat: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl AgentSlot {
+    fn start(
+        slots: Arc<SlotsInner>,
+        key: String,
+        index: u64,
+        revision: u64,
+        holder: &AgentId,
+    ) -> Self {
+        let revision = Arc::new(AtomicU64::new(revision));
+        let lost = Arc::new(AtomicBool::new(false));
+        let heartbeat = tokio::spawn(heartbeat(
+            slots.store.kv.clone(),
+            key.clone(),
+            Bytes::copy_from_slice(holder.as_str().as_bytes()),
+            (slots.store.ttl / 3).max(Duration::from_millis(100)),
+            revision.clone(),
+            lost.clone(),
+        ));
+        Self {
+            slots,
+            key,
+            index,
+            revision,
+            lost,
+            heartbeat: Some(heartbeat),
+        }
+    }
+
+    /// The slot index (`0..max_agents`).
+    pub fn index(&self) -> u64 {
+        self.index
+    }
+
+    /// The key-value key (`<tenant>.slot.<i>`).
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// Whether the lease was lost (a heartbeat found the key expired or taken): the
+    /// agent should stop, its slot may belong to another agent now.
+    pub fn is_lost(&self) -> bool {
+        self.lost.load(Ordering::Acquire)
+    }
+
+    /// Stops the heartbeats and deletes the key, waiting for the server.
+    pub async fn release(mut self) -> Result<(), SchedulerError> {
+        self.stop_heartbeat();
+        let result = if self.is_lost() {
+            Ok(())
+        } else {
+            let revision = self.revision.load(Ordering::Acquire);
+            self.slots
+                .store
+                .kv
+                .delete_expect_revision(&self.key, Some(revision))
+                .await
+                .map_err(|e| store_error(format!("deleting {}", self.key), e))
+        };
+        // Nothing left for Drop to do but the local count.
+        self.lost.store(true, Ordering::Release);
+        result
+    }
+
+    fn stop_heartbeat(&mut self) {
+        if let Some(h) = self.heartbeat.take() {
+            h.abort();
+        }
+    }
+}
+
+impl Drop for AgentSlot {
+    fn drop(&mut self) {
+        self.stop_heartbeat();
+        self.slots.held_here.fetch_sub(1, Ordering::AcqRel);
+        if self.is_lost() {
+            return;
+        }
+        // Without a runtime the key simply expires after the TTL.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let kv = self.slots.store.kv.clone();
+            let key = std::mem::take(&mut self.key);
+            let revision = self.revision.load(Ordering::Acquire);
+            rt.spawn(async move {
+                if let Err(e) = kv.delete_expect_revision(&key, Some(revision)).await {
+                    tracing::debug!(key, error = %e, "agent slot not deleted; it expires after the TTL");
+                }
+            });
+        }
+    }
+}
+
+impl std::fmt::Debug for AgentSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentSlot")
+            .field("key", &self.key)
+            .field("revision", &self.revision.load(Ordering::Relaxed))
+            .field("lost", &self.is_lost())
+            .finish()
+    }
+}
+
+async fn heartbeat(
+    kv: kv::Store,
+    key: String,
+    holder: Bytes,
+    every: Duration,
+    revision: Arc<AtomicU64>,
+    lost: Arc<AtomicBool>,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let current = revision.load(Ordering::Acquire);
+        match kv.update(&key, holder.clone(), current).await {
+            Ok(next) => revision.store(next, Ordering::Release),
+            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                tracing::warn!(key, "agent slot lease lost");
+                lost.store(true, Ordering::Release);
+                return;
+            }
+            // Transient (timeout, reconnect): try again next tick; the TTL is three
+            // ticks long.
+            Err(e) => tracing::debug!(key, error = %e, "agent slot heartbeat failed"),
+        }
+    }
+}

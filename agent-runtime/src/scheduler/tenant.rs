@@ -1,0 +1,493 @@
+//! The per-tenant façade ([`TenantScheduler`]) and the registry of tenants
+//! ([`Scheduler`]).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use async_nats::jetstream;
+use tenant_bus::admission::{Admission, Admit};
+use tenant_bus::error::Error;
+use tenant_bus::{AgentId, TenantId};
+
+use super::concurrency::{ConcurrencyLimit, Overflow, Permit, TaskPermit};
+use super::error::{from_rejection, SchedulerError, SchedulerErrorKind};
+use super::kv::{KvLedger, RateBucket};
+use super::layer::{Chain, Check, Clock, Gate, SizeLimit, Suspension};
+use super::rate::{BatchPolicy, Dimension, MemoryLedger, RateWindow, TokenLedger};
+use super::slots::{AgentSlot, AgentSlots, SlotBucket, SlotStore};
+use crate::tiers::Quotas;
+
+/// The message layers of a tenant, in order: suspension, maximum size, message
+/// window, byte window.
+pub type MessageLayers = Chain<Suspension, Chain<SizeLimit, Chain<RateWindow, RateWindow>>>;
+
+/// A tenant's message admission: [`MessageLayers`] behind a [`Gate`].
+pub type MessageGate = Gate<MessageLayers>;
+
+/// Scheduler-wide settings.
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    /// Overflow policy of the per-tenant task limit (default: a FIFO queue of 1,024
+    /// waiters, 30 s timeout).
+    pub task_overflow: Overflow,
+    /// Batch policy of message windows (default `K = 4`, at most 1,024).
+    pub message_batch: BatchPolicy,
+    /// Batch policy of byte windows (default `K = 4`, at most 4 MiB).
+    pub byte_batch: BatchPolicy,
+    /// The clock of rate windows (default: the system clock).
+    pub clock: Clock,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self {
+            task_overflow: Overflow::Queue {
+                max_waiters: 1_024,
+                timeout: Duration::from_secs(30),
+            },
+            message_batch: BatchPolicy::for_dimension(Dimension::Messages),
+            byte_batch: BatchPolicy::for_dimension(Dimension::Bytes),
+            clock: Clock::System,
+        }
+    }
+}
+
+impl SchedulerConfig {
+    /// Sets `K`, the expected number of instances, for both batch policies.
+    pub fn instances(mut self, k: u32) -> Self {
+        self.message_batch.instances = k;
+        self.byte_batch.instances = k;
+        self
+    }
+
+    /// Sets the task overflow policy.
+    pub fn task_overflow(mut self, overflow: Overflow) -> Self {
+        self.task_overflow = overflow;
+        self
+    }
+
+    /// Sets the clock.
+    pub fn clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
+    }
+}
+
+/// Where agent slots are counted.
+#[derive(Debug, Clone)]
+enum SlotBackend {
+    /// Cluster-wide, in the slot bucket.
+    Cluster(SlotStore),
+    /// This process only.
+    Local,
+}
+
+#[derive(Debug)]
+enum TenantSlots {
+    Cluster(AgentSlots),
+    Local(ConcurrencyLimit),
+}
+
+/// A held agent slot: a cluster-wide lease or, without JetStream, a local permit.
+#[derive(Debug)]
+#[must_use = "the slot is released when dropped"]
+pub enum AgentLease {
+    /// A lease in the slot bucket.
+    Cluster(AgentSlot),
+    /// A permit of this process.
+    Local(Permit),
+}
+
+impl AgentLease {
+    /// Releases the slot, waiting for the key-value store if cluster-wide.
+    pub async fn release(self) -> Result<(), SchedulerError> {
+        match self {
+            AgentLease::Cluster(slot) => slot.release().await,
+            AgentLease::Local(permit) => {
+                drop(permit);
+                Ok(())
+            }
+        }
+    }
+
+    /// Whether a cluster-wide lease was lost (never for local permits).
+    pub fn is_lost(&self) -> bool {
+        match self {
+            AgentLease::Cluster(slot) => slot.is_lost(),
+            AgentLease::Local(_) => false,
+        }
+    }
+}
+
+/// One tenant's limits: message admission ([`Admission`]), tasks, agent slots,
+/// fair-queueing weight, suspension.
+#[derive(Debug)]
+pub struct TenantScheduler {
+    id: TenantId,
+    gate: Arc<MessageGate>,
+    tasks: ConcurrencyLimit,
+    agents: TenantSlots,
+    weight: AtomicU64,
+}
+
+impl TenantScheduler {
+    fn new(
+        id: TenantId,
+        quotas: &Quotas,
+        suspended: bool,
+        config: &SchedulerConfig,
+        ledger: &Arc<dyn TokenLedger>,
+        slots: &SlotBackend,
+    ) -> Self {
+        let window = Duration::from_millis(quotas.window_ms.max(1));
+        let layers = Chain(
+            Suspension::new(suspended),
+            Chain(
+                SizeLimit::new(quotas.max_message_bytes),
+                Chain(
+                    RateWindow::new(
+                        id.clone(),
+                        Dimension::Messages,
+                        quotas.messages_per_window,
+                        window,
+                        config.message_batch,
+                        ledger.clone(),
+                    ),
+                    RateWindow::new(
+                        id.clone(),
+                        Dimension::Bytes,
+                        quotas.bytes_per_window,
+                        window,
+                        config.byte_batch,
+                        ledger.clone(),
+                    ),
+                ),
+            ),
+        );
+        let agents = match slots {
+            SlotBackend::Cluster(store) => {
+                TenantSlots::Cluster(store.tenant(id.clone(), quotas.max_agents))
+            }
+            SlotBackend::Local => TenantSlots::Local(ConcurrencyLimit::new(
+                usize_of(quotas.max_agents),
+                Overflow::Reject,
+                "agents",
+            )),
+        };
+        Self {
+            tasks: ConcurrencyLimit::new(
+                usize_of(quotas.max_concurrent_tasks),
+                config.task_overflow,
+                "tasks",
+            ),
+            gate: Gate::new(layers, config.clock.clone()),
+            agents,
+            weight: AtomicU64::new(quotas.weight.max(1)),
+            id,
+        }
+    }
+
+    /// The tenant.
+    pub fn id(&self) -> &TenantId {
+        &self.id
+    }
+
+    /// The message admission to hand to the tenant's namespace: the gate itself,
+    /// so a check is one virtual call on the tenant's own state.
+    pub fn message_admission(&self) -> Arc<dyn Admission> {
+        self.gate.clone()
+    }
+
+    /// The message gate and its layers.
+    pub fn gate(&self) -> &Arc<MessageGate> {
+        &self.gate
+    }
+
+    /// The synchronous message check (no waiting).
+    pub fn check_message(&self, bytes: u64) -> Check {
+        self.gate.check(bytes)
+    }
+
+    /// Admits one message of `bytes` bytes, waiting for a lease if needed.
+    pub async fn admit(&self, bytes: u64) -> Result<(), SchedulerError> {
+        self.gate.admit(bytes).await.map_err(from_rejection)
+    }
+
+    fn suspension(&self) -> &Suspension {
+        &self.gate.layers().0
+    }
+
+    /// The message window.
+    pub fn message_window(&self) -> &RateWindow {
+        &self.gate.layers().1 .1 .0
+    }
+
+    /// The byte window.
+    pub fn byte_window(&self) -> &RateWindow {
+        &self.gate.layers().1 .1 .1
+    }
+
+    /// Suspends the tenant: every admission returns
+    /// [`RejectReason::Suspended`](tenant_bus::admission::RejectReason::Suspended).
+    pub fn suspend(&self) {
+        self.suspension().set(true);
+    }
+
+    /// Lifts a suspension.
+    pub fn resume(&self) {
+        self.suspension().set(false);
+    }
+
+    /// Whether suspended.
+    pub fn is_suspended(&self) -> bool {
+        self.suspension().is_set()
+    }
+
+    fn check_suspended(&self) -> Result<(), SchedulerError> {
+        if self.is_suspended() {
+            return Err(from_rejection(Suspension::rejection()));
+        }
+        Ok(())
+    }
+
+    /// The weight in fair queueing.
+    pub fn weight(&self) -> u64 {
+        self.weight.load(Ordering::Relaxed)
+    }
+
+    /// The task limit.
+    pub fn tasks(&self) -> &ConcurrencyLimit {
+        &self.tasks
+    }
+
+    /// Takes a task permit (per-instance limit `max_concurrent_tasks`, with the
+    /// configured overflow policy).
+    pub async fn acquire_task(&self) -> Result<TaskPermit, SchedulerError> {
+        self.check_suspended()?;
+        let permit = self.tasks.acquire().await?;
+        // A suspension while queued wins over the permit.
+        self.check_suspended()?;
+        Ok(permit)
+    }
+
+    /// Takes one of the tenant's `max_agents` slots for `agent` (cluster-wide when
+    /// the scheduler runs on JetStream).
+    pub async fn acquire_agent_slot(&self, agent: &AgentId) -> Result<AgentLease, SchedulerError> {
+        self.check_suspended()?;
+        let lease = match &self.agents {
+            TenantSlots::Cluster(slots) => AgentLease::Cluster(slots.acquire(agent).await?),
+            TenantSlots::Local(limit) => AgentLease::Local(limit.try_acquire()?),
+        };
+        if self.is_suspended() {
+            lease.release().await?;
+            return Err(from_rejection(Suspension::rejection()));
+        }
+        Ok(lease)
+    }
+
+    /// Agent slots held through this instance.
+    pub fn agents_held_here(&self) -> u64 {
+        match &self.agents {
+            TenantSlots::Cluster(slots) => slots.held_here(),
+            TenantSlots::Local(limit) => {
+                u64::try_from(limit.limit().saturating_sub(limit.available())).unwrap_or(0)
+            }
+        }
+    }
+
+    /// Applies changed quotas in place (holders keep what they hold).
+    pub fn set_quotas(&self, quotas: &Quotas) {
+        let layers = self.gate.layers();
+        layers.1 .0.set(quotas.max_message_bytes);
+        let window = Duration::from_millis(quotas.window_ms.max(1));
+        layers.1 .1 .0.set_cap(quotas.messages_per_window);
+        layers.1 .1 .0.set_window(window);
+        layers.1 .1 .1.set_cap(quotas.bytes_per_window);
+        layers.1 .1 .1.set_window(window);
+        self.tasks.set_limit(usize_of(quotas.max_concurrent_tasks));
+        match &self.agents {
+            TenantSlots::Cluster(slots) => slots.set_max(quotas.max_agents),
+            TenantSlots::Local(limit) => limit.set_limit(usize_of(quotas.max_agents)),
+        }
+        self.weight.store(quotas.weight.max(1), Ordering::Relaxed);
+    }
+}
+
+impl Admission for TenantScheduler {
+    #[inline]
+    fn admit_message(&self, bytes: usize) -> Admit {
+        self.gate.admit_message(bytes)
+    }
+}
+
+fn usize_of(n: u64) -> usize {
+    usize::try_from(n).unwrap_or(usize::MAX)
+}
+
+/// The registry of tenant schedulers of one instance. Tenants are created lazily,
+/// on first use; the registry is consulted when a namespace or agent starts, never
+/// per message (a namespace holds its tenant's [`Admission`] directly).
+pub struct Scheduler {
+    config: SchedulerConfig,
+    ledger: Arc<dyn TokenLedger>,
+    slots: SlotBackend,
+    // Windows must be shorter than the rate bucket's max_age (cluster mode).
+    rate_max_age: Option<Duration>,
+    tenants: RwLock<HashMap<TenantId, Arc<TenantScheduler>>>,
+    suspended: RwLock<HashSet<TenantId>>,
+}
+
+impl Scheduler {
+    /// A scheduler for a single instance: windows and agent slots counted in this
+    /// process.
+    pub fn local(config: SchedulerConfig) -> Self {
+        Self::with_ledger(config, Arc::new(MemoryLedger::new()))
+    }
+
+    /// A scheduler with its own ledger and local agent slots.
+    pub fn with_ledger(config: SchedulerConfig, ledger: Arc<dyn TokenLedger>) -> Self {
+        Self {
+            config,
+            ledger,
+            slots: SlotBackend::Local,
+            rate_max_age: None,
+            tenants: RwLock::new(HashMap::new()),
+            suspended: RwLock::new(HashSet::new()),
+        }
+    }
+
+    /// A cluster-wide scheduler: rate windows in the `rate` bucket, agent slots in
+    /// the `slots` bucket (both created if missing). Every instance of the cluster
+    /// opens the same buckets; there is no other shared state.
+    pub async fn connect(
+        js: &jetstream::Context,
+        config: SchedulerConfig,
+        rate: &RateBucket,
+        slots: &SlotBucket,
+    ) -> Result<Self, SchedulerError> {
+        let ledger = KvLedger::open(js, rate).await?;
+        let slots = SlotStore::open(js, slots).await?;
+        Ok(Self {
+            config,
+            rate_max_age: Some(ledger.max_age()),
+            ledger: Arc::new(ledger),
+            slots: SlotBackend::Cluster(slots),
+            tenants: RwLock::new(HashMap::new()),
+            suspended: RwLock::new(HashSet::new()),
+        })
+    }
+
+    /// The tenant's scheduler, created from `quotas` on first use (later calls
+    /// return the same one; use [`TenantScheduler::set_quotas`] to change quotas).
+    pub fn tenant(
+        &self,
+        id: &TenantId,
+        quotas: &Quotas,
+    ) -> Result<Arc<TenantScheduler>, SchedulerError> {
+        if let Some(t) = self.get(id) {
+            return Ok(t);
+        }
+        if let Some(max_age) = self.rate_max_age {
+            if Duration::from_millis(quotas.window_ms) >= max_age {
+                return Err(Error::new(
+                    SchedulerErrorKind::InvalidConfig,
+                    format!(
+                        "window_ms {} is not shorter than the rate bucket's max_age",
+                        quotas.window_ms
+                    ),
+                ));
+            }
+        }
+        let suspended = self.read_suspended().contains(id);
+        let mut map = self
+            .tenants
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let t = map.entry(id.clone()).or_insert_with(|| {
+            Arc::new(TenantScheduler::new(
+                id.clone(),
+                quotas,
+                suspended,
+                &self.config,
+                &self.ledger,
+                &self.slots,
+            ))
+        });
+        Ok(t.clone())
+    }
+
+    /// The tenant's scheduler, if created.
+    pub fn get(&self, id: &TenantId) -> Option<Arc<TenantScheduler>> {
+        self.tenants
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(id)
+            .cloned()
+    }
+
+    /// Forgets a tenant (its namespaces keep their handle until dropped).
+    pub fn remove(&self, id: &TenantId) -> Option<Arc<TenantScheduler>> {
+        self.tenants
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(id)
+    }
+
+    /// Tenants created so far.
+    pub fn len(&self) -> usize {
+        self.tenants
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .len()
+    }
+
+    /// Whether no tenant was created.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn read_suspended(&self) -> std::sync::RwLockReadGuard<'_, HashSet<TenantId>> {
+        self.suspended
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Suspends a tenant, now and for schedulers created later.
+    pub fn suspend(&self, id: &TenantId) {
+        self.suspended
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(id.clone());
+        if let Some(t) = self.get(id) {
+            t.suspend();
+        }
+    }
+
+    /// Lifts a suspension.
+    pub fn resume(&self, id: &TenantId) {
+        self.suspended
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(id);
+        if let Some(t) = self.get(id) {
+            t.resume();
+        }
+    }
+
+    /// Whether a tenant is suspended.
+    pub fn is_suspended(&self, id: &TenantId) -> bool {
+        self.read_suspended().contains(id)
+    }
+}
+
+impl std::fmt::Debug for Scheduler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Scheduler")
+            .field("config", &self.config)
+            .field("slots", &self.slots)
+            .field("tenants", &self.len())
+            .finish()
+    }
+}
