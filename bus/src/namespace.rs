@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use bytes::Bytes;
 use futures::StreamExt as _;
 use tokio::sync::{broadcast, oneshot, OnceCell};
 
@@ -21,7 +22,7 @@ use crate::ids::{AgentId, TenantId};
 use crate::keys::TenantKeySet;
 use crate::message::TenantMessage;
 use crate::options::NamespaceOptions;
-use crate::subject::{inbox_prefix, scope, IntoPattern, IntoSubject, SubjectError};
+use crate::subject::{inbox_prefix, scope, IntoPattern, IntoSubject, Subject, SubjectError};
 use crate::subscription::Subscription;
 use crate::verify::{Counters, Verifier};
 
@@ -156,6 +157,7 @@ struct Inner {
     options: NamespaceOptions,
     events: broadcast::Sender<BusEvent>,
     muxer: OnceCell<Arc<Muxer>>,
+    probes: AtomicU64,
 }
 
 impl std::fmt::Debug for TenantNamespace {
@@ -239,6 +241,7 @@ impl TenantNamespace {
                 options,
                 events,
                 muxer: OnceCell::new(),
+                probes: AtomicU64::new(0),
             }),
         })
     }
@@ -357,6 +360,7 @@ impl TenantNamespace {
             .subscribe(full)
             .await
             .map_err(|e| Error::with_source(SubscribeErrorKind::Send, "", e))?;
+        self.sync().await?;
         Ok(self.wrap(inner))
     }
 
@@ -389,7 +393,42 @@ impl TenantNamespace {
             .queue_subscribe(full, queue.to_string())
             .await
             .map_err(|e| Error::with_source(SubscribeErrorKind::Send, "", e))?;
+        self.sync().await?;
         Ok(self.wrap(inner))
+    }
+
+    /// Waits until the server has processed everything this connection sent so
+    /// far (a probe message to a private inbox, echoed back by the server).
+    ///
+    /// `flush` only writes to the socket; this is a real round trip, so after it a
+    /// subscription made on this connection is live for every other connection.
+    /// `subscribe` and `queue_subscribe` call it before returning.
+    pub async fn sync(&self) -> Result<(), SubscribeError> {
+        let n = self.inner.probes.fetch_add(1, Ordering::Relaxed);
+        let inbox = format!(
+            "{}.{:016x}.sync{n}",
+            inbox_prefix(&self.inner.tenant),
+            self.inner.sealer.instance()
+        );
+        let mut probe = self
+            .inner
+            .client
+            .subscribe(inbox.clone())
+            .await
+            .map_err(|e| Error::with_source(SubscribeErrorKind::Send, "sync", e))?;
+        self.inner
+            .client
+            .publish(inbox, Bytes::new())
+            .await
+            .map_err(|e| Error::with_source(SubscribeErrorKind::Send, "sync", e))?;
+        let timeout = self.inner.options.request_timeout;
+        match tokio::time::timeout(timeout, probe.next()).await {
+            Ok(Some(_)) => Ok(()),
+            _ => Err(Error::new(
+                SubscribeErrorKind::Send,
+                "the server did not echo the sync probe",
+            )),
+        }
     }
 
     fn wrap(&self, inner: async_nats::Subscriber) -> Subscription {
@@ -419,7 +458,7 @@ impl TenantNamespace {
             .muxer
             .get_or_try_init(|| Muxer::start(self.clone()))
             .await?;
-        let pending = muxer.register();
+        let pending = muxer.register(subject.clone());
         let full = scope(&self.inner.tenant, subject.as_str());
         let (_, body) = self
             .inner
@@ -516,7 +555,11 @@ impl TenantNamespace {
     }
 }
 
-type Waiter = oneshot::Sender<Result<TenantMessage, RequestError>>;
+/// The request's relative subject and where its response goes.
+type Waiter = (
+    Subject,
+    oneshot::Sender<Result<TenantMessage, RequestError>>,
+);
 
 /// Routes responses arriving on one wildcard inbox subscription to their waiters.
 struct Muxer {
@@ -589,8 +632,20 @@ impl Muxer {
                 else {
                     continue;
                 };
+                // A response nobody waits for (late, or for a token never issued)
+                // is ignored without being opened.
+                let Some(request) = waiters
+                    .lock()
+                    .ok()
+                    .and_then(|m| m.get(&token).map(|(s, _)| s.clone()))
+                else {
+                    continue;
+                };
                 let outcome = if msg.status == Some(async_nats::StatusCode::NO_RESPONDERS) {
-                    Err(Error::new(RequestErrorKind::NoResponders, ""))
+                    Err(Error::new(
+                        RequestErrorKind::NoResponders,
+                        request.to_string(),
+                    ))
                 } else {
                     let reply = msg.reply.as_ref().map(|r| r.as_str());
                     match verifier.verify_counted(
@@ -598,6 +653,7 @@ impl Muxer {
                         msg.subject.as_str(),
                         reply,
                         &msg.payload,
+                        Some(&request),
                     ) {
                         Some(m) => Ok(m),
                         // A forged or replayed response satisfies nobody; the real one
@@ -606,7 +662,7 @@ impl Muxer {
                     }
                 };
                 let waiter = waiters.lock().ok().and_then(|mut m| m.remove(&token));
-                if let Some(w) = waiter {
+                if let Some((_, w)) = waiter {
                     let _ = w.send(outcome);
                 }
             }
@@ -614,11 +670,11 @@ impl Muxer {
         Ok(muxer)
     }
 
-    fn register(&self) -> Pending {
+    fn register(&self, subject: Subject) -> Pending {
         let token = self.next.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         if let Ok(mut map) = self.waiters.lock() {
-            map.insert(token, tx);
+            map.insert(token, (subject, tx));
         }
         Pending {
             token,

@@ -68,6 +68,7 @@ impl Stream for Subscription {
                         msg.subject.as_str(),
                         reply,
                         &msg.payload,
+                        None,
                     ) {
                         return Poll::Ready(Some(m));
                     }

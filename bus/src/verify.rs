@@ -265,6 +265,10 @@ impl Verifier {
     /// was bound into the seal, against the replay state `guard`.
     ///
     /// The outcome is not counted; see [`Verifier::verify_counted`].
+    ///
+    /// `response_to` is set for a response to a request: the subject must then be
+    /// one of the tenant's reply inboxes, and the delivered message carries the
+    /// request's relative subject.
     pub fn verify(
         &self,
         guard: &mut crate::replay::ReplayGuard,
@@ -272,11 +276,16 @@ impl Verifier {
         reply: Option<&str>,
         body: &[u8],
         now_ms: u64,
+        response_to: Option<&crate::subject::Subject>,
     ) -> Result<crate::message::TenantMessage, DropReason> {
         let tenant = self.keys.tenant();
         let (stamp, payload) = crate::envelope::open(&self.keys, subject, reply, body)?;
-        let relative =
-            crate::subject::unscope(tenant, subject).map_err(|_| DropReason::OutsideNamespace)?;
+        let relative = match response_to {
+            Some(request) if crate::subject::is_tenant_inbox(tenant, subject) => request.clone(),
+            Some(_) => return Err(DropReason::OutsideNamespace),
+            None => crate::subject::unscope(tenant, subject)
+                .map_err(|_| DropReason::OutsideNamespace)?,
+        };
         let reply = match reply {
             Some(r) if crate::subject::is_tenant_inbox(tenant, r) => {
                 Some(crate::message::ReplyTo::new(r))
@@ -307,8 +316,16 @@ impl Verifier {
         subject: &str,
         reply: Option<&str>,
         body: &[u8],
+        response_to: Option<&crate::subject::Subject>,
     ) -> Option<crate::message::TenantMessage> {
-        match self.verify(guard, subject, reply, body, crate::envelope::now_ms()) {
+        match self.verify(
+            guard,
+            subject,
+            reply,
+            body,
+            crate::envelope::now_ms(),
+            response_to,
+        ) {
             Ok(msg) => {
                 self.counters.count_delivered();
                 Some(msg)
