@@ -2,22 +2,24 @@
 //! key-value bucket.
 //!
 //! Bucket [`SLOT_BUCKET`] (`agentbus_agent_slots`), keys `<tenant>.slot.<i>` for `i`
-//! in `0..max_agents`, value: the holder (agent id). A slot is taken with an atomic
-//! `create` (succeeds only if the key is absent or deleted), so at most one holder
-//! per key and at most `max_agents` holders per tenant in the whole cluster. The
-//! holder refreshes the key every `ttl / 3` with `update(key, holder, revision)`
-//! (compare-and-set: a slot that expired and was taken by someone else is never
-//! overwritten; the old holder sees [`AgentSlot::is_lost`]). Release deletes the key
-//! with the holder's revision. The bucket's `max_age` is the lease TTL: a crashed
+//! in `0..max_agents`, value: the holder's agent id and a token unique to this
+//! lease. A slot is taken with an atomic `create` (succeeds only if the key is
+//! absent or deleted), so at most one holder per key and at most `max_agents`
+//! holders per tenant in the whole cluster. The holder refreshes the key every
+//! `ttl / 3` with `update(key, token, revision)` (compare-and-set: a slot that
+//! expired and was taken by someone else is never overwritten; the old holder sees
+//! [`AgentSlot::is_lost`]). Release deletes the key with the holder's revision;
+//! heartbeat and release are serialised, and a write whose acknowledgement was lost
+//! is recognised by the token. The bucket's `max_age` is the lease TTL: a crashed
 //! agent's key stops being refreshed and the server removes it after the TTL, which
-//! frees the slot.
+//! frees the slot (so does a `create` whose acknowledgement was lost).
 //!
 //! A tenant with a free slot gets one in at most `max_agents` creates (it starts
 //! at a rotating index to spread racing callers); an instance that itself holds all
 //! `max_agents` slots refuses without a round trip.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use async_nats::jetstream;
@@ -179,17 +181,12 @@ impl AgentSlots {
         if self.held_here() >= max {
             return Err(self.full(max));
         }
+        let token = lease_token(holder);
         let start = self.inner.cursor.fetch_add(1, Ordering::Relaxed);
         for j in 0..max {
             let index = start.wrapping_add(j) % max;
             let key = self.key(index);
-            match self
-                .inner
-                .store
-                .kv
-                .create(&key, Bytes::copy_from_slice(holder.as_str().as_bytes()))
-                .await
-            {
+            match self.inner.store.kv.create(&key, token.clone()).await {
                 Ok(revision) => {
                     self.inner.held_here.fetch_add(1, Ordering::AcqRel);
                     return Ok(AgentSlot::start(
@@ -197,7 +194,7 @@ impl AgentSlots {
                         key,
                         index,
                         revision,
-                        holder,
+                        token,
                     ));
                 }
                 Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => continue,
@@ -227,43 +224,106 @@ impl std::fmt::Debug for AgentSlots {
 }
 
 /// A held agent slot. Heartbeats run in a background task; dropping the slot
-/// stops them and deletes the key (in the background); [`release`](Self::release)
-/// does it and waits. If the process dies, the slot frees itself after the TTL.
+/// deletes the key in the background; [`release`](Self::release) does it and
+/// waits. If the process dies, the slot frees itself after the TTL.
 #[must_use = "the slot is released when dropped"]
 pub struct AgentSlot {
     slots: Arc<SlotsInner>,
     key: String,
     index: u64,
-    revision: Arc<AtomicU64>,
-    lost: Arc<AtomicBool>,
-    heartbeat: Option<tokio::task::JoinHandle<()>>,
+    lease: Arc<LeaseState>,
+}
+
+/// What the holder and its heartbeat task share. The mutex serialises every write
+/// of the key by this holder (heartbeat, release), so a release never races an
+/// in-flight heartbeat with a stale revision.
+struct LeaseState {
+    token: Bytes,
+    write: tokio::sync::Mutex<Written>,
+    lost: AtomicBool,
+}
+
+struct Written {
+    revision: u64,
+    released: bool,
+}
+
+/// Distinguishes this lease from any other holder's, even of the same agent id.
+fn lease_token(holder: &AgentId) -> Bytes {
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let seq = SEQ.fetch_add(1, Ordering::Relaxed);
+    Bytes::from(format!(
+        "{holder} {:x}-{nanos:x}-{seq:x}",
+        std::process::id()
+    ))
+}
+
+impl LeaseState {
+    /// Re-reads the key after a failed compare-and-set: if it still holds this
+    /// lease's token (a write of ours landed but its acknowledgement was lost),
+    /// returns its revision.
+    async fn recover(&self, kv: &kv::Store, key: &str) -> Option<u64> {
+        match kv.entry(key).await {
+            Ok(Some(e)) if e.operation == kv::Operation::Put && e.value == self.token => {
+                Some(e.revision)
+            }
+            _ => None,
+        }
+    }
+
+    async fn release(&self, kv: &kv::Store, key: &str) -> Result<(), SchedulerError> {
+        let mut w = self.write.lock().await;
+        if w.released || self.lost.load(Ordering::Acquire) {
+            w.released = true;
+            return Ok(());
+        }
+        w.released = true;
+        let mut revision = w.revision;
+        for _ in 0..2 {
+            match kv.delete_expect_revision(key, Some(revision)).await {
+                Ok(()) => return Ok(()),
+                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                    match self.recover(kv, key).await {
+                        Some(r) => revision = r,
+                        // Expired, or someone else's now: nothing of ours to delete.
+                        None => return Ok(()),
+                    }
+                }
+                Err(e) => return Err(store_error(format!("deleting {key}"), e)),
+            }
+        }
+        Err(Error::new(
+            SchedulerErrorKind::Store,
+            format!("deleting {key}: revision keeps moving"),
+        ))
+    }
 }
 
 impl AgentSlot {
-    fn start(
-        slots: Arc<SlotsInner>,
-        key: String,
-        index: u64,
-        revision: u64,
-        holder: &AgentId,
-    ) -> Self {
-        let revision = Arc::new(AtomicU64::new(revision));
-        let lost = Arc::new(AtomicBool::new(false));
-        let heartbeat = tokio::spawn(heartbeat(
+    fn start(slots: Arc<SlotsInner>, key: String, index: u64, revision: u64, token: Bytes) -> Self {
+        let lease = Arc::new(LeaseState {
+            token,
+            write: tokio::sync::Mutex::new(Written {
+                revision,
+                released: false,
+            }),
+            lost: AtomicBool::new(false),
+        });
+        tokio::spawn(heartbeat(
             slots.store.kv.clone(),
             key.clone(),
-            Bytes::copy_from_slice(holder.as_str().as_bytes()),
             (slots.store.ttl / 3).max(Duration::from_millis(100)),
-            revision.clone(),
-            lost.clone(),
+            Arc::downgrade(&lease),
         ));
         Self {
             slots,
             key,
             index,
-            revision,
-            lost,
-            heartbeat: Some(heartbeat),
+            lease,
         }
     }
 
@@ -280,49 +340,27 @@ impl AgentSlot {
     /// Whether the lease was lost (a heartbeat found the key expired or taken): the
     /// agent should stop, its slot may belong to another agent now.
     pub fn is_lost(&self) -> bool {
-        self.lost.load(Ordering::Acquire)
+        self.lease.lost.load(Ordering::Acquire)
     }
 
     /// Stops the heartbeats and deletes the key, waiting for the server.
-    pub async fn release(mut self) -> Result<(), SchedulerError> {
-        self.stop_heartbeat();
-        let result = if self.is_lost() {
-            Ok(())
-        } else {
-            let revision = self.revision.load(Ordering::Acquire);
-            self.slots
-                .store
-                .kv
-                .delete_expect_revision(&self.key, Some(revision))
-                .await
-                .map_err(|e| store_error(format!("deleting {}", self.key), e))
-        };
-        // Nothing left for Drop to do but the local count.
-        self.lost.store(true, Ordering::Release);
-        result
-    }
-
-    fn stop_heartbeat(&mut self) {
-        if let Some(h) = self.heartbeat.take() {
-            h.abort();
-        }
+    pub async fn release(self) -> Result<(), SchedulerError> {
+        self.lease.release(&self.slots.store.kv, &self.key).await
+        // Drop finds the lease released and only updates the local count.
     }
 }
 
 impl Drop for AgentSlot {
     fn drop(&mut self) {
-        self.stop_heartbeat();
         self.slots.held_here.fetch_sub(1, Ordering::AcqRel);
-        if self.is_lost() {
-            return;
-        }
-        // Without a runtime the key simply expires after the TTL.
+        // Without a runtime the key simply expires after the TTL (the heartbeat
+        // task cannot run either).
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             let kv = self.slots.store.kv.clone();
             let key = std::mem::take(&mut self.key);
-            let revision = self.revision.load(Ordering::Acquire);
+            let lease = self.lease.clone();
             rt.spawn(async move {
-                if let Err(e) = kv.delete_expect_revision(&key, Some(revision)).await {
+                if let Err(e) = lease.release(&kv, &key).await {
                     tracing::debug!(key, error = %e, "agent slot not deleted; it expires after the TTL");
                 }
             });
@@ -334,32 +372,34 @@ impl std::fmt::Debug for AgentSlot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AgentSlot")
             .field("key", &self.key)
-            .field("revision", &self.revision.load(Ordering::Relaxed))
             .field("lost", &self.is_lost())
             .finish()
     }
 }
 
-async fn heartbeat(
-    kv: kv::Store,
-    key: String,
-    holder: Bytes,
-    every: Duration,
-    revision: Arc<AtomicU64>,
-    lost: Arc<AtomicBool>,
-) {
+/// Refreshes the key every `every` until the lease is released, lost or dropped.
+async fn heartbeat(kv: kv::Store, key: String, every: Duration, lease: Weak<LeaseState>) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
     loop {
         tick.tick().await;
-        let current = revision.load(Ordering::Acquire);
-        match kv.update(&key, holder.clone(), current).await {
-            Ok(next) => revision.store(next, Ordering::Release),
+        let Some(lease) = lease.upgrade() else { return };
+        let mut w = lease.write.lock().await;
+        if w.released {
+            return;
+        }
+        match kv.update(&key, lease.token.clone(), w.revision).await {
+            Ok(next) => w.revision = next,
             Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
-                tracing::warn!(key, "agent slot lease lost");
-                lost.store(true, Ordering::Release);
-                return;
+                match lease.recover(&kv, &key).await {
+                    Some(r) => w.revision = r,
+                    None => {
+                        tracing::warn!(key, "agent slot lease lost");
+                        lease.lost.store(true, Ordering::Release);
+                        return;
+                    }
+                }
             }
             // Transient (timeout, reconnect): try again next tick; the TTL is three
             // ticks long.
