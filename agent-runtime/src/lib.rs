@@ -7,9 +7,15 @@
 //!   credentials, suspension and revocation pushed live to the server.
 //! - [`scheduler`]: the resource-pool scheduler: per-tenant admission layers (rate
 //!   windows leased from JetStream KV, exactly-N tasks and agent slots, fair queueing).
+//! - [`registry`]: the tenant registry (JetStream KV in the platform account) and the
+//!   watcher that keeps every instance's bounded copy of it current.
+//! - [`agent`]: agents (registration, handlers, suspension, drain), `resource:action`
+//!   permissions evaluated inside the tenant, tools and per-task tool budgets.
 #![forbid(unsafe_code)]
 
+pub mod agent;
 pub mod control;
 pub mod local_server;
+pub mod registry;
 pub mod scheduler;
 pub mod tiers;
