@@ -1033,3 +1033,76 @@ async fn agent_revocation_is_per_agent_and_within_2s() {
         "the old creds stay revoked"
     );
 }
+
+/// What nats-server does with each half of a suspension on its own, pushed live as
+/// a hand-signed account JWT: `conn: 0` alone, and a `*` revocation alone. The
+/// control plane sets both; this pins down that each is enforced by the server
+/// (existing connections closed, new ones refused) within 2 s, and that pushing
+/// the unsuspended account again restores the tenant.
+#[tokio::test]
+async fn each_suspension_mechanism_is_enforced_by_the_server() {
+    use agent_runtime::control::{accounts, jwt};
+
+    let mut p = platform().await;
+    let url = p.server.url();
+    let operator = nkeys::KeyPair::from_seed(
+        std::fs::read_to_string(p.cp.state_dir().operator_seed())
+            .unwrap()
+            .trim(),
+    )
+    .unwrap();
+    let sys = async_nats::ConnectOptions::with_credentials(&p.cp.system_creds().unwrap())
+        .unwrap()
+        .connect(&url)
+        .await
+        .unwrap();
+    let push = |jwt: String| {
+        let sys = sys.clone();
+        async move {
+            let reply = sys
+                .request("$SYS.REQ.CLAIMS.UPDATE", jwt.into())
+                .await
+                .unwrap();
+            let v: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap();
+            assert!(v.get("error").is_none(), "{v}");
+        }
+    };
+    for variant in ["conn-zero", "revoke-all"] {
+        let tenant = format!("v-{variant}");
+        let rec = p.cp.create_tenant(&tenant, Tier::Free).await.unwrap();
+        let bundle = p.cp.issue_agent(&tenant, "agent", "t").unwrap();
+        let (c, mut e) = connect(&url, &bundle).await;
+        let sub = format!("tenant.{tenant}.>");
+        pub_sub_round_trip(&c, &sub, &format!("tenant.{tenant}.x"))
+            .await
+            .unwrap();
+
+        // Revocations apply to user JWTs issued at or before their time: stamp it
+        // now, after the agent was issued.
+        let now = agent_runtime::control::state::now_unix();
+        let mut changed = rec.clone();
+        match variant {
+            "conn-zero" => changed.quotas.max_connections = 0,
+            _ => {
+                changed.revocations.insert(jwt::REVOKE_ALL.into(), now);
+            }
+        }
+        let start = Instant::now();
+        push(accounts::tenant_account_jwt(&operator, &changed, now + 1).unwrap()).await;
+        assert!(
+            wait_disconnected(&mut e, WAIT).await.is_some(),
+            "{variant}: existing connection not closed: {:?}",
+            e.seen
+        );
+        assert!(
+            try_connect(&url, &bundle).await.is_err(),
+            "{variant}: new connection accepted"
+        );
+        assert!(start.elapsed() < WAIT, "{variant}: {:?}", start.elapsed());
+
+        // Re-pushing the unsuspended account restores the tenant.
+        push(accounts::tenant_account_jwt(&operator, &rec, now + 2).unwrap()).await;
+        let back = try_connect(&url, &bundle).await;
+        assert!(back.is_ok(), "{variant}: not restored");
+    }
+}

@@ -161,8 +161,9 @@ fn account_nats(
 }
 
 /// The `iat` for re-signing an account whose previous JWT had `previous`: now, or
-/// one second after the previous one if that is not earlier, so the full resolver
-/// (which keeps the newer `iat` and skips an equal `jti`) always takes the update.
+/// one second after the previous one if that is not earlier. Cluster resolvers
+/// keep the JWT with the newer `iat` and skip an equal `jti` when they sync, so
+/// every update must be strictly newer to reach every node.
 pub fn next_iat(now: i64, previous: Option<i64>) -> i64 {
     match previous {
         Some(p) if p >= now => p + 1,

@@ -11,9 +11,12 @@
 //! Go field order `aud, exp, jti, iat, iss, name, nbf, sub` with empty fields left
 //! out, hashed with SHA-512/256 and encoded as base32 without padding. The `nats`
 //! part is not hashed, so two JWTs for one subject signed in the same second share a
-//! `jti`; the server's full resolver then keeps the first and silently drops the
-//! second. Callers that re-sign an account therefore give it a strictly newer `iat`
-//! (see [`super::accounts::next_iat`]).
+//! `jti`. A push on `$SYS.REQ.CLAIMS.UPDATE` is applied by the receiving server
+//! whatever its `iat` (checked against nats-server 2.15.1), but the `full`
+//! resolvers of a cluster, when they exchange JWTs, keep the one with the newer
+//! `iat` and skip one with an equal `jti`; so the control plane re-signs an
+//! account with a strictly newer `iat` every time (see
+//! [`super::accounts::next_iat`]) and every node converges on the latest.
 //!
 //! Field names follow `nats-io/jwt` v2 (`account_claims.go`, `user_claims.go`,
 //! `types.go`, `operator_claims.go`). Go's `omitempty` drops zero limits, and the
