@@ -1,6 +1,7 @@
 //! The agent runtime and control plane of agentbus.
 //!
 //! # Layout
+//! - [`cli`]: the `agentbus` command line (the binary is a thin wrapper).
 //! - [`local_server`]: find and run a local `nats-server` (CLI, examples, tests).
 //! - [`tiers`]: service tiers and the one table of per-tenant quotas.
 //! - [`control`]: the control plane: operator-mode NATS accounts per tenant, agent
@@ -13,6 +14,7 @@
 //!   permissions evaluated inside the tenant, tools and per-task tool budgets.
 #![forbid(unsafe_code)]
 
+pub mod cli;
 pub mod agent;
 pub mod control;
 pub mod local_server;

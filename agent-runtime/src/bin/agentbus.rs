@@ -1,1 +1,34 @@
-fn main(){}
+//! `agentbus`: the operator's command line. See `agentbus --help`.
+
+use clap::Parser as _;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn main() {
+    let cli = agent_runtime::cli::Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("AGENTBUS_LOG").unwrap_or_else(
+                |_| // async-nats logs its own copy of errors this binary reports in one line.
+                tracing_subscriber::EnvFilter::new("warn,async_nats=off"),
+            ),
+        )
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("agentbus: cannot start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = runtime.block_on(agent_runtime::cli::run(cli)) {
+        eprintln!("agentbus: {e}");
+        std::process::exit(1);
+    }
+}
