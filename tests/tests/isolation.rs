@@ -819,9 +819,9 @@ async fn tier_limits_are_enforced_by_the_server() {
     let (c1, mut e1) = connect(&url, &b1).await;
     let (c2, mut e2) = connect(&url, &b2).await;
     let third = try_connect(&url, &b3).await;
-    let err = third
-        .err()
-        .expect("a third connection past max_connections=2 must be refused");
+    let Err(err) = third else {
+        panic!("a third connection past max_connections=2 must be refused");
+    };
     assert!(
         err.to_string()
             .to_lowercase()
