@@ -19,6 +19,11 @@ pub struct Subscription {
     inner: async_nats::Subscriber,
     verifier: Verifier,
     guard: ReplayGuard,
+    /// `tenant.<id>._INBOX.`: reply inboxes (and `sync` probes) belong to the
+    /// library's request muxers. A pattern cannot name them (`_INBOX` is reserved),
+    /// but one with a leading wildcard (`>`, `*.*.*`) matches them; such traffic is
+    /// skipped uncounted instead of being counted as a drop on every request.
+    inbox: String,
 }
 
 impl std::fmt::Debug for Subscription {
@@ -35,10 +40,12 @@ impl Subscription {
         verifier: Verifier,
         guard: ReplayGuard,
     ) -> Self {
+        let inbox = format!("{}.", crate::subject::inbox_prefix(verifier.tenant()));
         Self {
             inner,
             verifier,
             guard,
+            inbox,
         }
     }
 
@@ -62,6 +69,9 @@ impl Stream for Subscription {
         for _ in 0..MAX_DROPS_PER_POLL {
             match this.inner.poll_next_unpin(cx) {
                 Poll::Ready(Some(msg)) => {
+                    if msg.subject.starts_with(this.inbox.as_str()) {
+                        continue;
+                    }
                     let reply = msg.reply.as_ref().map(|r| r.as_str());
                     if let Some(m) = this.verifier.verify_counted(
                         &mut this.guard,

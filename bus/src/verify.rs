@@ -243,6 +243,11 @@ impl Verifier {
         }
     }
 
+    /// The tenant whose messages this verifier accepts.
+    pub(crate) fn tenant(&self) -> &crate::ids::TenantId {
+        self.keys.tenant()
+    }
+
     /// The freshness settings.
     pub fn freshness(&self) -> Freshness {
         self.freshness
