@@ -12,11 +12,14 @@
 //!   watcher that keeps every instance's bounded copy of it current.
 //! - [`agent`]: agents (registration, handlers, suspension, drain), `resource:action`
 //!   permissions evaluated inside the tenant, tools and per-task tool budgets.
+//! - [`dispatch`]: task dispatch on a per-tenant JetStream work queue: sealed tasks,
+//!   capped workers, retries with backoff, dead letters, results, idempotent by id.
 #![forbid(unsafe_code)]
 
 pub mod cli;
 pub mod agent;
 pub mod control;
+pub mod dispatch;
 pub mod local_server;
 pub mod registry;
 pub mod scheduler;

@@ -1,0 +1,735 @@
+//! Task dispatch on JetStream, inside the tenant's own account.
+//!
+//! # Streams, buckets, subjects (relative to `tenant.<id>.`)
+//!
+//! | what | name / subject | notes |
+//! |---|---|---|
+//! | work-queue stream | `TASKS` ([`DEFAULT_STREAM`]) | subjects `tasks.queue.>` and `tasks.dead.>`; retention WorkQueue, file storage, duplicate window (default 2 min) |
+//! | a task | `tasks.queue.<type>` | sealed; `Nats-Msg-Id` = the message id in hex |
+//! | worker consumer | durable `work-<type>` | pull, explicit ack, filter `tasks.queue.<type>` |
+//! | dead letter | `tasks.dead.<type>` | sealed JSON [`DeadLetter`] with the reason; `Nats-Msg-Id` = `dead-<task id>`; kept in the stream until read through [`Dispatcher::dead_letters`] (durable `dead-letters`) |
+//! | result | `tasks.results.<task id hex>` | sealed [`TaskOutcome`], core NATS (not stored in the stream) |
+//! | done bucket | `TASKS_DONE` ([`DEFAULT_DONE_BUCKET`]) | key = task id hex, value = the sealed result; `max_age` = done retention (default 7 days) |
+//!
+//! In an operator-mode deployment every tenant has its own account, so these
+//! names are the same for every tenant and the server keeps them apart. On a
+//! server where tenants share one account (a development server without auth),
+//! use [`DispatchOptions::per_tenant_names`] (`TASKS_<id>`, `TASKS_DONE_<id>`).
+//! A dispatcher refuses a stream whose subjects are not its tenant's
+//! ([`DispatchErrorKind::StreamConflict`]).
+//!
+//! # Delivery: at least once, idempotent by message id
+//!
+//! - **Dispatch** seals the task exactly like every bus message
+//!   (`ns.sealer().seal(full_subject, None, payload)`) and publishes it with
+//!   `Nats-Msg-Id` = the message id, awaiting the stream's ack. A
+//!   [`SealedTask`] can be submitted again (a retry after a lost ack): JetStream
+//!   drops the copy inside the duplicate window ([`Submitted::duplicate`]).
+//! - **Workers** pull with a concurrency cap (never more messages than free
+//!   slots), send progress acks while a handler runs, ack on success, and
+//!   `Nak(backoff)` on failure. The delivery count is the server's. After
+//!   `max_deliveries` failures the task is dead-lettered (sealed, with the reason)
+//!   and terminated (`AckKind::Term`). The consumer itself has no delivery limit,
+//!   so a task whose worker died mid-run is redelivered, and one that reaches
+//!   `max_deliveries` without any outcome is dead-lettered as such: never stuck,
+//!   never looping.
+//! - **Completion** is recorded before the ack: the sealed result is stored in
+//!   the done bucket under the task id, then published to the requester, then the
+//!   message is acked. A task delivered again whose id is in the done bucket (a
+//!   lost ack, a server restart, a second copy outside the duplicate window) is
+//!   not run again: its stored result is re-published and it is acked. So
+//!   side effects run once per message id except when a worker dies between the
+//!   handler's end and the done record (inherent to at-least-once).
+//! - **Durability**: the stream and bucket use file storage and consumers are
+//!   durable, so a queued or in-flight task survives a worker or a nats-server
+//!   restart (the client reconnects by itself; every JetStream step is retried).
+//!
+//! # Freshness and replay of queued tasks
+//!
+//! Bus messages older than the 5-minute replay window are refused as stale, but a
+//! task may legitimately wait in the queue for hours, and JetStream redelivers the
+//! *same* sealed message on every retry. So the worker does not run queued tasks
+//! through the namespace's replay guard. It opens each with
+//! [`tenant_bus::envelope::open`] (authentic, sealed for this tenant, under a key
+//! version it holds, for exactly the subject it arrived on — a task cannot be moved
+//! to another type), refuses tasks stamped further in the future than the clock
+//! skew, and then:
+//! - replay protection is the message id: JetStream de-duplicates inside the
+//!   duplicate window, and the done bucket remembers every finished id for the
+//!   done retention, so a re-injected copy of a finished task is never run again;
+//! - freshness is the task's own maximum age ([`DispatchOptions::task_max_age`],
+//!   default 24 h): an older task is dead-lettered as expired instead of run. The
+//!   done retention is never shorter than the maximum age, so every copy of a
+//!   finished task is either recognised as done or refused as expired.
+//!
+//! Only the tenant's own users can publish into its account's stream at all (the
+//! server enforces the account boundary and the control plane's allow-list).
+//! Results are keyed by task id and sealed for their subject, so a replayed result
+//! is the same result: requesters open them without a freshness check either.
+
+pub mod wire;
+pub mod worker;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, kv, stream};
+use bytes::Bytes;
+use futures::StreamExt as _;
+use tenant_bus::error::Error;
+use tenant_bus::ids::validate_slug;
+use tenant_bus::subject::scope;
+use tenant_bus::{MessageId, TenantNamespace};
+
+use crate::registry::TenantGate;
+
+pub use wire::{DeadLetter, TaskOutcome};
+pub use worker::{Task, TaskHandler, Worker, WorkerOptions, WorkerStats};
+
+/// The default work-queue stream name (the control plane's allow-list names it).
+pub const DEFAULT_STREAM: &str = "TASKS";
+/// The default bucket of finished task ids.
+pub const DEFAULT_DONE_BUCKET: &str = "TASKS_DONE";
+/// The durable consumer that reads dead letters.
+pub const DEAD_LETTER_CONSUMER: &str = "dead-letters";
+
+/// What went wrong dispatching or working.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum DispatchErrorKind {
+    /// The task type is not a valid slug.
+    InvalidTaskType,
+    /// The tenant is suspended (or unknown to the registry).
+    Suspended,
+    /// A stream or bucket with our name exists with other subjects (another
+    /// tenant's, on a shared account): use [`DispatchOptions::per_tenant_names`].
+    StreamConflict,
+    /// JetStream refused or could not be reached.
+    Unavailable,
+    /// Sealing failed.
+    Seal,
+    /// No outcome arrived in time.
+    TimedOut,
+    /// A stored or received result failed to open or decode.
+    Corrupt,
+}
+
+tenant_bus::kind_display!(DispatchErrorKind {
+    InvalidTaskType => "invalid task type",
+    Suspended => "tenant is suspended",
+    StreamConflict => "task stream belongs to another tenant",
+    Unavailable => "JetStream unavailable",
+    Seal => "sealing failed",
+    TimedOut => "timed out waiting for the task outcome",
+    Corrupt => "task result failed verification",
+});
+
+/// A dispatch error.
+pub type DispatchError = Error<DispatchErrorKind>;
+
+pub(crate) fn unavailable(
+    what: impl Into<std::borrow::Cow<'static, str>>,
+    e: impl std::error::Error + Send + Sync + 'static,
+) -> DispatchError {
+    Error::with_source(DispatchErrorKind::Unavailable, what, e)
+}
+
+/// A task type: a slug (`a-z 0-9 -`), one subject token.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TaskType(Arc<str>);
+
+impl TaskType {
+    /// Validates `s`.
+    pub fn new(s: &str) -> Result<Self, DispatchError> {
+        validate_slug(s).map_err(|k| {
+            Error::new(
+                DispatchErrorKind::InvalidTaskType,
+                format!("{:?}: {k}", s.chars().take(80).collect::<String>()),
+            )
+        })?;
+        Ok(Self(Arc::from(s)))
+    }
+
+    /// The type as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for TaskType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Options of a [`Dispatcher`] (and its workers). A `Clone` builder.
+#[derive(Debug, Clone)]
+pub struct DispatchOptions {
+    pub(crate) stream: String,
+    pub(crate) done_bucket: String,
+    pub(crate) per_tenant_names: bool,
+    pub(crate) duplicate_window: Duration,
+    pub(crate) max_deliveries: u32,
+    pub(crate) backoff: Vec<Duration>,
+    pub(crate) ack_wait: Duration,
+    pub(crate) handler_timeout: Duration,
+    pub(crate) task_max_age: Duration,
+    pub(crate) done_retention: Duration,
+    pub(crate) result_poll: Duration,
+    pub(crate) gate: Option<TenantGate>,
+}
+
+impl Default for DispatchOptions {
+    fn default() -> Self {
+        Self {
+            stream: DEFAULT_STREAM.to_string(),
+            done_bucket: DEFAULT_DONE_BUCKET.to_string(),
+            per_tenant_names: false,
+            duplicate_window: Duration::from_secs(120),
+            max_deliveries: 5,
+            backoff: vec![
+                Duration::from_secs(1),
+                Duration::from_secs(5),
+                Duration::from_secs(30),
+            ],
+            ack_wait: Duration::from_secs(30),
+            handler_timeout: Duration::from_secs(300),
+            task_max_age: Duration::from_secs(24 * 3600),
+            done_retention: Duration::from_secs(7 * 24 * 3600),
+            result_poll: Duration::from_secs(1),
+            gate: None,
+        }
+    }
+}
+
+impl DispatchOptions {
+    /// The defaults (each documented on its setter).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Stream name. Default [`DEFAULT_STREAM`].
+    pub fn stream(mut self, name: &str) -> Self {
+        self.stream = name.to_string();
+        self
+    }
+
+    /// Done-bucket name. Default [`DEFAULT_DONE_BUCKET`].
+    pub fn done_bucket(mut self, name: &str) -> Self {
+        self.done_bucket = name.to_string();
+        self
+    }
+
+    /// Suffix the stream and bucket names with `_<tenant id>`, for servers where
+    /// tenants share one account. Default off (one account per tenant).
+    pub fn per_tenant_names(mut self, on: bool) -> Self {
+        self.per_tenant_names = on;
+        self
+    }
+
+    /// JetStream's de-duplication window. Default 2 minutes.
+    pub fn duplicate_window(mut self, window: Duration) -> Self {
+        self.duplicate_window = window;
+        self
+    }
+
+    /// Deliveries before a failing task is dead-lettered (at least 1). Default 5.
+    pub fn max_deliveries(mut self, n: u32) -> Self {
+        self.max_deliveries = n.max(1);
+        self
+    }
+
+    /// Redelivery delays after the 1st, 2nd, ... failure (the last repeats).
+    /// Default 1 s, 5 s, 30 s.
+    pub fn backoff(mut self, delays: Vec<Duration>) -> Self {
+        self.backoff = delays;
+        self
+    }
+
+    /// How long the server waits for an ack before redelivering to another
+    /// worker (workers send progress while a handler runs). Default 30 s.
+    pub fn ack_wait(mut self, wait: Duration) -> Self {
+        self.ack_wait = wait.max(Duration::from_millis(500));
+        self
+    }
+
+    /// A handler running longer than this fails the attempt. Default 5 min.
+    pub fn handler_timeout(mut self, timeout: Duration) -> Self {
+        self.handler_timeout = timeout;
+        self
+    }
+
+    /// Older tasks are dead-lettered as expired instead of run (see the module
+    /// docs on freshness). Default 24 h.
+    pub fn task_max_age(mut self, age: Duration) -> Self {
+        self.task_max_age = age;
+        self
+    }
+
+    /// How long finished task ids (and their results) are remembered; raised to
+    /// at least the task max age. Default 7 days.
+    pub fn done_retention(mut self, retention: Duration) -> Self {
+        self.done_retention = retention;
+        self
+    }
+
+    /// How often a waiting requester re-reads the done bucket, in case it missed
+    /// the result message (a reconnect). Default 1 s.
+    pub fn result_poll(mut self, every: Duration) -> Self {
+        self.result_poll = every.max(Duration::from_millis(50));
+        self
+    }
+
+    /// Consult this tenant gate (the registry's view of the tenant) on every
+    /// dispatch and before every task a worker runs: a suspended tenant dispatches
+    /// nothing and its workers hold their tasks (and fetch no more) until it is
+    /// active again. Default: no gate.
+    pub fn gate(mut self, gate: TenantGate) -> Self {
+        self.gate = Some(gate);
+        self
+    }
+
+    fn names(&self, ns: &TenantNamespace) -> (String, String) {
+        if self.per_tenant_names {
+            (
+                format!("{}_{}", self.stream, ns.tenant()),
+                format!("{}_{}", self.done_bucket, ns.tenant()),
+            )
+        } else {
+            (self.stream.clone(), self.done_bucket.clone())
+        }
+    }
+
+    pub(crate) fn backoff_for(&self, delivered: u64) -> Duration {
+        let i = usize::try_from(delivered.saturating_sub(1)).unwrap_or(usize::MAX);
+        self.backoff
+            .get(i)
+            .or(self.backoff.last())
+            .copied()
+            .unwrap_or(Duration::from_secs(1))
+    }
+}
+
+/// A sealed task, ready to submit (and to submit again after a lost ack).
+#[derive(Debug, Clone)]
+pub struct SealedTask {
+    id: MessageId,
+    task_type: TaskType,
+    subject: String,
+    body: Bytes,
+}
+
+impl SealedTask {
+    /// The task's message id.
+    pub fn id(&self) -> MessageId {
+        self.id
+    }
+
+    /// Its type.
+    pub fn task_type(&self) -> &TaskType {
+        &self.task_type
+    }
+
+    /// The full subject it is published on.
+    pub fn subject(&self) -> &str {
+        &self.subject
+    }
+
+    /// The sealed bytes.
+    pub fn body(&self) -> &Bytes {
+        &self.body
+    }
+}
+
+/// What the stream said about a submission.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Submitted {
+    /// The task's message id.
+    pub id: MessageId,
+    /// The stream sequence of the stored copy.
+    pub sequence: u64,
+    /// Whether the stream already had this message id (nothing new stored).
+    pub duplicate: bool,
+}
+
+pub(crate) struct Shared {
+    pub(crate) ns: TenantNamespace,
+    pub(crate) js: jetstream::Context,
+    pub(crate) stream: stream::Stream,
+    pub(crate) done: kv::Store,
+    pub(crate) options: DispatchOptions,
+    pub(crate) stream_name: String,
+}
+
+/// Dispatches tasks of one tenant and starts its workers. Cheap to clone.
+#[derive(Clone)]
+pub struct Dispatcher {
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Dispatcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dispatcher")
+            .field("tenant", self.shared.ns.tenant())
+            .field("stream", &self.shared.stream_name)
+            .field("done_bucket", &self.shared.done.name)
+            .finish()
+    }
+}
+
+impl Dispatcher {
+    /// Creates (or opens) the tenant's stream and done bucket on the namespace's
+    /// connection.
+    pub async fn new(
+        ns: &TenantNamespace,
+        mut options: DispatchOptions,
+    ) -> Result<Self, DispatchError> {
+        options.done_retention = options.done_retention.max(options.task_max_age);
+        let (stream_name, bucket) = options.names(ns);
+        let js = jetstream::new(ns.nats().clone());
+        let subjects = vec![
+            scope(ns.tenant(), "tasks.queue.>"),
+            scope(ns.tenant(), "tasks.dead.>"),
+        ];
+        let stream = js
+            .get_or_create_stream(stream::Config {
+                name: stream_name.clone(),
+                description: Some(format!("agentbus tasks of tenant {}", ns.tenant())),
+                subjects: subjects.clone(),
+                retention: stream::RetentionPolicy::WorkQueue,
+                storage: stream::StorageType::File,
+                duplicate_window: options.duplicate_window,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| unavailable(format!("stream {stream_name}"), e))?;
+        let have = &stream.cached_info().config.subjects;
+        if subjects.iter().any(|s| !have.contains(s)) {
+            return Err(Error::new(
+                DispatchErrorKind::StreamConflict,
+                format!("stream {stream_name} has subjects {have:?}"),
+            ));
+        }
+        let done = match js.get_key_value(&bucket).await {
+            Ok(kv) => kv,
+            Err(_) => js
+                .create_key_value(kv::Config {
+                    bucket: bucket.clone(),
+                    description: format!("agentbus finished tasks of tenant {}", ns.tenant()),
+                    history: 1,
+                    max_age: options.done_retention,
+                    storage: stream::StorageType::File,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| unavailable(format!("bucket {bucket}"), e))?,
+        };
+        Ok(Self {
+            shared: Arc::new(Shared {
+                ns: ns.clone(),
+                js,
+                stream,
+                done,
+                options,
+                stream_name,
+            }),
+        })
+    }
+
+    /// The namespace.
+    pub fn namespace(&self) -> &TenantNamespace {
+        &self.shared.ns
+    }
+
+    /// The stream's name.
+    pub fn stream_name(&self) -> &str {
+        &self.shared.stream_name
+    }
+
+    /// The done bucket's name.
+    pub fn done_bucket(&self) -> &str {
+        &self.shared.done.name
+    }
+
+    /// The options in force.
+    pub fn options(&self) -> &DispatchOptions {
+        &self.shared.options
+    }
+
+    pub(crate) fn ensure_active(&self) -> Result<(), DispatchError> {
+        match &self.shared.options.gate {
+            Some(g) if !g.is_active() => Err(Error::new(
+                DispatchErrorKind::Suspended,
+                self.shared.ns.tenant().to_string(),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// The full subject of tasks of `task_type`.
+    pub fn task_subject(&self, task_type: &TaskType) -> String {
+        scope(self.shared.ns.tenant(), &format!("tasks.queue.{task_type}"))
+    }
+
+    /// The full subject the outcome of task `id` is published on.
+    pub fn result_subject(&self, id: &MessageId) -> String {
+        scope(
+            self.shared.ns.tenant(),
+            &format!("tasks.results.{}", id.to_hex()),
+        )
+    }
+
+    /// Seals a task (not yet submitted).
+    pub fn seal(&self, task_type: &str, payload: &[u8]) -> Result<SealedTask, DispatchError> {
+        self.ensure_active()?;
+        let task_type = TaskType::new(task_type)?;
+        let subject = self.task_subject(&task_type);
+        let (id, body) = self
+            .shared
+            .ns
+            .sealer()
+            .seal(&subject, None, payload)
+            .map_err(|e| Error::with_source(DispatchErrorKind::Seal, "", e))?;
+        Ok(SealedTask {
+            id,
+            task_type,
+            subject,
+            body,
+        })
+    }
+
+    /// Publishes a sealed task with `Nats-Msg-Id` = its id and waits for the
+    /// stream's ack. Safe to call again with the same task.
+    pub async fn submit(&self, task: &SealedTask) -> Result<Submitted, DispatchError> {
+        self.ensure_active()?;
+        let ack = self
+            .shared
+            .js
+            .send_publish(
+                task.subject.clone(),
+                jetstream::message::PublishMessage::build()
+                    .payload(task.body.clone())
+                    .message_id(task.id.to_hex()),
+            )
+            .await
+            .map_err(|e| unavailable("publish task", e))?
+            .await
+            .map_err(|e| unavailable("task publish ack", e))?;
+        Ok(Submitted {
+            id: task.id,
+            sequence: ack.sequence,
+            duplicate: ack.duplicate,
+        })
+    }
+
+    /// Seals and submits a task, returning a handle to await its outcome.
+    pub async fn dispatch(
+        &self,
+        task_type: &str,
+        payload: impl AsRef<[u8]>,
+    ) -> Result<TaskHandle, DispatchError> {
+        let task = self.seal(task_type, payload.as_ref())?;
+        let handle = self.handle(task.id).await?;
+        self.submit(&task).await?;
+        Ok(handle)
+    }
+
+    /// A handle on the outcome of task `id` (subscribes to its result subject).
+    pub async fn handle(&self, id: MessageId) -> Result<TaskHandle, DispatchError> {
+        let subject = self.result_subject(&id);
+        let sub = self
+            .shared
+            .ns
+            .nats()
+            .subscribe(subject.clone())
+            .await
+            .map_err(|e| unavailable("result subscribe", e))?;
+        Ok(TaskHandle {
+            id,
+            subject,
+            sub,
+            dispatcher: self.clone(),
+        })
+    }
+
+    /// The recorded outcome of task `id`, if it has finished (from the done bucket).
+    pub async fn outcome(&self, id: &MessageId) -> Result<Option<TaskOutcome>, DispatchError> {
+        let stored = self
+            .shared
+            .done
+            .get(id.to_hex())
+            .await
+            .map_err(|e| unavailable("done bucket read", e))?;
+        match stored {
+            Some(body) => self.open_result(&self.result_subject(id), &body).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    pub(crate) fn open_result(
+        &self,
+        subject: &str,
+        body: &[u8],
+    ) -> Result<TaskOutcome, DispatchError> {
+        let (_, plain) = tenant_bus::envelope::open(self.shared.ns.keys(), subject, None, body)
+            .map_err(|r| Error::new(DispatchErrorKind::Corrupt, r.as_str()))?;
+        TaskOutcome::decode(plain)
+            .ok_or_else(|| Error::new(DispatchErrorKind::Corrupt, "undecodable outcome"))
+    }
+
+    /// Starts a worker for `task_type` running `handler`.
+    pub async fn worker(
+        &self,
+        task_type: &str,
+        handler: impl TaskHandler,
+        options: WorkerOptions,
+    ) -> Result<Worker, DispatchError> {
+        let task_type = TaskType::new(task_type)?;
+        worker::start(self.clone(), task_type, Arc::new(handler), options).await
+    }
+
+    /// A reader of dead letters (a durable consumer on `tasks.dead.>`; reading
+    /// one removes it from the stream).
+    pub async fn dead_letters(&self) -> Result<DeadLetters, DispatchError> {
+        let consumer = self
+            .shared
+            .stream
+            .get_or_create_consumer(
+                DEAD_LETTER_CONSUMER,
+                consumer::pull::Config {
+                    durable_name: Some(DEAD_LETTER_CONSUMER.to_string()),
+                    filter_subject: scope(self.shared.ns.tenant(), "tasks.dead.>"),
+                    ack_policy: consumer::AckPolicy::Explicit,
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| unavailable("dead-letter consumer", e))?;
+        Ok(DeadLetters {
+            consumer,
+            dispatcher: self.clone(),
+        })
+    }
+}
+
+/// Awaits one task's outcome.
+pub struct TaskHandle {
+    id: MessageId,
+    subject: String,
+    sub: async_nats::Subscriber,
+    dispatcher: Dispatcher,
+}
+
+impl std::fmt::Debug for TaskHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TaskHandle").field("id", &self.id).finish()
+    }
+}
+
+impl TaskHandle {
+    /// The task's message id.
+    pub fn id(&self) -> MessageId {
+        self.id
+    }
+
+    /// Waits up to `timeout` for the outcome: the sealed result message, or the
+    /// done bucket (re-read every `result_poll`, so a result published while this
+    /// client was disconnected is not missed).
+    pub async fn wait(&mut self, timeout: Duration) -> Result<TaskOutcome, DispatchError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let poll = self.dispatcher.shared.options.result_poll;
+        loop {
+            if let Ok(Some(outcome)) = self.dispatcher.outcome(&self.id).await {
+                return Ok(outcome);
+            }
+            let next_poll = (tokio::time::Instant::now() + poll).min(deadline);
+            loop {
+                match tokio::time::timeout_at(next_poll, self.sub.next()).await {
+                    Ok(Some(msg)) => match self.dispatcher.open_result(&self.subject, &msg.payload)
+                    {
+                        Ok(outcome) => return Ok(outcome),
+                        Err(e) => {
+                            tracing::warn!(task = %self.id, error = %e, "dropped a task result");
+                        }
+                    },
+                    // Subscription closed (connection gone): fall back to polling.
+                    Ok(None) => {
+                        tokio::time::sleep_until(next_poll).await;
+                        break;
+                    }
+                    Err(_) => break,
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Error::new(
+                    DispatchErrorKind::TimedOut,
+                    format!("task {} after {} ms", self.id, timeout.as_millis()),
+                ));
+            }
+        }
+    }
+}
+
+/// Reads dead letters of the tenant.
+pub struct DeadLetters {
+    consumer: consumer::Consumer<consumer::pull::Config>,
+    dispatcher: Dispatcher,
+}
+
+impl std::fmt::Debug for DeadLetters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeadLetters").finish()
+    }
+}
+
+impl DeadLetters {
+    /// The next dead letter, waiting up to `timeout`; `None` if none came.
+    /// Letters that fail verification are terminated and skipped.
+    pub async fn next(&mut self, timeout: Duration) -> Result<Option<DeadLetter>, DispatchError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                return Ok(None);
+            }
+            let mut batch = self
+                .consumer
+                .batch()
+                .max_messages(1)
+                .expires(left.max(Duration::from_millis(100)))
+                .messages()
+                .await
+                .map_err(|e| unavailable("dead-letter fetch", e))?;
+            let Some(msg) = batch.next().await else {
+                continue;
+            };
+            let msg = msg.map_err(|e| {
+                Error::new(
+                    DispatchErrorKind::Unavailable,
+                    format!("dead-letter fetch: {e}"),
+                )
+            })?;
+            let opened = tenant_bus::envelope::open(
+                self.dispatcher.shared.ns.keys(),
+                msg.subject.as_str(),
+                None,
+                &msg.payload,
+            );
+            let letter = opened
+                .ok()
+                .and_then(|(_, plain)| serde_json::from_slice::<DeadLetter>(&plain).ok());
+            match letter {
+                Some(letter) => {
+                    msg.ack()
+                        .await
+                        .map_err(|e| Error::new(DispatchErrorKind::Unavailable, e.to_string()))?;
+                    return Ok(Some(letter));
+                }
+                None => {
+                    tracing::warn!(subject = %msg.subject, "terminating an unverifiable dead letter");
+                    let _ = msg.ack_with(jetstream::AckKind::Term).await;
+                }
+            }
+        }
+    }
+}

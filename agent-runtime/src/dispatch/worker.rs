@@ -1,0 +1,619 @@
+//! Workers: pull tasks of one type with a concurrency cap and run a handler.
+//!
+//! The loop takes a free slot (a semaphore permit) before it pulls, and pulls at
+//! most as many messages as it holds slots, so no task waits in the client while
+//! its ack timer runs. Each task then goes through (see the module docs of
+//! [`dispatch`](super) for why): open and verify -> already done? -> tenant
+//! suspended? (hold it, sending progress, until active) -> expired? -> delivery
+//! limit? -> run the handler (progress acks every `ack_wait / 3`, a time limit)
+//! -> record and publish the outcome -> ack; or `Nak(backoff)`; or dead-letter
+//! and `Term`.
+//!
+//! [`Worker::shutdown`] stops pulling, lets running tasks finish until the
+//! timeout, then naks the ones still running so another worker gets them at
+//! once. [`Worker::abort`] drops everything without a word, like a crash: the
+//! server redelivers those tasks after `ack_wait`.
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_nats::jetstream::consumer::{self, pull};
+use async_nats::jetstream::{AckKind, Message};
+use bytes::Bytes;
+use futures::StreamExt as _;
+use tenant_bus::envelope::now_ms;
+use tenant_bus::{AgentId, MessageId};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+
+use super::wire::{DeadLetter, TaskOutcome};
+use super::{unavailable, DispatchError, Dispatcher, TaskType};
+
+/// A task as a handler sees it: verified, decrypted.
+#[derive(Debug, Clone)]
+pub struct Task {
+    /// The task's message id (its idempotency key).
+    pub id: MessageId,
+    /// Its type.
+    pub task_type: TaskType,
+    /// The decrypted payload.
+    pub payload: Bytes,
+    /// The dispatching agent, if it identified itself.
+    pub sender: Option<AgentId>,
+    /// When it was dispatched (sender's clock).
+    pub dispatched_at: SystemTime,
+    /// This delivery's number, from 1.
+    pub delivery: u64,
+    /// Deliveries allowed before the task is dead-lettered.
+    pub max_deliveries: u32,
+}
+
+/// The boxed future a handler returns: the output, or why the attempt failed.
+pub type HandlerFuture = Pin<Box<dyn Future<Output = Result<Bytes, String>> + Send + 'static>>;
+
+/// Runs tasks. Implemented for every `Fn(Task) -> impl Future<Output =
+/// Result<impl Into<Bytes>, String>>`.
+pub trait TaskHandler: Send + Sync + 'static {
+    /// Runs one task; an `Err` fails this attempt (retried with backoff, then
+    /// dead-lettered with this text as the reason).
+    fn handle(&self, task: Task) -> HandlerFuture;
+}
+
+impl<F, Fut, O> TaskHandler for F
+where
+    F: Fn(Task) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<O, String>> + Send + 'static,
+    O: Into<Bytes>,
+{
+    fn handle(&self, task: Task) -> HandlerFuture {
+        let fut = self(task);
+        Box::pin(async move { fut.await.map(Into::into) })
+    }
+}
+
+/// Options of one worker.
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    concurrency: usize,
+    fetch_expires: Duration,
+}
+
+impl Default for WorkerOptions {
+    fn default() -> Self {
+        Self {
+            concurrency: 4,
+            fetch_expires: Duration::from_secs(2),
+        }
+    }
+}
+
+impl WorkerOptions {
+    /// The defaults: 4 tasks at once, pulls held open for 2 s.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Tasks run at once by this worker (at least 1). Use the tenant's
+    /// `max_concurrent_tasks` (or a scheduler permit per task) for a tenant cap.
+    pub fn concurrency(mut self, n: usize) -> Self {
+        self.concurrency = n.max(1);
+        self
+    }
+
+    /// How long one pull request waits for tasks. Default 2 s.
+    pub fn fetch_expires(mut self, d: Duration) -> Self {
+        self.fetch_expires = d.max(Duration::from_millis(100));
+        self
+    }
+}
+
+/// Counters of one worker.
+#[derive(Debug, Default)]
+pub struct WorkerStats {
+    runs: AtomicU64,
+    completed: AtomicU64,
+    retried: AtomicU64,
+    dead_lettered: AtomicU64,
+    duplicates: AtomicU64,
+    rejected: AtomicU64,
+}
+
+impl WorkerStats {
+    /// Handler invocations.
+    pub fn runs(&self) -> u64 {
+        self.runs.load(Ordering::Relaxed)
+    }
+    /// Tasks completed and acked.
+    pub fn completed(&self) -> u64 {
+        self.completed.load(Ordering::Relaxed)
+    }
+    /// Failed attempts handed back for a retry.
+    pub fn retried(&self) -> u64 {
+        self.retried.load(Ordering::Relaxed)
+    }
+    /// Tasks dead-lettered.
+    pub fn dead_lettered(&self) -> u64 {
+        self.dead_lettered.load(Ordering::Relaxed)
+    }
+    /// Deliveries of already finished task ids (not run again).
+    pub fn duplicates(&self) -> u64 {
+        self.duplicates.load(Ordering::Relaxed)
+    }
+    /// Messages that failed verification (terminated).
+    pub fn rejected(&self) -> u64 {
+        self.rejected.load(Ordering::Relaxed)
+    }
+}
+
+/// A running worker.
+pub struct Worker {
+    stop: watch::Sender<bool>,
+    abandon: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+    stats: Arc<WorkerStats>,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker")
+            .field("stats", &self.stats)
+            .finish()
+    }
+}
+
+impl Worker {
+    /// The worker's counters.
+    pub fn stats(&self) -> &Arc<WorkerStats> {
+        &self.stats
+    }
+
+    /// Stops pulling, waits up to `timeout` for running tasks, then hands the
+    /// rest back to the server (nak) for another worker.
+    pub async fn shutdown(mut self, timeout: Duration) {
+        let _ = self.stop.send(true);
+        if tokio::time::timeout(timeout, &mut self.task).await.is_ok() {
+            return;
+        }
+        let _ = self.abandon.send(true);
+        if tokio::time::timeout(Duration::from_secs(2), &mut self.task)
+            .await
+            .is_err()
+        {
+            self.task.abort();
+        }
+    }
+
+    /// Stops at once without acking or naking anything (as a crash would): the
+    /// server redelivers the tasks in hand after `ack_wait`.
+    pub fn abort(self) {
+        self.task.abort();
+    }
+}
+
+struct Ctx {
+    d: Dispatcher,
+    task_type: TaskType,
+    handler: Arc<dyn TaskHandler>,
+    stats: Arc<WorkerStats>,
+    in_flight: Mutex<HashSet<MessageId>>,
+    abandon: watch::Receiver<bool>,
+}
+
+pub(crate) async fn start(
+    d: Dispatcher,
+    task_type: TaskType,
+    handler: Arc<dyn TaskHandler>,
+    options: WorkerOptions,
+) -> Result<Worker, DispatchError> {
+    let durable = format!("work-{task_type}");
+    let consumer = d
+        .shared
+        .stream
+        .get_or_create_consumer(
+            &durable,
+            pull::Config {
+                durable_name: Some(durable.clone()),
+                filter_subject: d.task_subject(&task_type),
+                ack_policy: consumer::AckPolicy::Explicit,
+                ack_wait: d.shared.options.ack_wait,
+                // No server-side limit: the worker dead-letters at max_deliveries,
+                // so a task never sits undelivered after its last attempt.
+                max_deliver: -1,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| unavailable(format!("consumer {durable}"), e))?;
+    let (stop, stop_rx) = watch::channel(false);
+    let (abandon, abandon_rx) = watch::channel(false);
+    let stats = Arc::new(WorkerStats::default());
+    let ctx = Arc::new(Ctx {
+        d,
+        task_type,
+        handler,
+        stats: stats.clone(),
+        in_flight: Mutex::new(HashSet::new()),
+        abandon: abandon_rx,
+    });
+    let task = tokio::spawn(run(ctx, consumer, options, stop_rx));
+    Ok(Worker {
+        stop,
+        abandon,
+        task,
+        stats,
+    })
+}
+
+fn gate_active(d: &Dispatcher) -> bool {
+    d.ensure_active().is_ok()
+}
+
+async fn run(
+    ctx: Arc<Ctx>,
+    consumer: consumer::Consumer<pull::Config>,
+    options: WorkerOptions,
+    mut stop: watch::Receiver<bool>,
+) {
+    let slots = Arc::new(Semaphore::new(options.concurrency));
+    let mut running = JoinSet::new();
+    let mut backoff = Duration::from_millis(100);
+    while !*stop.borrow() {
+        while running.try_join_next().is_some() {}
+        if !gate_active(&ctx.d) {
+            // Suspended: pull nothing; tasks stay queued.
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                _ = stop.changed() => {}
+            }
+            continue;
+        }
+        let first = tokio::select! {
+            p = slots.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            _ = stop.changed() => continue,
+        };
+        let mut permits: Vec<OwnedSemaphorePermit> = vec![first];
+        while let Ok(p) = slots.clone().try_acquire_owned() {
+            permits.push(p);
+        }
+        let batch = consumer
+            .batch()
+            .max_messages(permits.len())
+            .expires(options.fetch_expires)
+            .messages()
+            .await;
+        let mut batch = match batch {
+            Ok(b) => {
+                backoff = Duration::from_millis(100);
+                b
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "task pull failed; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = stop.changed() => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+                continue;
+            }
+        };
+        // Read the pull to its end even when stopping: messages it delivers are
+        // handed straight back, so none waits out its ack timer unseen.
+        while let Some(item) = batch.next().await {
+            match item {
+                Ok(msg) => {
+                    let permit = if *stop.borrow() { None } else { permits.pop() };
+                    match permit {
+                        Some(p) => {
+                            let ctx = ctx.clone();
+                            running.spawn(async move {
+                                process(&ctx, msg).await;
+                                drop(p);
+                            });
+                        }
+                        None => {
+                            let _ = msg.ack_with(AckKind::Nak(None)).await;
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "task pull ended");
+                    break;
+                }
+            }
+        }
+    }
+    while running.join_next().await.is_some() {}
+}
+
+/// Retries `f` with a growing pause, for about 30 s in all: long enough to ride
+/// out a nats-server restart.
+async fn retry<T, E, F, Fut>(what: &str, mut f: F) -> Result<T, E>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+    E: std::fmt::Display,
+{
+    let mut pause = Duration::from_millis(100);
+    let mut attempt = 0;
+    loop {
+        match f().await {
+            Ok(v) => return Ok(v),
+            Err(e) if attempt < 16 => {
+                tracing::debug!(what, error = %e, attempt, "retrying");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(2));
+                attempt += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+async fn settle(msg: &Message, kind: AckKind) {
+    if let Err(e) = msg.ack_with(kind).await {
+        tracing::debug!(error = %e, ?kind, "ack failed; the server will redeliver");
+    }
+}
+
+struct InFlight<'a> {
+    ctx: &'a Ctx,
+    id: MessageId,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut s) = self.ctx.in_flight.lock() {
+            s.remove(&self.id);
+        }
+    }
+}
+
+async fn process(ctx: &Ctx, msg: Message) {
+    let d = &ctx.d;
+    let opts = &d.shared.options;
+    let delivered = msg
+        .info()
+        .map(|i| u64::try_from(i.delivered).unwrap_or(1).max(1))
+        .unwrap_or(1);
+    let subject = msg.subject.to_string();
+    let (stamp, payload) = match tenant_bus::envelope::open(
+        d.shared.ns.keys(),
+        &subject,
+        None,
+        &msg.payload,
+    ) {
+        Ok(x) => x,
+        Err(reason) => {
+            ctx.stats.rejected.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(subject = %subject.escape_debug(), reason = reason.as_str(), "terminating a task that failed verification");
+            settle(&msg, AckKind::Term).await;
+            return;
+        }
+    };
+    let now = now_ms();
+    let skew = d.shared.ns.verifier().freshness().clock_skew.as_millis() as u64;
+    if stamp.timestamp_ms > now.saturating_add(skew) {
+        ctx.stats.rejected.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(task = %stamp.msg_id, "terminating a task stamped in the future");
+        settle(&msg, AckKind::Term).await;
+        return;
+    }
+    let id = stamp.msg_id;
+    let hex = id.to_hex();
+    let fresh = ctx
+        .in_flight
+        .lock()
+        .map(|mut s| s.insert(id))
+        .unwrap_or(false);
+    if !fresh {
+        // Another copy of this id is running here right now.
+        settle(&msg, AckKind::Nak(Some(Duration::from_secs(1)))).await;
+        return;
+    }
+    let _guard = InFlight { ctx, id };
+
+    let done = retry("done lookup", || d.shared.done.get(hex.clone())).await;
+    match done {
+        Ok(Some(result)) => {
+            ctx.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+            let _ = d
+                .shared
+                .ns
+                .nats()
+                .publish(d.result_subject(&id), result)
+                .await;
+            settle(&msg, AckKind::Ack).await;
+            return;
+        }
+        Ok(None) => {}
+        Err(e) => {
+            tracing::warn!(task = %id, error = %e, "cannot read the done bucket; retrying later");
+            settle(&msg, AckKind::Nak(Some(opts.backoff_for(1)))).await;
+            return;
+        }
+    }
+
+    // A suspended tenant's tasks are held, not failed: keep the ack timer alive.
+    let progress_every = (opts.ack_wait / 3).max(Duration::from_millis(100));
+    let mut last_progress = tokio::time::Instant::now();
+    while !gate_active(d) {
+        if *ctx.abandon.borrow() {
+            settle(&msg, AckKind::Nak(None)).await;
+            return;
+        }
+        if last_progress.elapsed() >= progress_every {
+            settle(&msg, AckKind::Progress).await;
+            last_progress = tokio::time::Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let task = Task {
+        id,
+        task_type: ctx.task_type.clone(),
+        payload: payload.clone(),
+        sender: stamp.sender.clone(),
+        dispatched_at: UNIX_EPOCH + Duration::from_millis(stamp.timestamp_ms),
+        delivery: delivered,
+        max_deliveries: opts.max_deliveries,
+    };
+    let give_up = |reason: String| give_up(ctx, &msg, &task, reason);
+
+    let age = Duration::from_millis(now.saturating_sub(stamp.timestamp_ms));
+    if age > opts.task_max_age {
+        give_up(format!(
+            "expired: queued {} s, longer than the task max age of {} s",
+            age.as_secs(),
+            opts.task_max_age.as_secs()
+        ))
+        .await;
+        return;
+    }
+    if delivered > u64::from(opts.max_deliveries) {
+        give_up(format!(
+            "delivery limit of {} reached without an outcome (a worker stopped or timed out mid-task)",
+            opts.max_deliveries
+        ))
+        .await;
+        return;
+    }
+
+    ctx.stats.runs.fetch_add(1, Ordering::Relaxed);
+    let mut run = ctx.handler.handle(task.clone());
+    let limit = tokio::time::sleep(opts.handler_timeout);
+    tokio::pin!(limit);
+    let mut abandon = ctx.abandon.clone();
+    let result = loop {
+        tokio::select! {
+            r = &mut run => break Some(r),
+            _ = tokio::time::sleep(progress_every) => settle(&msg, AckKind::Progress).await,
+            _ = &mut limit => break Some(Err(format!(
+                "handler timed out after {} ms", opts.handler_timeout.as_millis()
+            ))),
+            changed = abandon.changed() => {
+                if changed.is_err() || *abandon.borrow() { break None; }
+            }
+        }
+    };
+    let Some(result) = result else {
+        settle(&msg, AckKind::Nak(None)).await;
+        return;
+    };
+    match result {
+        Ok(output) => {
+            if finish(ctx, &msg, &id, &TaskOutcome::Completed(output)).await {
+                if retry("ack", || msg.double_ack()).await.is_err() {
+                    tracing::debug!(task = %id, "ack not confirmed; a redelivery will find it done");
+                }
+                ctx.stats.completed.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        Err(reason) if delivered >= u64::from(opts.max_deliveries) => give_up(reason).await,
+        Err(reason) => {
+            tracing::debug!(task = %id, delivered, %reason, "task attempt failed; retrying");
+            ctx.stats.retried.fetch_add(1, Ordering::Relaxed);
+            settle(&msg, AckKind::Nak(Some(opts.backoff_for(delivered)))).await;
+        }
+    }
+}
+
+/// Records `outcome` (sealed, in the done bucket) and publishes it to the
+/// requester. `false` if it could not be recorded: the message was handed back.
+async fn finish(ctx: &Ctx, msg: &Message, id: &MessageId, outcome: &TaskOutcome) -> bool {
+    let d = &ctx.d;
+    let subject = d.result_subject(id);
+    let sealed = match d.shared.ns.sealer().seal(&subject, None, &outcome.encode()) {
+        Ok((_, body)) => body,
+        Err(e) => {
+            tracing::warn!(task = %id, error = %e, "cannot seal the task outcome");
+            settle(msg, AckKind::Nak(Some(Duration::from_secs(1)))).await;
+            return false;
+        }
+    };
+    let hex = id.to_hex();
+    if let Err(e) = retry("done record", || {
+        d.shared.done.put(hex.clone(), sealed.clone())
+    })
+    .await
+    {
+        tracing::warn!(task = %id, error = %e, "cannot record the task outcome; handing it back");
+        settle(msg, AckKind::Nak(Some(Duration::from_secs(1)))).await;
+        return false;
+    }
+    // Best effort: a requester that misses it reads the done bucket.
+    let _ = d.shared.ns.nats().publish(subject, sealed).await;
+    true
+}
+
+/// Dead-letters the task with `reason`, records the outcome, terminates it.
+async fn give_up(ctx: &Ctx, msg: &Message, task: &Task, reason: String) {
+    let d = &ctx.d;
+    let deliveries = u32::try_from(task.delivery).unwrap_or(u32::MAX);
+    let letter = DeadLetter::new(
+        task.id.to_hex(),
+        task.task_type.to_string(),
+        reason.clone(),
+        deliveries,
+        task.dispatched_at
+            .duration_since(UNIX_EPOCH)
+            .map(|t| t.as_millis() as u64)
+            .unwrap_or(0),
+        task.sender.as_ref().map(|s| s.to_string()),
+        &task.payload,
+    );
+    let subject = tenant_bus::subject::scope(
+        d.shared.ns.tenant(),
+        &format!("tasks.dead.{}", task.task_type),
+    );
+    let sealed = serde_json::to_vec(&letter)
+        .map_err(|e| e.to_string())
+        .and_then(|json| {
+            d.shared
+                .ns
+                .sealer()
+                .seal(&subject, None, &json)
+                .map_err(|e| e.to_string())
+        });
+    let body = match sealed {
+        Ok((_, body)) => body,
+        Err(e) => {
+            tracing::warn!(task = %task.id, error = %e, "cannot seal the dead letter");
+            settle(msg, AckKind::Nak(Some(Duration::from_secs(1)))).await;
+            return;
+        }
+    };
+    let dedupe = format!("dead-{}", task.id.to_hex());
+    let published = retry("dead letter", || async {
+        d.shared
+            .js
+            .send_publish(
+                subject.clone(),
+                async_nats::jetstream::message::PublishMessage::build()
+                    .payload(body.clone())
+                    .message_id(dedupe.clone()),
+            )
+            .await
+            .map_err(|e| e.to_string())?
+            .await
+            .map_err(|e| e.to_string())
+    })
+    .await;
+    if let Err(e) = published {
+        tracing::warn!(task = %task.id, error = %e, "cannot publish the dead letter; handing it back");
+        settle(msg, AckKind::Nak(Some(Duration::from_secs(1)))).await;
+        return;
+    }
+    let outcome = TaskOutcome::DeadLettered { reason, deliveries };
+    if finish(ctx, msg, &task.id, &outcome).await {
+        settle(msg, AckKind::Term).await;
+        ctx.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(task = %task.id, task_type = %task.task_type, deliveries, "task dead-lettered");
+    }
+}

@@ -1,0 +1,390 @@
+//! Task dispatch on a real JetStream nats-server: retries, dead letters, duplicate
+//! dispatch, and tasks surviving a worker restart and a server restart.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use agent_runtime::dispatch::{
+    DispatchErrorKind, DispatchOptions, Dispatcher, Task, TaskOutcome, WorkerOptions,
+};
+use bytes::Bytes;
+use nats_harness::{eventually, Server};
+use tenant_bus::{AgentId, CredentialBundle, MasterSecret, TenantId, TenantNamespace};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+async fn connect(
+    server: &Server,
+    master: &MasterSecret,
+    tenant: &str,
+    agent: &str,
+) -> TenantNamespace {
+    let t = TenantId::new(tenant).unwrap();
+    let bundle = CredentialBundle {
+        url: server.url(),
+        tenant: t.clone(),
+        agent: AgentId::new(agent).unwrap(),
+        creds: None,
+        keys: master.key_set(&t, [1], 1).unwrap(),
+    };
+    TenantNamespace::connect(&bundle).await.unwrap()
+}
+
+/// Fast retries for tests; one account shared by tenants, so per-tenant names.
+fn options() -> DispatchOptions {
+    DispatchOptions::new()
+        .per_tenant_names(true)
+        .backoff(vec![Duration::from_millis(100)])
+        .ack_wait(Duration::from_secs(2))
+        .result_poll(Duration::from_millis(200))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_task_is_retried_then_succeeds() {
+    let server = Server::jetstream();
+    let master = MasterSecret::generate().unwrap();
+    let ns = connect(&server, &master, "acme", "planner").await;
+    let d = Dispatcher::new(&ns, options().max_deliveries(5))
+        .await
+        .unwrap();
+    let attempts = Arc::new(AtomicU64::new(0));
+    let a = attempts.clone();
+    let worker = d
+        .worker(
+            "resize",
+            move |task: Task| {
+                let a = a.clone();
+                async move {
+                    let n = a.fetch_add(1, Ordering::SeqCst) + 1;
+                    if task.delivery < 3 {
+                        Err(format!("transient failure {n}"))
+                    } else {
+                        Ok(Bytes::from(format!(
+                            "resized {}",
+                            String::from_utf8_lossy(&task.payload)
+                        )))
+                    }
+                }
+            },
+            WorkerOptions::new().concurrency(2),
+        )
+        .await
+        .unwrap();
+    let mut handle = d.dispatch("resize", b"img-1").await.unwrap();
+    let outcome = handle.wait(WAIT).await.unwrap();
+    assert_eq!(
+        outcome,
+        TaskOutcome::Completed(Bytes::from_static(b"resized img-1"))
+    );
+    assert_eq!(attempts.load(Ordering::SeqCst), 3);
+    assert_eq!(worker.stats().retried(), 2);
+    assert_eq!(worker.stats().completed(), 1);
+    assert_eq!(worker.stats().dead_lettered(), 0);
+    // The outcome is also recorded durably under the task id.
+    assert_eq!(d.outcome(&handle.id()).await.unwrap(), Some(outcome));
+    worker.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn task_is_dead_lettered_after_max_deliveries_with_the_reason() {
+    let server = Server::jetstream();
+    let master = MasterSecret::generate().unwrap();
+    let ns = connect(&server, &master, "acme", "planner").await;
+    let d = Dispatcher::new(&ns, options().max_deliveries(3))
+        .await
+        .unwrap();
+    let runs = Arc::new(AtomicU64::new(0));
+    let r = runs.clone();
+    let worker = d
+        .worker(
+            "charge",
+            move |task: Task| {
+                let r = r.clone();
+                async move {
+                    r.fetch_add(1, Ordering::SeqCst);
+                    Err::<Bytes, _>(format!("card declined (delivery {})", task.delivery))
+                }
+            },
+            WorkerOptions::new(),
+        )
+        .await
+        .unwrap();
+    let mut handle = d.dispatch("charge", b"order-7").await.unwrap();
+    let outcome = handle.wait(WAIT).await.unwrap();
+    assert_eq!(
+        outcome,
+        TaskOutcome::DeadLettered {
+            reason: "card declined (delivery 3)".into(),
+            deliveries: 3
+        }
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 3);
+
+    let mut letters = d.dead_letters().await.unwrap();
+    let letter = letters.next(WAIT).await.unwrap().expect("a dead letter");
+    assert_eq!(letter.task_id, handle.id().to_hex());
+    assert_eq!(letter.task_type, "charge");
+    assert_eq!(letter.reason, "card declined (delivery 3)");
+    assert_eq!(letter.deliveries, 3);
+    assert_eq!(letter.sender.as_deref(), Some("planner"));
+    assert_eq!(letter.payload(), Some(Bytes::from_static(b"order-7")));
+    // Terminated: not delivered again, and the letter is read once.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(runs.load(Ordering::SeqCst), 3);
+    assert_eq!(worker.stats().dead_lettered(), 1);
+    assert!(letters
+        .next(Duration::from_millis(300))
+        .await
+        .unwrap()
+        .is_none());
+    worker.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_dispatch_runs_once() {
+    let server = Server::jetstream();
+    let master = MasterSecret::generate().unwrap();
+    let ns = connect(&server, &master, "acme", "planner").await;
+    let d = Dispatcher::new(&ns, options()).await.unwrap();
+    let runs = Arc::new(AtomicU64::new(0));
+    let r = runs.clone();
+    let worker = d
+        .worker(
+            "email",
+            move |_task: Task| {
+                let r = r.clone();
+                async move {
+                    Ok::<_, String>(Bytes::from(format!(
+                        "sent #{}",
+                        r.fetch_add(1, Ordering::SeqCst) + 1
+                    )))
+                }
+            },
+            WorkerOptions::new(),
+        )
+        .await
+        .unwrap();
+
+    // A client retrying after a lost publish ack submits the same sealed task again:
+    // JetStream's de-duplication (Nats-Msg-Id = message id) drops the copy.
+    let task = d.seal("email", b"welcome").unwrap();
+    let mut handle = d.handle(task.id()).await.unwrap();
+    let first = d.submit(&task).await.unwrap();
+    let second = d.submit(&task).await.unwrap();
+    assert!(!first.duplicate);
+    assert!(second.duplicate);
+    assert_eq!(first.sequence, second.sequence);
+    let outcome = handle.wait(WAIT).await.unwrap();
+    assert_eq!(
+        outcome,
+        TaskOutcome::Completed(Bytes::from_static(b"sent #1"))
+    );
+
+    // A copy that gets past JetStream's window (here: another Nats-Msg-Id) is
+    // recognised by its sealed message id in the done bucket and not run again.
+    let js = async_nats::jetstream::new(server.raw_client().await);
+    js.send_publish(
+        task.subject().to_string(),
+        async_nats::jetstream::message::PublishMessage::build()
+            .payload(task.body().clone())
+            .message_id("some-other-id"),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    let skipped = eventually(WAIT, || async {
+        (worker.stats().duplicates() == 1).then_some(())
+    })
+    .await;
+    assert!(skipped.is_some(), "the copy was not recognised as done");
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "the handler ran once");
+    assert_eq!(worker.stats().completed(), 1);
+    worker.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_flight_task_survives_a_worker_restart() {
+    let server = Server::jetstream();
+    let master = MasterSecret::generate().unwrap();
+    let ns = connect(&server, &master, "acme", "planner").await;
+    let d = Dispatcher::new(&ns, options()).await.unwrap();
+
+    // Worker 1 takes the task and hangs; then it dies without acking.
+    let (started_tx, mut started_rx) = tokio::sync::mpsc::channel::<u64>(4);
+    let crashing = d
+        .worker(
+            "report",
+            move |task: Task| {
+                let tx = started_tx.clone();
+                async move {
+                    let _ = tx.send(task.delivery).await;
+                    std::future::pending::<Result<Bytes, String>>().await
+                }
+            },
+            WorkerOptions::new(),
+        )
+        .await
+        .unwrap();
+    let mut handle = d.dispatch("report", b"q3").await.unwrap();
+    let delivery = tokio::time::timeout(WAIT, started_rx.recv()).await.unwrap();
+    assert_eq!(delivery, Some(1));
+    crashing.abort();
+
+    // A new worker (another connection, as after a process restart) gets it.
+    let ns2 = connect(&server, &master, "acme", "worker-2").await;
+    let d2 = Dispatcher::new(&ns2, options()).await.unwrap();
+    let deliveries = Arc::new(AtomicU64::new(0));
+    let seen = deliveries.clone();
+    let worker = d2
+        .worker(
+            "report",
+            move |task: Task| {
+                seen.store(task.delivery, Ordering::SeqCst);
+                async move { Ok::<_, String>(Bytes::from_static(b"report ready")) }
+            },
+            WorkerOptions::new(),
+        )
+        .await
+        .unwrap();
+    let outcome = handle.wait(WAIT).await.unwrap();
+    assert_eq!(
+        outcome,
+        TaskOutcome::Completed(Bytes::from_static(b"report ready"))
+    );
+    // Redelivered after ack_wait (a pull request the dead worker left open may
+    // swallow one more delivery before it expires).
+    assert!(deliveries.load(Ordering::SeqCst) >= 2);
+    assert_eq!(worker.stats().completed(), 1);
+    worker.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_survive_a_nats_server_restart() {
+    let mut server = Server::jetstream();
+    let master = MasterSecret::generate().unwrap();
+    let ns = connect(&server, &master, "acme", "planner").await;
+    let d = Dispatcher::new(&ns, options()).await.unwrap();
+
+    // 1. A queued task (no worker yet) is on disk when the server restarts.
+    let mut queued = d.dispatch("index", b"queued").await.unwrap();
+    server.restart();
+
+    // 2. A task in flight when the server restarts: the handler finishes while
+    // the server is down; recording the outcome waits for the reconnect.
+    let (started_tx, mut started_rx) = tokio::sync::mpsc::channel::<Bytes>(8);
+    let runs = Arc::new(AtomicU64::new(0));
+    let r = runs.clone();
+    let worker = d
+        .worker(
+            "index",
+            move |task: Task| {
+                let tx = started_tx.clone();
+                let r = r.clone();
+                async move {
+                    r.fetch_add(1, Ordering::SeqCst);
+                    let _ = tx.send(task.payload.clone()).await;
+                    if task.payload.as_ref() == b"in-flight" {
+                        tokio::time::sleep(Duration::from_millis(1500)).await;
+                    }
+                    Ok::<_, String>(Bytes::from(format!(
+                        "indexed {}",
+                        String::from_utf8_lossy(&task.payload)
+                    )))
+                }
+            },
+            WorkerOptions::new(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        queued.wait(WAIT).await.unwrap(),
+        TaskOutcome::Completed(Bytes::from_static(b"indexed queued"))
+    );
+    assert_eq!(
+        tokio::time::timeout(WAIT, started_rx.recv()).await.unwrap(),
+        Some(Bytes::from_static(b"queued"))
+    );
+
+    let mut in_flight = d.dispatch("index", b"in-flight").await.unwrap();
+    assert_eq!(
+        tokio::time::timeout(WAIT, started_rx.recv()).await.unwrap(),
+        Some(Bytes::from_static(b"in-flight"))
+    );
+    server.restart();
+    assert_eq!(
+        in_flight.wait(WAIT).await.unwrap(),
+        TaskOutcome::Completed(Bytes::from_static(b"indexed in-flight"))
+    );
+    // Settled: nothing is delivered again, and each task ran once.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+    worker.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_task_type_is_refused() {
+    let server = Server::jetstream();
+    let master = MasterSecret::generate().unwrap();
+    let ns = connect(&server, &master, "acme", "planner").await;
+    let d = Dispatcher::new(&ns, options()).await.unwrap();
+    for bad in ["", "a.b", "*", ">", "Upper", "a b"] {
+        assert_eq!(
+            d.dispatch(bad, b"x").await.unwrap_err().kind(),
+            DispatchErrorKind::InvalidTaskType,
+            "{bad:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenants_queues_are_separate_and_a_shared_stream_name_is_refused() {
+    let server = Server::jetstream();
+    let master = MasterSecret::generate().unwrap();
+    let a = connect(&server, &master, "tenant-a", "agent").await;
+    let b = connect(&server, &master, "tenant-b", "agent").await;
+    // On one shared account, the default (per-account) name collides: refused.
+    let _da = Dispatcher::new(&a, DispatchOptions::new()).await.unwrap();
+    assert_eq!(
+        Dispatcher::new(&b, DispatchOptions::new())
+            .await
+            .unwrap_err()
+            .kind(),
+        DispatchErrorKind::StreamConflict
+    );
+    let js = async_nats::jetstream::new(server.raw_client().await);
+    js.delete_stream("TASKS").await.unwrap();
+    let da = Dispatcher::new(&a, options()).await.unwrap();
+    let db = Dispatcher::new(&b, options()).await.unwrap();
+    assert_ne!(da.stream_name(), db.stream_name());
+    let wb = db
+        .worker(
+            "job",
+            |_t: Task| async { Ok::<_, String>(Bytes::from_static(b"b did it")) },
+            WorkerOptions::new(),
+        )
+        .await
+        .unwrap();
+    // A's task is not visible to B's worker: it stays queued.
+    let mut ha = da.dispatch("job", b"a's").await.unwrap();
+    assert_eq!(
+        ha.wait(Duration::from_secs(1)).await.unwrap_err().kind(),
+        DispatchErrorKind::TimedOut
+    );
+    assert_eq!(wb.stats().runs(), 0);
+    let wa = da
+        .worker(
+            "job",
+            |_t: Task| async { Ok::<_, String>(Bytes::from_static(b"a did it")) },
+            WorkerOptions::new(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        ha.wait(WAIT).await.unwrap(),
+        TaskOutcome::Completed(Bytes::from_static(b"a did it"))
+    );
+    wa.shutdown(Duration::from_secs(5)).await;
+    wb.shutdown(Duration::from_secs(5)).await;
+}
