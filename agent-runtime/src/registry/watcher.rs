@@ -1,7 +1,8 @@
 //! [`RegistryWatcher`]: every runtime instance's live, bounded copy of the registry.
 //!
-//! On start it reads the bucket's last sequence `L`, then runs `watch_all` (which
-//! first delivers the latest value of every key, then every later change) and is
+//! On start it reads the bucket's last sequence `L`, then watches every key
+//! (`watch_with_history(">")`: the latest value of every key, then every later
+//! change) and is
 //! ready once it has caught up (the watch reports nothing pending, or the bucket
 //! was empty). From then on, every put or delete in the bucket reaches the cache
 //! and the [`RegistryEvent`] channel as soon as the server pushes it: in practice a
@@ -149,10 +150,14 @@ impl RegistryWatcher {
             Error::with_source(RegistryErrorKind::Unavailable, "registry bucket info", e)
         })?;
         let empty = info.state.messages == 0;
-        let watch =
-            registry.store().watch_all().await.map_err(|e| {
-                Error::with_source(RegistryErrorKind::Unavailable, "registry watch", e)
-            })?;
+        // `watch_with_history(">")` is `watch_all` starting with the latest value of
+        // every key (deliver policy last-per-subject); plain `watch_all` delivers
+        // only changes made after it starts.
+        let watch = registry
+            .store()
+            .watch_with_history(">")
+            .await
+            .map_err(|e| Error::with_source(RegistryErrorKind::Unavailable, "registry watch", e))?;
         let (ready_tx, ready_rx) = oneshot::channel();
         let ready_tx = if empty {
             let _ = ready_tx.send(());
