@@ -337,7 +337,7 @@ async fn bad_input_is_typed_and_changes_nothing() {
         ),
         (
             "bad url",
-            K::InvalidId,
+            K::InvalidUrl,
             cp.set_server_url("http://x y").unwrap_err(),
         ),
         (
@@ -484,4 +484,120 @@ async fn offline_tenant_is_served_after_start() {
         .unwrap();
     kv.put("acme", "free".into()).await.unwrap();
     assert_eq!(&kv.get("acme").await.unwrap().unwrap()[..], b"free");
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The 3-node templates, run on free ports: the control plane pushes to node 1, and
+/// the update reaches a connection on node 3 (new tenant served there; suspension
+/// closes the node-3 connection).
+#[tokio::test]
+async fn cluster_templates_propagate_claim_updates() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cp = ControlPlane::init(tmp.path().join("s")).unwrap();
+    let snippet = tmp.path().join("operator.conf");
+    cp.write_operator_snippet(Some(&snippet)).unwrap();
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../nats-config/cluster-3-node");
+    let client: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let route: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let mut servers = Vec::new();
+    for n in 0..3 {
+        let mut text = std::fs::read_to_string(src.join(format!("node-{}.conf", n + 1))).unwrap();
+        for i in 0..3 {
+            text = text.replace(&format!(":{}", 6222 + i), &format!(":{}", route[i]));
+            text = text.replace(
+                &format!("port: {}", 6222 + i),
+                &format!("port: {}", route[i]),
+            );
+            text = text.replace(
+                &format!("127.0.0.1:{}", 8222 + i),
+                &format!("127.0.0.1:{}", free_port()),
+            );
+        }
+        let data = tmp.path().join(format!("data/n{}", n + 1));
+        text = text.replace(&format!("./data/n{}", n + 1), &data.to_string_lossy());
+        // `include` paths are relative to the including file (server.conf in dir).
+        let dir = tmp.path().join(format!("node{}", n + 1));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::copy(&snippet, dir.join("operator.conf")).unwrap();
+        servers.push(Server::with_options(
+            ServerOptions::new().config(text).port(client[n]).dir(dir),
+        ));
+    }
+    let urls: Vec<String> = servers.iter().map(|s| s.url()).collect();
+    cp.connect(&urls[0]).await.unwrap();
+
+    // Wait (bounded) for the routes: a system-user request on node 3 sees 3 servers.
+    let sys3 = async_nats::ConnectOptions::with_credentials(&cp.system_creds().unwrap())
+        .unwrap()
+        .connect(&urls[2])
+        .await
+        .unwrap();
+    let formed = nats_harness::eventually(Duration::from_secs(10), || {
+        let sys3 = sys3.clone();
+        async move {
+            let mut inbox = sys3.subscribe("_INBOX.cluster.ping").await.ok()?;
+            sys3.publish_with_reply("$SYS.REQ.SERVER.PING", "_INBOX.cluster.ping", "".into())
+                .await
+                .ok()?;
+            let mut n = 0;
+            while let Ok(Some(_)) = tokio::time::timeout(
+                Duration::from_millis(300),
+                futures::StreamExt::next(&mut inbox),
+            )
+            .await
+            {
+                n += 1;
+            }
+            (n == 3).then_some(())
+        }
+    })
+    .await;
+    assert!(formed.is_some(), "cluster did not form");
+
+    cp.set_server_url(&urls.join(",")).unwrap();
+    cp.create_tenant("acme", Tier::Free).await.unwrap();
+    let bundle = cp.issue_agent("acme", "a", "t").unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let on3 = async_nats::ConnectOptions::with_credentials(bundle.creds.as_deref().unwrap())
+        .unwrap()
+        .custom_inbox_prefix("tenant.acme._INBOX")
+        .event_callback(move |e| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send(format!("{e:?}"));
+            }
+        })
+        .connect(&urls[2])
+        .await
+        .unwrap();
+    let mut sub = on3.subscribe("tenant.acme.x").await.unwrap();
+    on3.publish("tenant.acme.x", "hi".into()).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(2), futures::StreamExt::next(&mut sub))
+        .await
+        .unwrap()
+        .unwrap();
+
+    cp.suspend_tenant("acme").await.unwrap();
+    let closed = tokio::time::timeout(Duration::from_secs(2), async {
+        while let Some(e) = rx.recv().await {
+            if e.contains("Disconnected") {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(
+        closed,
+        Ok(true),
+        "node 3 did not apply the suspension pushed to node 1"
+    );
+    drop(servers);
 }

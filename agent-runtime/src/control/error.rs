@@ -17,6 +17,8 @@ pub enum ControlErrorKind {
     InvalidState,
     /// A tenant id, agent id or agent type is not a valid slug.
     InvalidId,
+    /// A server URL is not `nats://`, `tls://`, `ws://` or `wss://` (comma-separated).
+    InvalidUrl,
     /// A tenant with this id already exists.
     DuplicateTenant,
     /// No tenant with this id exists.
@@ -46,6 +48,7 @@ tenant_bus::kind_display!(ControlErrorKind {
     NotInitialized => "control-plane state directory is not initialised",
     InvalidState => "invalid control-plane state",
     InvalidId => "invalid id",
+    InvalidUrl => "invalid server URL",
     DuplicateTenant => "tenant already exists",
     UnknownTenant => "unknown tenant",
     DuplicateAgent => "agent already exists",

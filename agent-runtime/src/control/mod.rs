@@ -262,7 +262,7 @@ impl ControlPlane {
             .all(|u| SCHEMES.iter().any(|s| u.starts_with(s)));
         if url.is_empty() || !ok_scheme || url.chars().any(char::is_whitespace) {
             return Err(err(
-                ControlErrorKind::InvalidId,
+                ControlErrorKind::InvalidUrl,
                 format!("server URL {url:?} (expected nats://host:port[,...])"),
             ));
         }
