@@ -507,14 +507,11 @@ async fn cluster_templates_propagate_claim_updates() {
     let client: Vec<u16> = (0..3).map(|_| free_port()).collect();
     let route: Vec<u16> = (0..3).map(|_| free_port()).collect();
     let mut servers = Vec::new();
-    for n in 0..3 {
+    for (n, &port) in client.iter().enumerate() {
         let mut text = std::fs::read_to_string(src.join(format!("node-{}.conf", n + 1))).unwrap();
-        for i in 0..3 {
-            text = text.replace(&format!(":{}", 6222 + i), &format!(":{}", route[i]));
-            text = text.replace(
-                &format!("port: {}", 6222 + i),
-                &format!("port: {}", route[i]),
-            );
+        for (i, &r) in route.iter().enumerate() {
+            text = text.replace(&format!(":{}", 6222 + i), &format!(":{r}"));
+            text = text.replace(&format!("port: {}", 6222 + i), &format!("port: {r}"));
             text = text.replace(
                 &format!("127.0.0.1:{}", 8222 + i),
                 &format!("127.0.0.1:{}", free_port()),
@@ -527,7 +524,7 @@ async fn cluster_templates_propagate_claim_updates() {
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::copy(&snippet, dir.join("operator.conf")).unwrap();
         servers.push(Server::with_options(
-            ServerOptions::new().config(text).port(client[n]).dir(dir),
+            ServerOptions::new().config(text).port(port).dir(dir),
         ));
     }
     let urls: Vec<String> = servers.iter().map(|s| s.url()).collect();
