@@ -545,8 +545,12 @@ impl TenantNamespace {
             .map_err(|e| Error::with_source(PublishErrorKind::Send, "flush", e))
     }
 
-    /// Drains subscriptions and closes the connection.
+    /// Drains subscriptions and closes the connection. Everything published before
+    /// `close` has been written to the server when it returns, so the namespace may
+    /// be dropped right after. (async-nats's `drain` only queues the drain: dropping
+    /// the last handle before the connection wrote its buffer loses those messages.)
     pub async fn close(&self) -> Result<(), PublishError> {
+        self.flush().await?;
         self.inner
             .client
             .drain()

@@ -261,6 +261,11 @@ impl IntoPattern for Subject {
         Ok(self.into())
     }
 }
+impl IntoPattern for &Subject {
+    fn into_pattern(self) -> Result<SubjectPattern, SubjectError> {
+        Ok(self.clone().into())
+    }
+}
 
 /// `tenant.<id>.` — the prefix of every subject of `tenant`.
 pub fn namespace_prefix(tenant: &TenantId) -> String {

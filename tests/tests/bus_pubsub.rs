@@ -266,6 +266,27 @@ async fn subscribe_is_live_for_other_connections_when_it_returns() {
 }
 
 #[tokio::test]
+async fn close_delivers_what_was_published_before_it() {
+    let server = Server::new();
+    let master = MasterSecret::generate().unwrap();
+    let receiver = connect(&server, &master, "acme", "receiver").await;
+    let mut sub = receiver.subscribe("last.words").await.unwrap();
+    let sender = connect(&server, &master, "acme", "sender").await;
+    let mut ids = Vec::new();
+    for i in 0..50 {
+        ids.push(sender.publish("last.words", format!("{i}")).await.unwrap());
+    }
+    // Dropped right after `close`: nothing published before it may be lost.
+    sender.close().await.unwrap();
+    drop(sender);
+    for (i, id) in ids.iter().enumerate() {
+        let m = recv(&mut sub).await;
+        assert_eq!((m.msg_id, &m.payload[..]), (*id, format!("{i}").as_bytes()));
+    }
+    assert_silent(&mut sub).await;
+}
+
+#[tokio::test]
 async fn request_without_responders_fails_fast_with_no_responders() {
     let server = Server::new();
     let master = MasterSecret::generate().unwrap();
