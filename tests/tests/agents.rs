@@ -436,11 +436,9 @@ async fn shutdown_drains_the_handler_and_deregisters() {
     })
     .await
     .unwrap();
-    f.ns("tenant-a", "sender")
-        .await
-        .publish("slow", b"x")
-        .await
-        .unwrap();
+    let sender = f.ns("tenant-a", "sender").await;
+    sender.publish("slow", b"x").await.unwrap();
+    sender.flush().await.unwrap();
     tokio::time::timeout(Duration::from_secs(5), started_rx.recv())
         .await
         .unwrap();

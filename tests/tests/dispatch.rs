@@ -79,7 +79,12 @@ async fn failing_task_is_retried_then_succeeds() {
     );
     assert_eq!(attempts.load(Ordering::SeqCst), 3);
     assert_eq!(worker.stats().retried(), 2);
-    assert_eq!(worker.stats().completed(), 1);
+    // The outcome is published before the ack (and the counter) by design.
+    let acked = eventually(WAIT, || async {
+        (worker.stats().completed() == 1).then_some(())
+    })
+    .await;
+    assert!(acked.is_some());
     assert_eq!(worker.stats().dead_lettered(), 0);
     // The outcome is also recorded durably under the task id.
     assert_eq!(d.outcome(&handle.id()).await.unwrap(), Some(outcome));
@@ -256,7 +261,11 @@ async fn in_flight_task_survives_a_worker_restart() {
     // Redelivered after ack_wait (a pull request the dead worker left open may
     // swallow one more delivery before it expires).
     assert!(deliveries.load(Ordering::SeqCst) >= 2);
-    assert_eq!(worker.stats().completed(), 1);
+    let acked = eventually(WAIT, || async {
+        (worker.stats().completed() == 1).then_some(())
+    })
+    .await;
+    assert!(acked.is_some());
     worker.shutdown(Duration::from_secs(5)).await;
 }
 
