@@ -606,3 +606,64 @@ async fn key_rotation_accepts_the_previous_version_until_it_is_removed() {
     assert_eq!(count(&rotated), (2, 2));
     assert_eq!(count(&not_rotated), (2, 2));
 }
+
+#[tokio::test]
+async fn forged_responses_do_not_satisfy_a_request() {
+    let server = Server::new();
+    let master = MasterSecret::generate().unwrap();
+    let requester = connect(&server, &master, TENANT, "requester").await;
+    let responder = connect(&server, &master, TENANT, "responder").await;
+    let raw = server.raw_client().await;
+    let mut svc = responder.subscribe("svc.slow").await.unwrap();
+
+    let (inbox_tx, inbox_rx) = tokio::sync::oneshot::channel();
+    let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
+    let serve = tokio::spawn(async move {
+        let req = recv(&mut svc).await;
+        let inbox = req.reply.clone().unwrap().as_str().to_string();
+        inbox_tx.send(inbox).unwrap();
+        go_rx.await.unwrap();
+        responder.respond(&req, b"the real answer").await.unwrap();
+        responder
+    });
+    let call = tokio::spawn({
+        let requester = requester.clone();
+        async move { requester.request("svc.slow", b"question").await }
+    });
+
+    let inbox: String = inbox_rx.await.unwrap();
+    assert!(inbox.starts_with("tenant.alpha._INBOX."), "{inbox}");
+    // What an attacker with access to the subject might send to the inbox.
+    let other = MasterSecret::generate().unwrap();
+    let forger = Sealer::new(
+        Arc::new(other.key_set(&tenant(TENANT), [1], 1).unwrap()),
+        Some(agent("responder")),
+    )
+    .unwrap();
+    let legit_keys = Sealer::new(requester.keys().clone(), Some(agent("responder"))).unwrap();
+    let (_, elsewhere) = legit_keys
+        .seal(&format!("{inbox}0"), None, b"for another inbox")
+        .unwrap();
+    let (_, stale) = legit_keys
+        .seal_at(&inbox, None, b"old", now_ms() - 3_600_000)
+        .unwrap();
+    let (_, forged) = forger.seal(&inbox, None, b"forged answer").unwrap();
+    for body in [Bytes::from_static(b"garbage"), forged, elsewhere, stale] {
+        raw.publish(inbox.clone(), body).await.unwrap();
+    }
+    // A raw round trip: the server processed all of the above before answering.
+    let err = raw.request("zz-nobody", "".into()).await.unwrap_err();
+    assert_eq!(err.kind(), async_nats::RequestErrorKind::NoResponders);
+
+    go_tx.send(()).unwrap();
+    let response = call.await.unwrap().unwrap();
+    assert_eq!(&response.payload[..], b"the real answer");
+    assert_eq!(response.sender.as_ref().unwrap().as_str(), "responder");
+    let snap = requester.counters().snapshot();
+    assert_eq!(snap.dropped(DropReason::Malformed), 1, "{snap:?}");
+    assert_eq!(snap.dropped(DropReason::Authentication), 2, "{snap:?}");
+    assert_eq!(snap.dropped(DropReason::Stale), 1, "{snap:?}");
+    assert_eq!(snap.dropped_total(), 4, "{snap:?}");
+    assert_eq!(snap.delivered, 1);
+    let _responder = serve.await.unwrap();
+}

@@ -182,8 +182,10 @@ async fn request_reply_is_sealed_both_ways_and_uses_tenant_inboxes() {
         "{reply_to:?}"
     );
 
-    // The requester got the sealed response, verified.
+    // The requester got the sealed response, verified, reported under the
+    // request's subject.
     assert_eq!(&response.payload[..], REPLY);
+    assert_eq!(response.subject.as_str(), "svc.echo");
     assert_eq!(response.tenant.as_str(), "acme");
     assert_eq!(response.sender.as_ref().unwrap().as_str(), "responder");
     assert!(response.reply.is_none());
@@ -283,6 +285,68 @@ async fn close_delivers_what_was_published_before_it() {
         let m = recv(&mut sub).await;
         assert_eq!((m.msg_id, &m.payload[..]), (*id, format!("{i}").as_bytes()));
     }
+    assert_silent(&mut sub).await;
+}
+
+#[tokio::test]
+async fn concurrent_requests_get_their_own_responses() {
+    const N: usize = 40;
+    let server = Server::new();
+    let master = MasterSecret::generate().unwrap();
+    let requester = connect(&server, &master, "acme", "requester").await;
+    let responder = connect(&server, &master, "acme", "responder").await;
+    let mut svc = responder.subscribe("svc.*").await.unwrap();
+    let serve = tokio::spawn({
+        let responder = responder.clone();
+        async move {
+            // Answer in reverse order of arrival, so responses cross each other.
+            let mut reqs = Vec::new();
+            for _ in 0..N {
+                reqs.push(recv(&mut svc).await);
+            }
+            for req in reqs.iter().rev() {
+                let mut answer = b"re:".to_vec();
+                answer.extend_from_slice(&req.payload);
+                responder.respond(&req, answer).await.unwrap();
+            }
+        }
+    });
+    let calls = (0..N).map(|i| {
+        let requester = requester.clone();
+        async move {
+            let subject = format!("svc.{}", i % 3);
+            let m = requester
+                .request(subject.as_str(), format!("q{i}"))
+                .await
+                .unwrap();
+            assert_eq!(&m.payload[..], format!("re:q{i}").as_bytes());
+            assert_eq!(m.subject.as_str(), subject);
+        }
+    });
+    futures::future::join_all(calls).await;
+    serve.await.unwrap();
+    let snap = requester.counters().snapshot();
+    assert_eq!(snap.delivered, N as u64);
+    assert_eq!(snap.dropped_total(), 0);
+}
+
+#[tokio::test]
+async fn oversized_payload_is_a_typed_error_and_the_connection_survives() {
+    let server = Server::new();
+    let master = MasterSecret::generate().unwrap();
+    let ns = connect(&server, &master, "acme", "agent").await;
+    let mut sub = ns.subscribe("big").await.unwrap();
+    // The server's max_payload is 1 MiB by default; the envelope adds its header.
+    let err = ns.publish("big", vec![0u8; 2 << 20]).await.unwrap_err();
+    assert_eq!(err.kind(), tenant_bus::PublishErrorKind::Send, "{err}");
+    let err = ns.request("big", vec![0u8; 2 << 20]).await.unwrap_err();
+    assert_eq!(err.kind(), RequestErrorKind::Send, "{err}");
+    // Just under the limit goes through, sealed.
+    let payload = vec![5u8; (1 << 20) - 256];
+    let id = ns.publish("big", &payload).await.unwrap();
+    let m = recv(&mut sub).await;
+    assert_eq!(m.msg_id, id);
+    assert_eq!(m.payload.len(), payload.len());
     assert_silent(&mut sub).await;
 }
 
