@@ -397,3 +397,58 @@ async fn tenants_queues_are_separate_and_a_shared_stream_name_is_refused() {
     wa.shutdown(Duration::from_secs(5)).await;
     wb.shutdown(Duration::from_secs(5)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_suspended_tenants_workers_hold_its_tasks_until_activation() {
+    use agent_runtime::registry::{Registry, RegistryWatcher, TenantGate, TenantSettings};
+    use agent_runtime::tiers::Tier;
+    let server = Server::jetstream();
+    let master = MasterSecret::generate().unwrap();
+    let registry = Registry::open(server.raw_client().await).await.unwrap();
+    registry
+        .create("acme", "Acme", Tier::Free, TenantSettings::new())
+        .await
+        .unwrap();
+    let watcher = Arc::new(RegistryWatcher::start(&registry).await.unwrap());
+    let acme = TenantId::new("acme").unwrap();
+    let gate = TenantGate::new(watcher.clone(), acme.clone());
+    let ns = connect(&server, &master, "acme", "planner").await;
+    let d = Dispatcher::new(&ns, options().gate(gate)).await.unwrap();
+    let mut queued = d.dispatch("job", b"queued").await.unwrap();
+
+    registry.suspend(&acme).await.unwrap();
+    let seen = eventually(Duration::from_secs(1), || async {
+        (!TenantGate::new(watcher.clone(), acme.clone()).is_active()).then_some(())
+    })
+    .await;
+    assert!(seen.is_some());
+    assert_eq!(
+        d.dispatch("job", b"refused").await.unwrap_err().kind(),
+        DispatchErrorKind::Suspended
+    );
+    let worker = d
+        .worker(
+            "job",
+            |_t: Task| async { Ok::<_, String>(Bytes::from_static(b"done")) },
+            WorkerOptions::new(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        queued
+            .wait(Duration::from_millis(1500))
+            .await
+            .unwrap_err()
+            .kind(),
+        DispatchErrorKind::TimedOut
+    );
+    assert_eq!(worker.stats().runs(), 0, "nothing runs while suspended");
+
+    registry.activate(&acme).await.unwrap();
+    assert_eq!(
+        queued.wait(WAIT).await.unwrap(),
+        TaskOutcome::Completed(Bytes::from_static(b"done"))
+    );
+    assert_eq!(worker.stats().runs(), 1);
+    worker.shutdown(Duration::from_secs(5)).await;
+}
