@@ -667,3 +667,108 @@ async fn forged_responses_do_not_satisfy_a_request() {
     assert_eq!(snap.delivered, 1);
     let _responder = serve.await.unwrap();
 }
+
+#[tokio::test]
+async fn replay_state_at_its_cap_refuses_new_senders_but_keeps_known_ones() {
+    let server = Server::new();
+    let master = MasterSecret::generate().unwrap();
+    let ns = connect_keys(
+        &server,
+        keys(&master, TENANT),
+        "victim",
+        tenant_bus::NamespaceOptions::new().max_replay_senders(2),
+    )
+    .await;
+    let mut sub = ns.subscribe("orders.>").await.unwrap();
+    let raw = server.raw_client().await;
+    let sealers: Vec<Sealer> = (0..4)
+        .map(|_| Sealer::new(ns.keys().clone(), Some(agent("sender"))).unwrap())
+        .collect();
+    let send = |i: usize| sealers[i].seal(SUBJECT, None, format!("from {i}").as_bytes());
+    // Two senders fill the table.
+    for i in [0, 1] {
+        let (id, body) = send(i).unwrap();
+        raw.publish(SUBJECT, body).await.unwrap();
+        assert_eq!(recv(&mut sub).await.msg_id, id);
+    }
+    // Newcomers are refused while both are remembered (no eviction of live ones).
+    for i in [2, 3, 2] {
+        raw.publish(SUBJECT, send(i).unwrap().1).await.unwrap();
+    }
+    // Known senders still get through.
+    let (id, body) = send(1).unwrap();
+    raw.publish(SUBJECT, body).await.unwrap();
+    assert_eq!(recv(&mut sub).await.msg_id, id);
+    let snap = ns.counters().snapshot();
+    assert_eq!(snap.dropped(DropReason::ReplayStateFull), 3, "{snap:?}");
+    assert_eq!(snap.dropped_total(), 3, "{snap:?}");
+    assert_eq!(sub.replay_senders(), 2);
+}
+
+#[tokio::test]
+async fn a_flood_of_bad_messages_neither_starves_the_runtime_nor_hides_good_ones() {
+    const BAD: u64 = 5_000;
+    let mut t = Target::new().await;
+    let (_, body) = t.valid(b"payload");
+    let h = header_len(&body);
+    for i in 0..BAD {
+        let b = mutate(&body, |b| b[h + (i as usize % 7)] ^= 1 + (i % 255) as u8);
+        t.inject(SUBJECT, b).await;
+    }
+    let (id, legit) = t.valid(b"after the flood");
+    t.inject(SUBJECT, legit).await;
+    // The server processed everything; give the client time to buffer it all in
+    // the (unpolled) subscription.
+    let err = t.raw.request("zz-nobody", "".into()).await.unwrap_err();
+    assert_eq!(err.kind(), async_nats::RequestErrorKind::NoResponders);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+
+    // Another task on this (single-threaded) runtime must keep running while the
+    // subscription works through the flood: it yields every few dozen drops.
+    let ticks = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let ticker = tokio::spawn({
+        let ticks = ticks.clone();
+        async move {
+            loop {
+                ticks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tokio::task::yield_now().await;
+            }
+        }
+    });
+    let m = recv(&mut t.sub).await;
+    let seen = ticks.load(std::sync::atomic::Ordering::Relaxed);
+    ticker.abort();
+    assert_eq!(m.msg_id, id);
+    assert!(seen >= 20, "the runtime ran other tasks only {seen} times");
+    let snap = t.ns.counters().snapshot();
+    assert_eq!(snap.dropped(DropReason::Authentication), BAD, "{snap:?}");
+    assert_eq!(snap.dropped_total(), BAD, "{snap:?}");
+}
+
+#[tokio::test]
+async fn a_shorter_replay_window_makes_older_messages_stale() {
+    let server = Server::new();
+    let master = MasterSecret::generate().unwrap();
+    let ns = connect_keys(
+        &server,
+        keys(&master, TENANT),
+        "victim",
+        tenant_bus::NamespaceOptions::new()
+            .replay_window(std::time::Duration::from_secs(2))
+            .clock_skew(std::time::Duration::from_millis(500)),
+    )
+    .await;
+    let mut sub = ns.subscribe("orders.>").await.unwrap();
+    let raw = server.raw_client().await;
+    let now = now_ms();
+    let at = |ts: u64| ns.sealer().seal_at(SUBJECT, None, b"t", ts).unwrap();
+    for ts in [now - 5_000, now + 3_000] {
+        raw.publish(SUBJECT, at(ts).1).await.unwrap();
+    }
+    let (id, body) = at(now - 1_000);
+    raw.publish(SUBJECT, body).await.unwrap();
+    assert_eq!(recv(&mut sub).await.msg_id, id);
+    let snap = ns.counters().snapshot();
+    assert_eq!(snap.dropped(DropReason::Stale), 1, "{snap:?}");
+    assert_eq!(snap.dropped(DropReason::Future), 1, "{snap:?}");
+}
