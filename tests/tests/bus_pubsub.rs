@@ -307,7 +307,7 @@ async fn concurrent_requests_get_their_own_responses() {
             for req in reqs.iter().rev() {
                 let mut answer = b"re:".to_vec();
                 answer.extend_from_slice(&req.payload);
-                responder.respond(&req, answer).await.unwrap();
+                responder.respond(req, answer).await.unwrap();
             }
         }
     });
