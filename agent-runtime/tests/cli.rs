@@ -1,4 +1,7 @@
 //! The `agentbus` CLI, run as a process against the real nats-server that
+
+// Test code: a failed set-up step should abort the test with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 //! `agentbus up` starts: every command's happy path and its bad-input paths.
 //! Each bad input must exit non-zero with one line on stderr and leave the state
 //! unchanged (checked by comparing every state file before and after).

@@ -56,6 +56,11 @@ pub enum Command {
     Sub(msg::SubArgs),
     /// Send a sealed request as an agent and print the verified reply.
     Request(msg::RequestArgs),
+    /// Benchmark the sealed bus against raw async-nats (writes BENCHMARKS.md with --out).
+    Bench(crate::bench::BenchArgs),
+    /// One benchmark measurement in its own process (used by `bench`).
+    #[command(subcommand, hide = true)]
+    BenchWorker(crate::bench::worker::WorkerCommand),
 }
 
 /// A command's failure: one line for the user.
@@ -90,6 +95,13 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Pub(args) => msg::publish(args).await,
         Command::Sub(args) => msg::subscribe(args).await,
         Command::Request(args) => msg::request(args).await,
+        Command::Bench(args) => crate::bench::run(args).await,
+        // Workers build their own single-threaded runtime; run them off this one.
+        Command::BenchWorker(cmd) => {
+            tokio::task::spawn_blocking(move || crate::bench::worker::run(cmd))
+                .await
+                .map_err(|e| CliError(format!("bench worker: {e}")))?
+        }
     }
 }
 

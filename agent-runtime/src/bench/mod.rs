@@ -1,0 +1,393 @@
+//! `agentbus bench`: the namespaced, sealed bus against raw async-nats, measured
+//! in the same run on the same local nats-server, with ratios.
+//!
+//! Each figure is the median of `--repeats` runs (default 5) with min and max;
+//! raw and sealed runs alternate so drift affects both. Every measurement runs in a
+//! fresh process (`agentbus bench-worker`, hidden) whose peak RSS is reported beside
+//! it. Progress goes to stderr; the table to stdout and, with `--out`, to a
+//! Markdown file with the machine it ran on.
+//!
+//! `--quick` is the smoke version CI runs (seconds, tiny counts): it checks that the
+//! benchmark still runs, not the targets.
+//!
+//! # Layout
+//! - [`worker`]: the measurements (throughput, latency, soak, tenants).
+//! - [`stats`]: medians, quantiles, RSS readings.
+//! - [`report`]: the table and `BENCHMARKS.md`.
+
+pub mod report;
+pub mod stats;
+pub mod worker;
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use clap::Args;
+
+use crate::cli::CliError;
+use crate::local_server::{LocalServer, ServerOptions};
+use report::{Report, Row};
+use stats::Summary;
+use worker::Mode;
+
+/// Arguments of `agentbus bench`.
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    /// The smoke version: tiny counts, one repeat, short soak (for CI).
+    #[arg(long)]
+    pub quick: bool,
+    /// Repeats per figure (the median is reported). Default 5 (1 with --quick).
+    #[arg(long)]
+    pub repeats: Option<usize>,
+    /// Soak duration of the memory measurement, seconds. Default 60 (3 with --quick).
+    #[arg(long)]
+    pub soak_secs: Option<u64>,
+    /// Pin the server and the latency workers to CPU 0 (with `taskset`) for the
+    /// request/reply latency, where cross-CPU wake-ups dominate. Default: on when
+    /// taskset is available.
+    #[arg(long)]
+    pub no_pin: bool,
+    /// Write the Markdown report here (e.g. BENCHMARKS.md).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+struct Plan {
+    repeats: usize,
+    sizes: Vec<(usize, u64)>,
+    latency_count: u64,
+    soak_secs: u64,
+    tenant_counts: Vec<usize>,
+    checks: u64,
+    onboard: usize,
+}
+
+impl Plan {
+    fn new(args: &BenchArgs) -> Self {
+        if args.quick {
+            Plan {
+                repeats: args.repeats.unwrap_or(1),
+                sizes: vec![(128, 5_000), (1024, 5_000), (16 * 1024, 1_000)],
+                latency_count: 500,
+                soak_secs: args.soak_secs.unwrap_or(3),
+                tenant_counts: vec![10, 1_000],
+                checks: 100_000,
+                onboard: 1,
+            }
+        } else {
+            Plan {
+                repeats: args.repeats.unwrap_or(5).max(1),
+                sizes: vec![(128, 400_000), (1024, 200_000), (16 * 1024, 40_000)],
+                latency_count: 20_000,
+                soak_secs: args.soak_secs.unwrap_or(60),
+                tenant_counts: vec![10, 1_000, 100_000],
+                checks: 10_000_000,
+                onboard: 5,
+            }
+        }
+    }
+}
+
+/// Runs the benchmark.
+pub async fn run(args: BenchArgs) -> Result<(), CliError> {
+    let plan = Plan::new(&args);
+    let exe = std::env::current_exe().map_err(|e| CliError(format!("current exe: {e}")))?;
+    let started = Instant::now();
+    let server = LocalServer::start(ServerOptions::new().jetstream(true))
+        .map_err(|e| CliError(crate::cli::one_line(&e.to_string())))?;
+    let url = server.url();
+    let mut report = Report::new(&args, &server);
+    progress(
+        &started,
+        &format!("nats-server at {url}; {} repeats per figure", plan.repeats),
+    );
+
+    // Publish -> subscribe throughput.
+    for &(size, count) in &plan.sizes {
+        let mut runs: [Vec<serde_json::Value>; 2] = [Vec::new(), Vec::new()];
+        for r in 0..plan.repeats {
+            // Alternate which mode goes first, so drift affects both.
+            let order = if r % 2 == 0 {
+                [Mode::Raw, Mode::Sealed]
+            } else {
+                [Mode::Sealed, Mode::Raw]
+            };
+            for mode in order {
+                progress(
+                    &started,
+                    &format!(
+                        "throughput {} {mode:?}, repeat {}/{}",
+                        report::size_label(size),
+                        r + 1,
+                        plan.repeats
+                    ),
+                );
+                let v = worker(
+                    &exe,
+                    None,
+                    &[
+                        "throughput",
+                        "--url",
+                        &url,
+                        "--mode",
+                        mode_arg(mode),
+                        "--size",
+                        &size.to_string(),
+                        "--count",
+                        &count.to_string(),
+                    ],
+                )?;
+                runs[mode as usize].push(v);
+            }
+        }
+        let label = report::size_label(size);
+        report.rows.push(Row::higher(
+            format!("pub->sub {label} msgs/s"),
+            pick(&runs, "msgs_per_sec"),
+            target_for(size),
+        ));
+        report.rows.push(Row::higher(
+            format!("pub->sub {label} MB/s"),
+            pick(&runs, "mb_per_sec"),
+            None,
+        ));
+        report.rows.push(Row::memory(
+            format!("pub->sub {label} peak RSS (MiB)"),
+            pick_mib(&runs, "peak_rss_kib"),
+        ));
+    }
+
+    // Request/reply latency, pinned to one CPU when possible.
+    let pin = !args.no_pin && which("taskset");
+    let latency_server = LocalServer::start(ServerOptions::new())
+        .map_err(|e| CliError(crate::cli::one_line(&e.to_string())))?;
+    if pin {
+        if let Some(pid) = latency_server.pid() {
+            let _ = Command::new("taskset")
+                .args(["-a", "-p", "-c", "0", &pid.to_string()])
+                .stdout(Stdio::null())
+                .status();
+        }
+    }
+    report.latency_pinned = pin;
+    let lat_url = latency_server.url();
+    let mut runs: [Vec<serde_json::Value>; 2] = [Vec::new(), Vec::new()];
+    for r in 0..plan.repeats {
+        let order = if r % 2 == 0 {
+            [Mode::Raw, Mode::Sealed]
+        } else {
+            [Mode::Sealed, Mode::Raw]
+        };
+        for mode in order {
+            progress(
+                &started,
+                &format!("request/reply {mode:?}, repeat {}/{}", r + 1, plan.repeats),
+            );
+            let v = worker(
+                &exe,
+                pin.then_some("0"),
+                &[
+                    "latency",
+                    "--url",
+                    &lat_url,
+                    "--mode",
+                    mode_arg(mode),
+                    "--count",
+                    &plan.latency_count.to_string(),
+                ],
+            )?;
+            runs[mode as usize].push(v);
+        }
+    }
+    drop(latency_server);
+    report.rows.push(Row::lower(
+        "request/reply p50 (us)".into(),
+        pick(&runs, "p50_us"),
+        Some(1.10),
+    ));
+    report.rows.push(Row::lower(
+        "request/reply p99 (us)".into(),
+        pick(&runs, "p99_us"),
+        None,
+    ));
+    report.rows.push(Row::lower(
+        "request/reply p99.9 (us)".into(),
+        pick(&runs, "p999_us"),
+        None,
+    ));
+
+    // Memory under sustained load.
+    let mut soak: [Vec<serde_json::Value>; 2] = [Vec::new(), Vec::new()];
+    for mode in [Mode::Raw, Mode::Sealed] {
+        progress(
+            &started,
+            &format!("soak 1 KiB {mode:?} for {} s", plan.soak_secs),
+        );
+        let v = worker(
+            &exe,
+            None,
+            &[
+                "soak",
+                "--url",
+                &url,
+                "--mode",
+                mode_arg(mode),
+                "--secs",
+                &plan.soak_secs.to_string(),
+            ],
+        )?;
+        soak[mode as usize].push(v);
+    }
+    report.soak = Some(report::Soak::from_runs(&soak, plan.soak_secs));
+
+    // Admission cost and per-tenant memory.
+    for &n in &plan.tenant_counts {
+        progress(&started, &format!("admission and memory with {n} tenants"));
+        let v = worker(
+            &exe,
+            None,
+            &[
+                "tenants",
+                "--tenants",
+                &n.to_string(),
+                "--checks",
+                &plan.checks.to_string(),
+            ],
+        )?;
+        report.tenants.push(report::TenantRow::from_value(n, &v));
+    }
+
+    // Onboarding on an operator-mode server.
+    progress(&started, "tenant onboarding (operator mode)");
+    report.onboarding_ms = Some(Summary::of(&onboarding(plan.onboard).await?));
+
+    drop(server);
+    progress(&started, "done");
+    let table = report.render();
+    println!("{table}");
+    if let Some(path) = &args.out {
+        std::fs::write(path, report.markdown(&table))
+            .map_err(|e| CliError(format!("writing {}: {e}", path.display())))?;
+        eprintln!("agentbus bench: wrote {}", path.display());
+    }
+    Ok(())
+}
+
+fn progress(started: &Instant, what: &str) {
+    eprintln!("[{:>6.1} s] {what}", started.elapsed().as_secs_f64());
+}
+
+fn mode_arg(mode: Mode) -> &'static str {
+    match mode {
+        Mode::Raw => "raw",
+        Mode::Sealed => "sealed",
+    }
+}
+
+/// The throughput ratio target of a payload size (issue targets).
+fn target_for(size: usize) -> Option<f64> {
+    match size {
+        s if s <= 1024 => Some(0.80),
+        _ => Some(0.75),
+    }
+}
+
+fn which(cmd: &str) -> bool {
+    Command::new(cmd)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok()
+}
+
+/// Raw and sealed summaries of one field.
+fn pick(runs: &[Vec<serde_json::Value>; 2], field: &str) -> [Summary; 2] {
+    let get = |vs: &Vec<serde_json::Value>| -> Vec<f64> {
+        vs.iter()
+            .filter_map(|v| v.get(field).and_then(|x| x.as_f64()))
+            .collect()
+    };
+    [Summary::of(&get(&runs[0])), Summary::of(&get(&runs[1]))]
+}
+
+fn pick_mib(runs: &[Vec<serde_json::Value>; 2], field: &str) -> [Summary; 2] {
+    let [a, b] = pick(runs, field);
+    let mib = |s: Summary| Summary {
+        median: s.median / 1024.0,
+        min: s.min / 1024.0,
+        max: s.max / 1024.0,
+    };
+    [mib(a), mib(b)]
+}
+
+/// Runs one worker process and parses its JSON line.
+fn worker(
+    exe: &std::path::Path,
+    pin_cpu: Option<&str>,
+    args: &[&str],
+) -> Result<serde_json::Value, CliError> {
+    let mut cmd = match pin_cpu {
+        Some(cpu) => {
+            let mut c = Command::new("taskset");
+            c.arg("-c").arg(cpu).arg(exe);
+            c
+        }
+        None => Command::new(exe),
+    };
+    cmd.arg("bench-worker").args(args).stdin(Stdio::null());
+    let out = cmd
+        .output()
+        .map_err(|e| CliError(format!("running a bench worker: {e}")))?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        return Err(CliError(format!(
+            "bench worker {args:?} failed: {}",
+            crate::cli::one_line(&err)
+        )));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().last().unwrap_or_default();
+    serde_json::from_str(line).map_err(|e| CliError(format!("bench worker output {line:?}: {e}")))
+}
+
+/// Times: create a tenant, issue an agent credential, connect, and have a first
+/// publish accepted (received back through the server), on a fresh operator-mode
+/// server with its control plane connected.
+async fn onboarding(repeats: usize) -> Result<Vec<f64>, CliError> {
+    use futures::StreamExt as _;
+    let dir = tempfile::tempdir().map_err(|e| CliError(format!("temp dir: {e}")))?;
+    let mut cp = crate::control::ControlPlane::init(dir.path().join("state"))?;
+    let config = cp.server_config(&cp.default_server_options())?;
+    let server = LocalServer::start(ServerOptions::new().config(config))
+        .map_err(|e| CliError(crate::cli::one_line(&e.to_string())))?;
+    cp.set_server_url(&server.url())?;
+    cp.connect(&server.url()).await?;
+    let mut times = Vec::new();
+    for i in 0..repeats.max(1) {
+        let id = format!("onboard-{i}");
+        let t = Instant::now();
+        cp.create_tenant(&id, crate::tiers::Tier::Free).await?;
+        let bundle = cp.issue_agent(&id, "first", "default")?;
+        let ns = tenant_bus::TenantNamespace::connect(&bundle)
+            .await
+            .map_err(|e| CliError(e.to_string()))?;
+        let mut sub = ns
+            .subscribe("hello")
+            .await
+            .map_err(|e| CliError(e.to_string()))?;
+        ns.publish("hello", b"first")
+            .await
+            .map_err(|e| CliError(e.to_string()))?;
+        match tokio::time::timeout(std::time::Duration::from_secs(5), sub.next()).await {
+            Ok(Some(_)) => times.push(t.elapsed().as_secs_f64() * 1e3),
+            _ => {
+                return Err(CliError(format!(
+                    "onboarding {id}: first publish not accepted"
+                )))
+            }
+        }
+    }
+    Ok(times)
+}

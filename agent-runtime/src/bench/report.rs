@@ -1,0 +1,363 @@
+//! The benchmark table and `BENCHMARKS.md`.
+
+use std::fmt::Write as _;
+
+use super::stats::Summary;
+use super::BenchArgs;
+use crate::local_server::LocalServer;
+
+/// Whether more is better (throughput) or less (latency, memory).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Better {
+    /// Throughput: the target is a minimum ratio sealed/raw.
+    Higher,
+    /// Latency: the target is a maximum ratio sealed/raw.
+    Lower,
+    /// Memory: reported, the target is checked separately.
+    Memory,
+}
+
+/// One line of the raw-vs-sealed table.
+#[derive(Debug, Clone)]
+pub struct Row {
+    /// What was measured.
+    pub name: String,
+    /// Raw async-nats, then agentbus.
+    pub values: [Summary; 2],
+    /// Direction.
+    pub better: Better,
+    /// The ratio target, if any.
+    pub target: Option<f64>,
+}
+
+impl Row {
+    /// A throughput row.
+    pub fn higher(name: String, values: [Summary; 2], target: Option<f64>) -> Self {
+        Self {
+            name,
+            values,
+            better: Better::Higher,
+            target,
+        }
+    }
+    /// A latency row.
+    pub fn lower(name: String, values: [Summary; 2], target: Option<f64>) -> Self {
+        Self {
+            name,
+            values,
+            better: Better::Lower,
+            target,
+        }
+    }
+    /// A memory row.
+    pub fn memory(name: String, values: [Summary; 2]) -> Self {
+        Self {
+            name,
+            values,
+            better: Better::Memory,
+            target: None,
+        }
+    }
+
+    /// agentbus median over raw median.
+    pub fn ratio(&self) -> f64 {
+        if self.values[0].median == 0.0 {
+            return 0.0;
+        }
+        self.values[1].median / self.values[0].median
+    }
+
+    fn verdict(&self) -> String {
+        match (self.better, self.target) {
+            (Better::Higher, Some(t)) => format!(
+                ">= {t:.2}x {}",
+                if self.ratio() >= t { "met" } else { "MISSED" }
+            ),
+            (Better::Lower, Some(t)) => format!(
+                "<= {t:.2}x {}",
+                if self.ratio() <= t { "met" } else { "MISSED" }
+            ),
+            _ => String::new(),
+        }
+    }
+}
+
+/// Soak results: RSS early and at the end, raw against sealed.
+#[derive(Debug, Clone)]
+pub struct Soak {
+    secs: u64,
+    early_secs: f64,
+    early_mib: [f64; 2],
+    end_mib: [f64; 2],
+    peak_mib: [f64; 2],
+    rate: [f64; 2],
+}
+
+impl Soak {
+    /// From one raw and one sealed soak run.
+    pub fn from_runs(runs: &[Vec<serde_json::Value>; 2], secs: u64) -> Self {
+        let f = |i: usize, k: &str| {
+            runs[i]
+                .first()
+                .and_then(|v| v.get(k))
+                .and_then(|x| x.as_f64())
+                .unwrap_or(0.0)
+        };
+        Self {
+            secs,
+            early_secs: f(0, "early_secs"),
+            early_mib: [
+                f(0, "rss_early_kib") / 1024.0,
+                f(1, "rss_early_kib") / 1024.0,
+            ],
+            end_mib: [f(0, "rss_end_kib") / 1024.0, f(1, "rss_end_kib") / 1024.0],
+            peak_mib: [f(0, "peak_rss_kib") / 1024.0, f(1, "peak_rss_kib") / 1024.0],
+            rate: [f(0, "msgs_per_sec"), f(1, "msgs_per_sec")],
+        }
+    }
+
+    /// The issue-6 target: sealed peak <= 1.2 x raw peak + 16 MB.
+    pub fn target_met(&self) -> bool {
+        self.peak_mib[1] <= 1.2 * self.peak_mib[0] + 16.0
+    }
+}
+
+/// Admission and memory with N tenants.
+#[derive(Debug, Clone)]
+pub struct TenantRow {
+    tenants: usize,
+    one_ns: f64,
+    rr_ns: f64,
+    bytes_per_tenant: f64,
+}
+
+impl TenantRow {
+    /// From a worker's JSON.
+    pub fn from_value(tenants: usize, v: &serde_json::Value) -> Self {
+        let f = |k: &str| v.get(k).and_then(|x| x.as_f64()).unwrap_or(0.0);
+        Self {
+            tenants,
+            one_ns: f("one_tenant_ns"),
+            rr_ns: f("round_robin_ns"),
+            bytes_per_tenant: f("bytes_per_tenant"),
+        }
+    }
+}
+
+/// Everything one run measured.
+#[derive(Debug)]
+pub struct Report {
+    quick: bool,
+    repeats: usize,
+    server_version: String,
+    /// The raw-vs-sealed rows.
+    pub rows: Vec<Row>,
+    /// Whether latency ran pinned to one CPU.
+    pub latency_pinned: bool,
+    /// Memory under sustained load.
+    pub soak: Option<Soak>,
+    /// Admission and memory per tenant count.
+    pub tenants: Vec<TenantRow>,
+    /// Tenant onboarding, ms.
+    pub onboarding_ms: Option<Summary>,
+}
+
+/// `128 B`, `1 KiB`, `16 KiB`.
+pub fn size_label(size: usize) -> String {
+    if size >= 1024 && size % 1024 == 0 {
+        format!("{} KiB", size / 1024)
+    } else {
+        format!("{size} B")
+    }
+}
+
+fn fmt_num(x: f64) -> String {
+    if x >= 1e6 {
+        format!("{:.2}M", x / 1e6)
+    } else if x >= 1e4 {
+        format!("{:.0}k", x / 1e3)
+    } else if x >= 100.0 {
+        format!("{x:.0}")
+    } else {
+        format!("{x:.1}")
+    }
+}
+
+fn fmt_summary(s: &Summary) -> String {
+    format!(
+        "{} ({}..{})",
+        fmt_num(s.median),
+        fmt_num(s.min),
+        fmt_num(s.max)
+    )
+}
+
+impl Report {
+    /// An empty report for this run.
+    pub fn new(args: &BenchArgs, server: &LocalServer) -> Self {
+        let _ = server;
+        let server_version = crate::local_server::locate_nats_server()
+            .ok()
+            .and_then(|bin| {
+                std::process::Command::new(bin)
+                    .arg("--version")
+                    .output()
+                    .ok()
+            })
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_else(|| "unknown".into());
+        Self {
+            quick: args.quick,
+            repeats: Plan::repeats_of(args),
+            server_version,
+            rows: Vec::new(),
+            latency_pinned: false,
+            soak: None,
+            tenants: Vec::new(),
+            onboarding_ms: None,
+        }
+    }
+
+    /// The results as a Markdown table (also printed to the terminal).
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(s, "| measurement | raw async-nats: median (min..max) | agentbus: median (min..max) | ratio | target |");
+        let _ = writeln!(s, "|---|---|---|---|---|");
+        for r in &self.rows {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {:.2}x | {} |",
+                r.name,
+                fmt_summary(&r.values[0]),
+                fmt_summary(&r.values[1]),
+                r.ratio(),
+                r.verdict()
+            );
+        }
+        if let Some(soak) = &self.soak {
+            let _ = writeln!(
+                s,
+                "\n| receiver, 1 KiB at full speed for {} s | raw async-nats | agentbus | target |",
+                soak.secs
+            );
+            let _ = writeln!(s, "|---|---|---|---|");
+            let _ = writeln!(
+                s,
+                "| RSS after {:.0} s (MiB) | {:.1} | {:.1} | flat |",
+                soak.early_secs, soak.early_mib[0], soak.early_mib[1]
+            );
+            let _ = writeln!(
+                s,
+                "| RSS at {} s (MiB) | {:.1} | {:.1} | flat |",
+                soak.secs, soak.end_mib[0], soak.end_mib[1]
+            );
+            let _ = writeln!(
+                s,
+                "| peak RSS (MiB) | {:.1} | {:.1} | <= 1.2x raw + 16 MB: {} |",
+                soak.peak_mib[0],
+                soak.peak_mib[1],
+                if soak.target_met() { "met" } else { "MISSED" }
+            );
+            let _ = writeln!(
+                s,
+                "| received msgs/s | {} | {} | |",
+                fmt_num(soak.rate[0]),
+                fmt_num(soak.rate[1])
+            );
+        }
+        if !self.tenants.is_empty() {
+            let _ = writeln!(s, "\n| tenants registered | admission, one tenant (ns/check) | admission, round-robin over all (ns/check) | runtime memory per idle tenant | target |");
+            let _ = writeln!(s, "|---|---|---|---|---|");
+            for t in &self.tenants {
+                let met = t.one_ns <= 200.0 && t.bytes_per_tenant <= 2048.0;
+                let _ = writeln!(
+                    s,
+                    "| {} | {:.1} | {:.1} | {:.0} B | <= 200 ns, <= 2 KiB: {} |",
+                    t.tenants,
+                    t.one_ns,
+                    t.rr_ns,
+                    t.bytes_per_tenant,
+                    if met { "met" } else { "MISSED" }
+                );
+            }
+        }
+        if let Some(o) = &self.onboarding_ms {
+            let _ = writeln!(
+                s,
+                "\nTenant onboarding (create tenant + account, issue agent credential, connect, first publish accepted): {:.1} ms median ({:.1}..{:.1}); target <= 250 ms: {}",
+                o.median,
+                o.min,
+                o.max,
+                if o.median <= 250.0 { "met" } else { "MISSED" }
+            );
+        }
+        s
+    }
+
+    /// The full `BENCHMARKS.md` text around `table`.
+    pub fn markdown(&self, table: &str) -> String {
+        let mut s = String::new();
+        let _ = writeln!(s, "# Benchmarks\n");
+        let _ = writeln!(
+            s,
+            "Generated by `{}` on {}. Raw async-nats and agentbus measured in the same run against the same local nats-server; each figure is the median of {} repeat(s) with min..max; every measurement ran in a fresh process (peak RSS is that process's).\n",
+            if self.quick { "agentbus bench --quick" } else { "agentbus bench --out BENCHMARKS.md" },
+            machine(),
+            self.repeats
+        );
+        let _ = writeln!(
+            s,
+            "nats-server: {}. Request/reply latency {}.\n",
+            self.server_version,
+            if self.latency_pinned {
+                "with server and client pinned to CPU 0 (taskset)"
+            } else {
+                "unpinned"
+            }
+        );
+        s.push_str(table);
+        s
+    }
+}
+
+/// A one-line description of this machine.
+pub fn machine() -> String {
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let mem_gib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .next()
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|k| k.parse::<f64>().ok())
+        })
+        .map(|kib| kib / 1024.0 / 1024.0)
+        .unwrap_or(0.0);
+    format!(
+        "{cpus} vCPU ({model}), {mem_gib:.0} GiB RAM, {} {}",
+        std::env::consts::OS,
+        std::env::consts::ARCH
+    )
+}
+
+/// Repeats of a run (for the report header).
+struct Plan;
+
+impl Plan {
+    fn repeats_of(args: &BenchArgs) -> usize {
+        args.repeats
+            .unwrap_or(if args.quick { 1 } else { 5 })
+            .max(1)
+    }
+}

@@ -1,0 +1,565 @@
+//! The measurements, each run in its own process (`agentbus bench-worker ...`) so
+//! that peak memory is per variant and one run's heap cannot slow the next. Each
+//! prints one JSON line with its result on stdout.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use clap::{Args, ValueEnum};
+use futures::StreamExt as _;
+use tenant_bus::{AgentId, CredentialBundle, MasterSecret, NamespaceOptions, Subject, TenantId};
+
+use super::stats::{peak_rss_kib, quantile, rss_kib};
+use crate::cli::CliError;
+use crate::scheduler::{Scheduler, SchedulerConfig};
+use crate::tiers::{Quotas, Tier};
+
+/// Raw async-nats or the namespaced, sealed bus.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize, serde::Deserialize)]
+pub enum Mode {
+    /// Plain async-nats.
+    Raw,
+    /// `TenantNamespace`: scoping, stamping, sealing, verification, admission.
+    Sealed,
+}
+
+/// One measurement.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum WorkerCommand {
+    /// Publish -> subscribe throughput.
+    Throughput(ThroughputArgs),
+    /// Request/reply latency.
+    Latency(LatencyArgs),
+    /// A receiver at full speed for a while, RSS sampled.
+    Soak(SoakArgs),
+    /// Admission cost and per-tenant memory with N tenants.
+    Tenants(TenantsArgs),
+}
+
+/// Arguments of the throughput measurement.
+#[derive(Debug, Clone, Args)]
+pub struct ThroughputArgs {
+    /// Server URL.
+    #[arg(long)]
+    pub url: String,
+    /// Raw or sealed.
+    #[arg(long, value_enum)]
+    pub mode: Mode,
+    /// Payload size in bytes.
+    #[arg(long)]
+    pub size: usize,
+    /// Messages to send.
+    #[arg(long)]
+    pub count: u64,
+}
+
+/// Arguments of the latency measurement.
+#[derive(Debug, Clone, Args)]
+pub struct LatencyArgs {
+    /// Server URL.
+    #[arg(long)]
+    pub url: String,
+    /// Raw or sealed.
+    #[arg(long, value_enum)]
+    pub mode: Mode,
+    /// Sequential round trips.
+    #[arg(long)]
+    pub count: u64,
+}
+
+/// Arguments of the soak measurement.
+#[derive(Debug, Clone, Args)]
+pub struct SoakArgs {
+    /// Server URL.
+    #[arg(long)]
+    pub url: String,
+    /// Raw or sealed.
+    #[arg(long, value_enum)]
+    pub mode: Mode,
+    /// How long to receive, in seconds.
+    #[arg(long)]
+    pub secs: u64,
+}
+
+/// Arguments of the tenants measurement.
+#[derive(Debug, Clone, Args)]
+pub struct TenantsArgs {
+    /// Tenants to register.
+    #[arg(long)]
+    pub tenants: usize,
+    /// Admission checks to time.
+    #[arg(long)]
+    pub checks: u64,
+}
+
+/// Runs one measurement and prints its JSON result line.
+pub fn run(cmd: WorkerCommand) -> Result<(), CliError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| CliError(format!("runtime: {e}")))?;
+    let value = rt.block_on(async move {
+        match cmd {
+            WorkerCommand::Throughput(a) => throughput(a).await,
+            WorkerCommand::Latency(a) => latency(a).await,
+            WorkerCommand::Soak(a) => soak(a).await,
+            WorkerCommand::Tenants(a) => tenants(a).await,
+        }
+    })?;
+    println!("{value}");
+    Ok(())
+}
+
+fn fail(what: &str) -> impl FnOnce(String) -> CliError + '_ {
+    move |e| CliError(format!("{what}: {e}"))
+}
+
+/// A bundle for the benchmark tenant on a server without auth.
+pub fn bench_bundle(url: &str, agent: &str) -> Result<CredentialBundle, CliError> {
+    let tenant = TenantId::new("bench").map_err(|e| CliError(e.to_string()))?;
+    // A fixed secret: every worker process must derive the same tenant key.
+    let master = MasterSecret::from_bytes(&[42u8; 32]).map_err(|e| CliError(e.to_string()))?;
+    Ok(CredentialBundle {
+        url: url.to_string(),
+        tenant: tenant.clone(),
+        agent: AgentId::new(agent).map_err(|e| CliError(e.to_string()))?,
+        creds: None,
+        keys: master
+            .key_set(&tenant, [1], 1)
+            .map_err(|e| CliError(e.to_string()))?,
+    })
+}
+
+/// Namespace options with admission on (limits far above the load, so every check
+/// takes the synchronous path a real tenant's publish takes) and a subscription
+/// buffer large enough for the flow-control window.
+fn sealed_options() -> Result<NamespaceOptions, CliError> {
+    let mut quotas = Quotas::for_tier(Tier::Enterprise);
+    quotas.messages_per_window = u64::MAX / 4;
+    quotas.bytes_per_window = u64::MAX / 4;
+    quotas.max_message_bytes = 64 * 1024 * 1024;
+    let mut config = SchedulerConfig::default().instances(1);
+    config.message_batch.max_batch = 1 << 27;
+    config.byte_batch.max_batch = 1 << 27;
+    let scheduler = Scheduler::local(config);
+    let tenant = TenantId::new("bench").map_err(|e| CliError(e.to_string()))?;
+    let ts = scheduler
+        .tenant(&tenant, &quotas)
+        .map_err(|e| CliError(e.to_string()))?;
+    Ok(NamespaceOptions::new()
+        .subscription_capacity(1 << 20)
+        .admission(ts.message_admission()))
+}
+
+async fn raw_client(url: &str) -> Result<async_nats::Client, CliError> {
+    async_nats::ConnectOptions::new()
+        .subscription_capacity(1 << 20)
+        .connect(url)
+        .await
+        .map_err(|e| CliError(format!("connect {url}: {e}")))
+}
+
+/// Bytes the publisher may run ahead of the subscriber: closed-loop flow control,
+/// the same for both modes, so neither drops messages nor measures a backlog.
+const WINDOW_BYTES: u64 = 8 * 1024 * 1024;
+
+async fn throughput(a: ThroughputArgs) -> Result<serde_json::Value, CliError> {
+    let payload = Bytes::from(vec![0x5au8; a.size]);
+    let received = Arc::new(AtomicU64::new(0));
+    let window = (WINDOW_BYTES / a.size.max(1) as u64).clamp(64, 100_000);
+    let count = a.count;
+    let start;
+    let done;
+    match a.mode {
+        Mode::Raw => {
+            let publisher = raw_client(&a.url).await?;
+            let subscriber = raw_client(&a.url).await?;
+            let mut sub = subscriber
+                .subscribe("tenant.bench.load")
+                .await
+                .map_err(|e| fail("subscribe")(e.to_string()))?;
+            barrier(&subscriber).await?;
+            let r = received.clone();
+            let reader = tokio::spawn(async move {
+                while r.load(Ordering::Relaxed) < count {
+                    match sub.next().await {
+                        Some(m) => {
+                            std::hint::black_box(&m.payload);
+                            r.fetch_add(1, Ordering::Relaxed);
+                        }
+                        None => break,
+                    }
+                }
+                Instant::now()
+            });
+            start = Instant::now();
+            for i in 0..count {
+                while i.saturating_sub(received.load(Ordering::Relaxed)) > window {
+                    tokio::task::yield_now().await;
+                }
+                publisher
+                    .publish("tenant.bench.load", payload.clone())
+                    .await
+                    .map_err(|e| fail("publish")(e.to_string()))?;
+            }
+            publisher
+                .flush()
+                .await
+                .map_err(|e| fail("flush")(e.to_string()))?;
+            done = finish(reader).await?;
+        }
+        Mode::Sealed => {
+            let publisher = sealed_options()?
+                .connect(&bench_bundle(&a.url, "publisher")?)
+                .await
+                .map_err(|e| fail("connect")(e.to_string()))?;
+            let subscriber = sealed_options()?
+                .connect(&bench_bundle(&a.url, "subscriber")?)
+                .await
+                .map_err(|e| fail("connect")(e.to_string()))?;
+            let subject = Subject::new("load").map_err(|e| CliError(e.to_string()))?;
+            let mut sub = subscriber
+                .subscribe(&subject)
+                .await
+                .map_err(|e| fail("subscribe")(e.to_string()))?;
+            let r = received.clone();
+            let reader = tokio::spawn(async move {
+                // Every message is verified (tenant, subject, tag, freshness,
+                // replay) by the subscription before it is counted.
+                while r.load(Ordering::Relaxed) < count {
+                    match sub.next().await {
+                        Some(m) => {
+                            std::hint::black_box(&m.payload);
+                            r.fetch_add(1, Ordering::Relaxed);
+                        }
+                        None => break,
+                    }
+                }
+                Instant::now()
+            });
+            start = Instant::now();
+            for i in 0..count {
+                while i.saturating_sub(received.load(Ordering::Relaxed)) > window {
+                    tokio::task::yield_now().await;
+                }
+                publisher
+                    .publish(&subject, &payload)
+                    .await
+                    .map_err(|e| fail("publish")(e.to_string()))?;
+            }
+            publisher
+                .flush()
+                .await
+                .map_err(|e| fail("flush")(e.to_string()))?;
+            done = finish(reader).await?;
+            let drops = subscriber.counters().snapshot().dropped_total();
+            if drops > 0 {
+                return Err(CliError(format!("{drops} messages failed verification")));
+            }
+        }
+    }
+    let secs = done.duration_since(start).as_secs_f64().max(1e-9);
+    let got = received.load(Ordering::Relaxed);
+    Ok(serde_json::json!({
+        "msgs_per_sec": got as f64 / secs,
+        "mb_per_sec": got as f64 * a.size as f64 / secs / 1e6,
+        "received": got,
+        "peak_rss_kib": peak_rss_kib(),
+    }))
+}
+
+/// Waits for the reader, at most 60 s after the last publish.
+async fn finish(reader: tokio::task::JoinHandle<Instant>) -> Result<Instant, CliError> {
+    match tokio::time::timeout(Duration::from_secs(60), reader).await {
+        Ok(Ok(t)) => Ok(t),
+        Ok(Err(e)) => Err(CliError(format!("reader task: {e}"))),
+        Err(_) => Err(CliError(
+            "the subscriber did not receive every message within 60 s".into(),
+        )),
+    }
+}
+
+/// A server round trip on `client`: after it, its subscriptions are live.
+async fn barrier(client: &async_nats::Client) -> Result<(), CliError> {
+    let inbox = client.new_inbox();
+    let mut probe = client
+        .subscribe(inbox.clone())
+        .await
+        .map_err(|e| fail("barrier")(e.to_string()))?;
+    client
+        .publish(inbox, Bytes::new())
+        .await
+        .map_err(|e| fail("barrier")(e.to_string()))?;
+    match tokio::time::timeout(Duration::from_secs(10), probe.next()).await {
+        Ok(Some(_)) => Ok(()),
+        _ => Err(CliError("barrier probe not echoed".into())),
+    }
+}
+
+async fn latency(a: LatencyArgs) -> Result<serde_json::Value, CliError> {
+    let payload = Bytes::from(vec![0x5au8; 128]);
+    let mut samples = Vec::with_capacity(a.count as usize);
+    let warmup = (a.count / 10).max(10);
+    match a.mode {
+        Mode::Raw => {
+            let server = raw_client(&a.url).await?;
+            let client = async_nats::ConnectOptions::new()
+                .custom_inbox_prefix("tenant.bench._INBOX")
+                .connect(&a.url)
+                .await
+                .map_err(|e| fail("connect")(e.to_string()))?;
+            let mut sub = server
+                .subscribe("tenant.bench.svc")
+                .await
+                .map_err(|e| fail("subscribe")(e.to_string()))?;
+            barrier(&server).await?;
+            let responder = server.clone();
+            tokio::spawn(async move {
+                while let Some(m) = sub.next().await {
+                    if let Some(reply) = m.reply {
+                        let _ = responder.publish(reply, m.payload).await;
+                    }
+                }
+            });
+            for i in 0..warmup + a.count {
+                let t = Instant::now();
+                client
+                    .request("tenant.bench.svc", payload.clone())
+                    .await
+                    .map_err(|e| fail("request")(e.to_string()))?;
+                if i >= warmup {
+                    samples.push(t.elapsed().as_secs_f64() * 1e6);
+                }
+            }
+        }
+        Mode::Sealed => {
+            let server = sealed_options()?
+                .connect(&bench_bundle(&a.url, "server")?)
+                .await
+                .map_err(|e| fail("connect")(e.to_string()))?;
+            let client = sealed_options()?
+                .connect(&bench_bundle(&a.url, "client")?)
+                .await
+                .map_err(|e| fail("connect")(e.to_string()))?;
+            let subject = Subject::new("svc").map_err(|e| CliError(e.to_string()))?;
+            let mut sub = server
+                .subscribe(&subject)
+                .await
+                .map_err(|e| fail("subscribe")(e.to_string()))?;
+            let responder = server.clone();
+            tokio::spawn(async move {
+                while let Some(m) = sub.next().await {
+                    let _ = responder.respond(&m, &m.payload).await;
+                }
+            });
+            for i in 0..warmup + a.count {
+                let t = Instant::now();
+                client
+                    .request(&subject, &payload)
+                    .await
+                    .map_err(|e| fail("request")(e.to_string()))?;
+                if i >= warmup {
+                    samples.push(t.elapsed().as_secs_f64() * 1e6);
+                }
+            }
+        }
+    }
+    samples.sort_by(|a, b| a.total_cmp(b));
+    Ok(serde_json::json!({
+        "p50_us": quantile(&samples, 0.5),
+        "p99_us": quantile(&samples, 0.99),
+        "p999_us": quantile(&samples, 0.999),
+        "peak_rss_kib": peak_rss_kib(),
+    }))
+}
+
+/// Receives 1 KiB messages published as fast as the server takes them (by a
+/// publisher task on its own connection) for `secs`, sampling RSS at 10 s (or a
+/// sixth of the run, if shorter) and at the end.
+async fn soak(a: SoakArgs) -> Result<serde_json::Value, CliError> {
+    let payload = Bytes::from(vec![0x5au8; 1024]);
+    let received = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let window = WINDOW_BYTES / 1024;
+    let duration = Duration::from_secs(a.secs.max(1));
+    let early = Duration::from_secs(10).min(duration / 6);
+    let (publish, reader): (
+        tokio::task::JoinHandle<Result<(), CliError>>,
+        tokio::task::JoinHandle<()>,
+    );
+    match a.mode {
+        Mode::Raw => {
+            let publisher = raw_client(&a.url).await?;
+            let subscriber = raw_client(&a.url).await?;
+            let mut sub = subscriber
+                .subscribe("tenant.bench.soak")
+                .await
+                .map_err(|e| fail("subscribe")(e.to_string()))?;
+            barrier(&subscriber).await?;
+            let r = received.clone();
+            reader = tokio::spawn(async move {
+                while let Some(m) = sub.next().await {
+                    std::hint::black_box(&m.payload);
+                    r.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+            let (r, s) = (received.clone(), stop.clone());
+            publish = tokio::spawn(async move {
+                let mut i = 0u64;
+                while !s.load(Ordering::Relaxed) {
+                    while i.saturating_sub(r.load(Ordering::Relaxed)) > window {
+                        tokio::task::yield_now().await;
+                    }
+                    publisher
+                        .publish("tenant.bench.soak", payload.clone())
+                        .await
+                        .map_err(|e| CliError(e.to_string()))?;
+                    i += 1;
+                }
+                Ok(())
+            });
+        }
+        Mode::Sealed => {
+            let publisher = sealed_options()?
+                .connect(&bench_bundle(&a.url, "publisher")?)
+                .await
+                .map_err(|e| fail("connect")(e.to_string()))?;
+            let subscriber = sealed_options()?
+                .connect(&bench_bundle(&a.url, "subscriber")?)
+                .await
+                .map_err(|e| fail("connect")(e.to_string()))?;
+            let subject = Subject::new("soak").map_err(|e| CliError(e.to_string()))?;
+            let mut sub = subscriber
+                .subscribe(&subject)
+                .await
+                .map_err(|e| fail("subscribe")(e.to_string()))?;
+            let r = received.clone();
+            reader = tokio::spawn(async move {
+                while let Some(m) = sub.next().await {
+                    std::hint::black_box(&m.payload);
+                    r.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+            let (r, s) = (received.clone(), stop.clone());
+            publish = tokio::spawn(async move {
+                let mut i = 0u64;
+                while !s.load(Ordering::Relaxed) {
+                    while i.saturating_sub(r.load(Ordering::Relaxed)) > window {
+                        tokio::task::yield_now().await;
+                    }
+                    publisher
+                        .publish(&subject, &payload)
+                        .await
+                        .map_err(|e| CliError(e.to_string()))?;
+                    i += 1;
+                }
+                Ok(())
+            });
+        }
+    }
+    let start = Instant::now();
+    tokio::time::sleep(early).await;
+    let rss_early = rss_kib();
+    let received_early = received.load(Ordering::Relaxed);
+    tokio::time::sleep(duration.saturating_sub(start.elapsed())).await;
+    let rss_end = rss_kib();
+    let secs = start.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    let published = tokio::time::timeout(Duration::from_secs(10), publish).await;
+    reader.abort();
+    if let Ok(Ok(Err(e))) = published {
+        return Err(e);
+    }
+    let got = received.load(Ordering::Relaxed);
+    Ok(serde_json::json!({
+        "msgs_per_sec": got as f64 / secs,
+        "rss_early_kib": rss_early,
+        "early_secs": early.as_secs_f64(),
+        "received_early": received_early,
+        "rss_end_kib": rss_end,
+        "peak_rss_kib": peak_rss_kib(),
+    }))
+}
+
+/// Registers `tenants` idle tenants the way a runtime instance holds them (a
+/// registry cache entry, a scheduler state, a key set) and times the message
+/// admission check on one of them and round-robin over all.
+async fn tenants(a: TenantsArgs) -> Result<serde_json::Value, CliError> {
+    use tenant_bus::admission::{Admission, Admit};
+    let n = a.tenants.max(1);
+    let master = MasterSecret::from_bytes(&[7u8; 32]).map_err(|e| CliError(e.to_string()))?;
+    let mut quotas = Quotas::for_tier(Tier::Pro);
+    quotas.messages_per_window = u64::MAX / 4;
+    quotas.bytes_per_window = u64::MAX / 4;
+    let mut config = SchedulerConfig::default().instances(1);
+    config.message_batch.max_batch = 1 << 27;
+    config.byte_batch.max_batch = 1 << 27;
+    let scheduler = Scheduler::local(config);
+    let ids: Vec<TenantId> = (0..n)
+        .map(|i| TenantId::new(&format!("tenant-{i}")))
+        .collect::<Result<_, _>>()
+        .map_err(|e| CliError(e.to_string()))?;
+
+    let before = rss_kib();
+    let mut cache = std::collections::HashMap::with_capacity(n);
+    let mut keys = Vec::with_capacity(n);
+    let mut gates: Vec<Arc<dyn Admission>> = Vec::with_capacity(n);
+    for id in &ids {
+        let ts = scheduler
+            .tenant(id, &quotas)
+            .map_err(|e| CliError(e.to_string()))?;
+        gates.push(ts.message_admission());
+        keys.push(
+            master
+                .key_set(id, [1], 1)
+                .map_err(|e| CliError(e.to_string()))?,
+        );
+        cache.insert(
+            id.clone(),
+            crate::registry::TenantRecord {
+                id: id.clone(),
+                name: id.to_string(),
+                tier: Tier::Pro,
+                settings: Default::default(),
+                status: crate::registry::Status::Active,
+                created_at: 0,
+                updated_at: 0,
+                revision: 1,
+            },
+        );
+    }
+    let after = rss_kib();
+    // Warm every gate once (first use leases the batch).
+    for g in &gates {
+        if let Admit::Wait(f) = g.admit_message(128) {
+            f.await.map_err(|r| CliError(r.to_string()))?;
+        }
+    }
+    let one = gates[n / 2].clone();
+    let checks = a.checks.max(1);
+    let t = Instant::now();
+    for _ in 0..checks {
+        match one.admit_message(std::hint::black_box(128)) {
+            Admit::Now => {}
+            _ => return Err(CliError("admission left the synchronous path".into())),
+        }
+    }
+    let one_ns = t.elapsed().as_nanos() as f64 / checks as f64;
+    let t = Instant::now();
+    for i in 0..checks {
+        match gates[(i as usize) % n].admit_message(std::hint::black_box(128)) {
+            Admit::Now => {}
+            _ => return Err(CliError("admission left the synchronous path".into())),
+        }
+    }
+    let rr_ns = t.elapsed().as_nanos() as f64 / checks as f64;
+    std::hint::black_box((&cache, &keys));
+    Ok(serde_json::json!({
+        "one_tenant_ns": one_ns,
+        "round_robin_ns": rr_ns,
+        "bytes_per_tenant": (after.saturating_sub(before) as f64 * 1024.0) / n as f64,
+        "peak_rss_kib": peak_rss_kib(),
+    }))
+}
