@@ -17,9 +17,9 @@
 //!   capped workers, retries with backoff, dead letters, results, idempotent by id.
 #![forbid(unsafe_code)]
 
+pub mod agent;
 pub mod bench;
 pub mod cli;
-pub mod agent;
 pub mod control;
 pub mod dispatch;
 pub mod local_server;

@@ -1,6 +1,9 @@
 //! The test vector of `docs/wire-format.md`: the exact bytes of one envelope, so any
 //! change to the format (or another implementation) is checked against the spec.
 
+// Test code: a failed step should abort with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::sync::Arc;
 
 use tenant_bus::envelope::{decode_header, open, Sealer};
