@@ -57,6 +57,7 @@ struct Plan {
     repeats: usize,
     sizes: Vec<(usize, u64)>,
     latency_count: u64,
+    js_count: u64,
     soak_secs: u64,
     tenant_counts: Vec<usize>,
     checks: u64,
@@ -70,6 +71,7 @@ impl Plan {
                 repeats: args.repeats.unwrap_or(1),
                 sizes: vec![(128, 5_000), (1024, 5_000), (16 * 1024, 1_000)],
                 latency_count: 500,
+                js_count: 2_000,
                 soak_secs: args.soak_secs.unwrap_or(3),
                 tenant_counts: vec![10, 1_000],
                 checks: 100_000,
@@ -80,6 +82,7 @@ impl Plan {
                 repeats: args.repeats.unwrap_or(5).max(1),
                 sizes: vec![(128, 400_000), (1024, 200_000), (16 * 1024, 40_000)],
                 latency_count: 20_000,
+                js_count: 50_000,
                 soak_secs: args.soak_secs.unwrap_or(60),
                 tenant_counts: vec![10, 1_000, 100_000],
                 checks: 10_000_000,
@@ -215,6 +218,60 @@ pub async fn run(args: BenchArgs) -> Result<(), CliError> {
         "request/reply p99.9 (us)".into(),
         pick(&runs, "p999_us"),
         None,
+    ));
+
+    // JetStream: raw publish + consume against sealed task dispatch.
+    let mut runs: [Vec<serde_json::Value>; 2] = [Vec::new(), Vec::new()];
+    for r in 0..plan.repeats {
+        let order = if r % 2 == 0 {
+            [Mode::Raw, Mode::Sealed]
+        } else {
+            [Mode::Sealed, Mode::Raw]
+        };
+        for mode in order {
+            progress(
+                &started,
+                &format!(
+                    "JetStream 1 KiB {mode:?}, repeat {}/{}",
+                    r + 1,
+                    plan.repeats
+                ),
+            );
+            let run = format!("r{r}{}", mode_arg(mode));
+            let v = worker(
+                &exe,
+                None,
+                &[
+                    "jetstream",
+                    "--url",
+                    &url,
+                    "--mode",
+                    mode_arg(mode),
+                    "--size",
+                    "1024",
+                    "--count",
+                    &plan.js_count.to_string(),
+                    "--run",
+                    &run,
+                ],
+            )?;
+            runs[mode as usize].push(v);
+        }
+    }
+    report.rows.push(Row::higher(
+        "JetStream 1 KiB publish msgs/s".into(),
+        pick(&runs, "publish_per_sec"),
+        Some(0.90),
+    ));
+    report.rows.push(Row::higher(
+        "JetStream 1 KiB consume msgs/s".into(),
+        pick(&runs, "consume_per_sec"),
+        Some(0.90),
+    ));
+    report.rows.push(Row::higher(
+        "JetStream 1 KiB end-to-end msgs/s".into(),
+        pick(&runs, "end_to_end_per_sec"),
+        Some(0.90),
     ));
 
     // Memory under sustained load.

@@ -36,6 +36,28 @@ pub enum WorkerCommand {
     Soak(SoakArgs),
     /// Admission cost and per-tenant memory with N tenants.
     Tenants(TenantsArgs),
+    /// JetStream: raw publish + consume against task dispatch.
+    Jetstream(JetstreamArgs),
+}
+
+/// Arguments of the JetStream measurement.
+#[derive(Debug, Clone, Args)]
+pub struct JetstreamArgs {
+    /// Server URL (JetStream enabled).
+    #[arg(long)]
+    pub url: String,
+    /// Raw JetStream or sealed task dispatch.
+    #[arg(long, value_enum)]
+    pub mode: Mode,
+    /// Payload size in bytes.
+    #[arg(long)]
+    pub size: usize,
+    /// Tasks (messages).
+    #[arg(long)]
+    pub count: u64,
+    /// A distinct name for this run's stream, so runs do not share state.
+    #[arg(long)]
+    pub run: String,
 }
 
 /// Arguments of the throughput measurement.
@@ -106,6 +128,7 @@ pub fn run(cmd: WorkerCommand) -> Result<(), CliError> {
             WorkerCommand::Latency(a) => latency(a).await,
             WorkerCommand::Soak(a) => soak(a).await,
             WorkerCommand::Tenants(a) => tenants(a).await,
+            WorkerCommand::Jetstream(a) => jetstream(a).await,
         }
     })?;
     println!("{value}");
@@ -560,6 +583,170 @@ async fn tenants(a: TenantsArgs) -> Result<serde_json::Value, CliError> {
         "one_tenant_ns": one_ns,
         "round_robin_ns": rr_ns,
         "bytes_per_tenant": (after.saturating_sub(before) as f64 * 1024.0) / n as f64,
+        "peak_rss_kib": peak_rss_kib(),
+    }))
+}
+
+/// Publish acks in flight at once, for both modes (the perf baseline's window).
+const JS_WINDOW: usize = 1024;
+/// Tasks worked at once, for both modes.
+const JS_CONCURRENCY: usize = 64;
+
+/// Publishes `count` messages into a work-queue stream with up to [`JS_WINDOW`]
+/// acks in flight, then consumes and acks them all; reports both phases.
+/// Sealed mode does the same through `Dispatcher::seal`/`submit` and a dispatch
+/// `Worker` (open and verify, idempotency check in the done bucket, handler,
+/// sealed outcome stored, ack).
+async fn jetstream(a: JetstreamArgs) -> Result<serde_json::Value, CliError> {
+    use async_nats::jetstream::{self, consumer, stream};
+    use futures::stream::FuturesUnordered;
+
+    let payload = Bytes::from(vec![0x5au8; a.size]);
+    let count = a.count;
+    let publish_secs;
+    let consume_secs;
+    match a.mode {
+        Mode::Raw => {
+            let client = raw_client(&a.url).await?;
+            let js = jetstream::new(client);
+            let name = format!("RAW_{}", a.run);
+            let subject = format!("tenant.bench.raw{}.tasks", a.run);
+            let stream = js
+                .create_stream(stream::Config {
+                    name: name.clone(),
+                    subjects: vec![subject.clone()],
+                    retention: stream::RetentionPolicy::WorkQueue,
+                    storage: stream::StorageType::File,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| fail("create stream")(e.to_string()))?;
+            let t = Instant::now();
+            let mut acks = FuturesUnordered::new();
+            for i in 0..count {
+                if acks.len() >= JS_WINDOW {
+                    if let Some(r) = acks.next().await {
+                        let r: Result<(), async_nats::jetstream::context::PublishError> = r;
+                        r.map_err(|e| fail("ack")(e.to_string()))?;
+                    }
+                }
+                let ack = js
+                    .send_publish(
+                        subject.clone(),
+                        jetstream::message::PublishMessage::build()
+                            .payload(payload.clone())
+                            .message_id(format!("{}-{i}", a.run)),
+                    )
+                    .await
+                    .map_err(|e| fail("publish")(e.to_string()))?;
+                acks.push(async move { ack.await.map(|_| ()) });
+            }
+            while let Some(r) = acks.next().await {
+                r.map_err(|e| fail("ack")(e.to_string()))?;
+            }
+            publish_secs = t.elapsed().as_secs_f64();
+            let consumer = stream
+                .create_consumer(consumer::pull::Config {
+                    durable_name: Some("work".into()),
+                    ack_policy: consumer::AckPolicy::Explicit,
+                    max_ack_pending: JS_WINDOW as i64 * 4,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| fail("consumer")(e.to_string()))?;
+            let t = Instant::now();
+            let mut messages = consumer
+                .messages()
+                .await
+                .map_err(|e| fail("consume")(e.to_string()))?;
+            let mut done = 0u64;
+            let mut acking = FuturesUnordered::new();
+            while done < count {
+                let m = tokio::time::timeout(Duration::from_secs(30), messages.next())
+                    .await
+                    .map_err(|_| CliError("raw consumer stalled".into()))?
+                    .ok_or_else(|| CliError("raw consumer ended".into()))?
+                    .map_err(|e| fail("message")(e.to_string()))?;
+                std::hint::black_box(&m.payload);
+                // The same work per task as a dispatch handler here: none, then ack.
+                acking.push(async move { m.ack().await });
+                if acking.len() >= JS_CONCURRENCY {
+                    if let Some(r) = acking.next().await {
+                        r.map_err(|e| fail("ack")(e.to_string()))?;
+                    }
+                }
+                done += 1;
+            }
+            while let Some(r) = acking.next().await {
+                r.map_err(|e| fail("ack")(e.to_string()))?;
+            }
+            consume_secs = t.elapsed().as_secs_f64();
+        }
+        Mode::Sealed => {
+            use crate::dispatch::{DispatchOptions, Dispatcher, Task, WorkerOptions};
+            let ns = sealed_options()?
+                .connect(&bench_bundle(&a.url, "dispatcher")?)
+                .await
+                .map_err(|e| fail("connect")(e.to_string()))?;
+            let dispatcher = Dispatcher::new(
+                &ns,
+                DispatchOptions::new()
+                    .stream(&format!("TASKS_{}", a.run))
+                    .done_bucket(&format!("DONE_{}", a.run)),
+            )
+            .await
+            .map_err(|e| fail("dispatcher")(e.to_string()))?;
+            let t = Instant::now();
+            let mut acks = FuturesUnordered::new();
+            for _ in 0..count {
+                if acks.len() >= JS_WINDOW {
+                    if let Some(r) = acks.next().await {
+                        let r: Result<(), crate::dispatch::DispatchError> = r;
+                        r.map_err(|e| fail("submit")(e.to_string()))?;
+                    }
+                }
+                let task = dispatcher
+                    .seal("load", &payload)
+                    .map_err(|e| fail("seal")(e.to_string()))?;
+                let d = &dispatcher;
+                acks.push(async move { d.submit(&task).await.map(|_| ()) });
+            }
+            while let Some(r) = acks.next().await {
+                r.map_err(|e| fail("submit")(e.to_string()))?;
+            }
+            publish_secs = t.elapsed().as_secs_f64();
+            drop(acks);
+            let t = Instant::now();
+            let worker = dispatcher
+                .worker(
+                    "load",
+                    |task: Task| async move {
+                        std::hint::black_box(&task.payload);
+                        Ok::<Bytes, String>(Bytes::new())
+                    },
+                    WorkerOptions::new().concurrency(JS_CONCURRENCY),
+                )
+                .await
+                .map_err(|e| fail("worker")(e.to_string()))?;
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while worker.stats().completed() < count {
+                if Instant::now() > deadline {
+                    return Err(CliError(format!(
+                        "dispatch worker completed {} of {count} within 120 s",
+                        worker.stats().completed()
+                    )));
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            consume_secs = t.elapsed().as_secs_f64();
+            worker.abort();
+        }
+    }
+    let n = count as f64;
+    Ok(serde_json::json!({
+        "publish_per_sec": n / publish_secs.max(1e-9),
+        "consume_per_sec": n / consume_secs.max(1e-9),
+        "end_to_end_per_sec": n / (publish_secs + consume_secs).max(1e-9),
         "peak_rss_kib": peak_rss_kib(),
     }))
 }
