@@ -14,9 +14,11 @@
 //! - publish and subscribe: `tenant.<id>.>` (the library's inbox prefix is
 //!   `tenant.<id>._INBOX`, so replies need no `_INBOX.>`);
 //! - publish only, for the tenant's own JetStream (see [`JetStreamScope`]): the
-//!   JetStream API subjects of exactly the stream `TASKS` and the KV bucket `STATE`
-//!   (stream `KV_STATE`), their ack and flow-control subjects, `$KV.STATE.>` and
-//!   `$JS.API.INFO` (the client reads its account limits before creating a bucket).
+//!   JetStream API subjects of exactly the stream `TASKS` and the KV buckets
+//!   `STATE` (stream `KV_STATE`) and `TASKS_DONE` (stream `KV_TASKS_DONE`, where
+//!   task dispatch records finished task ids), their ack and flow-control
+//!   subjects, `$KV.STATE.>`, `$KV.TASKS_DONE.>` and `$JS.API.INFO` (the client
+//!   reads its account limits before creating a bucket).
 //!
 //! Not allowed: subscribing to anything outside `tenant.<id>.>` (`>`, `_INBOX.>`,
 //! `$JS.API.>`, `$KV.>`, `$SYS.>`, ...), any other stream or bucket name, listing
@@ -41,6 +43,9 @@ use crate::tiers::Quotas;
 pub const TASKS_STREAM: &str = "TASKS";
 /// The KV bucket every tenant may create in its own account (stream `KV_STATE`).
 pub const STATE_BUCKET: &str = "STATE";
+/// The bucket of finished task ids task dispatch keeps in the tenant's account
+/// (stream `KV_TASKS_DONE`; the default of `dispatch::DEFAULT_DONE_BUCKET`).
+pub const TASKS_DONE_BUCKET: &str = "TASKS_DONE";
 
 /// The JetStream resources a tenant's agents may create and use.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,11 +57,11 @@ pub struct JetStreamScope {
 }
 
 impl Default for JetStreamScope {
-    /// `TASKS` and the bucket `STATE`.
+    /// `TASKS` and the buckets `STATE` and `TASKS_DONE`.
     fn default() -> Self {
         Self {
             streams: vec![TASKS_STREAM.to_string()],
-            kv_buckets: vec![STATE_BUCKET.to_string()],
+            kv_buckets: vec![STATE_BUCKET.to_string(), TASKS_DONE_BUCKET.to_string()],
         }
     }
 }
@@ -313,6 +318,13 @@ mod tests {
         assert!(allow.contains(&"tenant.acme.>".to_string()));
         assert!(allow.contains(&"$JS.API.STREAM.CREATE.TASKS".to_string()));
         assert!(allow.contains(&"$KV.STATE.>".to_string()));
+        // Task dispatch's done bucket, narrowly: its stream's API and its keys.
+        assert!(allow.contains(&"$KV.TASKS_DONE.>".to_string()));
+        assert!(allow.contains(&"$JS.API.STREAM.CREATE.KV_TASKS_DONE".to_string()));
+        assert!(allow.contains(&"$JS.API.DIRECT.GET.KV_TASKS_DONE.>".to_string()));
+        assert!(!allow.iter().any(|s| s.contains("TASKS_DONE")
+            && (s.contains("PURGE") || s.contains("STREAM.DELETE") || s.contains("SNAPSHOT"))));
+        assert!(!allow.iter().any(|s| s.starts_with("$KV.*") || s == "$KV.>"));
         assert!(!allow
             .iter()
             .any(|s| s == ">" || s == "$JS.API.>" || s.starts_with("_INBOX")));

@@ -12,7 +12,7 @@
 //!   imports or exports, so nothing crosses between tenants ([`accounts`]).
 //! - [`ControlPlane::issue_agent`] signs a user of the tenant's account whose
 //!   permissions allow `tenant.<id>.>` plus the tenant's own `TASKS` stream and
-//!   `STATE` bucket (allow-list in [`accounts`]), and returns a
+//!   `STATE` and `TASKS_DONE` buckets (allow-list in [`accounts`]), and returns a
 //!   [`CredentialBundle`] with the `.creds` text and the tenant's key set.
 //! - [`ControlPlane::suspend_tenant`] re-signs the account with `conn: 0`, `leaf: 0`
 //!   and a `*` revocation: the server closes the tenant's connections and refuses
@@ -44,7 +44,7 @@ use tenant_bus::error::Error;
 use tenant_bus::ids::validate_slug;
 use tenant_bus::{AgentId, CredentialBundle, MasterSecret, TenantId, TenantKeySet};
 
-pub use accounts::{JetStreamScope, STATE_BUCKET, TASKS_STREAM};
+pub use accounts::{JetStreamScope, STATE_BUCKET, TASKS_DONE_BUCKET, TASKS_STREAM};
 pub use error::{ControlError, ControlErrorKind};
 pub use server_config::{OperatorFacts, ServerConfigOptions};
 pub use state::{AgentRecord, StateDir, TenantRecord, TenantStatus};
