@@ -52,8 +52,41 @@ pub const TAG_LEN: usize = 16;
 /// The largest sequence a sealer issues (2^48): far beyond any process's life,
 /// and it keeps the nonce ranges of distinct sealers apart (see module docs).
 pub const MAX_SEQUENCE: u64 = 1 << 48;
-/// Room for the AAD on the stack: header (<= 170) + subject + reply.
-const AAD_CAP: usize = 1024;
+/// The longest subject or reply that can be authenticated (u16 length prefix).
+const MAX_AAD_FIELD: usize = u16::MAX as usize;
+
+thread_local! {
+    /// A reusable AAD buffer per thread: no allocation or zeroing per message.
+    static AAD: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(Vec::with_capacity(512));
+}
+
+/// Runs `f` with the AAD `header || u16 len(subject) || subject || u16 len(reply)
+/// || reply`, or returns `None` if the subject or reply is too long to encode.
+fn with_aad<T>(header: &[u8], subject: &str, reply: &str, f: impl FnOnce(&[u8]) -> T) -> Option<T> {
+    if subject.len() > MAX_AAD_FIELD || reply.len() > MAX_AAD_FIELD {
+        return None;
+    }
+    let fill = |buf: &mut Vec<u8>| {
+        buf.clear();
+        buf.extend_from_slice(header);
+        buf.extend_from_slice(&(subject.len() as u16).to_be_bytes());
+        buf.extend_from_slice(subject.as_bytes());
+        buf.extend_from_slice(&(reply.len() as u16).to_be_bytes());
+        buf.extend_from_slice(reply.as_bytes());
+    };
+    AAD.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buf) => {
+            fill(&mut buf);
+            Some(f(&buf))
+        }
+        // Re-entered on this thread (cannot happen today): use a fresh buffer.
+        Err(_) => {
+            let mut buf = Vec::new();
+            fill(&mut buf);
+            Some(f(&buf))
+        }
+    })
+}
 
 /// A 128-bit message id: the sender instance (high 8 bytes) and its sequence.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -239,43 +272,23 @@ impl Sealer {
         out.extend_from_slice(&[sender.len() as u8]);
         out.extend_from_slice(sender);
 
-        let mut aad = [0u8; AAD_CAP];
-        let aad_len = build_aad(&mut aad, &out[..header_len], subject, reply.unwrap_or(""))
-            .ok_or_else(|| Error::new(SealErrorKind::TooLong, subject.to_string()))?;
-
-        out.extend_from_slice(payload);
-        let tag = key
+        let aead = key
             .aead()
-            .seal_in_place_separate_tag(
+            .ok_or_else(|| Error::new(SealErrorKind::Crypto, "unusable key"))?;
+        out.extend_from_slice(payload);
+        let (head, body) = out.split_at_mut(header_len);
+        let tag = with_aad(head, subject, reply.unwrap_or(""), |aad| {
+            aead.seal_in_place_separate_tag(
                 Nonce::assume_unique_for_key(nonce),
-                Aad::from(&aad[..aad_len]),
-                &mut out[header_len..],
+                Aad::from(aad),
+                body,
             )
-            .map_err(|_| Error::new(SealErrorKind::Crypto, "payload too large for GCM"))?;
+        })
+        .ok_or_else(|| Error::new(SealErrorKind::TooLong, subject.to_string()))?
+        .map_err(|_| Error::new(SealErrorKind::Crypto, "payload too large for GCM"))?;
         out.extend_from_slice(tag.as_ref());
         Ok((MessageId(msg_id), out.freeze()))
     }
-}
-
-/// Writes `header || u16 len(subject) || subject || u16 len(reply) || reply` into
-/// `buf`, returning its length, or `None` if it does not fit.
-fn build_aad(buf: &mut [u8; AAD_CAP], header: &[u8], subject: &str, reply: &str) -> Option<usize> {
-    let total = header.len() + 2 + subject.len() + 2 + reply.len();
-    if total > AAD_CAP {
-        return None;
-    }
-    let mut at = 0;
-    for part in [
-        header,
-        &(subject.len() as u16).to_be_bytes(),
-        subject.as_bytes(),
-        &(reply.len() as u16).to_be_bytes(),
-        reply.as_bytes(),
-    ] {
-        buf[at..at + part.len()].copy_from_slice(part);
-        at += part.len();
-    }
-    Some(at)
 }
 
 /// A decoded (not yet authenticated) envelope.
@@ -370,42 +383,54 @@ pub fn decode_header(body: &[u8]) -> Result<Header<'_>, DropReason> {
 
 /// Authenticates and decrypts `body` received on the full `subject` with `reply`,
 /// for the tenant of `keys`. Checks, in order: format, tenant, key version, tag.
+/// Returns the authenticated header (borrowing `body`) and the plaintext.
 /// Freshness and replay are the verifier's (see [`crate::verify`]).
+pub fn open_parts<'a>(
+    keys: &TenantKeySet,
+    subject: &str,
+    reply: Option<&str>,
+    body: &'a [u8],
+) -> Result<(Header<'a>, Bytes), DropReason> {
+    let header = decode_header(body)?;
+    if header.tenant != keys.tenant().as_str() {
+        return Err(DropReason::WrongTenant);
+    }
+    let key = keys.get(header.key_version).ok_or(DropReason::UnknownKey)?;
+    let aead = key.aead().ok_or(DropReason::UnknownKey)?;
+    let ct_end = body.len() - TAG_LEN;
+    let tag: [u8; TAG_LEN] = body[ct_end..]
+        .try_into()
+        .map_err(|_| DropReason::Malformed)?;
+    let mut plain = BytesMut::from(&body[header.header_len..ct_end]);
+    with_aad(
+        &body[..header.header_len],
+        subject,
+        reply.unwrap_or(""),
+        |aad| {
+            aead.open_in_place_separate_tag(
+                Nonce::assume_unique_for_key(header.nonce),
+                Aad::from(aad),
+                Tag::from(tag),
+                &mut plain,
+                0..,
+            )
+            .map(|_| ())
+        },
+    )
+    .ok_or(DropReason::OutsideNamespace)?
+    .map_err(|_| DropReason::Authentication)?;
+    Ok((header, plain.freeze()))
+}
+
+/// [`open_parts`], with the stamp as owned values.
 pub fn open(
     keys: &TenantKeySet,
     subject: &str,
     reply: Option<&str>,
     body: &[u8],
 ) -> Result<(Stamp, Bytes), DropReason> {
-    let header = decode_header(body)?;
-    if header.tenant != keys.tenant().as_str() {
-        return Err(DropReason::WrongTenant);
-    }
-    let key = keys.get(header.key_version).ok_or(DropReason::UnknownKey)?;
-    let mut aad = [0u8; AAD_CAP];
-    let aad_len = build_aad(
-        &mut aad,
-        &body[..header.header_len],
-        subject,
-        reply.unwrap_or(""),
-    )
-    .ok_or(DropReason::OutsideNamespace)?;
-    let ct_end = body.len() - TAG_LEN;
-    let tag: [u8; TAG_LEN] = body[ct_end..]
-        .try_into()
-        .map_err(|_| DropReason::Malformed)?;
-    let mut plain = BytesMut::from(&body[header.header_len..ct_end]);
-    key.aead()
-        .open_in_place_separate_tag(
-            Nonce::assume_unique_for_key(header.nonce),
-            Aad::from(&aad[..aad_len]),
-            Tag::from(tag),
-            &mut plain,
-            0..,
-        )
-        .map_err(|_| DropReason::Authentication)?;
-    // Both ids were validated as slugs by `decode_header`.
-    let tenant = keys.tenant().clone();
+    let (header, plain) = open_parts(keys, subject, reply, body)?;
+    // The sender was validated as a slug by `decode_header`.
     let sender = match header.sender {
         Some(s) => Some(AgentId::new(s).map_err(|_| DropReason::Malformed)?),
         None => None,
@@ -413,11 +438,11 @@ pub fn open(
     Ok((
         Stamp {
             key_version: header.key_version,
-            tenant,
+            tenant: keys.tenant().clone(),
             msg_id: header.msg_id,
             timestamp_ms: header.timestamp_ms,
             sender,
         },
-        plain.freeze(),
+        plain,
     ))
 }

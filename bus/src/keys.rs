@@ -146,10 +146,13 @@ impl hkdf::KeyType for Len32 {
 }
 
 /// One version of a tenant's AES-256-GCM key. `Debug` never prints the key.
+///
+/// The expanded AES key schedule and GHASH table (about 0.5 KiB) are built on
+/// first use, so a key set held for an idle tenant costs only its 32 raw bytes.
 pub struct TenantKey {
     version: u32,
     bytes: [u8; KEY_LEN],
-    aead: LessSafeKey,
+    aead: std::sync::OnceLock<Option<LessSafeKey>>,
 }
 
 impl TenantKey {
@@ -161,12 +164,10 @@ impl TenantKey {
                 format!("a key is {KEY_LEN} bytes, got {}", bytes.len()),
             )
         })?;
-        let unbound = UnboundKey::new(&AES_256_GCM, &raw)
-            .map_err(|_| Error::new(KeyErrorKind::InvalidMaterial, "AES-256-GCM key"))?;
         Ok(Self {
             version,
             bytes: raw,
-            aead: LessSafeKey::new(unbound),
+            aead: std::sync::OnceLock::new(),
         })
     }
 
@@ -175,9 +176,17 @@ impl TenantKey {
         self.version
     }
 
-    /// The AEAD key (crate-internal: sealing goes through the envelope module).
-    pub(crate) fn aead(&self) -> &LessSafeKey {
-        &self.aead
+    /// The AEAD key, built on first use (crate-internal: sealing goes through the
+    /// envelope module). `None` cannot happen for a 32-byte key; it is handled
+    /// rather than assumed.
+    pub(crate) fn aead(&self) -> Option<&LessSafeKey> {
+        self.aead
+            .get_or_init(|| {
+                UnboundKey::new(&AES_256_GCM, &self.bytes)
+                    .ok()
+                    .map(LessSafeKey::new)
+            })
+            .as_ref()
     }
 }
 

@@ -55,11 +55,17 @@ pub struct SenderWindow {
 }
 
 /// The anti-replay state of one subscription.
+///
+/// It also remembers the last subject and sender it saw, so a stream of messages
+/// on one subject from one agent allocates neither per message (two small
+/// fields, not part of the replay state).
 #[derive(Debug)]
 pub struct ReplayGuard {
     options: ReplayOptions,
     senders: HashMap<u64, SenderWindow>,
     last_sweep_ms: u64,
+    last_subject: Option<(String, crate::subject::Subject)>,
+    last_sender: Option<crate::ids::AgentId>,
 }
 
 impl ReplayGuard {
@@ -69,7 +75,39 @@ impl ReplayGuard {
             options,
             senders: HashMap::new(),
             last_sweep_ms: 0,
+            last_subject: None,
+            last_sender: None,
         }
+    }
+
+    /// The relative subject of `full` in `tenant`'s namespace, reusing the last one
+    /// when `full` repeats.
+    pub(crate) fn relative_subject(
+        &mut self,
+        tenant: &crate::ids::TenantId,
+        full: &str,
+    ) -> Result<crate::subject::Subject, DropReason> {
+        if let Some((last, subject)) = &self.last_subject {
+            if last == full {
+                return Ok(subject.clone());
+            }
+        }
+        let subject =
+            crate::subject::unscope(tenant, full).map_err(|_| DropReason::OutsideNamespace)?;
+        self.last_subject = Some((full.to_string(), subject.clone()));
+        Ok(subject)
+    }
+
+    /// The sender id `s` (validated), reusing the last one when it repeats.
+    pub(crate) fn sender(&mut self, s: &str) -> Result<crate::ids::AgentId, DropReason> {
+        if let Some(last) = &self.last_sender {
+            if last.as_str() == s {
+                return Ok(last.clone());
+            }
+        }
+        let id = crate::ids::AgentId::new(s).map_err(|_| DropReason::Malformed)?;
+        self.last_sender = Some(id.clone());
+        Ok(id)
     }
 
     /// How many sender instances are tracked.

@@ -284,12 +284,11 @@ impl Verifier {
         response_to: Option<&crate::subject::Subject>,
     ) -> Result<crate::message::TenantMessage, DropReason> {
         let tenant = self.keys.tenant();
-        let (stamp, payload) = crate::envelope::open(&self.keys, subject, reply, body)?;
+        let (header, payload) = crate::envelope::open_parts(&self.keys, subject, reply, body)?;
         let relative = match response_to {
             Some(request) if crate::subject::is_tenant_inbox(tenant, subject) => request.clone(),
             Some(_) => return Err(DropReason::OutsideNamespace),
-            None => crate::subject::unscope(tenant, subject)
-                .map_err(|_| DropReason::OutsideNamespace)?,
+            None => guard.relative_subject(tenant, subject)?,
         };
         let reply = match reply {
             Some(r) if crate::subject::is_tenant_inbox(tenant, r) => {
@@ -298,15 +297,19 @@ impl Verifier {
             Some(_) => return Err(DropReason::OutsideNamespace),
             None => None,
         };
-        self.freshness.check(stamp.timestamp_ms, now_ms)?;
-        guard.check(stamp.msg_id.instance(), stamp.msg_id.sequence(), now_ms)?;
+        self.freshness.check(header.timestamp_ms, now_ms)?;
+        guard.check(header.msg_id.instance(), header.msg_id.sequence(), now_ms)?;
+        let sender = match header.sender {
+            Some(s) => Some(guard.sender(s)?),
+            None => None,
+        };
         Ok(crate::message::TenantMessage {
             subject: relative,
-            tenant: stamp.tenant,
-            msg_id: stamp.msg_id,
-            timestamp: std::time::UNIX_EPOCH + Duration::from_millis(stamp.timestamp_ms),
-            sender: stamp.sender,
-            key_version: stamp.key_version,
+            tenant: tenant.clone(),
+            msg_id: header.msg_id,
+            timestamp: std::time::UNIX_EPOCH + Duration::from_millis(header.timestamp_ms),
+            sender,
+            key_version: header.key_version,
             payload,
             reply,
         })
