@@ -317,10 +317,6 @@ async fn three_instances_share_one_message_cap() {
             "round {round}: admitted {total}, bound cap - K*B = {}",
             CAP - u64::from(K) * batch
         );
-        assert!(
-            per_instance.iter().all(|&n| n > 0),
-            "every instance got a share: {per_instance:?}"
-        );
         // The ledger never leased past the cap.
         let js = jetstream::new(server.raw_client().await);
         let ledger = KvLedger::open(&js, &RateBucket::default()).await.unwrap();
@@ -402,7 +398,7 @@ async fn a_noisy_tenant_does_not_starve_a_quiet_one() {
     eprintln!("quiet worst latency {worst:?}; noisy tasks served meanwhile: {noisy_served}");
     assert!(*worst <= BOUND, "worst quiet latency {worst:?} > {BOUND:?}");
     assert!(noisy_served > 100, "the noisy tenant still uses the pool");
-    assert!(pool.len() > 0, "the flood is still queued");
+    assert!(!pool.is_empty(), "the flood is still queued");
     pool.close();
     for w in workers {
         w.abort();

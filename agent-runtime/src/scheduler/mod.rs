@@ -18,7 +18,20 @@
 //! [`TenantScheduler`] combines them for one tenant, built from its
 //! [`Quotas`](crate::tiers::Quotas); it implements
 //! [`tenant_bus::admission::Admission`]. [`Scheduler`] creates tenant schedulers
-//! lazily. Refusals are [`SchedulerError`]s whose kind carries a
+//! lazily.
+//!
+//! # Where it is fed
+//!
+//! - every publish, request and response of an agent's namespace: the namespace
+//!   holds the tenant's message admission
+//!   ([`TenantScheduler::namespace_options`], [`AgentHost::connect`](crate::agent::AgentHost::connect));
+//! - every task dispatch (message admission) and every running task (a task
+//!   permit per task, across the tenant's workers):
+//!   [`DispatchOptions::scheduler`](crate::dispatch::DispatchOptions::scheduler);
+//! - every agent start: a cluster-wide agent slot held while the agent is
+//!   registered ([`AgentHost::with_scheduler`](crate::agent::AgentHost::with_scheduler));
+//! - registry changes: suspension, activation and quota changes
+//!   ([`RegistryFollower`], also run by an agent host with a scheduler). Refusals are [`SchedulerError`]s whose kind carries a
 //! [`Rejection`](tenant_bus::admission::Rejection): a reason and a retry-after.
 //!
 //! # Key-value buckets (JetStream, shared by every instance)
@@ -70,6 +83,7 @@
 mod concurrency;
 mod error;
 mod fair;
+mod follow;
 mod kv;
 mod layer;
 pub mod rate;
@@ -79,6 +93,7 @@ mod tenant;
 pub use concurrency::{ConcurrencyLimit, Overflow, Permit, TaskPermit};
 pub use error::{SchedulerError, SchedulerErrorKind};
 pub use fair::{FairPool, FairQueue, FairQueueLimits, Refused};
+pub use follow::RegistryFollower;
 pub use kv::{KvLedger, RateBucket, RATE_BUCKET};
 pub use layer::{
     Chain, Check, Clock, Cost, Gate, Layer, ManualClock, RefillFuture, SizeLimit, Suspension,

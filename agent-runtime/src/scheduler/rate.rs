@@ -32,7 +32,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -53,6 +53,7 @@ const STORE_RETRY: Duration = Duration::from_millis(250);
 
 /// What a window counts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
 pub enum Dimension {
     /// One token per message.
     Messages,
@@ -267,11 +268,21 @@ fn is_newer(a: u32, b: u32) -> bool {
 
 /// One tenant's budget of one [`Dimension`] per window, leased from a
 /// [`TokenLedger`] (see the module docs for the bound).
+///
+/// The fields the hot path reads (16 bytes) are inline and first (`repr(C)`);
+/// everything the refill needs is behind one box, so that a tenant's whole
+/// message gate fits one cache line (see [`Gate`](super::Gate)).
+#[repr(C)]
 pub struct RateWindow {
     state: AtomicU64,
-    cap: AtomicU64,
-    window_ms: AtomicU64,
+    window_ms: AtomicU32,
     dimension: Dimension,
+    cold: Box<Cold>,
+}
+
+/// What only refills and quota changes touch.
+struct Cold {
+    cap: AtomicU64,
     policy: BatchPolicy,
     tenant: TenantId,
     ledger: Arc<dyn TokenLedger>,
@@ -291,19 +302,21 @@ impl RateWindow {
     ) -> Self {
         Self {
             state: AtomicU64::new(0),
-            cap: AtomicU64::new(cap),
-            window_ms: AtomicU64::new(duration_ms(window)),
+            window_ms: AtomicU32::new(duration_ms(window)),
             dimension,
-            policy,
-            tenant,
-            ledger,
-            refill: tokio::sync::Mutex::new(LeaseHint::default()),
+            cold: Box::new(Cold {
+                cap: AtomicU64::new(cap),
+                policy,
+                tenant,
+                ledger,
+                refill: tokio::sync::Mutex::new(LeaseHint::default()),
+            }),
         }
     }
 
     /// Changes the cap (takes effect at the next lease).
     pub fn set_cap(&self, cap: u64) {
-        self.cap.store(cap, Ordering::Relaxed);
+        self.cold.cap.store(cap, Ordering::Relaxed);
     }
 
     /// Changes the window length.
@@ -313,12 +326,12 @@ impl RateWindow {
 
     /// The cap per window.
     pub fn cap(&self) -> u64 {
-        self.cap.load(Ordering::Relaxed)
+        self.cold.cap.load(Ordering::Relaxed)
     }
 
     /// The window length in milliseconds.
     pub fn window_ms(&self) -> u64 {
-        self.window_ms.load(Ordering::Relaxed)
+        u64::from(self.window_ms.load(Ordering::Relaxed))
     }
 
     /// What this window counts.
@@ -328,7 +341,7 @@ impl RateWindow {
 
     /// The batch size leased at the current cap.
     pub fn batch(&self) -> u64 {
-        self.policy.batch(self.cap())
+        self.cold.policy.batch(self.cap())
     }
 
     /// The window index at `now_ms`.
@@ -352,7 +365,7 @@ impl RateWindow {
     }
 
     fn scope(&self) -> String {
-        format!("{}.{}", self.tenant, self.dimension.token())
+        format!("{}.{}", self.cold.tenant, self.dimension.token())
     }
 
     fn deposit(&self, epoch: u32, granted: u64, exhausted: bool) {
@@ -397,7 +410,7 @@ impl RateWindow {
         if need > MAX_COST {
             return Err(Rejection::new(reason, None));
         }
-        let mut hint = self.refill.lock().await;
+        let mut hint = self.cold.refill.lock().await;
         let window_ms = self.window_ms();
         let index = cost.now_ms / window_ms;
         let epoch = index as u32;
@@ -415,7 +428,7 @@ impl RateWindow {
         }
         let cap = self.cap();
         let min = need - have;
-        let want = self.policy.batch(cap).max(min);
+        let want = self.cold.policy.batch(cap).max(min);
         let scope = self.scope();
         let request = LeaseRequest {
             scope: &scope,
@@ -424,11 +437,11 @@ impl RateWindow {
             min,
             cap,
         };
-        let lease = match self.ledger.lease(request, &mut hint).await {
+        let lease = match self.cold.ledger.lease(request, &mut hint).await {
             Ok(lease) => lease,
             Err(e) => {
                 // Fail closed: an unreachable ledger must not lift the quota.
-                tracing::warn!(tenant = %self.tenant, scope, error = %e, "rate lease failed");
+                tracing::warn!(tenant = %self.cold.tenant, scope, error = %e, "rate lease failed");
                 return Err(Rejection::new(reason, Some(STORE_RETRY)));
             }
         };
@@ -443,8 +456,9 @@ impl RateWindow {
     }
 }
 
-fn duration_ms(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+/// A window length in milliseconds: at least 1, at most `u32::MAX` (49 days).
+fn duration_ms(d: Duration) -> u32 {
+    u32::try_from(d.as_millis()).unwrap_or(u32::MAX).max(1)
 }
 
 impl Layer for RateWindow {
@@ -454,7 +468,7 @@ impl Layer for RateWindow {
         if need == 0 {
             return Check::Pass;
         }
-        let window_ms = self.window_ms.load(Ordering::Relaxed);
+        let window_ms = u64::from(self.window_ms.load(Ordering::Relaxed));
         let epoch = (cost.now_ms / window_ms) as u32;
         let mut s = self.state.load(Ordering::Acquire);
         loop {
@@ -524,7 +538,7 @@ impl Layer for RateWindow {
 impl std::fmt::Debug for RateWindow {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RateWindow")
-            .field("tenant", &self.tenant)
+            .field("tenant", &self.cold.tenant)
             .field("dimension", &self.dimension)
             .field("cap", &self.cap())
             .field("window_ms", &self.window_ms())

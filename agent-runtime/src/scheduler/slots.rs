@@ -59,9 +59,15 @@ impl Default for SlotBucket {
     }
 }
 
-/// The agent-slot bucket, shared by every tenant of an instance.
+/// The agent-slot bucket, shared by every tenant of an instance (cheap to clone:
+/// a `kv::Store` is 1.5 KiB, so tenants share one behind an `Arc`).
 #[derive(Debug, Clone)]
 pub struct SlotStore {
+    inner: Arc<StoreInner>,
+}
+
+#[derive(Debug)]
+struct StoreInner {
     kv: kv::Store,
     ttl: Duration,
 }
@@ -91,19 +97,21 @@ impl SlotStore {
             .await
             .map_err(|e| store_error(format!("opening bucket {:?}", options.bucket), e))?;
         Ok(Self {
-            kv,
-            ttl: options.ttl,
+            inner: Arc::new(StoreInner {
+                kv,
+                ttl: options.ttl,
+            }),
         })
     }
 
     /// The lease TTL.
     pub fn ttl(&self) -> Duration {
-        self.ttl
+        self.inner.ttl
     }
 
     /// The bucket.
     pub fn store(&self) -> &kv::Store {
-        &self.kv
+        &self.inner.kv
     }
 
     /// The slots of `tenant`, at most `max_agents` held cluster-wide.
@@ -163,7 +171,7 @@ impl AgentSlots {
             let entry = self
                 .inner
                 .store
-                .kv
+                .store()
                 .entry(&key)
                 .await
                 .map_err(|e| store_error(format!("reading {key}"), e))?;
@@ -186,7 +194,7 @@ impl AgentSlots {
         for j in 0..max {
             let index = start.wrapping_add(j) % max;
             let key = self.key(index);
-            match self.inner.store.kv.create(&key, token.clone()).await {
+            match self.inner.store.store().create(&key, token.clone()).await {
                 Ok(revision) => {
                     self.inner.held_here.fetch_add(1, Ordering::AcqRel);
                     return Ok(AgentSlot::start(
@@ -314,9 +322,9 @@ impl AgentSlot {
             lost: AtomicBool::new(false),
         });
         tokio::spawn(heartbeat(
-            slots.store.kv.clone(),
+            slots.store.clone(),
             key.clone(),
-            (slots.store.ttl / 3).max(Duration::from_millis(100)),
+            (slots.store.inner.ttl / 3).max(Duration::from_millis(100)),
             Arc::downgrade(&lease),
         ));
         Self {
@@ -345,7 +353,9 @@ impl AgentSlot {
 
     /// Stops the heartbeats and deletes the key, waiting for the server.
     pub async fn release(self) -> Result<(), SchedulerError> {
-        self.lease.release(&self.slots.store.kv, &self.key).await
+        self.lease
+            .release(self.slots.store.store(), &self.key)
+            .await
         // Drop finds the lease released and only updates the local count.
     }
 }
@@ -356,11 +366,11 @@ impl Drop for AgentSlot {
         // Without a runtime the key simply expires after the TTL (the heartbeat
         // task cannot run either).
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            let kv = self.slots.store.kv.clone();
+            let store = self.slots.store.clone();
             let key = std::mem::take(&mut self.key);
             let lease = self.lease.clone();
             rt.spawn(async move {
-                if let Err(e) = lease.release(&kv, &key).await {
+                if let Err(e) = lease.release(store.store(), &key).await {
                     tracing::debug!(key, error = %e, "agent slot not deleted; it expires after the TTL");
                 }
             });
@@ -378,7 +388,8 @@ impl std::fmt::Debug for AgentSlot {
 }
 
 /// Refreshes the key every `every` until the lease is released, lost or dropped.
-async fn heartbeat(kv: kv::Store, key: String, every: Duration, lease: Weak<LeaseState>) {
+async fn heartbeat(store: SlotStore, key: String, every: Duration, lease: Weak<LeaseState>) {
+    let kv = store.store();
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
@@ -392,7 +403,7 @@ async fn heartbeat(kv: kv::Store, key: String, every: Duration, lease: Weak<Leas
         match kv.update(&key, lease.token.clone(), w.revision).await {
             Ok(next) => w.revision = next,
             Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
-                match lease.recover(&kv, &key).await {
+                match lease.recover(kv, &key).await {
                     Some(r) => w.revision = r,
                     None => {
                         tracing::warn!(key, "agent slot lease lost");

@@ -9,7 +9,8 @@ use std::time::Duration;
 use async_nats::jetstream;
 use tenant_bus::admission::{Admission, Admit};
 use tenant_bus::error::Error;
-use tenant_bus::{AgentId, TenantId};
+use tenant_bus::namespace::{ConnectError, ConnectErrorKind};
+use tenant_bus::{AgentId, CredentialBundle, NamespaceOptions, TenantId, TenantNamespace};
 
 use super::concurrency::{ConcurrencyLimit, Overflow, Permit, TaskPermit};
 use super::error::{from_rejection, SchedulerError, SchedulerErrorKind};
@@ -198,6 +199,31 @@ impl TenantScheduler {
     /// so a check is one virtual call on the tenant's own state.
     pub fn message_admission(&self) -> Arc<dyn Admission> {
         self.gate.clone()
+    }
+
+    /// `base` with this tenant's message admission: a namespace connected with
+    /// these options feeds every publish, request and response to the scheduler.
+    pub fn namespace_options(&self, base: NamespaceOptions) -> NamespaceOptions {
+        base.admission(self.message_admission())
+    }
+
+    /// Connects `bundle` (which must be this tenant's) with this tenant's message
+    /// admission.
+    pub async fn connect(
+        &self,
+        bundle: &CredentialBundle,
+        base: NamespaceOptions,
+    ) -> Result<TenantNamespace, ConnectError> {
+        if bundle.tenant != self.id {
+            return Err(Error::new(
+                ConnectErrorKind::Keys,
+                format!(
+                    "bundle of {} for the scheduler of {}",
+                    bundle.tenant, self.id
+                ),
+            ));
+        }
+        self.namespace_options(base).connect(bundle).await
     }
 
     /// The message gate and its layers.
@@ -480,6 +506,15 @@ impl Scheduler {
     pub fn is_suspended(&self, id: &TenantId) -> bool {
         self.read_suspended().contains(id)
     }
+
+    /// Follows `watcher`: the registry's suspensions, activations and quota
+    /// changes reach this scheduler while the returned follower lives.
+    pub fn follow_registry(
+        self: &Arc<Self>,
+        watcher: &crate::registry::RegistryWatcher,
+    ) -> super::RegistryFollower {
+        super::RegistryFollower::start(self, watcher)
+    }
 }
 
 impl std::fmt::Debug for Scheduler {
@@ -489,5 +524,92 @@ impl std::fmt::Debug for Scheduler {
             .field("slots", &self.slots)
             .field("tenants", &self.len())
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tiers::Tier;
+    use tenant_bus::admission::RejectReason;
+
+    fn id(s: &str) -> TenantId {
+        TenantId::new(s).unwrap()
+    }
+
+    #[test]
+    fn message_layers_fill_one_cache_line() {
+        assert_eq!(std::mem::size_of::<MessageLayers>(), 64);
+        assert_eq!(std::mem::align_of::<MessageGate>(), 64);
+    }
+
+    #[tokio::test]
+    async fn tenants_are_created_lazily_and_once() {
+        let sched = Scheduler::local(SchedulerConfig::default());
+        assert!(sched.is_empty());
+        let q = Quotas::for_tier(Tier::Free);
+        let a = sched.tenant(&id("a"), &q).unwrap();
+        let again = sched.tenant(&id("a"), &q).unwrap();
+        assert!(Arc::ptr_eq(&a, &again));
+        assert_eq!(sched.len(), 1);
+        assert!(sched.get(&id("b")).is_none());
+        assert!(sched.remove(&id("a")).is_some());
+        assert!(sched.is_empty());
+    }
+
+    #[tokio::test]
+    async fn message_admission_checks_size_and_windows() {
+        let clock = super::super::ManualClock::new(10_000);
+        let sched =
+            Scheduler::local(SchedulerConfig::default().clock(Clock::Manual(clock.clone())));
+        let mut q = Quotas::for_tier(Tier::Free);
+        q.messages_per_window = 5;
+        q.bytes_per_window = 1_000;
+        q.max_message_bytes = 400;
+        let t = sched.tenant(&id("a"), &q).unwrap();
+        let e = t.admit(401).await.unwrap_err();
+        assert_eq!(e.kind().reason(), Some(RejectReason::TooLarge));
+        for _ in 0..2 {
+            t.admit(400).await.unwrap();
+        }
+        // 800 bytes spent: a 300-byte message exceeds the byte window.
+        let e = t.admit(300).await.unwrap_err();
+        assert_eq!(e.kind().reason(), Some(RejectReason::ByteRate));
+        for _ in 0..3 {
+            t.admit(10).await.unwrap();
+        }
+        let e = t.admit(10).await.unwrap_err();
+        assert_eq!(e.kind().reason(), Some(RejectReason::MessageRate));
+        assert_eq!(e.kind().retry_after(), Some(Duration::from_millis(1_000)));
+        // A refused byte check gave its message token back: 5 admitted in total.
+        clock.advance(Duration::from_millis(1_000));
+        t.admit(10).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn suspension_and_quota_changes_apply_in_place() {
+        let sched = Scheduler::local(SchedulerConfig::default().task_overflow(Overflow::Reject));
+        let mut q = Quotas::for_tier(Tier::Free);
+        q.max_concurrent_tasks = 1;
+        q.max_agents = 1;
+        sched.suspend(&id("a"));
+        let t = sched.tenant(&id("a"), &q).unwrap();
+        assert!(t.is_suspended());
+        match t.admit_message(1) {
+            Admit::Rejected(r) => assert_eq!(r.reason, RejectReason::Suspended),
+            _ => panic!("suspended tenant admitted"),
+        }
+        sched.resume(&id("a"));
+        let _p = t.acquire_task().await.unwrap();
+        assert!(t.acquire_task().await.is_err());
+        let agent = AgentId::new("bot").unwrap();
+        let _s = t.acquire_agent_slot(&agent).await.unwrap();
+        let e = t.acquire_agent_slot(&agent).await.unwrap_err();
+        assert_eq!(e.kind().reason(), Some(RejectReason::Concurrency));
+        q.max_concurrent_tasks = 2;
+        q.weight = 7;
+        t.set_quotas(&q);
+        let _p2 = t.acquire_task().await.unwrap();
+        assert_eq!(t.weight(), 7);
     }
 }
