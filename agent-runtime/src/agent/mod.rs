@@ -4,8 +4,7 @@
 //! An [`AgentHost`] runs on every runtime instance beside a [`RegistryWatcher`].
 //! [`AgentHost::register`] admits an agent only if its tenant is known and active,
 //! its type is among the tenant's `allowed_agent_types`, and the tenant has fewer
-//! than `max_agents` agents on this host (cluster-wide agent slots are the
-//! scheduler's `AgentSlots`). The host follows the registry's change events: when a
+//! than `max_agents` agents on this host. The host follows the registry's change events: when a
 //! tenant is suspended, every running agent of it stops (its handler loops drop
 //! their subscriptions) and every operation of it is refused with
 //! [`AgentErrorKind::Suspended`]; on activation the handlers subscribe again.
@@ -18,6 +17,24 @@
 //! Handlers run one message at a time per subscription; [`Agent::shutdown`] stops
 //! accepting messages, lets each handler finish the message it is on (up to the
 //! timeout), then deregisters the agent.
+//!
+//! # With the resource-pool scheduler
+//!
+//! A host made with [`AgentHost::with_scheduler`] feeds the instance's
+//! [`Scheduler`] on every agent start:
+//! - [`AgentHost::register`] takes one of the tenant's agent slots
+//!   ([`TenantScheduler::acquire_agent_slot`]): with a JetStream scheduler
+//!   ([`Scheduler::connect`]) a lease in the slot bucket, with a TTL and
+//!   heartbeats, so `max_agents` holds across every instance of the cluster; a
+//!   refusal is [`AgentErrorKind::TooManyAgents`] (the scheduler's error, with its
+//!   retry-after, is the source). The slot is released when the agent shuts down
+//!   (deregistration); if the process dies, it expires after the TTL;
+//! - [`AgentHost::connect`] connects an agent's namespace with the tenant's message
+//!   admission, so every publish, request and response of the agent counts
+//!   against the tenant's windows (refused with the bus's typed
+//!   `Rejected(reason, retry-after)`);
+//! - the registry's suspensions, activations and quota changes reach the
+//!   scheduler (a [`RegistryFollower`] runs with the host).
 //!
 //! - [`permissions`]: `resource:action` grants, evaluated only inside the tenant.
 //! - [`tools`]: per-tenant tool implementations, rate limits, per-task budgets.
@@ -35,11 +52,18 @@ use futures::StreamExt as _;
 use tenant_bus::error::Error;
 use tenant_bus::ids::validate_slug;
 use tenant_bus::subject::{IntoPattern, IntoSubject};
-use tenant_bus::{AgentId, MessageId, TenantId, TenantMessage, TenantNamespace};
+use tenant_bus::{
+    AgentId, CredentialBundle, MessageId, NamespaceOptions, TenantId, TenantMessage,
+    TenantNamespace,
+};
 use tokio::sync::{broadcast, watch};
 
 use crate::registry::{RegistryEvent, RegistryWatcher, Status, TenantRecord};
+use crate::scheduler::{
+    AgentLease, RegistryFollower, Scheduler, SchedulerError, SchedulerErrorKind, TenantScheduler,
+};
 use permissions::{PermissionErrorKind, PermissionSet, Resource};
+use tenant_bus::admission::RejectReason;
 use tools::{ToolBudget, ToolRefusal, ToolRegistry};
 
 pub use permissions::{Permission, PermissionError};
@@ -78,6 +102,8 @@ pub enum AgentErrorKind {
     ToolFailed,
     /// The bus refused or failed (publish, subscribe, request).
     Bus,
+    /// The scheduler's shared state (the agent-slot bucket) could not be reached.
+    SchedulerUnavailable,
 }
 
 tenant_bus::kind_display!(AgentErrorKind {
@@ -96,6 +122,7 @@ tenant_bus::kind_display!(AgentErrorKind {
     TooManyToolCalls => "too many tool calls for this task",
     ToolFailed => "tool failed",
     Bus => "bus operation failed",
+    SchedulerUnavailable => "scheduler state unavailable",
 });
 
 /// An agent error.
@@ -120,6 +147,7 @@ type AgentKey = (TenantId, AgentId);
 
 struct HostShared {
     watcher: Arc<RegistryWatcher>,
+    scheduler: Option<Arc<Scheduler>>,
     agents: Mutex<HashMap<AgentKey, Arc<AgentShared>>>,
     tools: Mutex<HashMap<TenantId, Arc<ToolRegistry>>>,
 }
@@ -128,6 +156,7 @@ struct HostShared {
 pub struct AgentHost {
     shared: Arc<HostShared>,
     task: tokio::task::JoinHandle<()>,
+    _follower: Option<RegistryFollower>,
 }
 
 impl std::fmt::Debug for AgentHost {
@@ -145,16 +174,91 @@ impl Drop for AgentHost {
 }
 
 impl AgentHost {
-    /// A host following `watcher`.
+    /// A host following `watcher`, without a scheduler (`max_agents` counted on
+    /// this host only).
     pub fn new(watcher: Arc<RegistryWatcher>) -> Self {
+        Self::build(watcher, None)
+    }
+
+    /// A host following `watcher` that feeds `scheduler` (see the module docs):
+    /// agent slots on register, message admission for namespaces it connects,
+    /// registry suspensions and quota changes.
+    pub fn with_scheduler(watcher: Arc<RegistryWatcher>, scheduler: Arc<Scheduler>) -> Self {
+        Self::build(watcher, Some(scheduler))
+    }
+
+    fn build(watcher: Arc<RegistryWatcher>, scheduler: Option<Arc<Scheduler>>) -> Self {
+        let follower = scheduler.as_ref().map(|s| s.follow_registry(&watcher));
         let shared = Arc::new(HostShared {
             watcher: watcher.clone(),
+            scheduler,
             agents: Mutex::new(HashMap::new()),
             tools: Mutex::new(HashMap::new()),
         });
         let events = watcher.subscribe();
         let task = tokio::spawn(follow(Arc::downgrade(&shared), events));
-        Self { shared, task }
+        Self {
+            shared,
+            task,
+            _follower: follower,
+        }
+    }
+
+    /// The scheduler this host feeds, if any.
+    pub fn scheduler(&self) -> Option<&Arc<Scheduler>> {
+        self.shared.scheduler.as_ref()
+    }
+
+    /// The scheduler of `tenant` (created from its registry record on first use),
+    /// if this host has a scheduler.
+    pub async fn tenant_scheduler(
+        &self,
+        tenant: &TenantId,
+    ) -> Result<Option<Arc<TenantScheduler>>, AgentError> {
+        let Some(scheduler) = &self.shared.scheduler else {
+            return Ok(None);
+        };
+        let record = tenant_record(&self.shared.watcher, tenant).await?;
+        scheduler
+            .tenant(tenant, &record.quotas())
+            .map(Some)
+            .map_err(|e| Error::with_source(AgentErrorKind::Invalid, "tenant quotas", e))
+    }
+
+    /// Connects an agent's namespace from its bundle, with `options` plus, if this
+    /// host has a scheduler, the tenant's message admission: every publish,
+    /// request and response of the agent then counts against the tenant's
+    /// windows. Refused for an unknown or suspended tenant.
+    pub async fn connect(
+        &self,
+        bundle: &CredentialBundle,
+        options: NamespaceOptions,
+    ) -> Result<TenantNamespace, AgentError> {
+        let record = tenant_record(&self.shared.watcher, &bundle.tenant).await?;
+        if record.status == Status::Suspended {
+            return Err(Error::new(
+                AgentErrorKind::Suspended,
+                bundle.tenant.to_string(),
+            ));
+        }
+        let options = match self.tenant_scheduler(&bundle.tenant).await? {
+            Some(t) => t.namespace_options(options),
+            None => options,
+        };
+        options.connect(bundle).await.map_err(bus_err)
+    }
+
+    /// Connects (see [`connect`](Self::connect)) and registers (see
+    /// [`register`](Self::register)) in one step.
+    pub async fn start<S: AsRef<str>>(
+        &self,
+        bundle: &CredentialBundle,
+        options: NamespaceOptions,
+        agent_type: &str,
+        permissions: impl IntoIterator<Item = S>,
+    ) -> Result<Agent, AgentError> {
+        let ns = self.connect(bundle, options).await?;
+        self.register(ns, agent_type, permissions).await
     }
 
     /// The tool registry of `tenant` (created empty on first use).
@@ -213,7 +317,15 @@ impl AgentHost {
                 format!("{agent_type:?} for {tenant}"),
             ));
         }
-        let max_agents = record.quotas().max_agents;
+        let quotas = record.quotas();
+        let max_agents = quotas.max_agents;
+        let tenant_scheduler = match &self.shared.scheduler {
+            Some(s) => Some(
+                s.tenant(&tenant, &quotas)
+                    .map_err(|e| Error::with_source(AgentErrorKind::Invalid, "tenant quotas", e))?,
+            ),
+            None => None,
+        };
         let (state_tx, _) = watch::channel(AgentState::Running);
         let shared = Arc::new(AgentShared {
             ns,
@@ -224,6 +336,7 @@ impl AgentHost {
             tools: self.tools(&tenant),
             watcher: self.shared.watcher.clone(),
             host: Arc::downgrade(&self.shared),
+            slot: Mutex::new(None),
         });
         let key = (tenant.clone(), shared.ns.agent().clone());
         {
@@ -245,7 +358,24 @@ impl AgentHost {
                     format!("{tenant}: {max_agents}"),
                 ));
             }
-            agents.insert(key, shared.clone());
+            agents.insert(key.clone(), shared.clone());
+        }
+        // The cluster-wide slot, taken with the key reserved here (so a second
+        // registration of the same agent is refused before it takes a slot).
+        if let Some(t) = tenant_scheduler {
+            match t.acquire_agent_slot(&key.1).await {
+                Ok(lease) => {
+                    if let Ok(mut slot) = shared.slot.lock() {
+                        *slot = Some(lease);
+                    }
+                }
+                Err(e) => {
+                    if let Ok(mut agents) = self.shared.agents.lock() {
+                        agents.remove(&key);
+                    }
+                    return Err(slot_error(&tenant, max_agents, e));
+                }
+            }
         }
         // The suspension may have landed between the read above and the insert,
         // before the host could see this agent: re-read the cache once.
@@ -253,6 +383,21 @@ impl AgentHost {
             shared.set_state(AgentState::Suspended);
         }
         Ok(Agent { shared })
+    }
+}
+
+/// The agent error of a refused or failed slot acquisition.
+fn slot_error(tenant: &TenantId, max_agents: u64, e: SchedulerError) -> AgentError {
+    match e.kind() {
+        SchedulerErrorKind::Rejected(r) if r.reason == RejectReason::Suspended => {
+            Error::with_source(AgentErrorKind::Suspended, tenant.to_string(), e)
+        }
+        SchedulerErrorKind::Rejected(_) => Error::with_source(
+            AgentErrorKind::TooManyAgents,
+            format!("{tenant}: {max_agents}, cluster-wide"),
+            e,
+        ),
+        _ => Error::with_source(AgentErrorKind::SchedulerUnavailable, tenant.to_string(), e),
     }
 }
 
@@ -313,6 +458,8 @@ struct AgentShared {
     tools: Arc<ToolRegistry>,
     watcher: Arc<RegistryWatcher>,
     host: std::sync::Weak<HostShared>,
+    /// The agent slot held while registered (with a scheduler).
+    slot: Mutex<Option<AgentLease>>,
 }
 
 impl AgentShared {
@@ -375,6 +522,25 @@ impl Agent {
     /// A receiver of state changes.
     pub fn state_changes(&self) -> watch::Receiver<AgentState> {
         self.shared.state.subscribe()
+    }
+
+    /// Whether the agent holds a scheduler agent slot (hosts with a scheduler).
+    pub fn holds_slot(&self) -> bool {
+        self.shared
+            .slot
+            .lock()
+            .map(|s| s.is_some())
+            .unwrap_or(false)
+    }
+
+    /// Whether the agent's cluster-wide slot lease was lost (its heartbeats could
+    /// not refresh it before the TTL): another agent may hold the slot now.
+    pub fn slot_lost(&self) -> bool {
+        self.shared
+            .slot
+            .lock()
+            .map(|s| s.as_ref().is_some_and(AgentLease::is_lost))
+            .unwrap_or(false)
     }
 
     /// Refuses unless the agent is running and its tenant is known and active
@@ -592,7 +758,8 @@ impl Agent {
     }
 
     /// Stops the agent: handlers stop taking messages and finish the one in hand
-    /// (aborted after `timeout`), then the agent is deregistered from its host.
+    /// (aborted after `timeout`), then the agent is deregistered from its host and
+    /// its scheduler agent slot, if any, released.
     pub async fn shutdown(&self, timeout: Duration) {
         self.shared.state.send_replace(AgentState::Stopped);
         let handlers: Vec<_> = self
@@ -610,6 +777,13 @@ impl Agent {
         if let Some(host) = self.shared.host.upgrade() {
             if let Ok(mut agents) = host.agents.lock() {
                 agents.remove(&(self.tenant().clone(), self.id().clone()));
+            }
+        }
+        let lease = self.shared.slot.lock().ok().and_then(|mut s| s.take());
+        if let Some(lease) = lease {
+            if let Err(e) = lease.release().await {
+                // The key expires after the lease TTL.
+                tracing::warn!(tenant = %self.tenant(), agent = %self.id(), error = %e, "agent slot not released");
             }
         }
     }

@@ -66,6 +66,22 @@
 //! server enforces the account boundary and the control plane's allow-list).
 //! Results are keyed by task id and sealed for their subject, so a replayed result
 //! is the same result: requesters open them without a freshness check either.
+//!
+//! # The tenant's scheduler
+//!
+//! With [`DispatchOptions::scheduler`] (the tenant's
+//! [`TenantScheduler`](crate::scheduler::TenantScheduler)), dispatch is fed to the
+//! resource-pool scheduler like every other message of the tenant:
+//! - every [`Dispatcher::dispatch`] and [`Dispatcher::submit`] is one message of
+//!   the payload's size through the tenant's message admission (suspension, size,
+//!   message and byte windows). A refusal is
+//!   [`DispatchErrorKind::Rejected`], carrying the reason and the retry-after;
+//!   nothing is published;
+//! - every worker holds one of the tenant's task permits
+//!   ([`acquire_task`](crate::scheduler::TenantScheduler::acquire_task)) per task
+//!   it runs, taken *before* it pulls the task, so `max_concurrent_tasks` caps the
+//!   tenant across all of its workers sharing that scheduler (one instance), and
+//!   no pulled task waits in a worker for a permit while its ack timer runs.
 
 pub mod wire;
 pub mod worker;
@@ -76,12 +92,14 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer, kv, stream};
 use bytes::Bytes;
 use futures::StreamExt as _;
+use tenant_bus::admission::{RejectReason, Rejection};
 use tenant_bus::error::Error;
 use tenant_bus::ids::validate_slug;
 use tenant_bus::subject::scope;
 use tenant_bus::{MessageId, TenantNamespace};
 
 use crate::registry::TenantGate;
+use crate::scheduler::{SchedulerErrorKind, TenantScheduler};
 
 pub use wire::{DeadLetter, TaskOutcome};
 pub use worker::{Task, TaskHandler, Worker, WorkerOptions, WorkerStats};
@@ -94,7 +112,7 @@ pub const DEFAULT_DONE_BUCKET: &str = "TASKS_DONE";
 pub const DEAD_LETTER_CONSUMER: &str = "dead-letters";
 
 /// What went wrong dispatching or working.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum DispatchErrorKind {
     /// The task type is not a valid slug.
@@ -112,17 +130,46 @@ pub enum DispatchErrorKind {
     TimedOut,
     /// A stored or received result failed to open or decode.
     Corrupt,
+    /// The tenant's scheduler refused the dispatch (message or byte window spent,
+    /// message too large): why, and when a retry may succeed.
+    Rejected(Rejection),
+    /// The options do not fit the namespace (a scheduler of another tenant).
+    InvalidOptions,
 }
 
-tenant_bus::kind_display!(DispatchErrorKind {
-    InvalidTaskType => "invalid task type",
-    Suspended => "tenant is suspended",
-    StreamConflict => "task stream belongs to another tenant",
-    Unavailable => "JetStream unavailable",
-    Seal => "sealing failed",
-    TimedOut => "timed out waiting for the task outcome",
-    Corrupt => "task result failed verification",
-});
+impl DispatchErrorKind {
+    /// The scheduler's reason, if it refused.
+    pub fn reason(&self) -> Option<RejectReason> {
+        match self {
+            Self::Rejected(r) => Some(r.reason),
+            _ => None,
+        }
+    }
+
+    /// When a retry may succeed, if the scheduler refused and knows.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::Rejected(r) => r.retry_after,
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for DispatchErrorKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::InvalidTaskType => "invalid task type",
+            Self::Suspended => "tenant is suspended",
+            Self::StreamConflict => "task stream belongs to another tenant",
+            Self::Unavailable => "JetStream unavailable",
+            Self::Seal => "sealing failed",
+            Self::TimedOut => "timed out waiting for the task outcome",
+            Self::Corrupt => "task result failed verification",
+            Self::Rejected(r) => return write!(f, "not admitted by the scheduler: {r}"),
+            Self::InvalidOptions => "dispatch options do not fit the namespace",
+        })
+    }
+}
 
 /// A dispatch error.
 pub type DispatchError = Error<DispatchErrorKind>;
@@ -177,6 +224,7 @@ pub struct DispatchOptions {
     pub(crate) done_retention: Duration,
     pub(crate) result_poll: Duration,
     pub(crate) gate: Option<TenantGate>,
+    pub(crate) scheduler: Option<Arc<TenantScheduler>>,
 }
 
 impl Default for DispatchOptions {
@@ -198,6 +246,7 @@ impl Default for DispatchOptions {
             done_retention: Duration::from_secs(7 * 24 * 3600),
             result_poll: Duration::from_secs(1),
             gate: None,
+            scheduler: None,
         }
     }
 }
@@ -289,6 +338,15 @@ impl DispatchOptions {
         self
     }
 
+    /// Feed this tenant's scheduler (see the module docs): each dispatch and
+    /// submit passes its message admission, and workers hold one of its task
+    /// permits per running task. It must be the namespace's tenant's. Default:
+    /// none (nothing admitted or capped beyond the worker's own concurrency).
+    pub fn scheduler(mut self, scheduler: Arc<TenantScheduler>) -> Self {
+        self.scheduler = Some(scheduler);
+        self
+    }
+
     fn names(&self, ns: &TenantNamespace) -> (String, String) {
         if self.per_tenant_names {
             (
@@ -317,6 +375,7 @@ pub struct SealedTask {
     task_type: TaskType,
     subject: String,
     body: Bytes,
+    payload_len: usize,
 }
 
 impl SealedTask {
@@ -385,6 +444,18 @@ impl Dispatcher {
         mut options: DispatchOptions,
     ) -> Result<Self, DispatchError> {
         options.done_retention = options.done_retention.max(options.task_max_age);
+        if let Some(s) = &options.scheduler {
+            if s.id() != ns.tenant() {
+                return Err(Error::new(
+                    DispatchErrorKind::InvalidOptions,
+                    format!(
+                        "scheduler of tenant {} for a namespace of {}",
+                        s.id(),
+                        ns.tenant()
+                    ),
+                ));
+            }
+        }
         let (stream_name, bucket) = options.names(ns);
         let js = jetstream::new(ns.nats().clone());
         let subjects = vec![
@@ -466,6 +537,26 @@ impl Dispatcher {
         }
     }
 
+    /// Admits one message of `bytes` payload bytes through the tenant's scheduler,
+    /// if one is configured.
+    pub(crate) async fn admit(&self, bytes: usize) -> Result<(), DispatchError> {
+        let Some(s) = &self.shared.options.scheduler else {
+            return Ok(());
+        };
+        let bytes = u64::try_from(bytes).unwrap_or(u64::MAX);
+        s.admit(bytes).await.map_err(|e| match e.kind() {
+            SchedulerErrorKind::Rejected(r) if r.reason == RejectReason::Suspended => {
+                Error::new(DispatchErrorKind::Suspended, s.id().to_string())
+            }
+            SchedulerErrorKind::Rejected(r) => Error::with_source(
+                DispatchErrorKind::Rejected(r),
+                format!("tenant {}", s.id()),
+                e,
+            ),
+            _ => unavailable("scheduler admission", e),
+        })
+    }
+
     /// The full subject of tasks of `task_type`.
     pub fn task_subject(&self, task_type: &TaskType) -> String {
         scope(self.shared.ns.tenant(), &format!("tasks.queue.{task_type}"))
@@ -495,13 +586,20 @@ impl Dispatcher {
             task_type,
             subject,
             body,
+            payload_len: payload.len(),
         })
     }
 
     /// Publishes a sealed task with `Nats-Msg-Id` = its id and waits for the
-    /// stream's ack. Safe to call again with the same task.
+    /// stream's ack. Safe to call again with the same task (each call is one
+    /// message for the tenant's scheduler, if configured).
     pub async fn submit(&self, task: &SealedTask) -> Result<Submitted, DispatchError> {
         self.ensure_active()?;
+        self.admit(task.payload_len).await?;
+        self.publish_sealed(task).await
+    }
+
+    async fn publish_sealed(&self, task: &SealedTask) -> Result<Submitted, DispatchError> {
         let ack = self
             .shared
             .js
@@ -522,15 +620,19 @@ impl Dispatcher {
         })
     }
 
-    /// Seals and submits a task, returning a handle to await its outcome.
+    /// Seals and submits a task, returning a handle to await its outcome. With a
+    /// scheduler, the task is admitted first ([`DispatchErrorKind::Rejected`]
+    /// with a retry-after when the tenant's window is spent).
     pub async fn dispatch(
         &self,
         task_type: &str,
         payload: impl AsRef<[u8]>,
     ) -> Result<TaskHandle, DispatchError> {
         let task = self.seal(task_type, payload.as_ref())?;
+        self.admit(task.payload_len).await?;
         let handle = self.handle(task.id).await?;
-        self.submit(&task).await?;
+        self.ensure_active()?;
+        self.publish_sealed(&task).await?;
         Ok(handle)
     }
 

@@ -2,7 +2,13 @@
 //!
 //! The loop takes a free slot (a semaphore permit) before it pulls, and pulls at
 //! most as many messages as it holds slots, so no task waits in the client while
-//! its ack timer runs. Each task then goes through (see the module docs of
+//! its ack timer runs. With the tenant's scheduler
+//! ([`DispatchOptions::scheduler`](super::DispatchOptions::scheduler)), a slot is
+//! a local permit *and* one of the tenant's task permits: the first is awaited
+//! (the scheduler's overflow policy: FIFO queue or refusal with a retry-after),
+//! further ones are taken only if free at once, so the worker never holds more
+//! than it can run and `max_concurrent_tasks` holds across all workers of the
+//! tenant on the instance. Each task then goes through (see the module docs of
 //! [`dispatch`](super) for why): open and verify -> already done? -> tenant
 //! suspended? (hold it, sending progress, until active) -> expired? -> delivery
 //! limit? -> run the handler (progress acks every `ack_wait / 3`, a time limit)
@@ -32,6 +38,8 @@ use tokio::task::JoinSet;
 
 use super::wire::{DeadLetter, TaskOutcome};
 use super::{unavailable, DispatchError, Dispatcher, TaskType};
+use crate::scheduler::{SchedulerErrorKind, TaskPermit, TenantScheduler};
+use tenant_bus::admission::RejectReason;
 
 /// A task as a handler sees it: verified, decrypted.
 #[derive(Debug, Clone)]
@@ -97,8 +105,9 @@ impl WorkerOptions {
         Self::default()
     }
 
-    /// Tasks run at once by this worker (at least 1). Use the tenant's
-    /// `max_concurrent_tasks` (or a scheduler permit per task) for a tenant cap.
+    /// Tasks run at once by this worker (at least 1). For a tenant-wide cap
+    /// (`max_concurrent_tasks` across workers), give the dispatcher the tenant's
+    /// scheduler ([`DispatchOptions::scheduler`](super::DispatchOptions::scheduler)).
     pub fn concurrency(mut self, n: usize) -> Self {
         self.concurrency = n.max(1);
         self
@@ -252,6 +261,62 @@ fn gate_active(d: &Dispatcher) -> bool {
     d.ensure_active().is_ok()
 }
 
+/// What a running task holds: a slot of this worker and, with a scheduler, one
+/// of the tenant's task permits. Both are released on drop.
+struct Slot {
+    _local: OwnedSemaphorePermit,
+    _task: Option<TaskPermit>,
+}
+
+/// Waits for the first slot: a local permit, then the tenant's task permit.
+/// `Err(pause)`: the scheduler refused (suspended, queue full, timed out); try
+/// again after `pause`.
+async fn first_slot(
+    slots: &Arc<Semaphore>,
+    tenant: Option<&Arc<TenantScheduler>>,
+) -> Result<Option<Slot>, Duration> {
+    let Ok(local) = slots.clone().acquire_owned().await else {
+        return Ok(None);
+    };
+    let task = match tenant {
+        None => None,
+        Some(t) => match t.acquire_task().await {
+            Ok(p) => Some(p),
+            Err(e) => {
+                let pause = match e.kind() {
+                    SchedulerErrorKind::Rejected(r) if r.reason == RejectReason::Suspended => {
+                        Duration::from_millis(250)
+                    }
+                    SchedulerErrorKind::Rejected(r) => r
+                        .retry_after
+                        .unwrap_or(Duration::from_millis(50))
+                        .clamp(Duration::from_millis(1), Duration::from_secs(1)),
+                    _ => Duration::from_millis(250),
+                };
+                tracing::debug!(error = %e, "no task permit; pausing the pull");
+                return Err(pause);
+            }
+        },
+    };
+    Ok(Some(Slot {
+        _local: local,
+        _task: task,
+    }))
+}
+
+/// A further slot, only if both permits are free right now.
+fn try_slot(slots: &Arc<Semaphore>, tenant: Option<&Arc<TenantScheduler>>) -> Option<Slot> {
+    let local = slots.clone().try_acquire_owned().ok()?;
+    let task = match tenant {
+        None => None,
+        Some(t) => Some(t.tasks().try_acquire().ok()?),
+    };
+    Some(Slot {
+        _local: local,
+        _task: task,
+    })
+}
+
 async fn run(
     ctx: Arc<Ctx>,
     consumer: consumer::Consumer<pull::Config>,
@@ -259,6 +324,7 @@ async fn run(
     mut stop: watch::Receiver<bool>,
 ) {
     let slots = Arc::new(Semaphore::new(options.concurrency));
+    let tenant = ctx.d.shared.options.scheduler.clone();
     let mut running = JoinSet::new();
     let mut backoff = Duration::from_millis(100);
     while !*stop.borrow() {
@@ -272,14 +338,21 @@ async fn run(
             continue;
         }
         let first = tokio::select! {
-            p = slots.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
+            p = first_slot(&slots, tenant.as_ref()) => match p {
+                Ok(Some(p)) => p,
+                Ok(None) => break,
+                Err(pause) => {
+                    tokio::select! {
+                        _ = tokio::time::sleep(pause) => {}
+                        _ = stop.changed() => {}
+                    }
+                    continue;
+                }
             },
             _ = stop.changed() => continue,
         };
-        let mut permits: Vec<OwnedSemaphorePermit> = vec![first];
-        while let Ok(p) = slots.clone().try_acquire_owned() {
+        let mut permits: Vec<Slot> = vec![first];
+        while let Some(p) = try_slot(&slots, tenant.as_ref()) {
             permits.push(p);
         }
         let batch = consumer
