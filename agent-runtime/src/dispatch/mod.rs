@@ -70,7 +70,7 @@
 //! # The tenant's scheduler
 //!
 //! With [`DispatchOptions::scheduler`] (the tenant's
-//! [`TenantScheduler`](crate::scheduler::TenantScheduler)), dispatch is fed to the
+//! [`TenantScheduler`]), dispatch is fed to the
 //! resource-pool scheduler like every other message of the tenant:
 //! - every [`Dispatcher::dispatch`] and [`Dispatcher::submit`] is one message of
 //!   the payload's size through the tenant's message admission (suspension, size,

@@ -18,7 +18,8 @@
 //! [`TenantScheduler`] combines them for one tenant, built from its
 //! [`Quotas`](crate::tiers::Quotas); it implements
 //! [`tenant_bus::admission::Admission`]. [`Scheduler`] creates tenant schedulers
-//! lazily.
+//! lazily. Refusals are [`SchedulerError`]s whose kind carries a
+//! [`Rejection`](tenant_bus::admission::Rejection): a reason and a retry-after.
 //!
 //! # Where it is fed
 //!
@@ -31,8 +32,7 @@
 //! - every agent start: a cluster-wide agent slot held while the agent is
 //!   registered ([`AgentHost::with_scheduler`](crate::agent::AgentHost::with_scheduler));
 //! - registry changes: suspension, activation and quota changes
-//!   ([`RegistryFollower`], also run by an agent host with a scheduler). Refusals are [`SchedulerError`]s whose kind carries a
-//! [`Rejection`](tenant_bus::admission::Rejection): a reason and a retry-after.
+//!   ([`RegistryFollower`], also run by an agent host with a scheduler).
 //!
 //! # Key-value buckets (JetStream, shared by every instance)
 //!
