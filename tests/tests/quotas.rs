@@ -550,6 +550,8 @@ async fn noisy_tenant_is_held_to_its_window_while_quiet_tasks_complete() {
                 },
             }
         }
+        // Hand the last messages to the server before the connection goes.
+        noisy_ns.flush().await.unwrap();
         (per_window, offered, refused, ambiguous, no_hint)
     });
 
