@@ -97,6 +97,7 @@ pub use follow::RegistryFollower;
 pub use kv::{KvLedger, RateBucket, RATE_BUCKET};
 pub use layer::{
     Chain, Check, Clock, Cost, Gate, Layer, ManualClock, RefillFuture, SizeLimit, Suspension,
+    SystemClock, TimeSource,
 };
 pub use rate::{
     BatchPolicy, Dimension, Lease, LeaseFuture, LeaseHint, LeaseRequest, MemoryLedger, RateWindow,

@@ -15,7 +15,9 @@ use tenant_bus::{AgentId, CredentialBundle, NamespaceOptions, TenantId, TenantNa
 use super::concurrency::{ConcurrencyLimit, Overflow, Permit, TaskPermit};
 use super::error::{from_rejection, SchedulerError, SchedulerErrorKind};
 use super::kv::{KvLedger, RateBucket};
-use super::layer::{Chain, Check, Clock, Gate, SizeLimit, Suspension};
+use super::layer::{
+    Chain, Check, Clock, Gate, RefillFuture, SizeLimit, Suspension, SystemClock, TimeSource,
+};
 use super::rate::{BatchPolicy, Dimension, MemoryLedger, RateWindow, TokenLedger};
 use super::slots::{AgentSlot, AgentSlots, SlotBucket, SlotStore};
 use crate::tiers::Quotas;
@@ -24,8 +26,40 @@ use crate::tiers::Quotas;
 /// window, byte window.
 pub type MessageLayers = Chain<Suspension, Chain<SizeLimit, Chain<RateWindow, RateWindow>>>;
 
-/// A tenant's message admission: [`MessageLayers`] behind a [`Gate`].
+/// A tenant's message admission on the system clock: [`MessageLayers`] behind a
+/// [`Gate`].
 pub type MessageGate = Gate<MessageLayers>;
+
+/// A tenant's gate, whatever its clock (the clock is a type parameter so that the
+/// system clock costs no memory read on the hot path).
+trait TenantGate: Send + Sync + 'static {
+    fn layers(&self) -> &MessageLayers;
+    fn check(&self, bytes: u64) -> Check;
+    fn admit(&self, bytes: u64) -> RefillFuture<'_>;
+}
+
+impl<C: TimeSource> TenantGate for Gate<MessageLayers, C> {
+    fn layers(&self) -> &MessageLayers {
+        Gate::layers(self)
+    }
+
+    fn check(&self, bytes: u64) -> Check {
+        Gate::check(self, bytes)
+    }
+
+    fn admit(&self, bytes: u64) -> RefillFuture<'_> {
+        Box::pin(Gate::admit(self, bytes))
+    }
+}
+
+/// Builds the gate on `clock`, as both views.
+fn gate_on<C: TimeSource>(
+    layers: MessageLayers,
+    clock: C,
+) -> (Arc<dyn TenantGate>, Arc<dyn Admission>) {
+    let gate = Gate::new(layers, clock);
+    (gate.clone(), gate)
+}
 
 /// Scheduler-wide settings.
 #[derive(Debug, Clone)]
@@ -124,10 +158,11 @@ impl AgentLease {
 
 /// One tenant's limits: message admission ([`Admission`]), tasks, agent slots,
 /// fair-queueing weight, suspension.
-#[derive(Debug)]
 pub struct TenantScheduler {
     id: TenantId,
-    gate: Arc<MessageGate>,
+    // Two views of one gate: its layers, and the `Admission` handed to namespaces.
+    gate: Arc<dyn TenantGate>,
+    admission: Arc<dyn Admission>,
     tasks: ConcurrencyLimit,
     agents: TenantSlots,
     weight: AtomicU64,
@@ -177,13 +212,18 @@ impl TenantScheduler {
                 "agents",
             )),
         };
+        let (gate, admission) = match &config.clock {
+            Clock::System => gate_on(layers, SystemClock),
+            Clock::Manual(m) => gate_on(layers, m.clone()),
+        };
         Self {
             tasks: ConcurrencyLimit::new(
                 usize_of(quotas.max_concurrent_tasks),
                 config.task_overflow,
                 "tasks",
             ),
-            gate: Gate::new(layers, config.clock.clone()),
+            gate,
+            admission,
             agents,
             weight: AtomicU64::new(quotas.weight.max(1)),
             id,
@@ -198,7 +238,7 @@ impl TenantScheduler {
     /// The message admission to hand to the tenant's namespace: the gate itself,
     /// so a check is one virtual call on the tenant's own state.
     pub fn message_admission(&self) -> Arc<dyn Admission> {
-        self.gate.clone()
+        self.admission.clone()
     }
 
     /// `base` with this tenant's message admission: a namespace connected with
@@ -226,9 +266,9 @@ impl TenantScheduler {
         self.namespace_options(base).connect(bundle).await
     }
 
-    /// The message gate and its layers.
-    pub fn gate(&self) -> &Arc<MessageGate> {
-        &self.gate
+    /// The message layers (suspension, size, message window, byte window).
+    pub fn layers(&self) -> &MessageLayers {
+        self.gate.layers()
     }
 
     /// The synchronous message check (no waiting).
@@ -341,10 +381,24 @@ impl TenantScheduler {
     }
 }
 
+impl std::fmt::Debug for TenantScheduler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TenantScheduler")
+            .field("id", &self.id)
+            .field("suspended", &self.is_suspended())
+            .field("message_window", self.message_window())
+            .field("byte_window", self.byte_window())
+            .field("tasks", &self.tasks)
+            .field("agents", &self.agents)
+            .field("weight", &self.weight())
+            .finish()
+    }
+}
+
 impl Admission for TenantScheduler {
     #[inline]
     fn admit_message(&self, bytes: usize) -> Admit {
-        self.gate.admit_message(bytes)
+        self.admission.admit_message(bytes)
     }
 }
 
