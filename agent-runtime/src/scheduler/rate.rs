@@ -20,7 +20,8 @@
 //!   exceeds the cap, at least `cap - K * B` messages are admitted. For bytes a
 //!   batch is topped up to the message at hand, so the slack is `K * (B + M)`, `M`
 //!   the largest message. A crashed instance loses the rest of its batch for that
-//!   window only.
+//!   window only, and so does a refill whose caller gave up while the lease was in
+//!   flight (leased, never deposited): both can only under-admit.
 //!
 //! `B` is `clamp(cap / (4 * K), 1, max_batch)` with `K` the expected number of
 //! instances ([`BatchPolicy`]): at most a quarter of the cap is ever stranded, and a
