@@ -743,6 +743,61 @@ mod tests {
         assert_eq!(w.local_tokens(0), before + 1);
     }
 
+    mod prop {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(64))]
+
+            /// Any interleaving of K instances, any sizes: bytes admitted per window
+            /// never exceed the cap, every leased byte is admitted or held by an
+            /// instance, instances hold at most K * (B + M) unspent, and demand
+            /// that keeps coming spends the whole cap.
+            #[test]
+            fn byte_windows_hold_the_bound(
+                cap in 1u64..200_000,
+                k in 1u32..6,
+                sizes in proptest::collection::vec((0usize..6, 1u64..20_000), 1..400),
+            ) {
+                let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+                rt.block_on(async {
+                    let ledger = Arc::new(MemoryLedger::new());
+                    let windows: Vec<_> = (0..k)
+                        .map(|_| window(&ledger, Dimension::Bytes, cap, k))
+                        .collect();
+                    let batch = windows[0].batch();
+                    let now_ms = 42_000;
+                    let mut admitted = 0u64;
+                    let mut largest = 0u64;
+                    for &(who, bytes) in &sizes {
+                        let w = &windows[who % k as usize];
+                        largest = largest.max(bytes);
+                        if admit(w, Cost { bytes, now_ms }).await {
+                            admitted += bytes;
+                        }
+                    }
+                    prop_assert!(admitted <= cap);
+                    let leased = ledger.leased("acme.bytes", 42);
+                    prop_assert!(leased <= cap);
+                    // What instances hold unspent is at most K * (B + M).
+                    let stranded: u64 = windows.iter().map(|w| w.local_tokens(now_ms)).sum();
+                    prop_assert_eq!(admitted + stranded, leased);
+                    prop_assert!(stranded <= u64::from(k) * (batch + largest));
+                    // Drain: every instance sends 1-byte messages until refused.
+                    for w in &windows {
+                        while admit(w, Cost { bytes: 1, now_ms }).await {
+                            admitted += 1;
+                        }
+                    }
+                    prop_assert_eq!(ledger.leased("acme.bytes", 42), cap);
+                    prop_assert_eq!(admitted, cap);
+                    Ok(())
+                })?;
+            }
+        }
+    }
+
     struct Failing;
     impl TokenLedger for Failing {
         fn lease<'a>(&'a self, _r: LeaseRequest<'a>, _h: &'a mut LeaseHint) -> LeaseFuture<'a> {
