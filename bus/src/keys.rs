@@ -152,7 +152,8 @@ impl hkdf::KeyType for Len32 {
 pub struct TenantKey {
     version: u32,
     bytes: [u8; KEY_LEN],
-    aead: std::sync::OnceLock<Option<LessSafeKey>>,
+    // Boxed so an unused key does not reserve the schedule's ~0.5 KiB inline.
+    aead: std::sync::OnceLock<Option<Box<LessSafeKey>>>,
 }
 
 impl TenantKey {
@@ -184,9 +185,9 @@ impl TenantKey {
             .get_or_init(|| {
                 UnboundKey::new(&AES_256_GCM, &self.bytes)
                     .ok()
-                    .map(LessSafeKey::new)
+                    .map(|k| Box::new(LessSafeKey::new(k)))
             })
-            .as_ref()
+            .as_deref()
     }
 }
 

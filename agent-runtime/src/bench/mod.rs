@@ -85,7 +85,7 @@ impl Plan {
                 js_count: 50_000,
                 soak_secs: args.soak_secs.unwrap_or(60),
                 tenant_counts: vec![10, 1_000, 100_000],
-                checks: 10_000_000,
+                checks: 1_000_000,
                 onboard: 5,
             }
         }

@@ -162,10 +162,13 @@ fn sealed_options() -> Result<NamespaceOptions, CliError> {
     let mut quotas = Quotas::for_tier(Tier::Enterprise);
     quotas.messages_per_window = u64::MAX / 4;
     quotas.bytes_per_window = u64::MAX / 4;
+    // One window for the whole run: a window roll-over re-leases tokens, which is
+    // measured separately (the scheduler's own tests and bench).
+    quotas.window_ms = 3_600_000;
     quotas.max_message_bytes = 64 * 1024 * 1024;
     let mut config = SchedulerConfig::default().instances(1);
     config.message_batch.max_batch = 1 << 27;
-    config.byte_batch.max_batch = 1 << 27;
+    config.byte_batch.max_batch = 1 << 40;
     let scheduler = Scheduler::local(config);
     let tenant = TenantId::new("bench").map_err(|e| CliError(e.to_string()))?;
     let ts = scheduler
@@ -516,46 +519,78 @@ async fn tenants(a: TenantsArgs) -> Result<serde_json::Value, CliError> {
     let mut quotas = Quotas::for_tier(Tier::Pro);
     quotas.messages_per_window = u64::MAX / 4;
     quotas.bytes_per_window = u64::MAX / 4;
+    quotas.window_ms = 3_600_000;
     let mut config = SchedulerConfig::default().instances(1);
     config.message_batch.max_batch = 1 << 27;
-    config.byte_batch.max_batch = 1 << 27;
+    config.byte_batch.max_batch = 1 << 40;
     let scheduler = Scheduler::local(config);
     let ids: Vec<TenantId> = (0..n)
         .map(|i| TenantId::new(&format!("tenant-{i}")))
         .collect::<Result<_, _>>()
         .map_err(|e| CliError(e.to_string()))?;
 
-    let before = rss_kib();
-    let mut cache = std::collections::HashMap::with_capacity(n);
-    let mut keys = Vec::with_capacity(n);
-    let mut gates: Vec<Arc<dyn Admission>> = Vec::with_capacity(n);
+    // What a runtime instance holds per tenant: a registry cache entry, a
+    // scheduler state and the tenant's key set.
+    let record = |id: &TenantId| crate::registry::TenantRecord {
+        id: id.clone(),
+        name: id.to_string(),
+        tier: Tier::Pro,
+        settings: Default::default(),
+        status: crate::registry::Status::Active,
+        created_at: 0,
+        updated_at: 0,
+        revision: 1,
+    };
+    let err = |e: &dyn std::fmt::Display| CliError(e.to_string());
+    // The marginal memory of one more idle tenant while `n` exist: RSS growth over
+    // PROBE more tenants (RSS moves in pages and allocator arenas, so a delta over a
+    // handful of tenants would measure granularity, not tenants). Containers are
+    // reserved up front so their one-off growth is not counted per tenant.
+    const PROBE: usize = 20_000;
+    let mut cache = std::collections::HashMap::with_capacity(n + PROBE);
+    let mut keys = Vec::with_capacity(n + PROBE);
+    let mut gates: Vec<Arc<dyn Admission>> = Vec::with_capacity(n + PROBE);
     for id in &ids {
-        let ts = scheduler
-            .tenant(id, &quotas)
-            .map_err(|e| CliError(e.to_string()))?;
-        gates.push(ts.message_admission());
-        keys.push(
-            master
-                .key_set(id, [1], 1)
-                .map_err(|e| CliError(e.to_string()))?,
+        gates.push(
+            scheduler
+                .tenant(id, &quotas)
+                .map_err(|e| err(&e))?
+                .message_admission(),
         );
-        cache.insert(
-            id.clone(),
-            crate::registry::TenantRecord {
-                id: id.clone(),
-                name: id.to_string(),
-                tier: Tier::Pro,
-                settings: Default::default(),
-                status: crate::registry::Status::Active,
-                created_at: 0,
-                updated_at: 0,
-                revision: 1,
-            },
+        keys.push(master.key_set(id, [1], 1).map_err(|e| err(&e))?);
+        cache.insert(id.clone(), record(id));
+    }
+    let probe_ids: Vec<TenantId> = (0..PROBE)
+        .map(|i| TenantId::new(&format!("probe-{i}")))
+        .collect::<Result<_, _>>()
+        .map_err(|e| err(&e))?;
+    let r0 = rss_kib();
+    for id in &probe_ids {
+        gates.push(
+            scheduler
+                .tenant(id, &quotas)
+                .map_err(|e| err(&e))?
+                .message_admission(),
         );
     }
-    let after = rss_kib();
+    let r1 = rss_kib();
+    for id in &probe_ids {
+        keys.push(master.key_set(id, [1], 1).map_err(|e| err(&e))?);
+    }
+    let r2 = rss_kib();
+    for id in &probe_ids {
+        cache.insert(id.clone(), record(id));
+    }
+    let r3 = rss_kib();
+    let per = |a: u64, b: u64| (b.saturating_sub(a) as f64 * 1024.0) / PROBE as f64;
+    // The cache's entries live inline in its pre-reserved table (at most 8/7 of a
+    // slot per entry at hashbrown's load factor), so RSS growth shows only their
+    // heap parts: add the inline size.
+    let entry = std::mem::size_of::<(TenantId, crate::registry::TenantRecord)>() as f64 * 8.0 / 7.0;
+    let registry_bytes = per(r2, r3) + entry;
+    let gates = &gates[..n];
     // Warm every gate once (first use leases the batch).
-    for g in &gates {
+    for g in gates {
         if let Admit::Wait(f) = g.admit_message(128) {
             f.await.map_err(|r| CliError(r.to_string()))?;
         }
@@ -582,7 +617,10 @@ async fn tenants(a: TenantsArgs) -> Result<serde_json::Value, CliError> {
     Ok(serde_json::json!({
         "one_tenant_ns": one_ns,
         "round_robin_ns": rr_ns,
-        "bytes_per_tenant": (after.saturating_sub(before) as f64 * 1024.0) / n as f64,
+        "bytes_per_tenant": per(r0, r2) + registry_bytes,
+        "scheduler_bytes": per(r0, r1),
+        "keys_bytes": per(r1, r2),
+        "registry_bytes": registry_bytes,
         "peak_rss_kib": peak_rss_kib(),
     }))
 }
