@@ -7,7 +7,13 @@
 //! a bounded broadcast channel ([`TenantNamespace::events`](crate::TenantNamespace::events))
 //! and into a counter ([`Counters`](crate::verify::Counters)), so neither goes
 //! unnoticed. A receiver that lags behind the channel's capacity loses the oldest
-//! events (and is told how many by `RecvError::Lagged`); the counters never lose.
+//! events (and is told how many by `RecvError::Lagged`); the counters count every
+//! event the callback receives.
+//!
+//! Upstream bound: async-nats itself queues at most 128 events between its
+//! connection task and the callback and drops the rest of a larger burst
+//! (`try_send`), so a burst of more than 128 violations within one read can be
+//! under-counted. The server still refuses every one of them.
 
 use std::sync::Arc;
 

@@ -123,6 +123,9 @@ pub enum RequestErrorKind {
     Serialize,
     /// The request could not be sent, or the reply inbox not set up.
     Send,
+    /// The namespace already has its maximum of requests in flight
+    /// ([`NamespaceOptions::max_pending_requests`]).
+    TooManyPending,
 }
 
 impl std::fmt::Display for RequestErrorKind {
@@ -135,6 +138,7 @@ impl std::fmt::Display for RequestErrorKind {
             Self::Seal => f.write_str("sealing failed"),
             Self::Serialize => f.write_str("JSON (de)serialization failed"),
             Self::Send => f.write_str("request failed"),
+            Self::TooManyPending => f.write_str("too many requests in flight"),
         }
     }
 }
@@ -458,7 +462,7 @@ impl TenantNamespace {
             .muxer
             .get_or_try_init(|| Muxer::start(self.clone()))
             .await?;
-        let pending = muxer.register(subject.clone());
+        let pending = muxer.register(subject.clone(), self.inner.options.max_pending_requests)?;
         let full = scope(&self.inner.tenant, subject.as_str());
         let (_, body) = self
             .inner
@@ -674,17 +678,27 @@ impl Muxer {
         Ok(muxer)
     }
 
-    fn register(&self, subject: Subject) -> Pending {
+    /// Registers a waiter, or refuses when `max` requests are already in flight.
+    fn register(&self, subject: Subject, max: usize) -> Result<Pending, RequestError> {
         let token = self.next.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        if let Ok(mut map) = self.waiters.lock() {
-            map.insert(token, (subject, tx));
+        match self.waiters.lock() {
+            Ok(mut map) if map.len() < max => {
+                map.insert(token, (subject, tx));
+            }
+            Ok(_) => {
+                return Err(Error::new(
+                    RequestErrorKind::TooManyPending,
+                    format!("{max} requests already in flight"),
+                ))
+            }
+            Err(_) => return Err(Error::new(RequestErrorKind::Send, "request table poisoned")),
         }
-        Pending {
+        Ok(Pending {
             token,
             reply: format!("{}.{}", self.prefix, token),
             rx: Some(rx),
             waiters: self.waiters.clone(),
-        }
+        })
     }
 }

@@ -15,6 +15,7 @@ pub struct NamespaceOptions {
     pub(crate) freshness: Freshness,
     pub(crate) subscription_capacity: usize,
     pub(crate) max_replay_senders: usize,
+    pub(crate) max_pending_requests: usize,
     pub(crate) request_timeout: Duration,
     pub(crate) connect_timeout: Duration,
     pub(crate) admission: Option<Arc<dyn Admission>>,
@@ -26,6 +27,7 @@ impl std::fmt::Debug for NamespaceOptions {
             .field("freshness", &self.freshness)
             .field("subscription_capacity", &self.subscription_capacity)
             .field("max_replay_senders", &self.max_replay_senders)
+            .field("max_pending_requests", &self.max_pending_requests)
             .field("request_timeout", &self.request_timeout)
             .field("connect_timeout", &self.connect_timeout)
             .field("admission", &self.admission.is_some())
@@ -39,6 +41,7 @@ impl Default for NamespaceOptions {
             freshness: Freshness::default(),
             subscription_capacity: 65_536,
             max_replay_senders: 100_000,
+            max_pending_requests: 65_536,
             request_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(5),
             admission: None,
@@ -76,6 +79,14 @@ impl NamespaceOptions {
     /// (about 56 bytes each). Default: 100,000.
     pub fn max_replay_senders(mut self, max: usize) -> Self {
         self.max_replay_senders = max.max(1);
+        self
+    }
+
+    /// The most requests in flight at once; one more fails at once with
+    /// [`RequestErrorKind::TooManyPending`](crate::RequestErrorKind) instead of
+    /// growing the reply table. Default: 65,536.
+    pub fn max_pending_requests(mut self, max: usize) -> Self {
+        self.max_pending_requests = max.max(1);
         self
     }
 
