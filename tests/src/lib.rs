@@ -87,3 +87,36 @@ where
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// An operator-mode deployment for one test: a control-plane state directory, a
+/// nats-server configured from it (per-tenant accounts, full resolver, JetStream),
+/// and the control plane connected live, so tenant changes are pushed at once.
+pub struct Platform {
+    /// The server.
+    pub server: Server,
+    /// The control plane, connected as the system user.
+    pub cp: agent_runtime::control::ControlPlane,
+    // Held for its Drop: removes the state directory.
+    _tmp: tempfile::TempDir,
+}
+
+/// Starts a [`Platform`], panicking on failure (this is test code).
+pub async fn platform() -> Platform {
+    let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("temp dir: {e}"));
+    let mut cp = agent_runtime::control::ControlPlane::init(tmp.path().join("state"))
+        .unwrap_or_else(|e| panic!("control plane init: {e}"));
+    let config = cp
+        .server_config(&cp.default_server_options())
+        .unwrap_or_else(|e| panic!("server config: {e}"));
+    let server = Server::with_options(ServerOptions::new().config(config));
+    cp.set_server_url(&server.url())
+        .unwrap_or_else(|e| panic!("server url: {e}"));
+    cp.connect(&server.url())
+        .await
+        .unwrap_or_else(|e| panic!("control plane connect: {e}"));
+    Platform {
+        server,
+        cp,
+        _tmp: tmp,
+    }
+}

@@ -16,38 +16,16 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use agent_runtime::control::ControlPlane;
 use agent_runtime::tiers::{Quotas, Tier};
 use async_nats::jetstream::{self, consumer::pull, kv, stream};
 use futures::StreamExt as _;
-use nats_harness::{Server, ServerOptions};
+use nats_harness::platform;
 use tenant_bus::CredentialBundle;
 use tokio::sync::mpsc;
 
 const WAIT: Duration = Duration::from_secs(2);
 
 // ----- harness ---------------------------------------------------------------------
-
-struct Platform {
-    _tmp: tempfile::TempDir,
-    server: Server,
-    cp: ControlPlane,
-}
-
-/// A state dir, a server configured from it, and the control plane connected live.
-async fn platform() -> Platform {
-    let tmp = tempfile::tempdir().unwrap();
-    let mut cp = ControlPlane::init(tmp.path().join("state")).unwrap();
-    let config = cp.server_config(&cp.default_server_options()).unwrap();
-    let server = Server::with_options(ServerOptions::new().config(config));
-    cp.set_server_url(&server.url()).unwrap();
-    cp.connect(&server.url()).await.unwrap();
-    Platform {
-        _tmp: tmp,
-        server,
-        cp,
-    }
-}
 
 /// Everything a connection's event callback reported, as text.
 struct Events {

@@ -28,33 +28,12 @@ use agent_runtime::tiers::Tier;
 use async_nats::jetstream;
 use bytes::Bytes;
 use futures::StreamExt as _;
-use nats_harness::{eventually, Server, ServerOptions};
+use nats_harness::{eventually, platform};
 use tenant_bus::{CredentialBundle, TenantNamespace};
 use tokio::sync::mpsc;
 
 const WAIT: Duration = Duration::from_secs(20);
 const SEE: Duration = Duration::from_secs(2);
-
-struct Platform {
-    _tmp: tempfile::TempDir,
-    server: Server,
-    cp: ControlPlane,
-}
-
-/// A state dir, an operator-mode server configured from it, the control plane live.
-async fn platform() -> Platform {
-    let tmp = tempfile::tempdir().unwrap();
-    let mut cp = ControlPlane::init(tmp.path().join("state")).unwrap();
-    let config = cp.server_config(&cp.default_server_options()).unwrap();
-    let server = Server::with_options(ServerOptions::new().config(config));
-    cp.set_server_url(&server.url()).unwrap();
-    cp.connect(&server.url()).await.unwrap();
-    Platform {
-        _tmp: tmp,
-        server,
-        cp,
-    }
-}
 
 /// Fast retries for tests, default (per-account) names.
 fn options() -> DispatchOptions {

@@ -324,7 +324,17 @@ pub async fn run(args: BenchArgs) -> Result<(), CliError> {
     let table = report.render();
     println!("{table}");
     if let Some(path) = &args.out {
-        std::fs::write(path, report.markdown(&table))
+        // Keep the hand-written analysis (from its heading on) across regenerations.
+        let analysis = std::fs::read_to_string(path).ok().and_then(|old| {
+            old.find(report::ANALYSIS_HEADING)
+                .map(|i| old[i..].to_string())
+        });
+        let mut text = report.markdown(&table);
+        if let Some(a) = analysis {
+            text.push('\n');
+            text.push_str(&a);
+        }
+        std::fs::write(path, text)
             .map_err(|e| CliError(format!("writing {}: {e}", path.display())))?;
         eprintln!("agentbus bench: wrote {}", path.display());
     }

@@ -6,6 +6,10 @@ use super::stats::Summary;
 use super::BenchArgs;
 use crate::local_server::LocalServer;
 
+/// The heading of the hand-written part of `BENCHMARKS.md`, kept when it is
+/// regenerated.
+pub const ANALYSIS_HEADING: &str = "## Analysis";
+
 /// Whether more is better (throughput) or less (latency, memory).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Better {
@@ -65,6 +69,15 @@ impl Row {
             return 0.0;
         }
         self.values[1].median / self.values[0].median
+    }
+
+    /// `Some(shortfall)` when a target is missed: how far the ratio is from it.
+    pub fn miss(&self) -> Option<f64> {
+        match (self.better, self.target) {
+            (Better::Higher, Some(t)) if self.ratio() < t => Some(t - self.ratio()),
+            (Better::Lower, Some(t)) if self.ratio() > t => Some(self.ratio() - t),
+            _ => None,
+        }
     }
 
     fn verdict(&self) -> String {
@@ -321,6 +334,27 @@ impl Report {
             }
         );
         s.push_str(table);
+        let misses: Vec<String> = self
+            .rows
+            .iter()
+            .filter_map(|r| {
+                r.miss().map(|m| {
+                    format!(
+                        "- {}: {:.2}x against a target of {:.2}x (short by {:.2})",
+                        r.name,
+                        r.ratio(),
+                        r.target.unwrap_or(0.0),
+                        m
+                    )
+                })
+            })
+            .collect();
+        if !misses.is_empty() {
+            let _ = writeln!(s, "\nTargets missed in this run:\n");
+            for m in misses {
+                let _ = writeln!(s, "{m}");
+            }
+        }
         s
     }
 }

@@ -141,7 +141,12 @@ fn fail(what: &str) -> impl FnOnce(String) -> CliError + '_ {
 
 /// A bundle for the benchmark tenant on a server without auth.
 pub fn bench_bundle(url: &str, agent: &str) -> Result<CredentialBundle, CliError> {
-    let tenant = TenantId::new("bench").map_err(|e| CliError(e.to_string()))?;
+    tenant_bundle(url, "bench", agent)
+}
+
+/// A bundle for agent `agent` of tenant `tenant` on a server without auth.
+fn tenant_bundle(url: &str, tenant: &str, agent: &str) -> Result<CredentialBundle, CliError> {
+    let tenant = TenantId::new(tenant).map_err(|e| CliError(e.to_string()))?;
     // A fixed secret: every worker process must derive the same tenant key.
     let master = MasterSecret::from_bytes(&[42u8; 32]).map_err(|e| CliError(e.to_string()))?;
     Ok(CredentialBundle {
@@ -719,11 +724,17 @@ async fn jetstream(a: JetstreamArgs) -> Result<serde_json::Value, CliError> {
                 r.map_err(|e| fail("ack")(e.to_string()))?;
             }
             consume_secs = t.elapsed().as_secs_f64();
+            let _ = js.delete_stream(&name).await;
         }
         Mode::Sealed => {
             use crate::dispatch::{DispatchOptions, Dispatcher, Task, WorkerOptions};
+            // A tenant of its own per run: a tenant's task stream owns its subjects.
             let ns = sealed_options()?
-                .connect(&bench_bundle(&a.url, "dispatcher")?)
+                .connect(&tenant_bundle(
+                    &a.url,
+                    &format!("js-{}", a.run),
+                    "dispatcher",
+                )?)
                 .await
                 .map_err(|e| fail("connect")(e.to_string()))?;
             let dispatcher = Dispatcher::new(
@@ -778,6 +789,9 @@ async fn jetstream(a: JetstreamArgs) -> Result<serde_json::Value, CliError> {
             }
             consume_secs = t.elapsed().as_secs_f64();
             worker.abort();
+            let js = jetstream::new(ns.nats().clone());
+            let _ = js.delete_stream(format!("TASKS_{}", a.run)).await;
+            let _ = js.delete_key_value(format!("DONE_{}", a.run)).await;
         }
     }
     let n = count as f64;

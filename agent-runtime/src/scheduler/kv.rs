@@ -51,6 +51,36 @@ impl Default for RateBucket {
     }
 }
 
+/// Creates (or updates) a history-1 key-value bucket whose entries expire after
+/// `max_age` (at least 1 s): the shape of both scheduler buckets.
+pub(crate) async fn open_expiring_bucket(
+    js: &jetstream::Context,
+    bucket: &str,
+    description: &str,
+    what: &str,
+    max_age: Duration,
+    storage: jetstream::stream::StorageType,
+    replicas: usize,
+) -> Result<kv::Store, SchedulerError> {
+    if max_age < Duration::from_secs(1) {
+        return Err(Error::new(
+            SchedulerErrorKind::InvalidConfig,
+            format!("{what} must be at least 1 s"),
+        ));
+    }
+    js.create_or_update_key_value(kv::Config {
+        bucket: bucket.to_string(),
+        description: description.to_string(),
+        history: 1,
+        max_age,
+        storage,
+        num_replicas: replicas,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| store_error(format!("opening bucket {bucket:?}"), e))
+}
+
 /// A [`TokenLedger`] in a JetStream key-value bucket, shared by every instance.
 #[derive(Debug, Clone)]
 pub struct KvLedger {
@@ -64,24 +94,16 @@ impl KvLedger {
         js: &jetstream::Context,
         options: &RateBucket,
     ) -> Result<Self, SchedulerError> {
-        if options.max_age < Duration::from_secs(1) {
-            return Err(Error::new(
-                SchedulerErrorKind::InvalidConfig,
-                "rate bucket max_age must be at least 1 s",
-            ));
-        }
-        let kv = js
-            .create_or_update_key_value(kv::Config {
-                bucket: options.bucket.clone(),
-                description: "agentbus scheduler: tokens leased per tenant and window".into(),
-                history: 1,
-                max_age: options.max_age,
-                storage: options.storage,
-                num_replicas: options.replicas,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| store_error(format!("opening bucket {:?}", options.bucket), e))?;
+        let kv = open_expiring_bucket(
+            js,
+            &options.bucket,
+            "agentbus scheduler: tokens leased per tenant and window",
+            "rate bucket max_age",
+            options.max_age,
+            options.storage,
+            options.replicas,
+        )
+        .await?;
         Ok(Self {
             kv,
             max_age: options.max_age,

@@ -78,24 +78,16 @@ impl SlotStore {
         js: &jetstream::Context,
         options: &SlotBucket,
     ) -> Result<Self, SchedulerError> {
-        if options.ttl < Duration::from_secs(1) {
-            return Err(Error::new(
-                SchedulerErrorKind::InvalidConfig,
-                "agent slot TTL must be at least 1 s",
-            ));
-        }
-        let kv = js
-            .create_or_update_key_value(kv::Config {
-                bucket: options.bucket.clone(),
-                description: "agentbus scheduler: agent slot leases".into(),
-                history: 1,
-                max_age: options.ttl,
-                storage: options.storage,
-                num_replicas: options.replicas,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| store_error(format!("opening bucket {:?}", options.bucket), e))?;
+        let kv = super::kv::open_expiring_bucket(
+            js,
+            &options.bucket,
+            "agentbus scheduler: agent slot leases",
+            "agent slot TTL",
+            options.ttl,
+            options.storage,
+            options.replicas,
+        )
+        .await?;
         Ok(Self {
             inner: Arc::new(StoreInner {
                 kv,
