@@ -30,6 +30,35 @@
 //! subscriptions of the same namespace is not a replay.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+
+/// Hashes a sender instance id with one multiplication (Fibonacci hashing).
+///
+/// Instance ids are drawn at random by each sealer, and the table is consulted
+/// only after a message authenticated under the tenant's key, so no outsider can
+/// pick keys to collide: SipHash's flooding resistance buys nothing here and costs
+/// more than the rest of the check.
+#[derive(Default)]
+pub struct InstanceHasher(u64);
+
+impl Hasher for InstanceHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only u64 keys are hashed; fold anything else in byte by byte.
+        for b in bytes {
+            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+type SenderTable = HashMap<u64, SenderWindow, BuildHasherDefault<InstanceHasher>>;
 
 use crate::verify::DropReason;
 
@@ -62,7 +91,7 @@ pub struct SenderWindow {
 #[derive(Debug)]
 pub struct ReplayGuard {
     options: ReplayOptions,
-    senders: HashMap<u64, SenderWindow>,
+    senders: SenderTable,
     last_sweep_ms: u64,
     last_subject: Option<(String, crate::subject::Subject)>,
     last_sender: Option<crate::ids::AgentId>,
@@ -73,7 +102,7 @@ impl ReplayGuard {
     pub fn new(options: ReplayOptions) -> Self {
         Self {
             options,
-            senders: HashMap::new(),
+            senders: SenderTable::default(),
             last_sweep_ms: 0,
             last_subject: None,
             last_sender: None,

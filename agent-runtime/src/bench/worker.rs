@@ -196,103 +196,203 @@ async fn raw_client(url: &str) -> Result<async_nats::Client, CliError> {
 /// the same for both modes, so neither drops messages nor measures a backlog.
 const WINDOW_BYTES: u64 = 8 * 1024 * 1024;
 
-async fn throughput(a: ThroughputArgs) -> Result<serde_json::Value, CliError> {
-    let payload = Bytes::from(vec![0x5au8; a.size]);
-    let received = Arc::new(AtomicU64::new(0));
-    let window = (WINDOW_BYTES / a.size.max(1) as u64).clamp(64, 100_000);
-    let count = a.count;
-    let start;
-    let done;
-    match a.mode {
-        Mode::Raw => {
-            let publisher = raw_client(&a.url).await?;
-            let subscriber = raw_client(&a.url).await?;
-            let mut sub = subscriber
-                .subscribe("tenant.bench.load")
-                .await
-                .map_err(|e| fail("subscribe")(e.to_string()))?;
-            barrier(&subscriber).await?;
-            let r = received.clone();
-            let reader = tokio::spawn(async move {
-                while r.load(Ordering::Relaxed) < count {
-                    match sub.next().await {
-                        Some(m) => {
-                            std::hint::black_box(&m.payload);
-                            r.fetch_add(1, Ordering::Relaxed);
-                        }
-                        None => break,
-                    }
-                }
-                Instant::now()
-            });
-            start = Instant::now();
-            for i in 0..count {
-                while i.saturating_sub(received.load(Ordering::Relaxed)) > window {
-                    tokio::task::yield_now().await;
-                }
-                publisher
-                    .publish("tenant.bench.load", payload.clone())
+/// The publishing side: a raw client or a namespace (which seals, stamps and
+/// admits every message).
+enum Publisher {
+    Raw(async_nats::Client, &'static str),
+    Sealed(tenant_bus::TenantNamespace, Subject),
+}
+
+impl Publisher {
+    async fn connect(url: &str, mode: Mode, relative: &'static str) -> Result<Self, CliError> {
+        Ok(match mode {
+            Mode::Raw => Publisher::Raw(raw_client(url).await?, full_subject(relative)),
+            Mode::Sealed => Publisher::Sealed(
+                sealed_options()?
+                    .connect(&bench_bundle(url, "publisher")?)
                     .await
-                    .map_err(|e| fail("publish")(e.to_string()))?;
-            }
-            publisher
-                .flush()
+                    .map_err(|e| fail("connect")(e.to_string()))?,
+                Subject::new(relative).map_err(|e| CliError(e.to_string()))?,
+            ),
+        })
+    }
+
+    async fn publish(&self, payload: &Bytes) -> Result<(), CliError> {
+        match self {
+            Publisher::Raw(c, subject) => c
+                .publish(*subject, payload.clone())
                 .await
-                .map_err(|e| fail("flush")(e.to_string()))?;
-            done = finish(reader).await?;
-        }
-        Mode::Sealed => {
-            let publisher = sealed_options()?
-                .connect(&bench_bundle(&a.url, "publisher")?)
+                .map_err(|e| fail("publish")(e.to_string())),
+            Publisher::Sealed(ns, subject) => ns
+                .publish(subject, payload)
                 .await
-                .map_err(|e| fail("connect")(e.to_string()))?;
-            let subscriber = sealed_options()?
-                .connect(&bench_bundle(&a.url, "subscriber")?)
-                .await
-                .map_err(|e| fail("connect")(e.to_string()))?;
-            let subject = Subject::new("load").map_err(|e| CliError(e.to_string()))?;
-            let mut sub = subscriber
-                .subscribe(&subject)
-                .await
-                .map_err(|e| fail("subscribe")(e.to_string()))?;
-            let r = received.clone();
-            let reader = tokio::spawn(async move {
-                // Every message is verified (tenant, subject, tag, freshness,
-                // replay) by the subscription before it is counted.
-                while r.load(Ordering::Relaxed) < count {
-                    match sub.next().await {
-                        Some(m) => {
-                            std::hint::black_box(&m.payload);
-                            r.fetch_add(1, Ordering::Relaxed);
-                        }
-                        None => break,
-                    }
-                }
-                Instant::now()
-            });
-            start = Instant::now();
-            for i in 0..count {
-                while i.saturating_sub(received.load(Ordering::Relaxed)) > window {
-                    tokio::task::yield_now().await;
-                }
-                publisher
-                    .publish(&subject, &payload)
-                    .await
-                    .map_err(|e| fail("publish")(e.to_string()))?;
-            }
-            publisher
-                .flush()
-                .await
-                .map_err(|e| fail("flush")(e.to_string()))?;
-            done = finish(reader).await?;
-            let drops = subscriber.counters().snapshot().dropped_total();
-            if drops > 0 {
-                return Err(CliError(format!("{drops} messages failed verification")));
-            }
+                .map(|_| ())
+                .map_err(|e| fail("publish")(e.to_string())),
         }
     }
+
+    async fn flush(&self) -> Result<(), CliError> {
+        match self {
+            Publisher::Raw(c, _) => c.flush().await.map_err(|e| fail("flush")(e.to_string())),
+            Publisher::Sealed(ns, _) => ns.flush().await.map_err(|e| fail("flush")(e.to_string())),
+        }
+    }
+}
+
+/// `tenant.bench.<relative>`, for raw clients (leaked once per process: a
+/// benchmark worker publishes to one or two subjects).
+fn full_subject(relative: &'static str) -> &'static str {
+    Box::leak(format!("tenant.bench.{relative}").into_boxed_str())
+}
+
+/// What the subscriber thread shares with the publisher.
+struct Progress {
+    received: AtomicU64,
+    /// Signalled every [`NOTIFY_EVERY`] messages, so a publisher held by the
+    /// window wakes without spinning on the core the subscriber needs.
+    advanced: tokio::sync::Notify,
+    stop: std::sync::atomic::AtomicBool,
+}
+
+const NOTIFY_EVERY: u64 = 256;
+
+/// Runs the subscriber on its own OS thread with its own current-thread runtime
+/// and connection, as a separate agent would: counts (and, sealed, verifies) every
+/// message until `count` or `stop`. Returns once the subscription is live; the
+/// handle yields when the last message arrived and how many failed verification.
+async fn spawn_reader(
+    url: &str,
+    mode: Mode,
+    relative: &'static str,
+    count: u64,
+    progress: Arc<Progress>,
+) -> Result<std::thread::JoinHandle<Result<(Instant, u64), CliError>>, CliError> {
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<Result<(), CliError>>();
+    let url = url.to_string();
+    let handle = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| CliError(format!("runtime: {e}")))?;
+        rt.block_on(async move {
+            let count_one = |progress: &Progress| {
+                let n = progress.received.fetch_add(1, Ordering::Relaxed) + 1;
+                if n % NOTIFY_EVERY == 0 || n == count {
+                    progress.advanced.notify_one();
+                }
+                n
+            };
+            let done =
+                |progress: &Progress, n: u64| n >= count || progress.stop.load(Ordering::Relaxed);
+            match mode {
+                Mode::Raw => {
+                    let client = match raw_client(&url).await {
+                        Ok(c) => c,
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(CliError(e.0.clone())));
+                            return Err(e);
+                        }
+                    };
+                    let mut sub = client
+                        .subscribe(full_subject(relative))
+                        .await
+                        .map_err(|e| fail("subscribe")(e.to_string()))?;
+                    barrier(&client).await?;
+                    let _ = ready_tx.send(Ok(()));
+                    while let Some(m) = sub.next().await {
+                        std::hint::black_box(&m.payload);
+                        if done(&progress, count_one(&progress)) {
+                            break;
+                        }
+                    }
+                    Ok((Instant::now(), 0))
+                }
+                Mode::Sealed => {
+                    let ns = match sealed_options()?
+                        .connect(&bench_bundle(&url, "subscriber")?)
+                        .await
+                    {
+                        Ok(ns) => ns,
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(CliError(e.to_string())));
+                            return Err(CliError(e.to_string()));
+                        }
+                    };
+                    // Live at the server when subscribe returns.
+                    let mut sub = ns
+                        .subscribe(relative)
+                        .await
+                        .map_err(|e| fail("subscribe")(e.to_string()))?;
+                    let _ = ready_tx.send(Ok(()));
+                    // Every message is verified (tenant, subject, tag, freshness,
+                    // replay) by the subscription before it is counted.
+                    while let Some(m) = sub.next().await {
+                        std::hint::black_box(&m.payload);
+                        if done(&progress, count_one(&progress)) {
+                            break;
+                        }
+                    }
+                    Ok((Instant::now(), ns.counters().snapshot().dropped_total()))
+                }
+            }
+        })
+    });
+    match ready_rx.await {
+        Ok(Ok(())) => Ok(handle),
+        Ok(Err(e)) => Err(e),
+        Err(_) => match handle.join() {
+            Ok(Err(e)) => Err(e),
+            _ => Err(CliError(
+                "the subscriber thread ended before subscribing".into(),
+            )),
+        },
+    }
+}
+
+/// Publishes `payload` until `count` messages or `stop`, never more than `window`
+/// messages ahead of the subscriber.
+async fn publish_loop(
+    publisher: &Publisher,
+    payload: &Bytes,
+    count: u64,
+    window: u64,
+    progress: &Progress,
+) -> Result<u64, CliError> {
+    let mut sent = 0u64;
+    while sent < count && !progress.stop.load(Ordering::Relaxed) {
+        while sent.saturating_sub(progress.received.load(Ordering::Relaxed)) > window {
+            // Bounded wait: a missed notification costs at most 5 ms, never a hang.
+            let _ =
+                tokio::time::timeout(Duration::from_millis(5), progress.advanced.notified()).await;
+        }
+        publisher.publish(payload).await?;
+        sent += 1;
+    }
+    publisher.flush().await?;
+    Ok(sent)
+}
+
+/// Publish -> subscribe throughput: a publisher on this thread, the subscriber on
+/// its own, both raw or both sealed; the time from the first publish to the last
+/// message received.
+async fn throughput(a: ThroughputArgs) -> Result<serde_json::Value, CliError> {
+    let payload = Bytes::from(vec![0x5au8; a.size]);
+    let window = (WINDOW_BYTES / a.size.max(1) as u64).clamp(64, 100_000);
+    let progress = Arc::new(Progress {
+        received: AtomicU64::new(0),
+        advanced: tokio::sync::Notify::new(),
+        stop: std::sync::atomic::AtomicBool::new(false),
+    });
+    let publisher = Publisher::connect(&a.url, a.mode, "load").await?;
+    let reader = spawn_reader(&a.url, a.mode, "load", a.count, progress.clone()).await?;
+    let start = Instant::now();
+    publish_loop(&publisher, &payload, a.count, window, &progress).await?;
+    let (done, drops) = join_reader(reader, &progress).await?;
+    if drops > 0 {
+        return Err(CliError(format!("{drops} messages failed verification")));
+    }
     let secs = done.duration_since(start).as_secs_f64().max(1e-9);
-    let got = received.load(Ordering::Relaxed);
+    let got = progress.received.load(Ordering::Relaxed);
     Ok(serde_json::json!({
         "msgs_per_sec": got as f64 / secs,
         "mb_per_sec": got as f64 * a.size as f64 / secs / 1e6,
@@ -301,15 +401,81 @@ async fn throughput(a: ThroughputArgs) -> Result<serde_json::Value, CliError> {
     }))
 }
 
-/// Waits for the reader, at most 60 s after the last publish.
-async fn finish(reader: tokio::task::JoinHandle<Instant>) -> Result<Instant, CliError> {
-    match tokio::time::timeout(Duration::from_secs(60), reader).await {
-        Ok(Ok(t)) => Ok(t),
-        Ok(Err(e)) => Err(CliError(format!("reader task: {e}"))),
-        Err(_) => Err(CliError(
-            "the subscriber did not receive every message within 60 s".into(),
-        )),
+/// Waits (at most 60 s) for the subscriber thread, stopping it if it lags.
+async fn join_reader(
+    reader: std::thread::JoinHandle<Result<(Instant, u64), CliError>>,
+    progress: &Progress,
+) -> Result<(Instant, u64), CliError> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !reader.is_finished() {
+        if Instant::now() > deadline {
+            progress.stop.store(true, Ordering::Relaxed);
+            return Err(CliError(
+                "the subscriber did not receive every message within 60 s".into(),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
+    reader
+        .join()
+        .map_err(|_| CliError("the subscriber thread panicked".into()))?
+}
+
+/// Receives 1 KiB messages published as fast as the subscriber takes them for
+/// `secs`, sampling this process's RSS at 10 s (or a sixth of the run, if
+/// shorter) and at the end. Publisher and subscriber are set up as in the
+/// throughput measurement.
+async fn soak(a: SoakArgs) -> Result<serde_json::Value, CliError> {
+    let payload = Bytes::from(vec![0x5au8; 1024]);
+    let progress = Arc::new(Progress {
+        received: AtomicU64::new(0),
+        advanced: tokio::sync::Notify::new(),
+        stop: std::sync::atomic::AtomicBool::new(false),
+    });
+    let duration = Duration::from_secs(a.secs.max(1));
+    let early = Duration::from_secs(10).min(duration / 6);
+    let publisher = Publisher::connect(&a.url, a.mode, "soak").await?;
+    let reader = spawn_reader(&a.url, a.mode, "soak", u64::MAX, progress.clone()).await?;
+    let start = Instant::now();
+    let sampler = {
+        let progress = progress.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(early).await;
+            let sample = (rss_kib(), progress.received.load(Ordering::Relaxed));
+            tokio::time::sleep(duration.saturating_sub(start.elapsed())).await;
+            let end = rss_kib();
+            progress.stop.store(true, Ordering::Relaxed);
+            (sample, end)
+        })
+    };
+    publish_loop(
+        &publisher,
+        &payload,
+        u64::MAX,
+        WINDOW_BYTES / 1024,
+        &progress,
+    )
+    .await?;
+    let secs = start.elapsed().as_secs_f64();
+    let ((rss_early, received_early), rss_end) = sampler
+        .await
+        .map_err(|e| CliError(format!("sampler: {e}")))?;
+    // One more message wakes a subscriber waiting for the next.
+    let _ = publisher.publish(&payload).await;
+    let _ = publisher.flush().await;
+    let (_, drops) = join_reader(reader, &progress).await?;
+    if drops > 0 {
+        return Err(CliError(format!("{drops} messages failed verification")));
+    }
+    let got = progress.received.load(Ordering::Relaxed);
+    Ok(serde_json::json!({
+        "msgs_per_sec": got as f64 / secs,
+        "rss_early_kib": rss_early,
+        "early_secs": early.as_secs_f64(),
+        "received_early": received_early,
+        "rss_end_kib": rss_end,
+        "peak_rss_kib": peak_rss_kib(),
+    }))
 }
 
 /// A server round trip on `client`: after it, its subscriptions are live.
@@ -402,114 +568,6 @@ async fn latency(a: LatencyArgs) -> Result<serde_json::Value, CliError> {
         "p50_us": quantile(&samples, 0.5),
         "p99_us": quantile(&samples, 0.99),
         "p999_us": quantile(&samples, 0.999),
-        "peak_rss_kib": peak_rss_kib(),
-    }))
-}
-
-/// Receives 1 KiB messages published as fast as the server takes them (by a
-/// publisher task on its own connection) for `secs`, sampling RSS at 10 s (or a
-/// sixth of the run, if shorter) and at the end.
-async fn soak(a: SoakArgs) -> Result<serde_json::Value, CliError> {
-    let payload = Bytes::from(vec![0x5au8; 1024]);
-    let received = Arc::new(AtomicU64::new(0));
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let window = WINDOW_BYTES / 1024;
-    let duration = Duration::from_secs(a.secs.max(1));
-    let early = Duration::from_secs(10).min(duration / 6);
-    let (publish, reader): (
-        tokio::task::JoinHandle<Result<(), CliError>>,
-        tokio::task::JoinHandle<()>,
-    );
-    match a.mode {
-        Mode::Raw => {
-            let publisher = raw_client(&a.url).await?;
-            let subscriber = raw_client(&a.url).await?;
-            let mut sub = subscriber
-                .subscribe("tenant.bench.soak")
-                .await
-                .map_err(|e| fail("subscribe")(e.to_string()))?;
-            barrier(&subscriber).await?;
-            let r = received.clone();
-            reader = tokio::spawn(async move {
-                while let Some(m) = sub.next().await {
-                    std::hint::black_box(&m.payload);
-                    r.fetch_add(1, Ordering::Relaxed);
-                }
-            });
-            let (r, s) = (received.clone(), stop.clone());
-            publish = tokio::spawn(async move {
-                let mut i = 0u64;
-                while !s.load(Ordering::Relaxed) {
-                    while i.saturating_sub(r.load(Ordering::Relaxed)) > window {
-                        tokio::task::yield_now().await;
-                    }
-                    publisher
-                        .publish("tenant.bench.soak", payload.clone())
-                        .await
-                        .map_err(|e| CliError(e.to_string()))?;
-                    i += 1;
-                }
-                Ok(())
-            });
-        }
-        Mode::Sealed => {
-            let publisher = sealed_options()?
-                .connect(&bench_bundle(&a.url, "publisher")?)
-                .await
-                .map_err(|e| fail("connect")(e.to_string()))?;
-            let subscriber = sealed_options()?
-                .connect(&bench_bundle(&a.url, "subscriber")?)
-                .await
-                .map_err(|e| fail("connect")(e.to_string()))?;
-            let subject = Subject::new("soak").map_err(|e| CliError(e.to_string()))?;
-            let mut sub = subscriber
-                .subscribe(&subject)
-                .await
-                .map_err(|e| fail("subscribe")(e.to_string()))?;
-            let r = received.clone();
-            reader = tokio::spawn(async move {
-                while let Some(m) = sub.next().await {
-                    std::hint::black_box(&m.payload);
-                    r.fetch_add(1, Ordering::Relaxed);
-                }
-            });
-            let (r, s) = (received.clone(), stop.clone());
-            publish = tokio::spawn(async move {
-                let mut i = 0u64;
-                while !s.load(Ordering::Relaxed) {
-                    while i.saturating_sub(r.load(Ordering::Relaxed)) > window {
-                        tokio::task::yield_now().await;
-                    }
-                    publisher
-                        .publish(&subject, &payload)
-                        .await
-                        .map_err(|e| CliError(e.to_string()))?;
-                    i += 1;
-                }
-                Ok(())
-            });
-        }
-    }
-    let start = Instant::now();
-    tokio::time::sleep(early).await;
-    let rss_early = rss_kib();
-    let received_early = received.load(Ordering::Relaxed);
-    tokio::time::sleep(duration.saturating_sub(start.elapsed())).await;
-    let rss_end = rss_kib();
-    let secs = start.elapsed().as_secs_f64();
-    stop.store(true, Ordering::Relaxed);
-    let published = tokio::time::timeout(Duration::from_secs(10), publish).await;
-    reader.abort();
-    if let Ok(Ok(Err(e))) = published {
-        return Err(e);
-    }
-    let got = received.load(Ordering::Relaxed);
-    Ok(serde_json::json!({
-        "msgs_per_sec": got as f64 / secs,
-        "rss_early_kib": rss_early,
-        "early_secs": early.as_secs_f64(),
-        "received_early": received_early,
-        "rss_end_kib": rss_end,
         "peak_rss_kib": peak_rss_kib(),
     }))
 }
