@@ -582,8 +582,11 @@ async fn process(ctx: &Ctx, msg: Message) {
     match result {
         Ok(output) => {
             if finish(ctx, &msg, &id, &TaskOutcome::Completed(output)).await {
-                if retry("ack", || msg.double_ack()).await.is_err() {
-                    tracing::debug!(task = %id, "ack not confirmed; a redelivery will find it done");
+                // A plain ack, not a confirmed one: the outcome is already durable
+                // in the done bucket, so a lost ack only means a redelivery, which
+                // finds the task done and acks it without running it again.
+                if retry("ack", || msg.ack()).await.is_err() {
+                    tracing::debug!(task = %id, "ack not sent; a redelivery will find it done");
                 }
                 ctx.stats.completed.fetch_add(1, Ordering::Relaxed);
             }
