@@ -325,7 +325,7 @@ impl Report {
         );
         let _ = writeln!(
             s,
-            "nats-server: {}. Request/reply latency {}.\n",
+            "Server: {}. Request/reply latency {}.\n",
             self.server_version,
             if self.latency_pinned {
                 "with server and client pinned to CPU 0 (taskset)"
