@@ -120,3 +120,75 @@ pub async fn platform() -> Platform {
         _tmp: tmp,
     }
 }
+
+/// Everything a raw connection's event callback reported, as text, so a test can
+/// observe asynchronous server errors (permission violations arrive this way, not
+/// as return values).
+pub struct Events {
+    rx: tokio::sync::mpsc::UnboundedReceiver<String>,
+    seen: Vec<String>,
+}
+
+impl Events {
+    /// Waits (at most `limit`) for an event matching `pred`, keeping every event seen.
+    pub async fn wait_for(
+        &mut self,
+        limit: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> Option<String> {
+        if let Some(e) = self.seen.iter().find(|e| pred(e)) {
+            return Some(e.clone());
+        }
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            match tokio::time::timeout_at(deadline, self.rx.recv()).await {
+                Ok(Some(e)) => {
+                    self.seen.push(e.clone());
+                    if pred(&e) {
+                        return Some(e);
+                    }
+                }
+                _ => return None,
+            }
+        }
+    }
+
+    /// The events seen so far by [`Events::wait_for`].
+    pub fn seen(&self) -> &[String] {
+        &self.seen
+    }
+
+    /// Takes the events reported so far.
+    pub fn drain(&mut self) -> Vec<String> {
+        while let Ok(e) = self.rx.try_recv() {
+            self.seen.push(e);
+        }
+        std::mem::take(&mut self.seen)
+    }
+}
+
+/// Raw async-nats options for an agent's bundle (its `.creds`, its tenant's inbox
+/// prefix, `timeout` for requests and connecting), recording every event: a client
+/// that bypasses the library.
+pub fn raw_options(
+    bundle: &tenant_bus::CredentialBundle,
+    timeout: Duration,
+) -> (async_nats::ConnectOptions, Events) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let creds = bundle
+        .creds
+        .as_deref()
+        .unwrap_or_else(|| panic!("bundle of {} has no creds", bundle.agent));
+    let opts = async_nats::ConnectOptions::with_credentials(creds)
+        .unwrap_or_else(|e| panic!("creds of {}: {e}", bundle.agent))
+        .custom_inbox_prefix(format!("tenant.{}._INBOX", bundle.tenant))
+        .request_timeout(Some(timeout))
+        .connection_timeout(timeout)
+        .event_callback(move |event| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send(format!("{event:?}"));
+            }
+        });
+    (opts, Events { rx, seen: vec![] })
+}

@@ -19,67 +19,19 @@ use std::time::{Duration, Instant};
 use agent_runtime::tiers::{Quotas, Tier};
 use async_nats::jetstream::{self, consumer::pull, kv, stream};
 use futures::StreamExt as _;
-use nats_harness::platform;
+use nats_harness::{platform, raw_options, Events};
 use tenant_bus::CredentialBundle;
-use tokio::sync::mpsc;
 
 const WAIT: Duration = Duration::from_secs(2);
 
 // ----- harness ---------------------------------------------------------------------
-
-/// Everything a connection's event callback reported, as text.
-struct Events {
-    rx: mpsc::UnboundedReceiver<String>,
-    seen: Vec<String>,
-}
-
-impl Events {
-    /// Waits (at most `limit`) for an event matching `pred`, keeping every event seen.
-    async fn wait_for(&mut self, limit: Duration, pred: impl Fn(&str) -> bool) -> Option<String> {
-        if let Some(e) = self.seen.iter().find(|e| pred(e)) {
-            return Some(e.clone());
-        }
-        let deadline = tokio::time::Instant::now() + limit;
-        loop {
-            match tokio::time::timeout_at(deadline, self.rx.recv()).await {
-                Ok(Some(e)) => {
-                    self.seen.push(e.clone());
-                    if pred(&e) {
-                        return Some(e);
-                    }
-                }
-                _ => return None,
-            }
-        }
-    }
-
-    /// Takes the events reported so far.
-    fn drain(&mut self) -> Vec<String> {
-        while let Ok(e) = self.rx.try_recv() {
-            self.seen.push(e);
-        }
-        std::mem::take(&mut self.seen)
-    }
-}
 
 fn is_violation(e: &str) -> bool {
     e.to_lowercase().contains("permissions violation")
 }
 
 fn options(bundle: &CredentialBundle) -> (async_nats::ConnectOptions, Events) {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let opts = async_nats::ConnectOptions::with_credentials(bundle.creds.as_deref().unwrap())
-        .unwrap()
-        .custom_inbox_prefix(format!("tenant.{}._INBOX", bundle.tenant))
-        .request_timeout(Some(WAIT))
-        .connection_timeout(WAIT)
-        .event_callback(move |event| {
-            let tx = tx.clone();
-            async move {
-                let _ = tx.send(format!("{event:?}"));
-            }
-        });
-    (opts, Events { rx, seen: vec![] })
+    raw_options(bundle, WAIT)
 }
 
 async fn connect(url: &str, bundle: &CredentialBundle) -> (async_nats::Client, Events) {
@@ -717,7 +669,7 @@ async fn escape_suite() {
             Some(v) => refused.push(format!("{name}: {v}")),
             None => failures.push(format!(
                 "{name}: no {kind} violation observed for {needle:?}; events: {:?}",
-                a.events.seen
+                a.events.seen()
             )),
         }
     }
@@ -826,7 +778,11 @@ async fn tier_limits_are_enforced_by_the_server() {
     let v = e2
         .wait_for(WAIT, |e| e.to_lowercase().contains("maximum payload"))
         .await;
-    assert!(v.is_some(), "no payload violation observed: {:?}", e2.seen);
+    assert!(
+        v.is_some(),
+        "no payload violation observed: {:?}",
+        e2.seen()
+    );
     stays_empty(&mut sub, Duration::from_millis(200))
         .await
         .unwrap();
@@ -843,7 +799,7 @@ async fn tier_limits_are_enforced_by_the_server() {
     assert!(
         v.is_some(),
         "no subscription-limit violation: {:?}",
-        e1.seen
+        e1.seen()
     );
 }
 
@@ -909,12 +865,12 @@ async fn suspension_closes_and_refuses_within_2s_and_activation_restores() {
     assert!(
         wait_disconnected(&mut e1, WAIT).await.is_some(),
         "c1 not closed: {:?}",
-        e1.seen
+        e1.seen()
     );
     assert!(
         wait_disconnected(&mut e2, WAIT).await.is_some(),
         "c2 not closed: {:?}",
-        e2.seen
+        e2.seen()
     );
     let refused = try_connect(&url, &s1).await;
     assert!(
@@ -981,7 +937,7 @@ async fn agent_revocation_is_per_agent_and_within_2s() {
     assert!(
         wait_disconnected(&mut be, WAIT).await.is_some(),
         "revoked agent not closed: {:?}",
-        be.seen
+        be.seen()
     );
     assert!(
         try_connect(&url, &bad).await.is_err(),
@@ -1070,7 +1026,7 @@ async fn each_suspension_mechanism_is_enforced_by_the_server() {
         assert!(
             wait_disconnected(&mut e, WAIT).await.is_some(),
             "{variant}: existing connection not closed: {:?}",
-            e.seen
+            e.seen()
         );
         assert!(
             try_connect(&url, &bundle).await.is_err(),

@@ -28,9 +28,8 @@ use agent_runtime::tiers::Tier;
 use async_nats::jetstream;
 use bytes::Bytes;
 use futures::StreamExt as _;
-use nats_harness::{eventually, platform};
+use nats_harness::{eventually, platform, raw_options, Events};
 use tenant_bus::{CredentialBundle, TenantNamespace};
-use tokio::sync::mpsc;
 
 const WAIT: Duration = Duration::from_secs(20);
 const SEE: Duration = Duration::from_secs(2);
@@ -217,47 +216,9 @@ async fn two_tenants_dispatch_and_work_under_their_own_accounts() {
 
 // ----- a raw client of b against a's tasks ------------------------------------------
 
-struct Events {
-    rx: mpsc::UnboundedReceiver<String>,
-    seen: Vec<String>,
-}
-
-impl Events {
-    async fn wait_for(&mut self, limit: Duration, pred: impl Fn(&str) -> bool) -> Option<String> {
-        if let Some(e) = self.seen.iter().find(|e| pred(e)) {
-            return Some(e.clone());
-        }
-        let deadline = tokio::time::Instant::now() + limit;
-        loop {
-            match tokio::time::timeout_at(deadline, self.rx.recv()).await {
-                Ok(Some(e)) => {
-                    self.seen.push(e.clone());
-                    if pred(&e) {
-                        return Some(e);
-                    }
-                }
-                _ => return None,
-            }
-        }
-    }
-}
-
 async fn raw_connect(url: &str, bundle: &CredentialBundle) -> (async_nats::Client, Events) {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let client = async_nats::ConnectOptions::with_credentials(bundle.creds.as_deref().unwrap())
-        .unwrap()
-        .custom_inbox_prefix(format!("tenant.{}._INBOX", bundle.tenant))
-        .request_timeout(Some(SEE))
-        .event_callback(move |event| {
-            let tx = tx.clone();
-            async move {
-                let _ = tx.send(format!("{event:?}"));
-            }
-        })
-        .connect(url)
-        .await
-        .unwrap();
-    (client, Events { rx, seen: vec![] })
+    let (options, events) = raw_options(bundle, SEE);
+    (options.connect(url).await.unwrap(), events)
 }
 
 /// A permission violation naming `subject` for `kind` ("publish"/"subscription").
@@ -294,7 +255,7 @@ async fn tenant_b_cannot_read_tenant_a_tasks_or_done_records() {
         assert!(
             seen.is_some(),
             "no subscription violation for {pattern}: {:?}",
-            events.seen
+            events.seen()
         );
     }
 
@@ -333,7 +294,7 @@ async fn tenant_b_cannot_read_tenant_a_tasks_or_done_records() {
         assert!(
             seen.is_some(),
             "no publish violation for {subject}: {:?}",
-            events.seen
+            events.seen()
         );
     }
 
@@ -375,7 +336,7 @@ async fn tenant_b_cannot_read_tenant_a_tasks_or_done_records() {
     eprintln!(
         "b's spy: {} violations observed",
         events
-            .seen
+            .seen()
             .iter()
             .filter(|e| e.to_lowercase().contains("permissions violation"))
             .count()

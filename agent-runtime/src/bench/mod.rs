@@ -108,25 +108,13 @@ pub async fn run(args: BenchArgs) -> Result<(), CliError> {
 
     // Publish -> subscribe throughput.
     for &(size, count) in &plan.sizes {
-        let mut runs: [Vec<serde_json::Value>; 2] = [Vec::new(), Vec::new()];
-        for r in 0..plan.repeats {
-            // Alternate which mode goes first, so drift affects both.
-            let order = if r % 2 == 0 {
-                [Mode::Raw, Mode::Sealed]
-            } else {
-                [Mode::Sealed, Mode::Raw]
-            };
-            for mode in order {
-                progress(
-                    &started,
-                    &format!(
-                        "throughput {} {mode:?}, repeat {}/{}",
-                        report::size_label(size),
-                        r + 1,
-                        plan.repeats
-                    ),
-                );
-                let v = worker(
+        let (size_s, count_s) = (size.to_string(), count.to_string());
+        let runs = paired(
+            &started,
+            plan.repeats,
+            &format!("throughput {}", report::size_label(size)),
+            |mode, _| {
+                worker(
                     &exe,
                     None,
                     &[
@@ -136,14 +124,13 @@ pub async fn run(args: BenchArgs) -> Result<(), CliError> {
                         "--mode",
                         mode_arg(mode),
                         "--size",
-                        &size.to_string(),
+                        &size_s,
                         "--count",
-                        &count.to_string(),
+                        &count_s,
                     ],
-                )?;
-                runs[mode as usize].push(v);
-            }
-        }
+                )
+            },
+        )?;
         let label = report::size_label(size);
         report.rows.push(Row::higher(
             format!("pub->sub {label} msgs/s"),
@@ -175,34 +162,22 @@ pub async fn run(args: BenchArgs) -> Result<(), CliError> {
     }
     report.latency_pinned = pin;
     let lat_url = latency_server.url();
-    let mut runs: [Vec<serde_json::Value>; 2] = [Vec::new(), Vec::new()];
-    for r in 0..plan.repeats {
-        let order = if r % 2 == 0 {
-            [Mode::Raw, Mode::Sealed]
-        } else {
-            [Mode::Sealed, Mode::Raw]
-        };
-        for mode in order {
-            progress(
-                &started,
-                &format!("request/reply {mode:?}, repeat {}/{}", r + 1, plan.repeats),
-            );
-            let v = worker(
-                &exe,
-                pin.then_some("0"),
-                &[
-                    "latency",
-                    "--url",
-                    &lat_url,
-                    "--mode",
-                    mode_arg(mode),
-                    "--count",
-                    &plan.latency_count.to_string(),
-                ],
-            )?;
-            runs[mode as usize].push(v);
-        }
-    }
+    let latency_count = plan.latency_count.to_string();
+    let runs = paired(&started, plan.repeats, "request/reply", |mode, _| {
+        worker(
+            &exe,
+            pin.then_some("0"),
+            &[
+                "latency",
+                "--url",
+                &lat_url,
+                "--mode",
+                mode_arg(mode),
+                "--count",
+                &latency_count,
+            ],
+        )
+    })?;
     drop(latency_server);
     report.rows.push(Row::lower(
         "request/reply p50 (us)".into(),
@@ -221,43 +196,28 @@ pub async fn run(args: BenchArgs) -> Result<(), CliError> {
     ));
 
     // JetStream: raw publish + consume against sealed task dispatch.
-    let mut runs: [Vec<serde_json::Value>; 2] = [Vec::new(), Vec::new()];
-    for r in 0..plan.repeats {
-        let order = if r % 2 == 0 {
-            [Mode::Raw, Mode::Sealed]
-        } else {
-            [Mode::Sealed, Mode::Raw]
-        };
-        for mode in order {
-            progress(
-                &started,
-                &format!(
-                    "JetStream 1 KiB {mode:?}, repeat {}/{}",
-                    r + 1,
-                    plan.repeats
-                ),
-            );
-            let run = format!("r{r}{}", mode_arg(mode));
-            let v = worker(
-                &exe,
-                None,
-                &[
-                    "jetstream",
-                    "--url",
-                    &url,
-                    "--mode",
-                    mode_arg(mode),
-                    "--size",
-                    "1024",
-                    "--count",
-                    &plan.js_count.to_string(),
-                    "--run",
-                    &run,
-                ],
-            )?;
-            runs[mode as usize].push(v);
-        }
-    }
+    let js_count = plan.js_count.to_string();
+    let runs = paired(&started, plan.repeats, "JetStream 1 KiB", |mode, r| {
+        // Each run gets its own stream and tenant, so runs share no state.
+        let run = format!("r{r}{}", mode_arg(mode));
+        worker(
+            &exe,
+            None,
+            &[
+                "jetstream",
+                "--url",
+                &url,
+                "--mode",
+                mode_arg(mode),
+                "--size",
+                "1024",
+                "--count",
+                &js_count,
+                "--run",
+                &run,
+            ],
+        )
+    })?;
     report.rows.push(Row::higher(
         "JetStream 1 KiB publish msgs/s".into(),
         pick(&runs, "publish_per_sec"),
@@ -339,6 +299,32 @@ pub async fn run(args: BenchArgs) -> Result<(), CliError> {
         eprintln!("agentbus bench: wrote {}", path.display());
     }
     Ok(())
+}
+
+/// Runs `measure` for raw and sealed, `repeats` times each, alternating which goes
+/// first so drift affects both; returns the raw runs, then the sealed ones.
+fn paired(
+    started: &Instant,
+    repeats: usize,
+    label: &str,
+    mut measure: impl FnMut(Mode, usize) -> Result<serde_json::Value, CliError>,
+) -> Result<[Vec<serde_json::Value>; 2], CliError> {
+    let mut runs: [Vec<serde_json::Value>; 2] = [Vec::new(), Vec::new()];
+    for r in 0..repeats {
+        let order = if r % 2 == 0 {
+            [Mode::Raw, Mode::Sealed]
+        } else {
+            [Mode::Sealed, Mode::Raw]
+        };
+        for mode in order {
+            progress(
+                started,
+                &format!("{label} {mode:?}, repeat {}/{repeats}", r + 1),
+            );
+            runs[mode as usize].push(measure(mode, r)?);
+        }
+    }
+    Ok(runs)
 }
 
 fn progress(started: &Instant, what: &str) {
