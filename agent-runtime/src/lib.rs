@@ -1,7 +1,7 @@
 //! The agent runtime and control plane of agentbus.
 //!
 //! # Layout
-//! - [`bench`]: `agentbus bench`, the sealed bus against raw async-nats.
+//! - [`bench`](mod@bench): `agentbus bench`, the sealed bus against raw async-nats.
 //! - [`cli`]: the `agentbus` command line (the binary is a thin wrapper).
 //! - [`local_server`]: find and run a local `nats-server` (CLI, examples, tests).
 //! - [`tiers`]: service tiers and the one table of per-tenant quotas.

@@ -5,7 +5,7 @@
 //! publish or subscribe) only through its asynchronous event callback: `publish`
 //! and `subscribe` still return `Ok`. A namespace turns each into a [`BusEvent`] on
 //! a bounded broadcast channel ([`TenantNamespace::events`](crate::TenantNamespace::events))
-//! and into a counter ([`Counters`](crate::verify::Counters)), so neither goes
+//! and into a counter ([`Counters`]), so neither goes
 //! unnoticed. A receiver that lags behind the channel's capacity loses the oldest
 //! events (and is told how many by `RecvError::Lagged`); the counters count every
 //! event the callback receives.

@@ -1,4 +1,4 @@
-//! [`NamespaceOptions`]: how a [`TenantNamespace`](crate::TenantNamespace) connects
+//! [`NamespaceOptions`]: how a [`TenantNamespace`] connects
 //! and verifies. A `Clone` builder; every default is documented on its setter.
 
 use std::sync::Arc;
