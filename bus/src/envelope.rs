@@ -310,8 +310,22 @@ pub struct Header<'a> {
     pub header_len: usize,
 }
 
-/// Parses the header of `body` without authenticating anything. Never panics.
+/// Parses the header of `body` without authenticating anything, checking that
+/// both ids are valid slugs. Never panics.
 pub fn decode_header(body: &[u8]) -> Result<Header<'_>, DropReason> {
+    let header = decode_fields(body)?;
+    crate::ids::validate_slug(header.tenant).map_err(|_| DropReason::Malformed)?;
+    if let Some(s) = header.sender {
+        crate::ids::validate_slug(s).map_err(|_| DropReason::Malformed)?;
+    }
+    Ok(header)
+}
+
+/// Parses the header's fields and lengths, leaving the slug rule of the ids to the
+/// caller: the receive path compares the tenant byte for byte with its own (valid)
+/// id and validates the sender when it becomes an [`AgentId`], so checking both
+/// here again would be paid on every message for nothing.
+fn decode_fields(body: &[u8]) -> Result<Header<'_>, DropReason> {
     if body.len() < FIXED_HEADER_LEN + 1 + 1 + TAG_LEN {
         return Err(DropReason::Malformed);
     }
@@ -362,13 +376,10 @@ pub fn decode_header(body: &[u8]) -> Result<Header<'_>, DropReason> {
         return Err(DropReason::Malformed);
     }
     let tenant = std::str::from_utf8(tenant).map_err(|_| DropReason::Malformed)?;
-    crate::ids::validate_slug(tenant).map_err(|_| DropReason::Malformed)?;
     let sender = if sender_len == 0 {
         None
     } else {
-        let s = std::str::from_utf8(sender).map_err(|_| DropReason::Malformed)?;
-        crate::ids::validate_slug(s).map_err(|_| DropReason::Malformed)?;
-        Some(s)
+        Some(std::str::from_utf8(sender).map_err(|_| DropReason::Malformed)?)
     };
     Ok(Header {
         key_version,
@@ -383,17 +394,24 @@ pub fn decode_header(body: &[u8]) -> Result<Header<'_>, DropReason> {
 
 /// Authenticates and decrypts `body` received on the full `subject` with `reply`,
 /// for the tenant of `keys`. Checks, in order: format, tenant, key version, tag.
-/// Returns the authenticated header (borrowing `body`) and the plaintext.
+/// Returns the authenticated header (borrowing `body`) and the plaintext. The
+/// sender id is not yet checked against the slug rule: callers make it an
+/// [`AgentId`] (which checks) before exposing it.
 /// Freshness and replay are the verifier's (see [`crate::verify`]).
-pub fn open_parts<'a>(
+pub(crate) fn open_parts<'a>(
     keys: &TenantKeySet,
     subject: &str,
     reply: Option<&str>,
     body: &'a [u8],
 ) -> Result<(Header<'a>, Bytes), DropReason> {
-    let header = decode_header(body)?;
+    let header = decode_fields(body)?;
+    // Equal to our own (valid) id means a valid slug too; only a mismatch pays for
+    // telling a malformed id from another tenant's.
     if header.tenant != keys.tenant().as_str() {
-        return Err(DropReason::WrongTenant);
+        return Err(match crate::ids::validate_slug(header.tenant) {
+            Ok(()) => DropReason::WrongTenant,
+            Err(_) => DropReason::Malformed,
+        });
     }
     let key = keys.get(header.key_version).ok_or(DropReason::UnknownKey)?;
     let aead = key.aead().ok_or(DropReason::UnknownKey)?;

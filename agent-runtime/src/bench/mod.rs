@@ -233,6 +233,10 @@ pub async fn run(args: BenchArgs) -> Result<(), CliError> {
         pick(&runs, "end_to_end_per_sec"),
         Some(0.90),
     ));
+    report.rows.push(Row::memory(
+        "JetStream 1 KiB peak RSS (MiB)".into(),
+        pick_mib(&runs, "peak_rss_kib"),
+    ));
 
     // Memory under sustained load.
     let mut soak: [Vec<serde_json::Value>; 2] = [Vec::new(), Vec::new()];
