@@ -440,7 +440,8 @@ pub(crate) fn open_parts<'a>(
     Ok((header, plain.freeze()))
 }
 
-/// [`open_parts`], with the stamp as owned values.
+/// Authenticates and decrypts `body` (see the module docs for the checks), returning
+/// the stamp as owned values and the plaintext.
 pub fn open(
     keys: &TenantKeySet,
     subject: &str,
