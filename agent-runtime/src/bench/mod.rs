@@ -68,7 +68,7 @@ impl Plan {
     fn new(args: &BenchArgs) -> Self {
         if args.quick {
             Plan {
-                repeats: args.repeats.unwrap_or(1),
+                repeats: args.repeats.unwrap_or(1).max(1),
                 sizes: vec![(128, 5_000), (1024, 5_000), (16 * 1024, 1_000)],
                 latency_count: 500,
                 js_count: 2_000,
@@ -100,7 +100,7 @@ pub async fn run(args: BenchArgs) -> Result<(), CliError> {
     let server = LocalServer::start(ServerOptions::new().jetstream(true))
         .map_err(|e| CliError(crate::cli::one_line(&e.to_string())))?;
     let url = server.url();
-    let mut report = Report::new(&args, &server);
+    let mut report = Report::new(args.quick, plan.repeats);
     progress(
         &started,
         &format!("nats-server at {url}; {} repeats per figure", plan.repeats),

@@ -3,8 +3,6 @@
 use std::fmt::Write as _;
 
 use super::stats::Summary;
-use super::BenchArgs;
-use crate::local_server::LocalServer;
 
 /// The heading of the hand-written part of `BENCHMARKS.md`, kept when it is
 /// regenerated.
@@ -209,8 +207,7 @@ fn fmt_summary(s: &Summary) -> String {
 
 impl Report {
     /// An empty report for this run.
-    pub fn new(args: &BenchArgs, server: &LocalServer) -> Self {
-        let _ = server;
+    pub fn new(quick: bool, repeats: usize) -> Self {
         let server_version = crate::local_server::locate_nats_server()
             .ok()
             .and_then(|bin| {
@@ -222,8 +219,8 @@ impl Report {
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
             .unwrap_or_else(|| "unknown".into());
         Self {
-            quick: args.quick,
-            repeats: Plan::repeats_of(args),
+            quick,
+            repeats,
             server_version,
             rows: Vec::new(),
             latency_pinned: false,
@@ -388,15 +385,4 @@ pub fn machine() -> String {
         std::env::consts::OS,
         std::env::consts::ARCH
     )
-}
-
-/// Repeats of a run (for the report header).
-struct Plan;
-
-impl Plan {
-    fn repeats_of(args: &BenchArgs) -> usize {
-        args.repeats
-            .unwrap_or(if args.quick { 1 } else { 5 })
-            .max(1)
-    }
 }

@@ -160,21 +160,27 @@ fn tenant_bundle(url: &str, tenant: &str, agent: &str) -> Result<CredentialBundl
     })
 }
 
-/// Namespace options with admission on (limits far above the load, so every check
-/// takes the synchronous path a real tenant's publish takes) and a subscription
-/// buffer large enough for the flow-control window.
-fn sealed_options() -> Result<NamespaceOptions, CliError> {
-    let mut quotas = Quotas::for_tier(Tier::Enterprise);
+/// `tier`'s quotas with rate budgets far above any benchmark load, and a local
+/// scheduler that leases them in large batches: every admission check then takes
+/// the synchronous path a real tenant's publish takes, and none is refused.
+fn unbounded(tier: Tier) -> (Quotas, Scheduler) {
+    let mut quotas = Quotas::for_tier(tier);
     quotas.messages_per_window = u64::MAX / 4;
     quotas.bytes_per_window = u64::MAX / 4;
     // One window for the whole run: a window roll-over re-leases tokens, which is
     // measured separately (the scheduler's own tests and bench).
     quotas.window_ms = 3_600_000;
-    quotas.max_message_bytes = 64 * 1024 * 1024;
     let mut config = SchedulerConfig::default().instances(1);
     config.message_batch.max_batch = 1 << 27;
     config.byte_batch.max_batch = 1 << 40;
-    let scheduler = Scheduler::local(config);
+    (quotas, Scheduler::local(config))
+}
+
+/// Namespace options with admission on (see [`unbounded`]) and a subscription
+/// buffer large enough for the flow-control window.
+fn sealed_options() -> Result<NamespaceOptions, CliError> {
+    let (mut quotas, scheduler) = unbounded(Tier::Enterprise);
+    quotas.max_message_bytes = 64 * 1024 * 1024;
     let tenant = TenantId::new("bench").map_err(|e| CliError(e.to_string()))?;
     let ts = scheduler
         .tenant(&tenant, &quotas)
@@ -579,14 +585,7 @@ async fn tenants(a: TenantsArgs) -> Result<serde_json::Value, CliError> {
     use tenant_bus::admission::{Admission, Admit};
     let n = a.tenants.max(1);
     let master = MasterSecret::from_bytes(&[7u8; 32]).map_err(|e| CliError(e.to_string()))?;
-    let mut quotas = Quotas::for_tier(Tier::Pro);
-    quotas.messages_per_window = u64::MAX / 4;
-    quotas.bytes_per_window = u64::MAX / 4;
-    quotas.window_ms = 3_600_000;
-    let mut config = SchedulerConfig::default().instances(1);
-    config.message_batch.max_batch = 1 << 27;
-    config.byte_batch.max_batch = 1 << 40;
-    let scheduler = Scheduler::local(config);
+    let (quotas, scheduler) = unbounded(Tier::Pro);
     let ids: Vec<TenantId> = (0..n)
         .map(|i| TenantId::new(&format!("tenant-{i}")))
         .collect::<Result<_, _>>()

@@ -3,7 +3,6 @@
 use std::path::{Path, PathBuf};
 
 use clap::{Args, Subcommand};
-use tenant_bus::{AgentId, TenantId};
 
 use super::CliError;
 
@@ -41,10 +40,8 @@ pub async fn run(state: &Path, cmd: AgentCommand) -> Result<(), CliError> {
     match cmd {
         AgentCommand::Create(args) => create(state, args).await,
         AgentCommand::Revoke { tenant, agent } => {
-            let tenant =
-                TenantId::new(&tenant).map_err(|e| CliError(format!("invalid tenant id: {e}")))?;
-            let agent =
-                AgentId::new(&agent).map_err(|e| CliError(format!("invalid agent id: {e}")))?;
+            let tenant = super::parse_tenant(&tenant)?;
+            let agent = super::parse_agent(&agent)?;
             let mut cp = super::open_live(state).await?;
             cp.revoke_agent(tenant.as_str(), agent.as_str()).await?;
             println!("revoked agent {agent} of tenant {tenant}");
@@ -54,10 +51,8 @@ pub async fn run(state: &Path, cmd: AgentCommand) -> Result<(), CliError> {
 }
 
 async fn create(state: &Path, args: CreateArgs) -> Result<(), CliError> {
-    let tenant =
-        TenantId::new(&args.tenant).map_err(|e| CliError(format!("invalid tenant id: {e}")))?;
-    let agent =
-        AgentId::new(&args.agent).map_err(|e| CliError(format!("invalid agent id: {e}")))?;
+    let tenant = super::parse_tenant(&args.tenant)?;
+    let agent = super::parse_agent(&args.agent)?;
     tenant_bus::ids::validate_slug(&args.agent_type)
         .map_err(|k| CliError(format!("invalid agent type {:?}: {k}", args.agent_type)))?;
     if args.out.exists() {

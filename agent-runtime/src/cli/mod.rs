@@ -81,6 +81,16 @@ impl From<ControlError> for CliError {
     }
 }
 
+/// A tenant id from the command line, or the rule it broke.
+pub fn parse_tenant(s: &str) -> Result<tenant_bus::TenantId, CliError> {
+    tenant_bus::TenantId::new(s).map_err(|e| CliError(format!("invalid tenant id: {e}")))
+}
+
+/// An agent id from the command line, or the rule it broke.
+pub fn parse_agent(s: &str) -> Result<tenant_bus::AgentId, CliError> {
+    tenant_bus::AgentId::new(s).map_err(|e| CliError(format!("invalid agent id: {e}")))
+}
+
 /// Collapses a multi-line error into one line.
 pub fn one_line(text: &str) -> String {
     text.split_whitespace().collect::<Vec<_>>().join(" ")

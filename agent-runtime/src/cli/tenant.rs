@@ -16,7 +16,7 @@ use std::path::Path;
 use clap::{Args, Subcommand};
 use tenant_bus::TenantId;
 
-use super::{open_live, CliError};
+use super::{open_live, parse_tenant, CliError};
 use crate::control::{ControlErrorKind, ControlPlane};
 use crate::registry::{Registry, RegistryErrorKind, SettingsPatch, TenantRecord, TenantSettings};
 use crate::tiers::{Quotas, Tier};
@@ -76,42 +76,26 @@ pub struct UpdateArgs {
 
 /// Runs a tenant command.
 pub async fn run(state: &Path, cmd: TenantCommand) -> Result<(), CliError> {
-    // Validate ids before touching anything.
-    let id_arg = match &cmd {
-        TenantCommand::Create(a) => Some(a.id.as_str()),
+    // Validate the id before touching anything.
+    let id = match &cmd {
+        TenantCommand::List => {
+            let (_, registry) = connect(state).await?;
+            return list(&registry).await;
+        }
+        TenantCommand::Create(a) => parse_tenant(&a.id)?,
+        TenantCommand::Update(a) => parse_tenant(&a.id)?,
         TenantCommand::Get { id }
         | TenantCommand::Suspend { id }
-        | TenantCommand::Activate { id } => Some(id.as_str()),
-        TenantCommand::Update(a) => Some(a.id.as_str()),
-        TenantCommand::List => None,
-    };
-    let id = match id_arg {
-        Some(s) => Some(TenantId::new(s).map_err(|e| CliError(format!("invalid tenant id: {e}")))?),
-        None => None,
+        | TenantCommand::Activate { id } => parse_tenant(id)?,
     };
     let (mut cp, registry) = connect(state).await?;
     match cmd {
-        TenantCommand::Create(args) => {
-            let id = id.ok_or_else(|| CliError("missing tenant id".into()))?;
-            create(&mut cp, &registry, &id, args).await
-        }
+        TenantCommand::Create(args) => create(&mut cp, &registry, &id, args).await,
         TenantCommand::List => list(&registry).await,
-        TenantCommand::Get { .. } => {
-            let id = id.ok_or_else(|| CliError("missing tenant id".into()))?;
-            get(&cp, &registry, &id).await
-        }
-        TenantCommand::Update(args) => {
-            let id = id.ok_or_else(|| CliError("missing tenant id".into()))?;
-            update(&mut cp, &registry, &id, &args.sets).await
-        }
-        TenantCommand::Suspend { .. } => {
-            let id = id.ok_or_else(|| CliError("missing tenant id".into()))?;
-            set_status(&mut cp, &registry, &id, true).await
-        }
-        TenantCommand::Activate { .. } => {
-            let id = id.ok_or_else(|| CliError("missing tenant id".into()))?;
-            set_status(&mut cp, &registry, &id, false).await
-        }
+        TenantCommand::Get { .. } => get(&cp, &registry, &id).await,
+        TenantCommand::Update(args) => update(&mut cp, &registry, &id, &args.sets).await,
+        TenantCommand::Suspend { .. } => set_status(&mut cp, &registry, &id, true).await,
+        TenantCommand::Activate { .. } => set_status(&mut cp, &registry, &id, false).await,
     }
 }
 
