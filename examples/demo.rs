@@ -7,9 +7,9 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use agent_runtime::control::ControlPlane;
-use agent_runtime::local_server::{LocalServer, ServerOptions};
 use agent_runtime::tiers::Tier;
+use agentbus_control::local_server::{LocalServer, ServerOptions};
+use agentbus_control::ControlPlane;
 use futures::StreamExt as _;
 use tenant_bus::{CredentialBundle, DropReason, TenantNamespace};
 

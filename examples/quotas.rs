@@ -23,12 +23,12 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use agent_runtime::local_server::{LocalServer, ServerOptions};
 use agent_runtime::scheduler::{
     FairPool, FairQueueLimits, KvLedger, RateBucket, Scheduler, SchedulerConfig, SlotBucket,
     TenantScheduler,
 };
 use agent_runtime::tiers::{Quotas, Tier};
+use agentbus_control::local_server::{LocalServer, ServerOptions};
 use futures::StreamExt as _;
 use tenant_bus::admission::RejectReason;
 use tenant_bus::namespace::PublishErrorKind;

@@ -9,9 +9,9 @@
 use std::time::Duration;
 
 use agent_runtime::dispatch::{DispatchOptions, Dispatcher, Task, TaskOutcome, WorkerOptions};
-use agent_runtime::local_server::{LocalServer, ServerOptions};
 use agent_runtime::registry::{Registry, RegistryWatcher, TenantGate, TenantSettings};
 use agent_runtime::tiers::Tier;
+use agentbus_control::local_server::{LocalServer, ServerOptions};
 use bytes::Bytes;
 use tenant_bus::{AgentId, CredentialBundle, MasterSecret, TenantId, TenantNamespace};
 

@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-pub use agent_runtime::local_server::{LocalServer, ServerOptions};
+pub use agentbus_control::local_server::{LocalServer, ServerOptions};
 
 /// A nats-server for one test.
 pub struct Server {
@@ -95,7 +95,7 @@ pub struct Platform {
     /// The server.
     pub server: Server,
     /// The control plane, connected as the system user.
-    pub cp: agent_runtime::control::ControlPlane,
+    pub cp: agentbus_control::ControlPlane,
     // Held for its Drop: removes the state directory.
     _tmp: tempfile::TempDir,
 }
@@ -103,7 +103,7 @@ pub struct Platform {
 /// Starts a [`Platform`], panicking on failure (this is test code).
 pub async fn platform() -> Platform {
     let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("temp dir: {e}"));
-    let mut cp = agent_runtime::control::ControlPlane::init(tmp.path().join("state"))
+    let mut cp = agentbus_control::ControlPlane::init(tmp.path().join("state"))
         .unwrap_or_else(|e| panic!("control plane init: {e}"));
     let config = cp
         .server_config(&cp.default_server_options())

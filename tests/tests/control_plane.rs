@@ -5,9 +5,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use agent_runtime::control::jwt::{self, AccountNats, OperatorNats, UserNats};
-use agent_runtime::control::{ControlErrorKind, ControlPlane, TenantStatus, SYSTEM_ACCOUNT};
 use agent_runtime::tiers::{Quotas, Tier};
+use agentbus_control::jwt::{self, AccountNats, OperatorNats, UserNats};
+use agentbus_control::{ControlErrorKind, ControlPlane, TenantStatus, SYSTEM_ACCOUNT};
 use nats_harness::{Server, ServerOptions};
 
 fn mode(path: &Path) -> u32 {
@@ -217,7 +217,7 @@ async fn bad_input_is_typed_and_changes_nothing() {
     let before = snapshot(&dir);
 
     use ControlErrorKind as K;
-    let cases: Vec<(&str, K, agent_runtime::control::ControlError)> = vec![
+    let cases: Vec<(&str, K, agentbus_control::ControlError)> = vec![
         (
             "bad tenant id",
             K::InvalidId,
@@ -384,7 +384,7 @@ async fn key_rotation_keeps_previous_version() {
 }
 
 fn nats_server_bin() -> PathBuf {
-    agent_runtime::local_server::locate_nats_server().unwrap()
+    agentbus_control::local_server::locate_nats_server().unwrap()
 }
 
 /// `nats-server -t -c <file>`: the server's own config check.

@@ -975,7 +975,7 @@ async fn agent_revocation_is_per_agent_and_within_2s() {
 /// the unsuspended account again restores the tenant.
 #[tokio::test]
 async fn each_suspension_mechanism_is_enforced_by_the_server() {
-    use agent_runtime::control::{accounts, jwt};
+    use agentbus_control::{accounts, jwt};
 
     let mut p = platform().await;
     let url = p.server.url();
@@ -1013,7 +1013,7 @@ async fn each_suspension_mechanism_is_enforced_by_the_server() {
 
         // Revocations apply to user JWTs issued at or before their time: stamp it
         // now, after the agent was issued.
-        let now = agent_runtime::control::state::now_unix();
+        let now = agentbus_control::state::now_unix();
         let mut changed = rec.clone();
         match variant {
             "conn-zero" => changed.quotas.max_connections = 0,

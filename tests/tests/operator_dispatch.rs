@@ -19,12 +19,12 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use agent_runtime::control::ControlPlane;
 use agent_runtime::dispatch::{
     DispatchOptions, Dispatcher, Task, TaskOutcome, WorkerOptions, DEFAULT_DONE_BUCKET,
     DEFAULT_STREAM,
 };
 use agent_runtime::tiers::Tier;
+use agentbus_control::ControlPlane;
 use async_nats::jetstream;
 use bytes::Bytes;
 use futures::StreamExt as _;

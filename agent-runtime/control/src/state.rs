@@ -37,7 +37,7 @@ use serde::{Deserialize, Serialize};
 use tenant_bus::error::Error;
 use tenant_bus::{AgentId, TenantId};
 
-use super::error::{io_err, ControlError, ControlErrorKind};
+use crate::error::{io_err, ControlError, ControlErrorKind};
 use crate::tiers::{Quotas, Tier};
 
 /// The state format version written to `control.json`.
@@ -155,7 +155,7 @@ impl StateDir {
     }
     /// `accounts/SYS/sys.creds`.
     pub fn sys_creds(&self) -> PathBuf {
-        self.account_dir(super::SYSTEM_ACCOUNT).join("sys.creds")
+        self.account_dir(crate::SYSTEM_ACCOUNT).join("sys.creds")
     }
     /// `tenants/`.
     pub fn tenants_dir(&self) -> PathBuf {

@@ -208,7 +208,7 @@ fn fmt_summary(s: &Summary) -> String {
 impl Report {
     /// An empty report for this run.
     pub fn new(quick: bool, repeats: usize) -> Self {
-        let server_version = crate::local_server::locate_nats_server()
+        let server_version = agentbus_control::local_server::locate_nats_server()
             .ok()
             .and_then(|bin| {
                 std::process::Command::new(bin)

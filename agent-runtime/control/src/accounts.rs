@@ -31,12 +31,12 @@ use std::collections::BTreeMap;
 use nkeys::KeyPair;
 use tenant_bus::TenantId;
 
-use super::error::ControlError;
-use super::jwt::{
+use crate::error::ControlError;
+use crate::jwt::{
     self, AccountClaims, AccountLimits, AccountNats, Claims, OperatorClaims, OperatorNats,
     Permission, UserClaims, UserNats, NO_LIMIT,
 };
-use super::state::{TenantRecord, TenantStatus};
+use crate::state::{TenantRecord, TenantStatus};
 use crate::tiers::Quotas;
 
 /// The work-queue stream every tenant may create in its own account.
@@ -205,7 +205,7 @@ pub fn system_account_jwt(
 ) -> Result<String, ControlError> {
     let mut claims: AccountClaims = Claims::new(
         account,
-        super::SYSTEM_ACCOUNT,
+        crate::SYSTEM_ACCOUNT,
         iat,
         account_nats(
             AccountLimits::unlimited_without_jetstream(),
@@ -230,7 +230,7 @@ pub fn platform_account_jwt(
     limits.consumer = NO_LIMIT;
     let mut claims: AccountClaims = Claims::new(
         account,
-        super::PLATFORM_ACCOUNT,
+        crate::PLATFORM_ACCOUNT,
         iat,
         account_nats(limits, BTreeMap::new(), vec![]),
     );

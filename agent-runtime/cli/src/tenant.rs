@@ -17,9 +17,11 @@ use clap::{Args, Subcommand};
 use tenant_bus::TenantId;
 
 use super::{open_live, parse_tenant, CliError};
-use crate::control::{ControlErrorKind, ControlPlane};
-use crate::registry::{Registry, RegistryErrorKind, SettingsPatch, TenantRecord, TenantSettings};
-use crate::tiers::{Quotas, Tier};
+use agentbus_control::registry::{
+    Registry, RegistryErrorKind, SettingsPatch, TenantRecord, TenantSettings,
+};
+use agentbus_control::tiers::{Quotas, Tier};
+use agentbus_control::{ControlErrorKind, ControlPlane};
 
 /// `agentbus tenant` commands.
 #[derive(Debug, Subcommand)]
@@ -115,7 +117,7 @@ pub async fn connect(state: &Path) -> Result<(ControlPlane, Registry), CliError>
     Ok((cp, registry))
 }
 
-fn reg_err(e: crate::registry::RegistryError) -> CliError {
+fn reg_err(e: agentbus_control::registry::RegistryError) -> CliError {
     CliError(super::one_line(&e.to_string()))
 }
 
@@ -303,6 +305,6 @@ async fn set_status(
 }
 
 /// Maps a registry "not found" to the CLI's wording (used by `agent`).
-pub fn is_not_found(e: &crate::registry::RegistryError) -> bool {
+pub fn is_not_found(e: &agentbus_control::registry::RegistryError) -> bool {
     e.kind() == RegistryErrorKind::NotFound
 }

@@ -11,8 +11,8 @@ use std::time::Duration;
 use clap::Args;
 
 use super::CliError;
-use crate::control::{ControlErrorKind, ControlPlane};
-use crate::local_server::{LocalServer, ServerOptions};
+use agentbus_control::local_server::{LocalServer, ServerOptions};
+use agentbus_control::{ControlErrorKind, ControlPlane};
 
 /// Arguments of `agentbus up`.
 #[derive(Debug, Args)]

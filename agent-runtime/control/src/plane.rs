@@ -30,12 +30,6 @@
 //! updated first and the state directory second, so a rejected push changes
 //! nothing on disk.
 
-pub mod accounts;
-pub mod error;
-pub mod jwt;
-pub mod server_config;
-pub mod state;
-
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -44,18 +38,18 @@ use tenant_bus::error::Error;
 use tenant_bus::ids::validate_slug;
 use tenant_bus::{AgentId, CredentialBundle, MasterSecret, TenantId, TenantKeySet};
 
-pub use accounts::{JetStreamScope, STATE_BUCKET, TASKS_DONE_BUCKET, TASKS_STREAM};
-pub use error::{ControlError, ControlErrorKind};
-pub use server_config::{OperatorFacts, ServerConfigOptions};
-pub use state::{AgentRecord, StateDir, TenantRecord, TenantStatus};
+pub use crate::accounts::{JetStreamScope, STATE_BUCKET, TASKS_DONE_BUCKET, TASKS_STREAM};
+pub use crate::error::{ControlError, ControlErrorKind};
+pub use crate::server_config::{OperatorFacts, ServerConfigOptions};
+pub use crate::state::{AgentRecord, StateDir, TenantRecord, TenantStatus};
 
-use crate::tiers::{Quotas, Tier};
-use error::io_err;
-use jwt::{AccountNats, Permission, REVOKE_ALL};
-use state::{
+use crate::error::io_err;
+use crate::jwt::{AccountNats, Permission, REVOKE_ALL};
+use crate::state::{
     create_private_dir, now_unix, read_json, read_text, write_atomic, write_json, ControlFile,
     ACCOUNT_JWT, ACCOUNT_SEED, AGENTS_JSON, FORMAT, TENANT_JSON,
 };
+use crate::tiers::{Quotas, Tier};
 
 /// The system account's name (and its directory under `accounts/`).
 pub const SYSTEM_ACCOUNT: &str = "SYS";
@@ -173,15 +167,15 @@ impl ControlPlane {
         let platform = KeyPair::new_account();
         let sys_user = KeyPair::new_user();
 
-        let op_jwt = accounts::operator_jwt(&operator, &sys.public_key(), now)?;
+        let op_jwt = crate::accounts::operator_jwt(&operator, &sys.public_key(), now)?;
         write_atomic(&st.operator_seed(), seed(&operator)?.as_bytes(), true)?;
         write_atomic(&st.operator_jwt(), op_jwt.as_bytes(), false)?;
 
-        let sys_jwt = accounts::system_account_jwt(&operator, &sys.public_key(), now)?;
+        let sys_jwt = crate::accounts::system_account_jwt(&operator, &sys.public_key(), now)?;
         let sys_dir = st.account_dir(SYSTEM_ACCOUNT);
         write_atomic(&sys_dir.join(ACCOUNT_SEED), seed(&sys)?.as_bytes(), true)?;
         write_atomic(&sys_dir.join(ACCOUNT_JWT), sys_jwt.as_bytes(), false)?;
-        let sys_user_jwt = accounts::user_jwt(
+        let sys_user_jwt = crate::accounts::user_jwt(
             &sys,
             &sys_user.public_key(),
             "sys",
@@ -190,10 +184,11 @@ impl ControlPlane {
             vec![],
             now,
         )?;
-        let creds = jwt::format_creds(&sys_user_jwt, &seed(&sys_user)?);
+        let creds = crate::jwt::format_creds(&sys_user_jwt, &seed(&sys_user)?);
         write_atomic(&st.sys_creds(), creds.as_bytes(), true)?;
 
-        let platform_jwt = accounts::platform_account_jwt(&operator, &platform.public_key(), now)?;
+        let platform_jwt =
+            crate::accounts::platform_account_jwt(&operator, &platform.public_key(), now)?;
         let pdir = st.account_dir(PLATFORM_ACCOUNT);
         write_atomic(&pdir.join(ACCOUNT_SEED), seed(&platform)?.as_bytes(), true)?;
         write_atomic(&pdir.join(ACCOUNT_JWT), platform_jwt.as_bytes(), false)?;
@@ -349,7 +344,7 @@ impl ControlPlane {
 
     /// The single-node server config text (holds no secret).
     pub fn server_config(&self, options: &ServerConfigOptions) -> Result<String> {
-        Ok(server_config::render_server_config(
+        Ok(crate::server_config::render_server_config(
             &self.operator_facts()?,
             options,
         ))
@@ -365,7 +360,7 @@ impl ControlPlane {
 
     /// The operator/system-account/preload snippet for cluster configs.
     pub fn operator_snippet(&self) -> Result<String> {
-        Ok(server_config::render_operator_snippet(
+        Ok(crate::server_config::render_operator_snippet(
             &self.operator_facts()?,
         ))
     }
@@ -476,7 +471,7 @@ impl ControlPlane {
         slug("service name", name)?;
         let account = load_seed(&self.state.account_dir(PLATFORM_ACCOUNT).join(ACCOUNT_SEED))?;
         let user = KeyPair::new_user();
-        let user_jwt = accounts::user_jwt(
+        let user_jwt = crate::accounts::user_jwt(
             &account,
             &user.public_key(),
             name,
@@ -485,7 +480,7 @@ impl ControlPlane {
             vec![format!("service:{name}")],
             now_unix(),
         )?;
-        Ok(jwt::format_creds(&user_jwt, &seed(&user)?))
+        Ok(crate::jwt::format_creds(&user_jwt, &seed(&user)?))
     }
 
     // ----- tenants --------------------------------------------------------------------
@@ -567,7 +562,7 @@ impl ControlPlane {
             revocations: Default::default(),
             created_at: now,
         };
-        let account_jwt = accounts::tenant_account_jwt(&operator, &record, now)?;
+        let account_jwt = crate::accounts::tenant_account_jwt(&operator, &record, now)?;
 
         // Build the directory under a temp name, publish, then rename into place.
         let tmp = self
@@ -603,10 +598,10 @@ impl ControlPlane {
         let dir = self.state.tenant_dir(&next.tenant);
         let previous = read_text(&dir.join(ACCOUNT_JWT))
             .ok()
-            .and_then(|t| jwt::decode::<AccountNats>(t.trim()).ok())
+            .and_then(|t| crate::jwt::decode::<AccountNats>(t.trim()).ok())
             .map(|c| c.iat);
-        let iat = accounts::next_iat(now_unix(), previous);
-        let account_jwt = accounts::tenant_account_jwt(&self.operator_key()?, next, iat)?;
+        let iat = crate::accounts::next_iat(now_unix(), previous);
+        let account_jwt = crate::accounts::tenant_account_jwt(&self.operator_key()?, next, iat)?;
         self.publish_account(&next.account, &account_jwt).await?;
         write_atomic(&dir.join(ACCOUNT_JWT), account_jwt.as_bytes(), false)?;
         write_json(&dir.join(TENANT_JSON), next)
@@ -742,16 +737,16 @@ impl ControlPlane {
         let user = KeyPair::new_user();
         let now = now_unix();
         let scope = JetStreamScope::default();
-        let user_jwt = accounts::user_jwt(
+        let user_jwt = crate::accounts::user_jwt(
             &account,
             &user.public_key(),
             aid.as_str(),
             Permission {
-                allow: accounts::agent_publish_allow(&tid, &scope),
+                allow: crate::accounts::agent_publish_allow(&tid, &scope),
                 deny: vec![],
             },
             Permission {
-                allow: accounts::agent_subscribe_allow(&tid),
+                allow: crate::accounts::agent_subscribe_allow(&tid),
                 deny: vec![],
             },
             vec![
@@ -761,7 +756,7 @@ impl ControlPlane {
             ],
             now,
         )?;
-        let creds = jwt::format_creds(&user_jwt, &seed(&user)?);
+        let creds = crate::jwt::format_creds(&user_jwt, &seed(&user)?);
         agents.retain(|a| a.agent != aid);
         agents.push(AgentRecord {
             tenant: tid.clone(),

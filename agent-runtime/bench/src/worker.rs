@@ -12,9 +12,9 @@ use futures::StreamExt as _;
 use tenant_bus::{AgentId, CredentialBundle, MasterSecret, NamespaceOptions, Subject, TenantId};
 
 use super::stats::{peak_rss_kib, quantile, rss_kib};
-use crate::cli::CliError;
-use crate::scheduler::{Scheduler, SchedulerConfig};
-use crate::tiers::{Quotas, Tier};
+use crate::BenchError;
+use agent_runtime::scheduler::{Scheduler, SchedulerConfig};
+use agentbus_control::tiers::{Quotas, Tier};
 
 /// Raw async-nats or the namespaced, sealed bus.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize, serde::Deserialize)]
@@ -117,11 +117,11 @@ pub struct TenantsArgs {
 }
 
 /// Runs one measurement and prints its JSON result line.
-pub fn run(cmd: WorkerCommand) -> Result<(), CliError> {
+pub fn run(cmd: WorkerCommand) -> Result<(), BenchError> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| CliError(format!("runtime: {e}")))?;
+        .map_err(|e| BenchError(format!("runtime: {e}")))?;
     let value = rt.block_on(async move {
         match cmd {
             WorkerCommand::Throughput(a) => throughput(a).await,
@@ -135,28 +135,28 @@ pub fn run(cmd: WorkerCommand) -> Result<(), CliError> {
     Ok(())
 }
 
-fn fail(what: &str) -> impl FnOnce(String) -> CliError + '_ {
-    move |e| CliError(format!("{what}: {e}"))
+fn fail(what: &str) -> impl FnOnce(String) -> BenchError + '_ {
+    move |e| BenchError(format!("{what}: {e}"))
 }
 
 /// A bundle for the benchmark tenant on a server without auth.
-pub fn bench_bundle(url: &str, agent: &str) -> Result<CredentialBundle, CliError> {
+pub fn bench_bundle(url: &str, agent: &str) -> Result<CredentialBundle, BenchError> {
     tenant_bundle(url, "bench", agent)
 }
 
 /// A bundle for agent `agent` of tenant `tenant` on a server without auth.
-fn tenant_bundle(url: &str, tenant: &str, agent: &str) -> Result<CredentialBundle, CliError> {
-    let tenant = TenantId::new(tenant).map_err(|e| CliError(e.to_string()))?;
+fn tenant_bundle(url: &str, tenant: &str, agent: &str) -> Result<CredentialBundle, BenchError> {
+    let tenant = TenantId::new(tenant).map_err(|e| BenchError(e.to_string()))?;
     // A fixed secret: every worker process must derive the same tenant key.
-    let master = MasterSecret::from_bytes(&[42u8; 32]).map_err(|e| CliError(e.to_string()))?;
+    let master = MasterSecret::from_bytes(&[42u8; 32]).map_err(|e| BenchError(e.to_string()))?;
     Ok(CredentialBundle {
         url: url.to_string(),
         tenant: tenant.clone(),
-        agent: AgentId::new(agent).map_err(|e| CliError(e.to_string()))?,
+        agent: AgentId::new(agent).map_err(|e| BenchError(e.to_string()))?,
         creds: None,
         keys: master
             .key_set(&tenant, [1], 1)
-            .map_err(|e| CliError(e.to_string()))?,
+            .map_err(|e| BenchError(e.to_string()))?,
     })
 }
 
@@ -178,24 +178,24 @@ fn unbounded(tier: Tier) -> (Quotas, Scheduler) {
 
 /// Namespace options with admission on (see [`unbounded`]) and a subscription
 /// buffer large enough for the flow-control window.
-fn sealed_options() -> Result<NamespaceOptions, CliError> {
+fn sealed_options() -> Result<NamespaceOptions, BenchError> {
     let (mut quotas, scheduler) = unbounded(Tier::Enterprise);
     quotas.max_message_bytes = 64 * 1024 * 1024;
-    let tenant = TenantId::new("bench").map_err(|e| CliError(e.to_string()))?;
+    let tenant = TenantId::new("bench").map_err(|e| BenchError(e.to_string()))?;
     let ts = scheduler
         .tenant(&tenant, &quotas)
-        .map_err(|e| CliError(e.to_string()))?;
+        .map_err(|e| BenchError(e.to_string()))?;
     Ok(NamespaceOptions::new()
         .subscription_capacity(1 << 20)
         .admission(ts.message_admission()))
 }
 
-async fn raw_client(url: &str) -> Result<async_nats::Client, CliError> {
+async fn raw_client(url: &str) -> Result<async_nats::Client, BenchError> {
     async_nats::ConnectOptions::new()
         .subscription_capacity(1 << 20)
         .connect(url)
         .await
-        .map_err(|e| CliError(format!("connect {url}: {e}")))
+        .map_err(|e| BenchError(format!("connect {url}: {e}")))
 }
 
 /// Bytes the publisher may run ahead of the subscriber: closed-loop flow control,
@@ -210,7 +210,7 @@ enum Publisher {
 }
 
 impl Publisher {
-    async fn connect(url: &str, mode: Mode, relative: &'static str) -> Result<Self, CliError> {
+    async fn connect(url: &str, mode: Mode, relative: &'static str) -> Result<Self, BenchError> {
         Ok(match mode {
             Mode::Raw => Publisher::Raw(raw_client(url).await?, full_subject(relative)),
             Mode::Sealed => Publisher::Sealed(
@@ -218,12 +218,12 @@ impl Publisher {
                     .connect(&bench_bundle(url, "publisher")?)
                     .await
                     .map_err(|e| fail("connect")(e.to_string()))?,
-                Subject::new(relative).map_err(|e| CliError(e.to_string()))?,
+                Subject::new(relative).map_err(|e| BenchError(e.to_string()))?,
             ),
         })
     }
 
-    async fn publish(&self, payload: &Bytes) -> Result<(), CliError> {
+    async fn publish(&self, payload: &Bytes) -> Result<(), BenchError> {
         match self {
             Publisher::Raw(c, subject) => c
                 .publish(*subject, payload.clone())
@@ -237,7 +237,7 @@ impl Publisher {
         }
     }
 
-    async fn flush(&self) -> Result<(), CliError> {
+    async fn flush(&self) -> Result<(), BenchError> {
         match self {
             Publisher::Raw(c, _) => c.flush().await.map_err(|e| fail("flush")(e.to_string())),
             Publisher::Sealed(ns, _) => ns.flush().await.map_err(|e| fail("flush")(e.to_string())),
@@ -272,14 +272,14 @@ async fn spawn_reader(
     relative: &'static str,
     count: u64,
     progress: Arc<Progress>,
-) -> Result<std::thread::JoinHandle<Result<(Instant, u64), CliError>>, CliError> {
-    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<Result<(), CliError>>();
+) -> Result<std::thread::JoinHandle<Result<(Instant, u64), BenchError>>, BenchError> {
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<Result<(), BenchError>>();
     let url = url.to_string();
     let handle = std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-            .map_err(|e| CliError(format!("runtime: {e}")))?;
+            .map_err(|e| BenchError(format!("runtime: {e}")))?;
         rt.block_on(async move {
             let count_one = |progress: &Progress| {
                 let n = progress.received.fetch_add(1, Ordering::Relaxed) + 1;
@@ -295,7 +295,7 @@ async fn spawn_reader(
                     let client = match raw_client(&url).await {
                         Ok(c) => c,
                         Err(e) => {
-                            let _ = ready_tx.send(Err(CliError(e.0.clone())));
+                            let _ = ready_tx.send(Err(BenchError(e.0.clone())));
                             return Err(e);
                         }
                     };
@@ -320,8 +320,8 @@ async fn spawn_reader(
                     {
                         Ok(ns) => ns,
                         Err(e) => {
-                            let _ = ready_tx.send(Err(CliError(e.to_string())));
-                            return Err(CliError(e.to_string()));
+                            let _ = ready_tx.send(Err(BenchError(e.to_string())));
+                            return Err(BenchError(e.to_string()));
                         }
                     };
                     // Live at the server when subscribe returns.
@@ -348,7 +348,7 @@ async fn spawn_reader(
         Ok(Err(e)) => Err(e),
         Err(_) => match handle.join() {
             Ok(Err(e)) => Err(e),
-            _ => Err(CliError(
+            _ => Err(BenchError(
                 "the subscriber thread ended before subscribing".into(),
             )),
         },
@@ -363,7 +363,7 @@ async fn publish_loop(
     count: u64,
     window: u64,
     progress: &Progress,
-) -> Result<u64, CliError> {
+) -> Result<u64, BenchError> {
     let mut sent = 0u64;
     while sent < count && !progress.stop.load(Ordering::Relaxed) {
         while sent.saturating_sub(progress.received.load(Ordering::Relaxed)) > window {
@@ -381,7 +381,7 @@ async fn publish_loop(
 /// Publish -> subscribe throughput: a publisher on this thread, the subscriber on
 /// its own, both raw or both sealed; the time from the first publish to the last
 /// message received.
-async fn throughput(a: ThroughputArgs) -> Result<serde_json::Value, CliError> {
+async fn throughput(a: ThroughputArgs) -> Result<serde_json::Value, BenchError> {
     let payload = Bytes::from(vec![0x5au8; a.size]);
     let window = (WINDOW_BYTES / a.size.max(1) as u64).clamp(64, 100_000);
     let progress = Arc::new(Progress {
@@ -395,7 +395,7 @@ async fn throughput(a: ThroughputArgs) -> Result<serde_json::Value, CliError> {
     publish_loop(&publisher, &payload, a.count, window, &progress).await?;
     let (done, drops) = join_reader(reader, &progress).await?;
     if drops > 0 {
-        return Err(CliError(format!("{drops} messages failed verification")));
+        return Err(BenchError(format!("{drops} messages failed verification")));
     }
     let secs = done.duration_since(start).as_secs_f64().max(1e-9);
     let got = progress.received.load(Ordering::Relaxed);
@@ -409,14 +409,14 @@ async fn throughput(a: ThroughputArgs) -> Result<serde_json::Value, CliError> {
 
 /// Waits (at most 60 s) for the subscriber thread, stopping it if it lags.
 async fn join_reader(
-    reader: std::thread::JoinHandle<Result<(Instant, u64), CliError>>,
+    reader: std::thread::JoinHandle<Result<(Instant, u64), BenchError>>,
     progress: &Progress,
-) -> Result<(Instant, u64), CliError> {
+) -> Result<(Instant, u64), BenchError> {
     let deadline = Instant::now() + Duration::from_secs(60);
     while !reader.is_finished() {
         if Instant::now() > deadline {
             progress.stop.store(true, Ordering::Relaxed);
-            return Err(CliError(
+            return Err(BenchError(
                 "the subscriber did not receive every message within 60 s".into(),
             ));
         }
@@ -424,14 +424,14 @@ async fn join_reader(
     }
     reader
         .join()
-        .map_err(|_| CliError("the subscriber thread panicked".into()))?
+        .map_err(|_| BenchError("the subscriber thread panicked".into()))?
 }
 
 /// Receives 1 KiB messages published as fast as the subscriber takes them for
 /// `secs`, sampling this process's RSS at 10 s (or a sixth of the run, if
 /// shorter) and at the end. Publisher and subscriber are set up as in the
 /// throughput measurement.
-async fn soak(a: SoakArgs) -> Result<serde_json::Value, CliError> {
+async fn soak(a: SoakArgs) -> Result<serde_json::Value, BenchError> {
     let payload = Bytes::from(vec![0x5au8; 1024]);
     let progress = Arc::new(Progress {
         received: AtomicU64::new(0),
@@ -465,13 +465,13 @@ async fn soak(a: SoakArgs) -> Result<serde_json::Value, CliError> {
     let secs = start.elapsed().as_secs_f64();
     let ((rss_early, received_early), rss_end) = sampler
         .await
-        .map_err(|e| CliError(format!("sampler: {e}")))?;
+        .map_err(|e| BenchError(format!("sampler: {e}")))?;
     // One more message wakes a subscriber waiting for the next.
     let _ = publisher.publish(&payload).await;
     let _ = publisher.flush().await;
     let (_, drops) = join_reader(reader, &progress).await?;
     if drops > 0 {
-        return Err(CliError(format!("{drops} messages failed verification")));
+        return Err(BenchError(format!("{drops} messages failed verification")));
     }
     let got = progress.received.load(Ordering::Relaxed);
     Ok(serde_json::json!({
@@ -485,7 +485,7 @@ async fn soak(a: SoakArgs) -> Result<serde_json::Value, CliError> {
 }
 
 /// A server round trip on `client`: after it, its subscriptions are live.
-async fn barrier(client: &async_nats::Client) -> Result<(), CliError> {
+async fn barrier(client: &async_nats::Client) -> Result<(), BenchError> {
     let inbox = client.new_inbox();
     let mut probe = client
         .subscribe(inbox.clone())
@@ -497,11 +497,11 @@ async fn barrier(client: &async_nats::Client) -> Result<(), CliError> {
         .map_err(|e| fail("barrier")(e.to_string()))?;
     match tokio::time::timeout(Duration::from_secs(10), probe.next()).await {
         Ok(Some(_)) => Ok(()),
-        _ => Err(CliError("barrier probe not echoed".into())),
+        _ => Err(BenchError("barrier probe not echoed".into())),
     }
 }
 
-async fn latency(a: LatencyArgs) -> Result<serde_json::Value, CliError> {
+async fn latency(a: LatencyArgs) -> Result<serde_json::Value, BenchError> {
     let payload = Bytes::from(vec![0x5au8; 128]);
     let mut samples = Vec::with_capacity(a.count as usize);
     let warmup = (a.count / 10).max(10);
@@ -546,7 +546,7 @@ async fn latency(a: LatencyArgs) -> Result<serde_json::Value, CliError> {
                 .connect(&bench_bundle(&a.url, "client")?)
                 .await
                 .map_err(|e| fail("connect")(e.to_string()))?;
-            let subject = Subject::new("svc").map_err(|e| CliError(e.to_string()))?;
+            let subject = Subject::new("svc").map_err(|e| BenchError(e.to_string()))?;
             let mut sub = server
                 .subscribe(&subject)
                 .await
@@ -581,29 +581,29 @@ async fn latency(a: LatencyArgs) -> Result<serde_json::Value, CliError> {
 /// Registers `tenants` idle tenants the way a runtime instance holds them (a
 /// registry cache entry, a scheduler state, a key set) and times the message
 /// admission check on one of them and round-robin over all.
-async fn tenants(a: TenantsArgs) -> Result<serde_json::Value, CliError> {
+async fn tenants(a: TenantsArgs) -> Result<serde_json::Value, BenchError> {
     use tenant_bus::admission::{Admission, Admit};
     let n = a.tenants.max(1);
-    let master = MasterSecret::from_bytes(&[7u8; 32]).map_err(|e| CliError(e.to_string()))?;
+    let master = MasterSecret::from_bytes(&[7u8; 32]).map_err(|e| BenchError(e.to_string()))?;
     let (quotas, scheduler) = unbounded(Tier::Pro);
     let ids: Vec<TenantId> = (0..n)
         .map(|i| TenantId::new(&format!("tenant-{i}")))
         .collect::<Result<_, _>>()
-        .map_err(|e| CliError(e.to_string()))?;
+        .map_err(|e| BenchError(e.to_string()))?;
 
     // What a runtime instance holds per tenant: a registry cache entry, a
     // scheduler state and the tenant's key set.
-    let record = |id: &TenantId| crate::registry::TenantRecord {
+    let record = |id: &TenantId| agentbus_control::registry::TenantRecord {
         id: id.clone(),
         name: id.to_string(),
         tier: Tier::Pro,
         settings: Default::default(),
-        status: crate::registry::Status::Active,
+        status: agentbus_control::registry::Status::Active,
         created_at: 0,
         updated_at: 0,
         revision: 1,
     };
-    let err = |e: &dyn std::fmt::Display| CliError(e.to_string());
+    let err = |e: &dyn std::fmt::Display| BenchError(e.to_string());
     // The marginal memory of one more idle tenant while `n` exist: RSS growth over
     // PROBE more tenants (RSS moves in pages and allocator arenas, so a delta over a
     // handful of tenants would measure granularity, not tenants). Containers are
@@ -648,13 +648,15 @@ async fn tenants(a: TenantsArgs) -> Result<serde_json::Value, CliError> {
     // The cache's entries live inline in its pre-reserved table (at most 8/7 of a
     // slot per entry at hashbrown's load factor), so RSS growth shows only their
     // heap parts: add the inline size.
-    let entry = std::mem::size_of::<(TenantId, crate::registry::TenantRecord)>() as f64 * 8.0 / 7.0;
+    let entry = std::mem::size_of::<(TenantId, agentbus_control::registry::TenantRecord)>() as f64
+        * 8.0
+        / 7.0;
     let registry_bytes = per(r2, r3) + entry;
     let gates = &gates[..n];
     // Warm every gate once (first use leases the batch).
     for g in gates {
         if let Admit::Wait(f) = g.admit_message(128) {
-            f.await.map_err(|r| CliError(r.to_string()))?;
+            f.await.map_err(|r| BenchError(r.to_string()))?;
         }
     }
     let one = gates[n / 2].clone();
@@ -663,7 +665,7 @@ async fn tenants(a: TenantsArgs) -> Result<serde_json::Value, CliError> {
     for _ in 0..checks {
         match one.admit_message(std::hint::black_box(128)) {
             Admit::Now => {}
-            _ => return Err(CliError("admission left the synchronous path".into())),
+            _ => return Err(BenchError("admission left the synchronous path".into())),
         }
     }
     let one_ns = t.elapsed().as_nanos() as f64 / checks as f64;
@@ -671,7 +673,7 @@ async fn tenants(a: TenantsArgs) -> Result<serde_json::Value, CliError> {
     for i in 0..checks {
         match gates[(i as usize) % n].admit_message(std::hint::black_box(128)) {
             Admit::Now => {}
-            _ => return Err(CliError("admission left the synchronous path".into())),
+            _ => return Err(BenchError("admission left the synchronous path".into())),
         }
     }
     let rr_ns = t.elapsed().as_nanos() as f64 / checks as f64;
@@ -697,7 +699,7 @@ const JS_CONCURRENCY: usize = 64;
 /// Sealed mode does the same through `Dispatcher::seal`/`submit` and a dispatch
 /// `Worker` (open and verify, idempotency check in the done bucket, handler,
 /// sealed outcome stored, ack).
-async fn jetstream(a: JetstreamArgs) -> Result<serde_json::Value, CliError> {
+async fn jetstream(a: JetstreamArgs) -> Result<serde_json::Value, BenchError> {
     use async_nats::jetstream::{self, consumer, stream};
     use futures::stream::FuturesUnordered;
 
@@ -764,8 +766,8 @@ async fn jetstream(a: JetstreamArgs) -> Result<serde_json::Value, CliError> {
             while done < count {
                 let m = tokio::time::timeout(Duration::from_secs(30), messages.next())
                     .await
-                    .map_err(|_| CliError("raw consumer stalled".into()))?
-                    .ok_or_else(|| CliError("raw consumer ended".into()))?
+                    .map_err(|_| BenchError("raw consumer stalled".into()))?
+                    .ok_or_else(|| BenchError("raw consumer ended".into()))?
                     .map_err(|e| fail("message")(e.to_string()))?;
                 std::hint::black_box(&m.payload);
                 // The same work per task as a dispatch handler here: none, then ack.
@@ -784,7 +786,7 @@ async fn jetstream(a: JetstreamArgs) -> Result<serde_json::Value, CliError> {
             let _ = js.delete_stream(&name).await;
         }
         Mode::Sealed => {
-            use crate::dispatch::{DispatchOptions, Dispatcher, Task, WorkerOptions};
+            use agent_runtime::dispatch::{DispatchOptions, Dispatcher, Task, WorkerOptions};
             // A tenant of its own per run: a tenant's task stream owns its subjects.
             let ns = sealed_options()?
                 .connect(&tenant_bundle(
@@ -807,7 +809,7 @@ async fn jetstream(a: JetstreamArgs) -> Result<serde_json::Value, CliError> {
             for _ in 0..count {
                 if acks.len() >= JS_WINDOW {
                     if let Some(r) = acks.next().await {
-                        let r: Result<(), crate::dispatch::DispatchError> = r;
+                        let r: Result<(), agent_runtime::dispatch::DispatchError> = r;
                         r.map_err(|e| fail("submit")(e.to_string()))?;
                     }
                 }
@@ -837,7 +839,7 @@ async fn jetstream(a: JetstreamArgs) -> Result<serde_json::Value, CliError> {
             let deadline = Instant::now() + Duration::from_secs(120);
             while worker.stats().completed() < count {
                 if Instant::now() > deadline {
-                    return Err(CliError(format!(
+                    return Err(BenchError(format!(
                         "dispatch worker completed {} of {count} within 120 s",
                         worker.stats().completed()
                     )));

@@ -10,10 +10,15 @@
 //! `--quick` is the smoke version CI runs (seconds, tiny counts): it checks that the
 //! benchmark still runs, not the targets.
 //!
+//! The CLI only calls [`run`] and [`worker::run`]; this crate calls the runtime, the
+//! control plane and the bus.
+//!
 //! # Layout
 //! - [`worker`]: the measurements (throughput, latency, soak, tenants).
 //! - [`stats`]: medians, quantiles, RSS readings.
 //! - [`report`]: the table and `BENCHMARKS.md`.
+
+#![forbid(unsafe_code)]
 
 pub mod report;
 pub mod stats;
@@ -25,11 +30,33 @@ use std::time::Instant;
 
 use clap::Args;
 
-use crate::cli::CliError;
-use crate::local_server::{LocalServer, ServerOptions};
+use agentbus_control::local_server::{LocalServer, ServerOptions};
 use report::{Report, Row};
 use stats::Summary;
 use worker::Mode;
+
+/// A benchmark's failure: one line for the user.
+#[derive(Debug)]
+pub struct BenchError(pub String);
+
+impl std::fmt::Display for BenchError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for BenchError {}
+
+impl From<agentbus_control::ControlError> for BenchError {
+    fn from(e: agentbus_control::ControlError) -> Self {
+        BenchError(one_line(&e.to_string()))
+    }
+}
+
+/// Collapses a multi-line error into one line.
+pub fn one_line(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
 
 /// Arguments of `agentbus bench`.
 #[derive(Debug, Clone, Args)]
@@ -93,12 +120,12 @@ impl Plan {
 }
 
 /// Runs the benchmark.
-pub async fn run(args: BenchArgs) -> Result<(), CliError> {
+pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
     let plan = Plan::new(&args);
-    let exe = std::env::current_exe().map_err(|e| CliError(format!("current exe: {e}")))?;
+    let exe = std::env::current_exe().map_err(|e| BenchError(format!("current exe: {e}")))?;
     let started = Instant::now();
     let server = LocalServer::start(ServerOptions::new().jetstream(true))
-        .map_err(|e| CliError(crate::cli::one_line(&e.to_string())))?;
+        .map_err(|e| BenchError(crate::one_line(&e.to_string())))?;
     let url = server.url();
     let mut report = Report::new(args.quick, plan.repeats);
     progress(
@@ -151,7 +178,7 @@ pub async fn run(args: BenchArgs) -> Result<(), CliError> {
     // Request/reply latency, pinned to one CPU when possible.
     let pin = !args.no_pin && which("taskset");
     let latency_server = LocalServer::start(ServerOptions::new())
-        .map_err(|e| CliError(crate::cli::one_line(&e.to_string())))?;
+        .map_err(|e| BenchError(crate::one_line(&e.to_string())))?;
     if pin {
         if let Some(pid) = latency_server.pid() {
             let _ = Command::new("taskset")
@@ -299,7 +326,7 @@ pub async fn run(args: BenchArgs) -> Result<(), CliError> {
             text.push_str(&a);
         }
         std::fs::write(path, text)
-            .map_err(|e| CliError(format!("writing {}: {e}", path.display())))?;
+            .map_err(|e| BenchError(format!("writing {}: {e}", path.display())))?;
         eprintln!("agentbus bench: wrote {}", path.display());
     }
     Ok(())
@@ -311,8 +338,8 @@ fn paired(
     started: &Instant,
     repeats: usize,
     label: &str,
-    mut measure: impl FnMut(Mode, usize) -> Result<serde_json::Value, CliError>,
-) -> Result<[Vec<serde_json::Value>; 2], CliError> {
+    mut measure: impl FnMut(Mode, usize) -> Result<serde_json::Value, BenchError>,
+) -> Result<[Vec<serde_json::Value>; 2], BenchError> {
     let mut runs: [Vec<serde_json::Value>; 2] = [Vec::new(), Vec::new()];
     for r in 0..repeats {
         let order = if r % 2 == 0 {
@@ -384,7 +411,7 @@ fn worker(
     exe: &std::path::Path,
     pin_cpu: Option<&str>,
     args: &[&str],
-) -> Result<serde_json::Value, CliError> {
+) -> Result<serde_json::Value, BenchError> {
     let mut cmd = match pin_cpu {
         Some(cpu) => {
             let mut c = Command::new("taskset");
@@ -396,51 +423,52 @@ fn worker(
     cmd.arg("bench-worker").args(args).stdin(Stdio::null());
     let out = cmd
         .output()
-        .map_err(|e| CliError(format!("running a bench worker: {e}")))?;
+        .map_err(|e| BenchError(format!("running a bench worker: {e}")))?;
     if !out.status.success() {
         let err = String::from_utf8_lossy(&out.stderr);
-        return Err(CliError(format!(
+        return Err(BenchError(format!(
             "bench worker {args:?} failed: {}",
-            crate::cli::one_line(&err)
+            crate::one_line(&err)
         )));
     }
     let text = String::from_utf8_lossy(&out.stdout);
     let line = text.lines().last().unwrap_or_default();
-    serde_json::from_str(line).map_err(|e| CliError(format!("bench worker output {line:?}: {e}")))
+    serde_json::from_str(line).map_err(|e| BenchError(format!("bench worker output {line:?}: {e}")))
 }
 
 /// Times: create a tenant, issue an agent credential, connect, and have a first
 /// publish accepted (received back through the server), on a fresh operator-mode
 /// server with its control plane connected.
-async fn onboarding(repeats: usize) -> Result<Vec<f64>, CliError> {
+async fn onboarding(repeats: usize) -> Result<Vec<f64>, BenchError> {
     use futures::StreamExt as _;
-    let dir = tempfile::tempdir().map_err(|e| CliError(format!("temp dir: {e}")))?;
-    let mut cp = crate::control::ControlPlane::init(dir.path().join("state"))?;
+    let dir = tempfile::tempdir().map_err(|e| BenchError(format!("temp dir: {e}")))?;
+    let mut cp = agentbus_control::ControlPlane::init(dir.path().join("state"))?;
     let config = cp.server_config(&cp.default_server_options())?;
     let server = LocalServer::start(ServerOptions::new().config(config))
-        .map_err(|e| CliError(crate::cli::one_line(&e.to_string())))?;
+        .map_err(|e| BenchError(crate::one_line(&e.to_string())))?;
     cp.set_server_url(&server.url())?;
     cp.connect(&server.url()).await?;
     let mut times = Vec::new();
     for i in 0..repeats.max(1) {
         let id = format!("onboard-{i}");
         let t = Instant::now();
-        cp.create_tenant(&id, crate::tiers::Tier::Free).await?;
+        cp.create_tenant(&id, agentbus_control::tiers::Tier::Free)
+            .await?;
         let bundle = cp.issue_agent(&id, "first", "default")?;
         let ns = tenant_bus::TenantNamespace::connect(&bundle)
             .await
-            .map_err(|e| CliError(e.to_string()))?;
+            .map_err(|e| BenchError(e.to_string()))?;
         let mut sub = ns
             .subscribe("hello")
             .await
-            .map_err(|e| CliError(e.to_string()))?;
+            .map_err(|e| BenchError(e.to_string()))?;
         ns.publish("hello", b"first")
             .await
-            .map_err(|e| CliError(e.to_string()))?;
+            .map_err(|e| BenchError(e.to_string()))?;
         match tokio::time::timeout(std::time::Duration::from_secs(5), sub.next()).await {
             Ok(Some(_)) => times.push(t.elapsed().as_secs_f64() * 1e3),
             _ => {
-                return Err(CliError(format!(
+                return Err(BenchError(format!(
                     "onboarding {id}: first publish not accepted"
                 )))
             }

@@ -6,7 +6,7 @@ use clap::Parser as _;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() {
-    let cli = agent_runtime::cli::Cli::parse();
+    let cli = agentbus_cli::Cli::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
@@ -27,7 +27,7 @@ fn main() {
             std::process::exit(1);
         }
     };
-    if let Err(e) = runtime.block_on(agent_runtime::cli::run(cli)) {
+    if let Err(e) = runtime.block_on(agentbus_cli::run(cli)) {
         eprintln!("agentbus: {e}");
         std::process::exit(1);
     }

@@ -19,7 +19,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-use crate::control::{ControlError, ControlErrorKind, ControlPlane};
+use agentbus_control::{ControlError, ControlErrorKind, ControlPlane};
 
 /// Operate a multi-tenant agent bus on NATS.
 #[derive(Debug, Parser)]
@@ -57,10 +57,10 @@ pub enum Command {
     /// Send a sealed request as an agent and print the verified reply.
     Request(msg::RequestArgs),
     /// Benchmark the sealed bus against raw async-nats (writes BENCHMARKS.md with --out).
-    Bench(crate::bench::BenchArgs),
+    Bench(agentbus_bench::BenchArgs),
     /// One benchmark measurement in its own process (used by `bench`).
     #[command(subcommand, hide = true)]
-    BenchWorker(crate::bench::worker::WorkerCommand),
+    BenchWorker(agentbus_bench::worker::WorkerCommand),
 }
 
 /// A command's failure: one line for the user.
@@ -105,12 +105,13 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Pub(args) => msg::publish(args).await,
         Command::Sub(args) => msg::subscribe(args).await,
         Command::Request(args) => msg::request(args).await,
-        Command::Bench(args) => crate::bench::run(args).await,
+        Command::Bench(args) => agentbus_bench::run(args).await.map_err(|e| CliError(e.0)),
         // Workers build their own single-threaded runtime; run them off this one.
         Command::BenchWorker(cmd) => {
-            tokio::task::spawn_blocking(move || crate::bench::worker::run(cmd))
+            tokio::task::spawn_blocking(move || agentbus_bench::worker::run(cmd))
                 .await
                 .map_err(|e| CliError(format!("bench worker: {e}")))?
+                .map_err(|e| CliError(e.0))
         }
     }
 }

@@ -16,7 +16,7 @@
 //! resolvers of a cluster, when they exchange JWTs, keep the one with the newer
 //! `iat` and skip one with an equal `jti`; so the control plane re-signs an
 //! account with a strictly newer `iat` every time (see
-//! [`super::accounts::next_iat`]) and every node converges on the latest.
+//! [`crate::accounts::next_iat`]) and every node converges on the latest.
 //!
 //! Field names follow `nats-io/jwt` v2 (`account_claims.go`, `user_claims.go`,
 //! `types.go`, `operator_claims.go`). Go's `omitempty` drops zero limits, and the
@@ -32,7 +32,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tenant_bus::error::Error;
 
-use super::error::{ControlError, ControlErrorKind};
+use crate::error::{ControlError, ControlErrorKind};
 
 /// The JWT header's `alg` for nkey-signed NATS JWTs.
 pub const ALGORITHM: &str = "ed25519-nkey";
