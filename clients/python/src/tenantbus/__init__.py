@@ -1,0 +1,120 @@
+"""tenantbus: the Python client of the agentbus multi-tenant NATS message bus.
+
+A :class:`TenantNamespace` confines an agent to subjects under ``tenant.<id>.``;
+every message it sends is stamped (tenant, message id, timestamp, sender) and
+sealed with AES-256-GCM under the tenant's key, byte for byte as the Rust
+``tenant-bus`` crate does (``docs/wire-format.md``); every message it delivers
+passed the same verification (tenant, subject, key, tag, freshness, replay)::
+
+    import tenantbus
+
+    ns = await tenantbus.connect("planner.json")
+    sub = await ns.subscribe("jobs.>")
+    await ns.publish("jobs.created", b'{"id": 1}')
+    msg = await sub.next_msg(timeout=5)
+    print(msg.subject, msg.sender, msg.payload)
+    await ns.close()
+
+Task dispatch interoperating with the Rust dispatcher is in :mod:`tenantbus.dispatch`.
+"""
+
+from .bundle import CredentialBundle
+from .envelope import (
+    FORMAT_VERSION,
+    Header,
+    MessageId,
+    Sealer,
+    Stamp,
+    decode_header,
+    now_ms,
+    open_envelope,
+)
+from .errors import (
+    BundleError,
+    BundleErrorKind,
+    ConnectError,
+    ConnectErrorKind,
+    DispatchError,
+    DispatchErrorKind,
+    DropReason,
+    EnvelopeError,
+    IdError,
+    IdErrorKind,
+    KeySetError,
+    KeySetErrorKind,
+    PublishError,
+    PublishErrorKind,
+    RequestError,
+    RequestErrorKind,
+    SealError,
+    SealErrorKind,
+    SubjectError,
+    SubjectErrorKind,
+    SubscribeError,
+    SubscribeErrorKind,
+    TenantBusError,
+)
+from .ids import validate_agent_id, validate_tenant_id
+from .keys import TenantKey, TenantKeySet, derive_key
+from .message import TenantMessage
+from .namespace import NamespaceOptions, Subscription, TenantNamespace, connect
+from .replay import ReplayGuard
+from .subject import inbox_prefix, scope, unscope, validate_pattern, validate_subject
+from .verify import Counters, CountersSnapshot, Freshness, Verifier
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BundleError",
+    "BundleErrorKind",
+    "ConnectError",
+    "ConnectErrorKind",
+    "Counters",
+    "CountersSnapshot",
+    "CredentialBundle",
+    "DispatchError",
+    "DispatchErrorKind",
+    "DropReason",
+    "EnvelopeError",
+    "FORMAT_VERSION",
+    "Freshness",
+    "Header",
+    "IdError",
+    "IdErrorKind",
+    "KeySetError",
+    "KeySetErrorKind",
+    "MessageId",
+    "NamespaceOptions",
+    "PublishError",
+    "PublishErrorKind",
+    "ReplayGuard",
+    "RequestError",
+    "RequestErrorKind",
+    "SealError",
+    "SealErrorKind",
+    "Sealer",
+    "Stamp",
+    "SubjectError",
+    "SubjectErrorKind",
+    "SubscribeError",
+    "SubscribeErrorKind",
+    "Subscription",
+    "TenantBusError",
+    "TenantKey",
+    "TenantKeySet",
+    "TenantMessage",
+    "TenantNamespace",
+    "Verifier",
+    "connect",
+    "decode_header",
+    "derive_key",
+    "inbox_prefix",
+    "now_ms",
+    "open_envelope",
+    "scope",
+    "unscope",
+    "validate_agent_id",
+    "validate_pattern",
+    "validate_subject",
+    "validate_tenant_id",
+]
