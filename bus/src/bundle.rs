@@ -98,6 +98,14 @@ impl CredentialBundle {
         })
     }
 
+    /// The bundle's server addresses: [`CredentialBundle::url`] split as a
+    /// comma-separated list (see [`crate::connect::server_addrs`]).
+    pub fn server_addrs(
+        &self,
+    ) -> Result<Vec<crate::connect::ServerAddr>, crate::connect::ServerAddrError> {
+        crate::connect::server_addrs(&self.url)
+    }
+
     fn check(&self) -> Result<(), BundleError> {
         self.keys
             .ensure_tenant(&self.tenant)

@@ -28,6 +28,7 @@
 //!   full subject.
 //! - [`keys`]: the platform master secret, per-tenant key derivation, key sets.
 //! - [`bundle`]: the per-agent credential bundle.
+//! - [`connect`]: server URL lists (`nats://a:4222,nats://b:4222`).
 //! - [`envelope`]: the binary wire format, sealing and opening (nonces, ids).
 //! - [`verify`]: verification on receive, drop reasons and counters.
 //! - [`replay`]: bounded anti-replay windows per sender instance.
@@ -40,6 +41,7 @@
 
 pub mod admission;
 pub mod bundle;
+pub mod connect;
 pub mod envelope;
 pub mod error;
 pub mod events;

@@ -38,6 +38,8 @@ pub enum ConnectErrorKind {
     Connection,
     /// The server refused the credentials (unknown, revoked or suspended).
     Authorization,
+    /// The bundle's server URL (list) is not valid (see [`crate::connect::server_addrs`]).
+    InvalidUrl,
 }
 
 crate::kind_display!(ConnectErrorKind {
@@ -45,6 +47,7 @@ crate::kind_display!(ConnectErrorKind {
     Keys => "unusable key set",
     Connection => "cannot connect to the NATS server",
     Authorization => "the server refused the credentials",
+    InvalidUrl => "invalid NATS server URL",
 });
 
 /// A connect error.
@@ -193,6 +196,8 @@ impl TenantNamespace {
         let counters = Arc::new(Counters::default());
         let (events, _) = broadcast::channel(EVENT_CHANNEL_CAPACITY);
 
+        let addrs = crate::connect::server_addrs(&bundle.url)
+            .map_err(|e| Error::with_source(ConnectErrorKind::InvalidUrl, "bundle url", e))?;
         let mut nats = match &bundle.creds {
             Some(creds) => async_nats::ConnectOptions::with_credentials(creds).map_err(|e| {
                 Error::with_source(ConnectErrorKind::Credentials, "bundle creds", e)
@@ -224,7 +229,7 @@ impl TenantNamespace {
                     let _ = events.send(event);
                 }
             });
-        let client = nats.connect(bundle.url.as_str()).await.map_err(|e| {
+        let client = nats.connect(addrs).await.map_err(|e| {
             let kind = match e.kind() {
                 async_nats::ConnectErrorKind::AuthorizationViolation
                 | async_nats::ConnectErrorKind::Authentication => ConnectErrorKind::Authorization,
