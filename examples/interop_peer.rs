@@ -154,7 +154,9 @@ async fn run(args: &[String]) -> Result<bool> {
                     true
                 }
                 Ok(Err(e)) => {
-                    emit(json!({"event": "request_error", "kind": format!("{:?}", e.kind()), "error": e.to_string()}));
+                    emit(
+                        json!({"event": "request_error", "kind": format!("{:?}", e.kind()), "error": e.to_string()}),
+                    );
                     false
                 }
                 Err(_) => {
@@ -167,15 +169,21 @@ async fn run(args: &[String]) -> Result<bool> {
             let timeout = Duration::from_millis(num(args, 4)?);
             let d = Dispatcher::new(&ns, DispatchOptions::new().per_tenant_names(true)).await?;
             let mut handle = d.dispatch(arg(args, 2)?, arg(args, 3)?.as_bytes()).await?;
-            emit(json!({"event": "dispatched", "id": handle.id().to_hex(), "stream": d.stream_name(), "bucket": d.done_bucket()}));
+            emit(
+                json!({"event": "dispatched", "id": handle.id().to_hex(), "stream": d.stream_name(), "bucket": d.done_bucket()}),
+            );
             match handle.wait(timeout).await? {
                 TaskOutcome::Completed(out) => {
-                    emit(json!({"event": "outcome", "id": handle.id().to_hex(), "completed": true,
-                        "output": String::from_utf8_lossy(&out)}));
+                    emit(
+                        json!({"event": "outcome", "id": handle.id().to_hex(), "completed": true,
+                        "output": String::from_utf8_lossy(&out)}),
+                    );
                 }
                 TaskOutcome::DeadLettered { reason, deliveries } => {
-                    emit(json!({"event": "outcome", "id": handle.id().to_hex(), "completed": false,
-                        "reason": reason, "deliveries": deliveries}));
+                    emit(
+                        json!({"event": "outcome", "id": handle.id().to_hex(), "completed": false,
+                        "reason": reason, "deliveries": deliveries}),
+                    );
                 }
             }
             true

@@ -60,7 +60,11 @@ fn keys(m: &MasterSecret, tenant: &str, versions: &[u32], current: u32) -> Resul
 
 fn sealer(keys: &TenantKeySet, sender: Option<&str>, instance: u64) -> Result<Sealer> {
     let sender = sender.map(AgentId::new).transpose()?;
-    Ok(Sealer::with_instance(Arc::new(keys.clone()), sender, instance))
+    Ok(Sealer::with_instance(
+        Arc::new(keys.clone()),
+        sender,
+        instance,
+    ))
 }
 
 /// A small deterministic generator (as in the attack tests).
@@ -422,25 +426,57 @@ fn verify_runs() -> Result<Value> {
     }
     let other_sender = sealer(&ks, Some("other"), 0x5555_0000_0000_0001)?;
     let msgs: Vec<Vec<u8>> = (1..=3)
-        .map(|i| seal(&other_sender, SUBJECT, None, format!("seq {i}").as_bytes(), ts))
+        .map(|i| {
+            seal(
+                &other_sender,
+                SUBJECT,
+                None,
+                format!("seq {i}").as_bytes(),
+                ts,
+            )
+        })
         .collect::<std::result::Result<_, _>>()?;
     for seq in [3usize, 1, 2, 1, 3, 2] {
         steps.push(step("out of order", SUBJECT, None, msgs[seq - 1].clone()));
     }
     // Stale and future.
     for t in [NOW - 10 * 60_000, NOW - 301_000, 0] {
-        steps.push(step("stale", SUBJECT, None, seal(&victim, SUBJECT, None, b"timed", t)?));
+        steps.push(step(
+            "stale",
+            SUBJECT,
+            None,
+            seal(&victim, SUBJECT, None, b"timed", t)?,
+        ));
     }
     for t in [NOW + 10 * 60_000, NOW + 31_000, u64::MAX] {
-        steps.push(step("future", SUBJECT, None, seal(&victim, SUBJECT, None, b"timed", t)?));
+        steps.push(step(
+            "future",
+            SUBJECT,
+            None,
+            seal(&victim, SUBJECT, None, b"timed", t)?,
+        ));
     }
     for t in [NOW - 300_000, NOW - 60_000, NOW + 5_000, NOW + 30_000] {
-        steps.push(step("fresh enough", SUBJECT, None, seal(&victim, SUBJECT, None, b"timed", t)?));
+        steps.push(step(
+            "fresh enough",
+            SUBJECT,
+            None,
+            seal(&victim, SUBJECT, None, b"timed", t)?,
+        ));
     }
     // Unknown key versions.
     for v in [2u32, 7, u32::MAX, 0] {
-        let s = sealer(&keys(&m, TENANT, &[v], v)?, Some("newer"), u64::from(v) + 1000)?;
-        steps.push(step("unknown key", SUBJECT, None, seal(&s, SUBJECT, None, b"v", ts)?));
+        let s = sealer(
+            &keys(&m, TENANT, &[v], v)?,
+            Some("newer"),
+            u64::from(v) + 1000,
+        )?;
+        steps.push(step(
+            "unknown key",
+            SUBJECT,
+            None,
+            seal(&s, SUBJECT, None, b"v", ts)?,
+        ));
     }
     steps.push(step(
         "key version altered",
@@ -456,7 +492,12 @@ fn verify_runs() -> Result<Value> {
     }
     steps.push(step("flags", SUBJECT, None, mutate(&long, |b| b[1] = 1)));
     for v in [0u8, 64, 255] {
-        steps.push(step("tenant length", SUBJECT, None, mutate(&long, |b| b[42] = v)));
+        steps.push(step(
+            "tenant length",
+            SUBJECT,
+            None,
+            mutate(&long, |b| b[42] = v),
+        ));
     }
     for v in [64u8, 63] {
         steps.push(step(
@@ -531,7 +572,13 @@ fn verify_runs() -> Result<Value> {
         .map(|i| sealer(&ks, Some("sender"), 0x9000 + i))
         .collect::<Result<_>>()?;
     for i in [0usize, 1, 2, 3, 2, 1, 0] {
-        let b = seal(&senders[i], SUBJECT, None, format!("from {i}").as_bytes(), ts)?;
+        let b = seal(
+            &senders[i],
+            SUBJECT,
+            None,
+            format!("from {i}").as_bytes(),
+            ts,
+        )?;
         cap.push(step("cap", SUBJECT, None, b));
     }
 
@@ -552,10 +599,23 @@ fn verify_runs() -> Result<Value> {
         replay_window: Duration::from_secs(2),
         clock_skew: Duration::from_millis(500),
     };
-    let short_steps = [NOW - 5_000, NOW + 3_000, NOW - 1_000, NOW - 2_000, NOW + 500]
-        .into_iter()
-        .map(|t| Ok(step("short window", SUBJECT, None, seal(&victim, SUBJECT, None, b"t", t)?)))
-        .collect::<Result<Vec<_>>>()?;
+    let short_steps = [
+        NOW - 5_000,
+        NOW + 3_000,
+        NOW - 1_000,
+        NOW - 2_000,
+        NOW + 500,
+    ]
+    .into_iter()
+    .map(|t| {
+        Ok(step(
+            "short window",
+            SUBJECT,
+            None,
+            seal(&victim, SUBJECT, None, b"t", t)?,
+        ))
+    })
+    .collect::<Result<Vec<_>>>()?;
     Ok(json!([
         verify_run("attacks", &ks, default, 100_000, steps)?,
         verify_run("fuzz", &ks, default, 100_000, fuzz)?,

@@ -51,6 +51,7 @@ _NONCE_MOD = 1 << 96
 _U64 = (1 << 64) - 1
 
 _FIXED = struct.Struct(">BBI16sQ12sB")  # version, flags, key version, id, ts, nonce, T
+_IDS = struct.Struct(">QQ")
 _U16 = struct.Struct(">H")
 
 
@@ -192,7 +193,13 @@ class Header:
     header_len: int
 
 
-def _decode_fields(body: bytes) -> Header:
+_FIELDS = Tuple[int, bytes, int, bytes, bytes, Optional[bytes], int]
+_HEAD = struct.Struct(">BBI16sQ12sB")
+
+
+def _decode_fields(body: bytes) -> _FIELDS:
+    """(key_version, msg_id, timestamp, nonce, tenant, sender, header_len); the
+    ids' slug rule is left to the caller."""
     n = len(body)
     if n < _MIN_BODY:
         raise EnvelopeError(DropReason.MALFORMED, "too short")
@@ -200,72 +207,74 @@ def _decode_fields(body: bytes) -> Header:
         raise EnvelopeError(DropReason.UNSUPPORTED_VERSION, str(body[0]))
     if body[1] != 0:
         raise EnvelopeError(DropReason.MALFORMED, "flags")
-    _, _, key_version, msg_id, ts, nonce, tlen = _FIXED.unpack_from(body, 0)
+    _, _, key_version, msg_id, ts, nonce, tlen = _HEAD.unpack_from(body, 0)
     if tlen == 0 or tlen > MAX_ID_LEN:
         raise EnvelopeError(DropReason.MALFORMED, "tenant length")
     tenant_end = FIXED_HEADER_LEN + tlen
-    tenant = body[FIXED_HEADER_LEN:tenant_end]
-    # body is at least 61 bytes and tenant_end at most 106
     if tenant_end >= n:
         raise EnvelopeError(DropReason.MALFORMED, "truncated")
     slen = body[tenant_end]
     if slen > MAX_ID_LEN:
         raise EnvelopeError(DropReason.MALFORMED, "sender length")
     header_len = tenant_end + 1 + slen
-    if header_len > n or n < header_len + TAG_LEN:
+    if n < header_len + TAG_LEN:
         raise EnvelopeError(DropReason.MALFORMED, "truncated")
-    sender = body[tenant_end + 1 : header_len]
-    try:
-        tenant.decode("utf-8")
-        sender.decode("utf-8")
-    except UnicodeDecodeError:
-        raise EnvelopeError(DropReason.MALFORMED, "ids are not UTF-8") from None
-    return Header(
-        key_version, MessageId(msg_id), ts, nonce, bytes(tenant), bytes(sender) if slen else None, header_len
-    )
+    tenant = body[FIXED_HEADER_LEN:tenant_end]
+    sender = body[tenant_end + 1 : header_len] if slen else None
+    if not tenant.isascii() or (sender is not None and not sender.isascii()):
+        try:
+            tenant.decode("utf-8")
+            if sender is not None:
+                sender.decode("utf-8")
+        except UnicodeDecodeError:
+            raise EnvelopeError(DropReason.MALFORMED, "ids are not UTF-8") from None
+    return key_version, msg_id, ts, nonce, tenant, sender, header_len
 
 
 def decode_header(body: bytes) -> Header:
     """Parses the header of ``body`` without authenticating anything, checking
     that both ids are valid slugs. Raises only :class:`EnvelopeError`."""
     try:
-        header = _decode_fields(body)
+        kv, mid, ts, nonce, tenant, sender, hl = _decode_fields(bytes(body))
     except EnvelopeError:
         raise
     except Exception as e:  # never anything but the typed error
         raise EnvelopeError(DropReason.MALFORMED, type(e).__name__) from None
-    if slug_error_bytes(header.tenant) is not None:
+    if slug_error_bytes(tenant) is not None:
         raise EnvelopeError(DropReason.MALFORMED, "tenant id")
-    if header.sender is not None and slug_error_bytes(header.sender) is not None:
+    if sender is not None and slug_error_bytes(sender) is not None:
         raise EnvelopeError(DropReason.MALFORMED, "sender id")
-    return header
+    return Header(kv, MessageId(mid), ts, nonce, tenant, sender, hl)
 
 
 def open_parts(
     keys: TenantKeySet, subject: str, reply: Optional[str], body: bytes
-) -> Tuple[Header, bytes]:
+) -> Tuple[_FIELDS, bytes]:
     """Authenticates and decrypts ``body`` received on the full ``subject`` with
-    ``reply``: format, tenant, key version, tag, in that order. The sender id is
-    not yet checked against the slug rule. Raises only :class:`EnvelopeError`."""
+    ``reply``: format, tenant, key version, tag, in that order. Returns the
+    decoded fields ``(key_version, msg_id, timestamp, nonce, tenant, sender,
+    header_len)`` and the plaintext; the sender id is not yet checked against the
+    slug rule. Raises only :class:`EnvelopeError`."""
     try:
-        body = bytes(body)
-        header = _decode_fields(body)
-        own = keys.tenant.encode("ascii")
-        if header.tenant != own:
-            if slug_error_bytes(header.tenant) is None:
+        if type(body) is not bytes:
+            body = bytes(body)
+        fields = _decode_fields(body)
+        if fields[4] != keys.tenant_bytes:
+            if slug_error_bytes(fields[4]) is None:
                 raise EnvelopeError(DropReason.WRONG_TENANT, "")
             raise EnvelopeError(DropReason.MALFORMED, "tenant id")
-        key = keys.get(header.key_version)
+        key = keys.get(fields[0])
         if key is None:
-            raise EnvelopeError(DropReason.UNKNOWN_KEY, str(header.key_version))
-        aad = _aad(body[: header.header_len], subject, reply)
+            raise EnvelopeError(DropReason.UNKNOWN_KEY, str(fields[0]))
+        hl = fields[6]
+        aad = _aad(body[:hl], subject, reply)
         if aad is None:
             raise EnvelopeError(DropReason.OUTSIDE_NAMESPACE, "subject too long")
         try:
-            plain = key.aead.decrypt(header.nonce, body[header.header_len :], aad)
+            plain = key.aead.decrypt(fields[3], body[hl:], aad)
         except InvalidTag:
             raise EnvelopeError(DropReason.AUTHENTICATION, "") from None
-        return header, plain
+        return fields, plain
     except EnvelopeError:
         raise
     except Exception as e:  # never anything but the typed error
@@ -289,13 +298,10 @@ def open_envelope(
     """Authenticates and decrypts ``body`` (no freshness or replay check: see
     :mod:`tenantbus.verify`). Returns the stamp and the plaintext. Raises only
     :class:`EnvelopeError`."""
-    header, plain = open_parts(keys, subject, reply, body)
+    (kv, mid, ts, _, _, sender_b, _), plain = open_parts(keys, subject, reply, body)
     sender = None
-    if header.sender is not None:
-        if slug_error_bytes(header.sender) is not None:
+    if sender_b is not None:
+        if slug_error_bytes(sender_b) is not None:
             raise EnvelopeError(DropReason.MALFORMED, "sender id")
-        sender = header.sender.decode("ascii")
-    return (
-        Stamp(header.key_version, keys.tenant, header.msg_id, header.timestamp_ms, sender),
-        plain,
-    )
+        sender = sender_b.decode("ascii")
+    return Stamp(kv, keys.tenant, MessageId(mid), ts, sender), plain

@@ -86,13 +86,15 @@ class TenantKeySet:
     accepted on receive. Immutable; :meth:`without` and :meth:`with_key` return
     new sets."""
 
-    __slots__ = ("tenant", "current", "_keys")
+    __slots__ = ("tenant", "tenant_bytes", "current", "_keys")
 
     def __init__(self, tenant: str, current: int, keys: Iterable[TenantKey]) -> None:
         try:
             self.tenant: str = validate_tenant_id(tenant)
         except IdError as e:
             raise KeySetError(KeySetErrorKind.INVALID_KEY_SET, str(e)) from e
+        #: The tenant id as bytes (as in an envelope).
+        self.tenant_bytes: bytes = self.tenant.encode("ascii")
         self._keys: Dict[int, TenantKey] = {k.version: k for k in keys}
         current = _check_version(current)
         if current not in self._keys:

@@ -10,7 +10,7 @@ from typing import Any, Optional
 from .envelope import MessageId
 
 
-@dataclass(frozen=True)
+@dataclass
 class TenantMessage:
     """A message that passed verification."""
 

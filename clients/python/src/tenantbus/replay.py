@@ -22,7 +22,7 @@ _MASK = (1 << WINDOW_BITS) - 1
 class ReplayGuard:
     """The anti-replay state of one subscription."""
 
-    __slots__ = ("retain_ms", "max_senders", "_senders", "_last_sweep_ms")
+    __slots__ = ("retain_ms", "max_senders", "_senders", "_last_sweep_ms", "last_subject", "last_sender")
 
     def __init__(self, retain_ms: int, max_senders: int) -> None:
         self.retain_ms = retain_ms
@@ -30,6 +30,11 @@ class ReplayGuard:
         # instance -> [top, bitmap, last_seen_ms]
         self._senders: Dict[int, List[int]] = {}
         self._last_sweep_ms = 0
+        #: The last (full subject, relative subject) seen, so a stream on one
+        #: subject validates it once (not part of the replay state).
+        self.last_subject: tuple = ("", "")
+        #: The last (sender bytes, sender id) validated.
+        self.last_sender: tuple = (b"", "")
 
     def senders(self) -> int:
         """How many sender instances are tracked."""

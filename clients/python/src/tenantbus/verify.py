@@ -11,10 +11,11 @@ is dropped and counted under its :class:`~tenantbus.errors.DropReason`.
 from __future__ import annotations
 
 import logging
+import struct
 from dataclasses import dataclass, field
 from typing import Dict, Optional
 
-from .envelope import now_ms, open_parts
+from .envelope import MessageId, now_ms, open_parts
 from .errors import DropReason, EnvelopeError
 from .ids import slug_error_bytes
 from .keys import TenantKeySet
@@ -23,6 +24,7 @@ from .replay import ReplayGuard
 from .subject import is_tenant_inbox, namespace_prefix, subject_error
 
 log = logging.getLogger("tenantbus")
+_IDS = struct.Struct(">QQ")
 
 
 @dataclass(frozen=True)
@@ -137,38 +139,39 @@ class Verifier:
         reply = reply or None
         keys = self.keys
         tenant = keys.tenant
-        header, payload = open_parts(keys, subject, reply, body)
+        (key_version, mid, ts, _, _, sender_b, _), payload = open_parts(keys, subject, reply, body)
         if response_to is not None:
             if not is_tenant_inbox(tenant, subject):
                 raise EnvelopeError(DropReason.OUTSIDE_NAMESPACE, "response subject")
             relative = response_to
         else:
-            prefix = self._prefix
-            if not subject.startswith(prefix):
-                raise EnvelopeError(DropReason.OUTSIDE_NAMESPACE, "subject")
-            relative = subject[len(prefix) :]
-            if subject_error(relative, False) is not None:
-                raise EnvelopeError(DropReason.OUTSIDE_NAMESPACE, "subject")
+            last = guard.last_subject
+            if last[0] == subject and subject:
+                relative = last[1]
+            else:
+                prefix = self._prefix
+                if not subject.startswith(prefix):
+                    raise EnvelopeError(DropReason.OUTSIDE_NAMESPACE, "subject")
+                relative = subject[len(prefix) :]
+                if subject_error(relative, False) is not None:
+                    raise EnvelopeError(DropReason.OUTSIDE_NAMESPACE, "subject")
+                guard.last_subject = (subject, relative)
         if reply is not None and not is_tenant_inbox(tenant, reply):
             raise EnvelopeError(DropReason.OUTSIDE_NAMESPACE, "reply")
-        self.freshness.check(header.timestamp_ms, now)
-        mid = header.msg_id
-        guard.check(mid.instance, mid.sequence, now)
+        self.freshness.check(ts, now)
+        instance, sequence = _IDS.unpack(mid)
+        guard.check(instance, sequence, now)
         sender = None
-        if header.sender is not None:
-            if slug_error_bytes(header.sender) is not None:
-                raise EnvelopeError(DropReason.MALFORMED, "sender id")
-            sender = header.sender.decode("ascii")
-        return TenantMessage(
-            subject=relative,
-            tenant=tenant,
-            msg_id=mid,
-            timestamp_ms=header.timestamp_ms,
-            sender=sender,
-            key_version=header.key_version,
-            payload=payload,
-            reply=reply,
-        )
+        if sender_b is not None:
+            last_sender = guard.last_sender
+            if last_sender[0] == sender_b:
+                sender = last_sender[1]
+            else:
+                if slug_error_bytes(sender_b) is not None:
+                    raise EnvelopeError(DropReason.MALFORMED, "sender id")
+                sender = sender_b.decode("ascii")
+                guard.last_sender = (sender_b, sender)
+        return TenantMessage(relative, tenant, MessageId(mid), ts, sender, key_version, payload, reply)
 
     def verify_counted(
         self,

@@ -1,0 +1,122 @@
+"""Task dispatch: Python alone, and interoperating with the Rust dispatcher
+(examples/interop_peer.rs) on the same stream, consumer and done bucket."""
+
+import asyncio
+
+import pytest
+
+import tenantbus as tb
+from tenantbus.dispatch import DispatchOptions, Dispatcher, Task, TaskOutcome
+
+from conftest import RustPeer, make_bundle, unique_tenant, write_bundle
+
+
+def opts(**kw) -> DispatchOptions:
+    o = DispatchOptions(per_tenant_names=True, result_poll=0.2, backoff=[0.1])
+    for k, v in kw.items():
+        setattr(o, k, v)
+    return o
+
+
+async def test_python_dispatcher_and_worker(nats_server) -> None:
+    t = unique_tenant("dp")
+    ns = await tb.connect(make_bundle(nats_server.url, t, "py"))
+    try:
+        d = await Dispatcher.create(ns, opts(max_deliveries=2))
+        assert (d.stream_name, d.done_bucket) == (f"TASKS_{t}", f"TASKS_DONE_{t}")
+        attempts = {}
+
+        async def handler(task: Task) -> bytes:
+            attempts[task.payload] = attempts.get(task.payload, 0) + 1
+            if task.payload == b"flaky" and task.delivery == 1:
+                raise RuntimeError("first try fails")
+            if task.payload == b"broken":
+                raise RuntimeError("always fails")
+            return b"ok:" + task.payload
+
+        worker = await d.worker("summarize", handler, concurrency=2, fetch_expires=0.5)
+        h1 = await d.dispatch("summarize", b"simple")
+        h2 = await d.dispatch("summarize", b"flaky")
+        h3 = await d.dispatch("summarize", b"broken")
+        assert await h1.wait(20) == TaskOutcome(True, output=b"ok:simple")
+        assert await h2.wait(20) == TaskOutcome(True, output=b"ok:flaky")
+        dead = await h3.wait(20)
+        assert (dead.completed, dead.reason, dead.deliveries) == (False, "always fails", 2)
+        # A duplicate submission of a finished task is dropped by the stream's window.
+        sealed = d.seal("summarize", b"once")
+        first = await d.submit(sealed)
+        again = await d.submit(sealed)
+        assert not first.duplicate and again.duplicate and again.sequence == first.sequence
+        assert (await (await d.handle(sealed.id)).wait(20)).output == b"ok:once"
+        letters = await d.dead_letters(timeout=2)
+        assert [(l.task_type, l.reason, l.payload, l.sender) for l in letters] == [
+            ("summarize", "always fails", b"broken", "py")]
+        await worker.shutdown(5)
+        assert worker.stats.completed == 3 and worker.stats.dead_lettered == 1
+        assert worker.stats.retried == 2
+        with pytest.raises(tb.DispatchError) as e:
+            await d.dispatch("Not A Type", b"")
+        assert e.value.kind is tb.DispatchErrorKind.INVALID_TASK_TYPE
+        with pytest.raises(tb.DispatchError) as e:
+            await (await d.dispatch("nobody-works", b"x")).wait(0.5)
+        assert e.value.kind is tb.DispatchErrorKind.TIMED_OUT
+    finally:
+        await ns.close()
+
+
+async def test_python_worker_runs_a_task_a_rust_dispatcher_submitted(nats_server, tmp_path, peers) -> None:
+    t = unique_tenant("dp")
+    ns = await tb.connect(make_bundle(nats_server.url, t, "py-worker"))
+    try:
+        # The Rust dispatcher creates the stream and bucket; the Python worker
+        # creates the durable consumer work-<type> (or binds Rust's).
+        rust = await RustPeer.start(write_bundle(tmp_path, make_bundle(nats_server.url, t, "rust-dispatcher")),
+                                    "dispatch", "translate", "bonjour", "30000")
+        peers.append(rust)
+        dispatched = await rust.wait_for("dispatched")
+        d = await Dispatcher.create(ns, opts())
+        seen = []
+
+        async def handler(task: Task) -> bytes:
+            seen.append(task)
+            return b"done:" + task.payload
+
+        worker = await d.worker("translate", handler, fetch_expires=0.5)
+        outcome = await rust.wait_for("outcome", timeout=40)
+        assert await rust.finish() == 0
+        await worker.shutdown(5)
+        assert outcome == {"event": "outcome", "id": dispatched["id"], "completed": True, "output": "done:bonjour"}
+        assert [(s.id.to_hex(), s.sender, s.payload, s.delivery) for s in seen] == [
+            (dispatched["id"], "rust-dispatcher", b"bonjour", 1)]
+        # The Python worker's sealed record in the done bucket opens for Python too.
+        assert await d.outcome(tb.MessageId.from_hex(dispatched["id"])) == TaskOutcome(True, output=b"done:bonjour")
+        assert (dispatched["stream"], dispatched["bucket"]) == (d.stream_name, d.done_bucket)
+    finally:
+        await ns.close()
+
+
+async def test_rust_worker_runs_a_task_a_python_dispatcher_submitted(nats_server, tmp_path, peers) -> None:
+    t = unique_tenant("dp")
+    ns = await tb.connect(make_bundle(nats_server.url, t, "py-dispatcher"))
+    try:
+        d = await Dispatcher.create(ns, opts())
+        rust = await RustPeer.start(write_bundle(tmp_path, make_bundle(nats_server.url, t, "rust-worker")),
+                                    "work", "resize", "2", "30000")
+        peers.append(rust)
+        await rust.wait_for("ready")
+        h1 = await d.dispatch("resize", b"cat.png")
+        h2 = await d.dispatch("resize", "dog.png")
+        o1, o2 = await asyncio.gather(h1.wait(30), h2.wait(30))
+        assert o1 == TaskOutcome(True, output=b"done:cat.png")
+        assert o2 == TaskOutcome(True, output=b"done:dog.png")
+        done = await rust.wait_for("done")
+        assert done["ok"] is True
+        tasks = [e for e in rust.events if e.get("event") == "task"]
+        assert sorted((e["id"], e["payload"], e["sender"], e["type"]) for e in tasks) == sorted(
+            [(h1.id.to_hex(), "cat.png", "py-dispatcher", "resize"), (h2.id.to_hex(), "dog.png", "py-dispatcher", "resize")])
+        assert await rust.finish() == 0
+        # Re-submitting a finished task after the Rust worker recorded it: the
+        # stream drops it as a duplicate; the done record (sealed by Rust) opens here.
+        assert (await d.outcome(h1.id)).output == b"done:cat.png"
+    finally:
+        await ns.close()
