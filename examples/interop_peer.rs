@@ -77,7 +77,7 @@ fn counters_json(ns: &TenantNamespace) -> Value {
     json!({"delivered": snap.delivered, "dropped": dropped})
 }
 
-fn arg<'a>(args: &'a [String], i: usize) -> Result<&'a str> {
+fn arg(args: &[String], i: usize) -> Result<&str> {
     args.get(i)
         .map(String::as_str)
         .ok_or_else(|| USAGE.to_string().into())
