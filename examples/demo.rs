@@ -8,8 +8,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use agent_runtime::tiers::Tier;
+use agentbus_control::api::CreateTenant;
 use agentbus_control::local_server::{LocalServer, ServerOptions};
-use agentbus_control::ControlPlane;
+use agentbus_control::{AdminClient, Controller, ControllerConfig, Installation};
 use futures::StreamExt as _;
 use tenant_bus::{CredentialBundle, DropReason, TenantNamespace};
 
@@ -70,24 +71,33 @@ async fn run(keep: bool) -> Result<bool> {
         .tempdir()?;
     let state_dir = state.path().join("state");
     println!(
-        "== control plane: operator, accounts (state in {})",
+        "== control plane: operator, accounts, KEK (state in {})",
         state_dir.display()
     );
-    let mut cp = ControlPlane::init(&state_dir)?;
-    let config = cp.server_config(&cp.default_server_options())?;
+    let mut install = Installation::init(&state_dir)?;
+    let config = install.server_config(&install.default_server_options());
     let server = LocalServer::start(ServerOptions::new().config(config))?;
     println!(
         "   nats-server (operator mode, JetStream) at {}",
         server.url()
     );
-    cp.set_server_url(&server.url())?;
-    cp.connect(&server.url()).await?;
+    install.set_urls(vec![server.url()], 1)?;
+    let controller = Controller::connect(&install, ControllerConfig::new(server.url())).await?;
+    let shutdown = agentbus_control::controller::shutdown::Shutdown::new();
+    tokio::spawn(controller.serve(shutdown.clone()));
+    let cp = AdminClient::connect(&server.url(), &install.creds("admin.creds")?).await?;
+    println!("   controller serving (state in NATS KV); admin client connected");
 
     let mut bundles = Vec::new();
     for tenant in ["acme", "globex"] {
-        cp.create_tenant(tenant, Tier::Pro).await?;
-        let planner = cp.issue_agent(tenant, "planner", "planner")?;
-        let worker = cp.issue_agent(tenant, "worker", "worker")?;
+        let req = CreateTenant {
+            tier: Some(Tier::Pro.to_string()),
+            agent_types: vec!["planner".into(), "worker".into()],
+            ..Default::default()
+        };
+        cp.create_tenant_with(tenant, &req).await?;
+        let planner = cp.issue_agent(tenant, "planner", "planner").await?;
+        let worker = cp.issue_agent(tenant, "worker", "worker").await?;
         println!("   tenant {tenant}: own NATS account, agents planner + worker issued");
         bundles.push((planner, worker));
     }
@@ -266,6 +276,7 @@ async fn run(keep: bool) -> Result<bool> {
         let kept = state.keep();
         println!("\nstate kept in {}", kept.display());
     }
+    shutdown.fire();
     Ok(all_ok)
 }
 

@@ -37,7 +37,7 @@ fn envelope(c: &mut Criterion) {
         });
         let (_, body) = s.seal(SUBJECT, None, &payload).unwrap();
         group.bench_with_input(BenchmarkId::new("open", size), &body, |b, body| {
-            b.iter(|| open(s.keys(), black_box(SUBJECT), None, black_box(body)).unwrap())
+            b.iter(|| open(&s.keys(), black_box(SUBJECT), None, black_box(body)).unwrap())
         });
         // Full verification as a subscription runs it: a fresh message id each
         // time (pre-sealed), so the anti-replay check takes its normal path.

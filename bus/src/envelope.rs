@@ -174,7 +174,8 @@ pub fn now_ms() -> u64 {
 
 /// Seals messages for one tenant; cheap to share (`Arc`), lock-free.
 pub struct Sealer {
-    keys: Arc<TenantKeySet>,
+    keys: crate::keys::KeyCell,
+    tenant: crate::ids::TenantId,
     sender: Option<AgentId>,
     instance: u64,
     seq: AtomicU64,
@@ -183,7 +184,7 @@ pub struct Sealer {
 impl std::fmt::Debug for Sealer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Sealer")
-            .field("tenant", self.keys.tenant())
+            .field("tenant", &self.tenant)
             .field("sender", &self.sender)
             .field("instance", &format_args!("{:016x}", self.instance))
             .finish()
@@ -197,14 +198,24 @@ impl Sealer {
         SystemRandom::new()
             .fill(&mut buf)
             .map_err(|_| Error::new(KeyErrorKind::Random, "drawing a sealer instance id"))?;
-        Ok(Self::with_instance(keys, sender, u64::from_be_bytes(buf)))
+        Ok(Self::with_cell(
+            crate::keys::key_cell(keys),
+            sender,
+            u64::from_be_bytes(buf),
+        ))
     }
 
     /// A sealer with a given instance id (test vectors only: reusing an instance id
     /// under the same key repeats nonces).
     #[doc(hidden)]
     pub fn with_instance(keys: Arc<TenantKeySet>, sender: Option<AgentId>, instance: u64) -> Self {
+        Self::with_cell(crate::keys::key_cell(keys), sender, instance)
+    }
+
+    /// A sealer on a shared, replaceable key set (see [`crate::keys::KeyCell`]).
+    pub fn with_cell(keys: crate::keys::KeyCell, sender: Option<AgentId>, instance: u64) -> Self {
         Self {
+            tenant: keys.load().tenant().clone(),
             keys,
             sender,
             instance,
@@ -212,8 +223,13 @@ impl Sealer {
         }
     }
 
-    /// The key set this sealer uses.
-    pub fn keys(&self) -> &Arc<TenantKeySet> {
+    /// The key set this sealer uses now.
+    pub fn keys(&self) -> Arc<TenantKeySet> {
+        self.keys.load_full()
+    }
+
+    /// The shared cell the key set lives in.
+    pub fn key_cell(&self) -> &crate::keys::KeyCell {
         &self.keys
     }
 
@@ -245,8 +261,9 @@ impl Sealer {
         if seq >= MAX_SEQUENCE {
             return Err(Error::new(SealErrorKind::Exhausted, "create a new sealer"));
         }
-        let key = self.keys.current();
-        let tenant = self.keys.tenant().as_str().as_bytes();
+        let keys = self.keys.load();
+        let key = keys.current();
+        let tenant = self.tenant.as_str().as_bytes();
         let sender = self
             .sender
             .as_ref()

@@ -347,6 +347,16 @@ impl<'de> serde::Deserialize<'de> for TenantKeySet {
     }
 }
 
+/// A tenant's key set that can be replaced while in use (a rotation reaching a
+/// running agent): readers take a snapshot without a lock
+/// ([`arc_swap::ArcSwap`], a few nanoseconds), writers swap in a new set whole.
+pub type KeyCell = std::sync::Arc<arc_swap::ArcSwap<TenantKeySet>>;
+
+/// A new [`KeyCell`] holding `keys`.
+pub fn key_cell(keys: Arc<TenantKeySet>) -> KeyCell {
+    std::sync::Arc::new(arc_swap::ArcSwap::new(keys))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -237,9 +237,12 @@ impl TenantNamespace {
             };
             Error::with_source(kind, bundle.url.clone(), e)
         })?;
-        let sealer = Sealer::new(keys.clone(), Some(bundle.agent.clone()))
-            .map_err(|e| Error::with_source(ConnectErrorKind::Keys, "sealer", e))?;
-        let verifier = Verifier::new(keys, options.freshness, counters);
+        let cell = crate::keys::key_cell(keys.clone());
+        let instance = Sealer::new(keys, None)
+            .map_err(|e| Error::with_source(ConnectErrorKind::Keys, "sealer", e))?
+            .instance();
+        let sealer = Sealer::with_cell(cell.clone(), Some(bundle.agent.clone()), instance);
+        let verifier = Verifier::with_cell(cell, options.freshness, counters);
         Ok(Self {
             inner: Arc::new(Inner {
                 client,
@@ -266,8 +269,18 @@ impl TenantNamespace {
     }
 
     /// The tenant's key set.
-    pub fn keys(&self) -> &Arc<TenantKeySet> {
+    pub fn keys(&self) -> Arc<TenantKeySet> {
         self.inner.sealer.keys()
+    }
+
+    /// Replaces the key set in use (a rotation reaching a running agent): sealing
+    /// uses its current version and receiving accepts exactly its versions from
+    /// the next message on, without reconnecting. A set of another tenant is
+    /// refused.
+    pub fn set_keys(&self, keys: TenantKeySet) -> Result<(), crate::keys::KeyError> {
+        keys.ensure_tenant(&self.inner.tenant)?;
+        self.inner.sealer.key_cell().store(Arc::new(keys));
+        Ok(())
     }
 
     /// Delivery and drop counters, and connection-event counts.

@@ -224,7 +224,8 @@ impl Counters {
 /// Verifies received bodies for one tenant and counts the outcome.
 #[derive(Debug, Clone)]
 pub struct Verifier {
-    keys: std::sync::Arc<crate::keys::TenantKeySet>,
+    keys: crate::keys::KeyCell,
+    tenant: crate::ids::TenantId,
     freshness: Freshness,
     counters: std::sync::Arc<Counters>,
 }
@@ -236,7 +237,17 @@ impl Verifier {
         freshness: Freshness,
         counters: std::sync::Arc<Counters>,
     ) -> Self {
+        Self::with_cell(crate::keys::key_cell(keys), freshness, counters)
+    }
+
+    /// A verifier on a shared, replaceable key set (see [`crate::keys::KeyCell`]).
+    pub fn with_cell(
+        keys: crate::keys::KeyCell,
+        freshness: Freshness,
+        counters: std::sync::Arc<Counters>,
+    ) -> Self {
         Self {
+            tenant: keys.load().tenant().clone(),
             keys,
             freshness,
             counters,
@@ -245,7 +256,7 @@ impl Verifier {
 
     /// The tenant whose messages this verifier accepts.
     pub(crate) fn tenant(&self) -> &crate::ids::TenantId {
-        self.keys.tenant()
+        &self.tenant
     }
 
     /// The freshness settings.
@@ -283,8 +294,9 @@ impl Verifier {
         now_ms: u64,
         response_to: Option<&crate::subject::Subject>,
     ) -> Result<crate::message::TenantMessage, DropReason> {
-        let tenant = self.keys.tenant();
-        let (header, payload) = crate::envelope::open_parts(&self.keys, subject, reply, body)?;
+        let tenant = &self.tenant;
+        let keys = self.keys.load();
+        let (header, payload) = crate::envelope::open_parts(&keys, subject, reply, body)?;
         let relative = match response_to {
             Some(request) if crate::subject::is_tenant_inbox(tenant, subject) => request.clone(),
             Some(_) => return Err(DropReason::OutsideNamespace),
@@ -343,7 +355,7 @@ impl Verifier {
                 let n = self.counters.dropped(reason);
                 if n <= 10 || n.is_power_of_two() {
                     tracing::warn!(
-                        tenant = %self.keys.tenant(),
+                        tenant = %self.tenant,
                         subject = %subject.escape_debug(),
                         reason = reason.as_str(),
                         count = n,

@@ -62,10 +62,10 @@ fn the_documented_vector_opens() {
     assert_eq!(header.sender, Some("planner"));
     assert_eq!(header.timestamp_ms, TIMESTAMP_MS);
     assert_eq!(header.header_len, 43 + 4 + 1 + 7);
-    let (stamp, plain) = open(s.keys(), SUBJECT, None, &body).unwrap();
+    let (stamp, plain) = open(&s.keys(), SUBJECT, None, &body).unwrap();
     assert_eq!(&plain[..], PAYLOAD);
     assert_eq!(stamp.msg_id.sequence(), 1);
     assert_eq!(stamp.msg_id.instance(), INSTANCE);
     // The same bytes on another subject do not open: the subject is authenticated.
-    assert!(open(s.keys(), "tenant.acme.orders.deleted", None, &body).is_err());
+    assert!(open(&s.keys(), "tenant.acme.orders.deleted", None, &body).is_err());
 }

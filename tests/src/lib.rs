@@ -8,7 +8,9 @@
 
 use std::time::Duration;
 
-pub use agentbus_control::local_server::{LocalServer, ServerOptions};
+pub use agentbus_control::local_server::{
+    ClusterOptions, LocalCluster, LocalServer, ServerOptions,
+};
 
 /// A nats-server for one test.
 pub struct Server {
@@ -70,6 +72,15 @@ impl Default for Server {
     }
 }
 
+/// Starts a [`LocalCluster`] (authenticated routes, every pair checked), panicking
+/// on failure (this is test code).
+pub async fn cluster(options: ClusterOptions) -> LocalCluster {
+    match LocalCluster::start(options).await {
+        Ok(c) => c,
+        Err(e) => panic!("cannot start a nats-server cluster for the test: {e}"),
+    }
+}
+
 /// Runs `f` until it returns `Some`, polling every 10 ms, for at most `limit`.
 pub async fn eventually<T, F, Fut>(limit: Duration, mut f: F) -> Option<T>
 where
@@ -88,35 +99,96 @@ where
     }
 }
 
-/// An operator-mode deployment for one test: a control-plane state directory, a
-/// nats-server configured from it (per-tenant accounts, full resolver, JetStream),
-/// and the control plane connected live, so tenant changes are pushed at once.
+/// An operator-mode deployment for one test: an installation (state directory),
+/// a nats-server configured from it (per-tenant accounts, full resolver,
+/// JetStream), a controller serving in-process, and the bootstrap platform-admin's
+/// client as `cp`, so tenant changes go through the controller as in production.
 pub struct Platform {
     /// The server.
     pub server: Server,
-    /// The control plane, connected as the system user.
-    pub cp: agentbus_control::ControlPlane,
+    /// The platform-admin's client of the controller.
+    pub cp: agentbus_control::AdminClient,
+    /// The installation (state directory, KEK, credentials).
+    pub install: agentbus_control::Installation,
+    /// The running controller.
+    pub controller: std::sync::Arc<agentbus_control::Controller>,
+    /// Stops the controller.
+    pub shutdown: agentbus_control::controller::shutdown::Shutdown,
     // Held for its Drop: removes the state directory.
     _tmp: tempfile::TempDir,
+}
+
+impl Platform {
+    /// Starts another controller instance on the same installation (its own
+    /// connections; same queue group).
+    pub async fn another_controller(
+        &self,
+    ) -> (
+        std::sync::Arc<agentbus_control::Controller>,
+        agentbus_control::controller::shutdown::Shutdown,
+    ) {
+        start_controller(&self.install, &self.server.url()).await
+    }
+
+    /// Another admin client from `.creds` text.
+    pub async fn admin_client(&self, creds: &str) -> agentbus_control::AdminClient {
+        agentbus_control::AdminClient::connect(&self.server.url(), creds)
+            .await
+            .unwrap_or_else(|e| panic!("admin connect: {e}"))
+    }
+}
+
+/// Starts a controller for `install` on `url`, serving in a task.
+pub async fn start_controller(
+    install: &agentbus_control::Installation,
+    url: &str,
+) -> (
+    std::sync::Arc<agentbus_control::Controller>,
+    agentbus_control::controller::shutdown::Shutdown,
+) {
+    let config = agentbus_control::ControllerConfig::new(url)
+        .rotation_grace(Duration::from_millis(500))
+        .fault(None);
+    let controller = agentbus_control::Controller::connect(install, config)
+        .await
+        .unwrap_or_else(|e| panic!("controller connect: {e}"));
+    let shutdown = agentbus_control::controller::shutdown::Shutdown::new();
+    let (c, s) = (controller.clone(), shutdown.clone());
+    tokio::spawn(async move {
+        if let Err(e) = c.serve(s).await {
+            eprintln!("controller stopped: {e}");
+        }
+    });
+    (controller, shutdown)
 }
 
 /// Starts a [`Platform`], panicking on failure (this is test code).
 pub async fn platform() -> Platform {
     let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("temp dir: {e}"));
-    let mut cp = agentbus_control::ControlPlane::init(tmp.path().join("state"))
-        .unwrap_or_else(|e| panic!("control plane init: {e}"));
-    let config = cp
-        .server_config(&cp.default_server_options())
-        .unwrap_or_else(|e| panic!("server config: {e}"));
+    let mut install = agentbus_control::Installation::init(tmp.path().join("state"))
+        .unwrap_or_else(|e| panic!("installation init: {e}"));
+    let config = install.server_config(&install.default_server_options());
     let server = Server::with_options(ServerOptions::new().config(config));
-    cp.set_server_url(&server.url())
+    install
+        .set_urls(vec![server.url()], 1)
         .unwrap_or_else(|e| panic!("server url: {e}"));
-    cp.connect(&server.url())
+    let (controller, shutdown) = start_controller(&install, &server.url()).await;
+    let creds = install
+        .creds("admin.creds")
+        .unwrap_or_else(|e| panic!("admin creds: {e}"));
+    let cp = agentbus_control::AdminClient::connect(&server.url(), &creds)
         .await
-        .unwrap_or_else(|e| panic!("control plane connect: {e}"));
+        .unwrap_or_else(|e| panic!("admin connect: {e}"));
+    // The controller's endpoints are up once it answers.
+    eventually(Duration::from_secs(10), || async { cp.status().await.ok() })
+        .await
+        .unwrap_or_else(|| panic!("the controller never answered"));
     Platform {
         server,
         cp,
+        install,
+        controller,
+        shutdown,
         _tmp: tmp,
     }
 }

@@ -91,11 +91,11 @@ async fn pending_requests_are_capped_and_freed() {
 async fn event_channel_sheds_oldest_but_counters_count_all() {
     // An agent of tenant acme under operator mode: the server refuses its
     // publishes outside tenant.acme.>, each reported asynchronously.
-    let mut p = nats_harness::platform().await;
+    let p = nats_harness::platform().await;
     p.cp.create_tenant("acme", agent_runtime::tiers::Tier::Pro)
         .await
         .unwrap();
-    let agent = p.cp.issue_agent("acme", "noisy", "default").unwrap();
+    let agent = p.cp.issue_agent("acme", "noisy", "default").await.unwrap();
     let ns = NamespaceOptions::new().connect(&agent).await.unwrap();
     let mut events = ns.events();
     let total = EVENT_CHANNEL_CAPACITY as u64 + 100;

@@ -339,7 +339,7 @@ async fn bad_input_to_the_namespace_api_returns_typed_errors_and_sends_nothing()
     let marker = ns.publish("zz-marker", b"marker").await.unwrap();
     let seen = spy.next().await;
     assert_eq!(seen.subject.as_str(), "tenant.acme.zz-marker");
-    let opened = tenant_bus::envelope::open(ns.keys(), &seen.subject, None, &seen.payload)
+    let opened = tenant_bus::envelope::open(&ns.keys(), &seen.subject, None, &seen.payload)
         .unwrap()
         .0;
     assert_eq!(opened.msg_id, marker);

@@ -468,14 +468,14 @@ fn attacks() -> Vec<(&'static str, Attack, Control)> {
 
 #[tokio::test]
 async fn escape_suite() {
-    let mut p = platform().await;
+    let p = platform().await;
     let url = p.server.url();
     p.cp.create_tenant("a", Tier::Free).await.unwrap();
     p.cp.create_tenant("b", Tier::Free).await.unwrap();
-    let a_bundle = p.cp.issue_agent("a", "worker", "worker").unwrap();
-    let a2_bundle = p.cp.issue_agent("a", "helper", "echo").unwrap();
-    let b_bundle = p.cp.issue_agent("b", "producer", "worker").unwrap();
-    let b_obs_bundle = p.cp.issue_agent("b", "observer", "monitor").unwrap();
+    let a_bundle = p.cp.issue_agent("a", "worker", "default").await.unwrap();
+    let a2_bundle = p.cp.issue_agent("a", "helper", "default").await.unwrap();
+    let b_bundle = p.cp.issue_agent("b", "producer", "default").await.unwrap();
+    let b_obs_bundle = p.cp.issue_agent("b", "observer", "default").await.unwrap();
 
     // ---- b: JetStream data, a service, an observer and a steady publisher.
     let (b, mut b_events) = connect(&url, &b_bundle).await;
@@ -732,7 +732,7 @@ async fn escape_suite() {
 
 #[tokio::test]
 async fn tier_limits_are_enforced_by_the_server() {
-    let mut p = platform().await;
+    let p = platform().await;
     let url = p.server.url();
     let mut quotas = Quotas::for_tier(Tier::Free);
     quotas.max_connections = 2;
@@ -741,9 +741,9 @@ async fn tier_limits_are_enforced_by_the_server() {
     p.cp.create_tenant_with_quotas("small", Tier::Free, quotas)
         .await
         .unwrap();
-    let b1 = p.cp.issue_agent("small", "one", "t").unwrap();
-    let b2 = p.cp.issue_agent("small", "two", "t").unwrap();
-    let b3 = p.cp.issue_agent("small", "three", "t").unwrap();
+    let b1 = p.cp.issue_agent("small", "one", "default").await.unwrap();
+    let b2 = p.cp.issue_agent("small", "two", "default").await.unwrap();
+    let b3 = p.cp.issue_agent("small", "three", "default").await.unwrap();
 
     // Connections: the third is refused by the account limit.
     let (c1, mut e1) = connect(&url, &b1).await;
@@ -811,7 +811,7 @@ async fn tenant_created_while_running_connects_within_1s() {
     let url = p.server.url();
     // The server is up and serving another tenant already.
     p.cp.create_tenant("early", Tier::Free).await.unwrap();
-    let early = p.cp.issue_agent("early", "x", "t").unwrap();
+    let early = p.cp.issue_agent("early", "x", "default").await.unwrap();
     let (ec, _) = connect(&url, &early).await;
     pub_sub_round_trip(&ec, "tenant.early.>", "tenant.early.ping")
         .await
@@ -820,7 +820,7 @@ async fn tenant_created_while_running_connects_within_1s() {
 
     let start = Instant::now();
     p.cp.create_tenant("late", Tier::Pro).await.unwrap();
-    let bundle = p.cp.issue_agent("late", "agent", "t").unwrap();
+    let bundle = p.cp.issue_agent("late", "agent", "default").await.unwrap();
     let (client, _) = connect(&url, &bundle).await;
     pub_sub_round_trip(&client, "tenant.late.>", "tenant.late.hello")
         .await
@@ -846,13 +846,13 @@ async fn wait_disconnected(events: &mut Events, limit: Duration) -> Option<Strin
 
 #[tokio::test]
 async fn suspension_closes_and_refuses_within_2s_and_activation_restores() {
-    let mut p = platform().await;
+    let p = platform().await;
     let url = p.server.url();
     p.cp.create_tenant("s", Tier::Free).await.unwrap();
     p.cp.create_tenant("other", Tier::Free).await.unwrap();
-    let s1 = p.cp.issue_agent("s", "one", "t").unwrap();
-    let s2 = p.cp.issue_agent("s", "two", "t").unwrap();
-    let o = p.cp.issue_agent("other", "x", "t").unwrap();
+    let s1 = p.cp.issue_agent("s", "one", "default").await.unwrap();
+    let s2 = p.cp.issue_agent("s", "two", "default").await.unwrap();
+    let o = p.cp.issue_agent("other", "x", "default").await.unwrap();
     let (c1, mut e1) = connect(&url, &s1).await;
     let (c2, mut e2) = connect(&url, &s2).await;
     let (oc, mut oe) = connect(&url, &o).await;
@@ -911,7 +911,7 @@ async fn suspension_closes_and_refuses_within_2s_and_activation_restores() {
         .unwrap();
     assert!(start.elapsed() < Duration::from_secs(2));
     // And agents issued after activation work too.
-    let s3 = p.cp.issue_agent("s", "three", "t").unwrap();
+    let s3 = p.cp.issue_agent("s", "three", "default").await.unwrap();
     let (c3, _) = connect(&url, &s3).await;
     pub_sub_round_trip(&c3, "tenant.s.>", "tenant.s.new")
         .await
@@ -920,11 +920,11 @@ async fn suspension_closes_and_refuses_within_2s_and_activation_restores() {
 
 #[tokio::test]
 async fn agent_revocation_is_per_agent_and_within_2s() {
-    let mut p = platform().await;
+    let p = platform().await;
     let url = p.server.url();
     p.cp.create_tenant("r", Tier::Free).await.unwrap();
-    let bad = p.cp.issue_agent("r", "bad", "t").unwrap();
-    let good = p.cp.issue_agent("r", "good", "t").unwrap();
+    let bad = p.cp.issue_agent("r", "bad", "default").await.unwrap();
+    let good = p.cp.issue_agent("r", "good", "default").await.unwrap();
     let (bc, mut be) = connect(&url, &bad).await;
     let (gc, mut ge) = connect(&url, &good).await;
     pub_sub_round_trip(&bc, "tenant.r.>", "tenant.r.x")
@@ -957,7 +957,7 @@ async fn agent_revocation_is_per_agent_and_within_2s() {
         .is_none());
     assert!(try_connect(&url, &good).await.is_ok());
     // The agent id can be issued again, with a new user key that works.
-    let again = p.cp.issue_agent("r", "bad", "t").unwrap();
+    let again = p.cp.issue_agent("r", "bad", "default").await.unwrap();
     let (ac, _) = connect(&url, &again).await;
     pub_sub_round_trip(&ac, "tenant.r.>", "tenant.r.again")
         .await
@@ -977,15 +977,20 @@ async fn agent_revocation_is_per_agent_and_within_2s() {
 async fn each_suspension_mechanism_is_enforced_by_the_server() {
     use agentbus_control::{accounts, jwt};
 
-    let mut p = platform().await;
+    let p = platform().await;
     let url = p.server.url();
-    let operator = nkeys::KeyPair::from_seed(
-        std::fs::read_to_string(p.cp.state_dir().operator_seed())
-            .unwrap()
-            .trim(),
-    )
-    .unwrap();
-    let sys = async_nats::ConnectOptions::with_credentials(&p.cp.system_creds().unwrap())
+    // The operator seed lives in the secrets bucket, sealed under the KEK.
+    let kek = p.install.kek().unwrap();
+    let seed = p
+        .controller
+        .store()
+        .secret(&kek, agentbus_control::store::secret_name::OPERATOR)
+        .await
+        .unwrap()
+        .unwrap();
+    let operator = nkeys::KeyPair::from_seed(std::str::from_utf8(&seed).unwrap().trim()).unwrap();
+    let platform_account = p.install.facts().platform_account.clone();
+    let sys = async_nats::ConnectOptions::with_credentials(&p.install.creds("sys.creds").unwrap())
         .unwrap()
         .connect(&url)
         .await
@@ -1003,8 +1008,12 @@ async fn each_suspension_mechanism_is_enforced_by_the_server() {
     };
     for variant in ["conn-zero", "revoke-all"] {
         let tenant = format!("v-{variant}");
-        let rec = p.cp.create_tenant(&tenant, Tier::Free).await.unwrap();
-        let bundle = p.cp.issue_agent(&tenant, "agent", "t").unwrap();
+        let rec =
+            p.cp.create_tenant(&tenant, Tier::Free)
+                .await
+                .unwrap()
+                .record;
+        let bundle = p.cp.issue_agent(&tenant, "agent", "default").await.unwrap();
         let (c, mut e) = connect(&url, &bundle).await;
         let sub = format!("tenant.{tenant}.>");
         pub_sub_round_trip(&c, &sub, &format!("tenant.{tenant}.x"))
@@ -1013,16 +1022,24 @@ async fn each_suspension_mechanism_is_enforced_by_the_server() {
 
         // Revocations apply to user JWTs issued at or before their time: stamp it
         // now, after the agent was issued.
-        let now = agentbus_control::state::now_unix();
+        let now = agentbus_control::install::now_unix();
         let mut changed = rec.clone();
         match variant {
-            "conn-zero" => changed.quotas.max_connections = 0,
+            "conn-zero" => {
+                changed
+                    .settings
+                    .quota_overrides
+                    .insert("max_connections".into(), "0".into());
+            }
             _ => {
                 changed.revocations.insert(jwt::REVOKE_ALL.into(), now);
             }
         }
         let start = Instant::now();
-        push(accounts::tenant_account_jwt(&operator, &changed, now + 1).unwrap()).await;
+        push(
+            accounts::tenant_account_jwt(&operator, &changed, &platform_account, now + 1).unwrap(),
+        )
+        .await;
         assert!(
             wait_disconnected(&mut e, WAIT).await.is_some(),
             "{variant}: existing connection not closed: {:?}",
@@ -1035,7 +1052,8 @@ async fn each_suspension_mechanism_is_enforced_by_the_server() {
         assert!(start.elapsed() < WAIT, "{variant}: {:?}", start.elapsed());
 
         // Re-pushing the unsuspended account restores the tenant.
-        push(accounts::tenant_account_jwt(&operator, &rec, now + 2).unwrap()).await;
+        push(accounts::tenant_account_jwt(&operator, &rec, &platform_account, now + 2).unwrap())
+            .await;
         let back = try_connect(&url, &bundle).await;
         assert!(back.is_ok(), "{variant}: not restored");
     }

@@ -24,7 +24,7 @@ use agent_runtime::dispatch::{
     DEFAULT_STREAM,
 };
 use agent_runtime::tiers::Tier;
-use agentbus_control::ControlPlane;
+use agentbus_control::AdminClient;
 use async_nats::jetstream;
 use bytes::Bytes;
 use futures::StreamExt as _;
@@ -59,10 +59,10 @@ struct Tenant {
     runs: Runs,
 }
 
-async fn tenant(cp: &mut ControlPlane, id: &str) -> Tenant {
+async fn tenant(cp: &AdminClient, id: &str) -> Tenant {
     cp.create_tenant(id, Tier::Free).await.unwrap();
-    let planner = cp.issue_agent(id, "planner", "planner").unwrap();
-    let runner = cp.issue_agent(id, "runner", "worker").unwrap();
+    let planner = cp.issue_agent(id, "planner", "default").await.unwrap();
+    let runner = cp.issue_agent(id, "runner", "default").await.unwrap();
     assert!(planner.creds.is_some() && runner.creds.is_some());
     let dispatcher_ns = TenantNamespace::connect(&planner).await.unwrap();
     let worker_ns = TenantNamespace::connect(&runner).await.unwrap();
@@ -176,9 +176,9 @@ async fn scenarios(t: &Tenant) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_tenants_dispatch_and_work_under_their_own_accounts() {
-    let mut p = platform().await;
-    let a = tenant(&mut p.cp, "a").await;
-    let b = tenant(&mut p.cp, "b").await;
+    let p = platform().await;
+    let a = tenant(&p.cp, "a").await;
+    let b = tenant(&p.cp, "b").await;
 
     // Both tenants at once, on the same stream and bucket names.
     tokio::join!(scenarios(&a), scenarios(&b));
@@ -232,11 +232,11 @@ fn violation(kind: &'static str, subject: &str) -> impl Fn(&str) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tenant_b_cannot_read_tenant_a_tasks_or_done_records() {
-    let mut p = platform().await;
+    let p = platform().await;
     let url = p.server.url();
-    let a = tenant(&mut p.cp, "a").await;
-    let b = tenant(&mut p.cp, "b").await;
-    let spy = p.cp.issue_agent("b", "spy", "worker").unwrap();
+    let a = tenant(&p.cp, "a").await;
+    let b = tenant(&p.cp, "b").await;
+    let spy = p.cp.issue_agent("b", "spy", "default").await.unwrap();
     let (raw, mut events) = raw_connect(&url, &spy).await;
 
     // Subscriptions to a's task, result and done-record subjects: refused.

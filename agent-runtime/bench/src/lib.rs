@@ -438,23 +438,35 @@ fn worker(
 
 /// Times: create a tenant, issue an agent credential, connect, and have a first
 /// publish accepted (received back through the server), on a fresh operator-mode
-/// server with its control plane connected.
+/// server with its controller serving (the time includes the controller's KV
+/// writes and claim push).
 async fn onboarding(repeats: usize) -> Result<Vec<f64>, BenchError> {
     use futures::StreamExt as _;
     let dir = tempfile::tempdir().map_err(|e| BenchError(format!("temp dir: {e}")))?;
-    let mut cp = agentbus_control::ControlPlane::init(dir.path().join("state"))?;
-    let config = cp.server_config(&cp.default_server_options())?;
+    let mut install = agentbus_control::Installation::init(dir.path().join("state"))?;
+    let config = install.server_config(&install.default_server_options());
     let server = LocalServer::start(ServerOptions::new().config(config))
         .map_err(|e| BenchError(crate::one_line(&e.to_string())))?;
-    cp.set_server_url(&server.url())?;
-    cp.connect(&server.url()).await?;
+    install.set_urls(vec![server.url()], 1)?;
+    let controller = agentbus_control::Controller::connect(
+        &install,
+        agentbus_control::ControllerConfig::new(server.url()),
+    )
+    .await?;
+    let shutdown = agentbus_control::controller::shutdown::Shutdown::new();
+    tokio::spawn(controller.serve(shutdown.clone()));
+    let api = |e: agentbus_control::ApiError| BenchError(e.to_string());
+    let cp = agentbus_control::AdminClient::connect(&server.url(), &install.creds("admin.creds")?)
+        .await
+        .map_err(api)?;
     let mut times = Vec::new();
     for i in 0..repeats.max(1) {
         let id = format!("onboard-{i}");
         let t = Instant::now();
         cp.create_tenant(&id, agentbus_control::tiers::Tier::Free)
-            .await?;
-        let bundle = cp.issue_agent(&id, "first", "default")?;
+            .await
+            .map_err(api)?;
+        let bundle = cp.issue_agent(&id, "first", "default").await.map_err(api)?;
         let ns = tenant_bus::TenantNamespace::connect(&bundle)
             .await
             .map_err(|e| BenchError(e.to_string()))?;
@@ -474,5 +486,6 @@ async fn onboarding(repeats: usize) -> Result<Vec<f64>, BenchError> {
             }
         }
     }
+    shutdown.fire();
     Ok(times)
 }

@@ -594,14 +594,9 @@ async fn tenants(a: TenantsArgs) -> Result<serde_json::Value, BenchError> {
     // What a runtime instance holds per tenant: a registry cache entry, a
     // scheduler state and the tenant's key set.
     let record = |id: &TenantId| agentbus_control::registry::TenantRecord {
-        id: id.clone(),
-        name: id.to_string(),
         tier: Tier::Pro,
-        settings: Default::default(),
-        status: agentbus_control::registry::Status::Active,
-        created_at: 0,
-        updated_at: 0,
         revision: 1,
+        ..agentbus_control::registry::TenantRecord::empty(id.clone())
     };
     let err = |e: &dyn std::fmt::Display| BenchError(e.to_string());
     // The marginal memory of one more idle tenant while `n` exist: RSS growth over

@@ -1,38 +1,41 @@
-//! The `agentbus` command line: argument definitions and dispatch.
+//! The `agentbus` command line: a thin client. It parses, calls the controller
+//! (or the bus, for `pub`/`sub`/`request`, or the benchmark), and renders; it holds
+//! no state of its own.
 //!
-//! Every command finds its state through `--state DIR` (default `.agentbus/` in
-//! the working directory). Errors print one line on stderr (`agentbus: ...`) and
-//! exit non-zero; a failed command leaves the state as it was.
+//! Admin commands (`tenant`, `agent`, `admin`, `status`) reach the controller with
+//! `--url` and `--creds`, by default those of the local installation in `--state`.
+//! Every one takes `-o table|json`; exit codes are in [`output`].
 //!
 //! # Layout
-//! - [`up`]: `agentbus up`, the embedded local server.
+//! - [`up`]: `agentbus up` (server + embedded controller) and `agentbus controller`.
 //! - [`tenant`]: `agentbus tenant ...`.
-//! - [`agent`]: `agentbus agent ...`.
+//! - [`agent`]: `agentbus agent ...`, `agentbus admin ...`, `agentbus status`.
 //! - [`msg`]: `agentbus pub | sub | request`.
+//! - [`output`], [`remote`]: rendering, exit codes, reaching the controller.
 
 pub mod agent;
 pub mod msg;
+pub mod output;
+pub mod remote;
 pub mod tenant;
 pub mod up;
 
-use std::path::PathBuf;
-
 use clap::{Parser, Subcommand};
 
-use agentbus_control::{ControlError, ControlErrorKind, ControlPlane};
+use output::{Failure, Output};
 
-/// Operate a multi-tenant agent bus on NATS.
+/// Operate a multi-tenant agent bus on NATS: tenants, agents, admins and the local server.
 #[derive(Debug, Parser)]
-#[command(name = "agentbus", version, about, long_about = None)]
+#[command(
+    name = "agentbus",
+    version,
+    about = "Operate agentbus, a multi-tenant message bus for AI agents on NATS: run the server and controller, manage tenants, agents and admins, and message as an agent.",
+    long_about = None
+)]
 pub struct Cli {
-    /// The control-plane state directory (operator, accounts, keys).
-    #[arg(
-        long,
-        global = true,
-        default_value = ".agentbus",
-        env = "AGENTBUS_STATE"
-    )]
-    pub state: PathBuf,
+    /// Output format of admin commands.
+    #[arg(short = 'o', long, global = true, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
 
     /// The command.
     #[command(subcommand)]
@@ -42,14 +45,24 @@ pub struct Cli {
 /// Top-level commands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Start a local nats-server in operator mode (creating the state on first run).
+    /// Start nats-server in operator mode with an embedded controller (creating
+    /// the installation on first run).
     Up(up::UpArgs),
-    /// Create, inspect, tier, suspend and activate tenants.
-    #[command(subcommand)]
-    Tenant(tenant::TenantCommand),
-    /// Issue and revoke agent credentials.
-    #[command(subcommand)]
-    Agent(agent::AgentCommand),
+    /// Run a controller instance (any number may run; they share the work).
+    Controller(up::ControllerArgs),
+    /// Show the server, nodes, controllers and buckets with their replicas.
+    Status(remote::Remote),
+    /// Create, inspect, change, suspend, delete tenants and rotate their keys.
+    Tenant(tenant::TenantArgs),
+    /// Issue, list and revoke agent credentials.
+    Agent(agent::AgentArgs),
+    /// Create, list and revoke admin identities.
+    Admin(agent::AdminArgs),
+    /// Print a shell completion script.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
     /// Publish a sealed message as an agent.
     Pub(msg::PubArgs),
     /// Subscribe as an agent and print verified messages.
@@ -75,12 +88,6 @@ impl std::fmt::Display for CliError {
 
 impl std::error::Error for CliError {}
 
-impl From<ControlError> for CliError {
-    fn from(e: ControlError) -> Self {
-        CliError(one_line(&e.to_string()))
-    }
-}
-
 /// A tenant id from the command line, or the rule it broke.
 pub fn parse_tenant(s: &str) -> Result<tenant_bus::TenantId, CliError> {
     tenant_bus::TenantId::new(s).map_err(|e| CliError(format!("invalid tenant id: {e}")))
@@ -96,54 +103,44 @@ pub fn one_line(text: &str) -> String {
     text.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
-/// Runs a parsed command.
-pub async fn run(cli: Cli) -> Result<(), CliError> {
-    match cli.command {
-        Command::Up(args) => up::run(&cli.state, args).await,
-        Command::Tenant(cmd) => tenant::run(&cli.state, cmd).await,
-        Command::Agent(cmd) => agent::run(&cli.state, cmd).await,
-        Command::Pub(args) => msg::publish(args).await,
-        Command::Sub(args) => msg::subscribe(args).await,
-        Command::Request(args) => msg::request(args).await,
-        Command::Bench(args) => agentbus_bench::run(args).await.map_err(|e| CliError(e.0)),
-        // Workers build their own single-threaded runtime; run them off this one.
-        Command::BenchWorker(cmd) => {
-            tokio::task::spawn_blocking(move || agentbus_bench::worker::run(cmd))
-                .await
-                .map_err(|e| CliError(format!("bench worker: {e}")))?
-                .map_err(|e| CliError(e.0))
-        }
+/// Writes a line to stdout; a closed pipe (`agentbus ... | head`) ends the
+/// process quietly with exit 0 instead of a panic.
+pub fn write_stdout(text: &str) {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    if writeln!(out, "{text}").and_then(|()| out.flush()).is_err() {
+        std::process::exit(0);
     }
 }
 
-/// Opens an existing state directory, with a hint when there is none.
-pub fn open_state(state: &std::path::Path) -> Result<ControlPlane, CliError> {
-    ControlPlane::open(state).map_err(|e| {
-        if e.kind() == ControlErrorKind::NotInitialized {
-            CliError(format!(
-                "no agentbus state at {} (run `agentbus up` first, or pass --state DIR)",
-                state.display()
-            ))
-        } else {
-            e.into()
+/// Runs a parsed command.
+pub async fn run(cli: Cli) -> Result<(), Failure> {
+    let output = cli.output;
+    match cli.command {
+        Command::Up(args) => up::run(args).await,
+        Command::Controller(args) => up::controller(args).await,
+        Command::Status(remote) => agent::status(output, remote).await,
+        Command::Tenant(args) => tenant::run(output, args).await,
+        Command::Agent(args) => agent::run(output, args).await,
+        Command::Admin(args) => agent::run_admin(output, args).await,
+        Command::Completions { shell } => {
+            use clap::CommandFactory as _;
+            let mut cmd = Cli::command();
+            clap_complete::generate(shell, &mut cmd, "agentbus", &mut std::io::stdout());
+            Ok(())
         }
-    })
-}
-
-/// Opens the state and connects to its server as the system user, so changes are
-/// pushed live.
-pub async fn open_live(state: &std::path::Path) -> Result<ControlPlane, CliError> {
-    let mut cp = open_state(state)?;
-    let url = cp.server_url().to_string();
-    cp.connect(&url).await.map_err(|e| {
-        if e.kind() == ControlErrorKind::Connect {
-            CliError(format!(
-                "no server running at {url} (start it with `agentbus up --state {}`)",
-                state.display()
-            ))
-        } else {
-            e.into()
+        Command::Pub(args) => Ok(msg::publish(args).await?),
+        Command::Sub(args) => Ok(msg::subscribe(args).await?),
+        Command::Request(args) => Ok(msg::request(args).await?),
+        Command::Bench(args) => Ok(agentbus_bench::run(args).await.map_err(|e| CliError(e.0))?),
+        // Workers build their own single-threaded runtime; run them off this one.
+        Command::BenchWorker(cmd) => {
+            Ok(
+                tokio::task::spawn_blocking(move || agentbus_bench::worker::run(cmd))
+                    .await
+                    .map_err(|e| CliError(format!("bench worker: {e}")))?
+                    .map_err(|e| CliError(e.0))?,
+            )
         }
-    })?;
-    Ok(cp)
+    }
 }

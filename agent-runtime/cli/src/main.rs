@@ -29,6 +29,6 @@ fn main() {
     };
     if let Err(e) = runtime.block_on(agentbus_cli::run(cli)) {
         eprintln!("agentbus: {e}");
-        std::process::exit(1);
+        std::process::exit(e.code);
     }
 }

@@ -1,41 +1,35 @@
-//! `agentbus tenant ...`: tenants through the registry (the JetStream key-value
-//! bucket in the platform account, the one source of truth for tenant records)
-//! and the control plane (each tenant's NATS account, pushed live).
-//!
-//! Order of writes, so a failure leaves nothing half-done:
-//! - `create`: the registry record first (its atomic create rejects a duplicate id
-//!   across every instance), then the account; if the account fails, the record is
-//!   deleted again.
-//! - `update`: every `--set` is validated before anything is written; the record,
-//!   then the account limits; if the account fails, the record is restored.
-//! - `suspend`/`activate`: the account first (the server acts on it), then the
-//!   record; if the record fails, the account is restored.
-
-use std::path::Path;
+//! `agentbus tenant ...`: calls to the controller, rendered.
 
 use clap::{Args, Subcommand};
-use tenant_bus::TenantId;
 
-use super::{open_live, parse_tenant, CliError};
-use agentbus_control::registry::{
-    Registry, RegistryErrorKind, SettingsPatch, TenantRecord, TenantSettings,
-};
-use agentbus_control::tiers::{Quotas, Tier};
-use agentbus_control::{ControlErrorKind, ControlPlane};
+use agentbus_control::api::{CreateTenant, UpdateTenant};
+use agentbus_control::controller::handlers::TenantView;
+
+use crate::output::{print, usage, Failure, Output};
+use crate::remote::Remote;
+
+/// `agentbus tenant`.
+#[derive(Debug, Args)]
+pub struct TenantArgs {
+    #[command(flatten)]
+    remote: Remote,
+    #[command(subcommand)]
+    command: TenantCommand,
+}
 
 /// `agentbus tenant` commands.
 #[derive(Debug, Subcommand)]
 pub enum TenantCommand {
-    /// Create a tenant: a registry record and its own NATS account.
+    /// Create a tenant: its own NATS account, limits from its tier.
     Create(CreateArgs),
     /// List tenants.
     List,
-    /// Show one tenant: record, effective quotas, account.
+    /// Show one tenant: record, effective quotas, account, key versions.
     Get {
         /// The tenant id.
         id: String,
     },
-    /// Change a tenant: `--set KEY=VALUE` for `name`, `tier`, or any quota field.
+    /// Change a tenant: `--set KEY=VALUE`, `--unset FIELD`.
     Update(UpdateArgs),
     /// Suspend a tenant: the server closes its connections and refuses new ones.
     Suspend {
@@ -46,6 +40,22 @@ pub enum TenantCommand {
     Activate {
         /// The tenant id.
         id: String,
+    },
+    /// Delete a tenant: its account, JetStream data, records and keys.
+    Delete {
+        /// The tenant id.
+        id: String,
+        /// Confirm (required).
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Rotate the tenant's message key; running agents pick it up without restarting.
+    RotateKey {
+        /// The tenant id.
+        id: String,
+        /// Seconds until agents seal with the new key (default: the controller's, 30).
+        #[arg(long)]
+        grace_secs: Option<u64>,
     },
 }
 
@@ -63,6 +73,9 @@ pub struct CreateArgs {
     /// An agent type the tenant may run (repeatable; default: `default`).
     #[arg(long = "agent-type")]
     pub agent_types: Vec<String>,
+    /// A quota override `FIELD=VALUE` (repeatable).
+    #[arg(long = "set", value_name = "FIELD=VALUE")]
+    pub sets: Vec<String>,
 }
 
 /// Arguments of `tenant update`.
@@ -70,241 +83,154 @@ pub struct CreateArgs {
 pub struct UpdateArgs {
     /// The tenant id.
     pub id: String,
-    /// `KEY=VALUE`: `name`, `tier`, `allow-agent-type`, or a quota field
-    /// (e.g. `max_agents=20`). Repeatable.
-    #[arg(long = "set", value_name = "KEY=VALUE", required = true)]
+    /// `KEY=VALUE`: `name`, `tier`, `allow-agent-type`, `disallow-agent-type` or a
+    /// quota field (e.g. `max_agents=20`). Repeatable.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
     pub sets: Vec<String>,
+    /// A quota field whose override is removed (back to the tier's default).
+    #[arg(long = "unset", value_name = "FIELD")]
+    pub unsets: Vec<String>,
+}
+
+fn pairs(sets: &[String]) -> Result<Vec<(String, String)>, Failure> {
+    sets.iter()
+        .map(|s| {
+            s.split_once('=')
+                .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+                .ok_or_else(|| usage(format!("--set {s:?}: expected KEY=VALUE")))
+        })
+        .collect()
+}
+
+fn table(list: &[TenantView]) -> String {
+    let mut out = format!(
+        "{:<24} {:<11} {:<10} {:<4} NAME",
+        "ID", "TIER", "STATUS", "KEY"
+    );
+    for t in list {
+        out.push_str(&format!(
+            "\n{:<24} {:<11} {:<10} {:<4} {}",
+            t.record.id.as_str(),
+            t.record.tier.to_string(),
+            t.record.status.to_string(),
+            t.record.current_key,
+            t.record.name
+        ));
+    }
+    out
+}
+
+fn detail(t: &TenantView) -> String {
+    let r = &t.record;
+    let mut out = format!(
+        "tenant     {}\nname       {}\ntier       {}\nstatus     {}\naccount    {}\nkeys       {:?} (current {})\nagent types {}\nquotas",
+        r.id,
+        r.name,
+        r.tier,
+        r.status,
+        r.account,
+        r.key_versions,
+        r.current_key,
+        r.settings.allowed_agent_types.iter().cloned().collect::<Vec<_>>().join(", "),
+    );
+    for field in agentbus_control::tiers::Quotas::FIELDS {
+        if let Some(v) = t.quotas.get(field) {
+            let mark = if r.settings.quota_overrides.contains_key(*field) {
+                " (override)"
+            } else {
+                ""
+            };
+            out.push_str(&format!("\n  {field:<26} {v}{mark}"));
+        }
+    }
+    out
 }
 
 /// Runs a tenant command.
-pub async fn run(state: &Path, cmd: TenantCommand) -> Result<(), CliError> {
-    // Validate the id before touching anything.
-    let id = match &cmd {
-        TenantCommand::List => {
-            let (_, registry) = connect(state).await?;
-            return list(&registry).await;
-        }
-        TenantCommand::Create(a) => parse_tenant(&a.id)?,
-        TenantCommand::Update(a) => parse_tenant(&a.id)?,
+pub async fn run(output: Output, args: TenantArgs) -> Result<(), Failure> {
+    // Ids are checked here too, so a typo fails before any connection.
+    let id = match &args.command {
+        TenantCommand::List => None,
+        TenantCommand::Create(a) => Some(a.id.clone()),
+        TenantCommand::Update(a) => Some(a.id.clone()),
         TenantCommand::Get { id }
         | TenantCommand::Suspend { id }
-        | TenantCommand::Activate { id } => parse_tenant(id)?,
+        | TenantCommand::Activate { id }
+        | TenantCommand::Delete { id, .. }
+        | TenantCommand::RotateKey { id, .. } => Some(id.clone()),
     };
-    let (mut cp, registry) = connect(state).await?;
-    match cmd {
-        TenantCommand::Create(args) => create(&mut cp, &registry, &id, args).await,
-        TenantCommand::List => list(&registry).await,
-        TenantCommand::Get { .. } => get(&cp, &registry, &id).await,
-        TenantCommand::Update(args) => update(&mut cp, &registry, &id, &args.sets).await,
-        TenantCommand::Suspend { .. } => set_status(&mut cp, &registry, &id, true).await,
-        TenantCommand::Activate { .. } => set_status(&mut cp, &registry, &id, false).await,
+    if let Some(id) = &id {
+        tenant_bus::TenantId::new(id)
+            .map_err(|e| usage(format!("invalid tenant id {id:?}: {e}")))?;
     }
-}
-
-/// Connects the control plane (live) and the registry (as a platform service).
-pub async fn connect(state: &Path) -> Result<(ControlPlane, Registry), CliError> {
-    let cp = open_live(state).await?;
-    let creds = cp.issue_platform_service("agentbus-cli")?;
-    let client = async_nats::ConnectOptions::with_credentials(&creds)
-        .map_err(|e| CliError(format!("platform credentials: {e}")))?
-        .name("agentbus-cli")
-        .connect(cp.server_url())
-        .await
-        .map_err(|e| CliError(format!("connecting to {}: {e}", cp.server_url())))?;
-    let registry = Registry::open(client)
-        .await
-        .map_err(|e| CliError(super::one_line(&e.to_string())))?;
-    Ok((cp, registry))
-}
-
-fn reg_err(e: agentbus_control::registry::RegistryError) -> CliError {
-    CliError(super::one_line(&e.to_string()))
-}
-
-async fn create(
-    cp: &mut ControlPlane,
-    registry: &Registry,
-    id: &TenantId,
-    args: CreateArgs,
-) -> Result<(), CliError> {
-    let tier: Tier = args.tier.parse().map_err(|e| CliError(format!("{e}")))?;
-    let name = args.name.unwrap_or_else(|| id.to_string());
-    let mut settings = TenantSettings::new();
-    let types = if args.agent_types.is_empty() {
-        vec!["default".to_string()]
-    } else {
-        args.agent_types
-    };
-    for t in &types {
-        settings = settings.allow_agent_type(t);
+    match &args.command {
+        TenantCommand::Update(a) if a.sets.is_empty() && a.unsets.is_empty() => {
+            return Err(usage(
+                "nothing to change: pass --set KEY=VALUE or --unset FIELD",
+            ));
+        }
+        TenantCommand::Delete { yes: false, id } => {
+            return Err(usage(format!(
+                "deleting {id} destroys its account, data and keys: pass --yes"
+            )));
+        }
+        _ => {}
     }
-    let record = registry
-        .create(id.as_str(), &name, tier, settings)
-        .await
-        .map_err(reg_err)?;
-    if let Err(e) = cp
-        .create_tenant_with_quotas(id.as_str(), tier, record.quotas())
-        .await
-    {
-        // Undo the record so a retry starts clean.
-        let _ = registry.delete(id).await;
-        return Err(e.into());
-    }
-    println!(
-        "created tenant {id} ({tier}), account {}",
-        cp.tenant(id.as_str())?.account
-    );
-    Ok(())
-}
-
-async fn list(registry: &Registry) -> Result<(), CliError> {
-    let records = registry.list().await.map_err(reg_err)?;
-    println!("{:<24} {:<11} {:<10} NAME", "ID", "TIER", "STATUS");
-    for r in records {
-        println!(
-            "{:<24} {:<11} {:<10} {}",
-            r.id.as_str(),
-            r.tier.to_string(),
-            format!("{:?}", r.status).to_lowercase(),
-            r.name
-        );
-    }
-    Ok(())
-}
-
-async fn get(cp: &ControlPlane, registry: &Registry, id: &TenantId) -> Result<(), CliError> {
-    let record = registry.get(id).await.map_err(reg_err)?;
-    let account = cp.tenant(id.as_str()).ok();
-    let view = serde_json::json!({
-        "record": record,
-        "quotas": record.quotas(),
-        "account": account.as_ref().map(|a| a.account.clone()),
-        "key_versions": account.as_ref().map(|a| a.key_versions.clone()),
-    });
-    let text = serde_json::to_string_pretty(&view).map_err(|e| CliError(e.to_string()))?;
-    println!("{text}");
-    Ok(())
-}
-
-/// Parses and validates every `--set` into a patch before anything is written.
-fn parse_sets(record: &TenantRecord, sets: &[String]) -> Result<SettingsPatch, CliError> {
-    let mut patch = SettingsPatch::new();
-    let mut tier = record.tier;
-    let mut overrides = record.settings.quota_overrides.clone();
-    for set in sets {
-        let (key, value) = set
-            .split_once('=')
-            .ok_or_else(|| CliError(format!("--set {set:?}: expected KEY=VALUE")))?;
-        let (key, value) = (key.trim(), value.trim());
-        match key {
-            "name" => patch = patch.name(value),
-            "tier" => {
-                tier = value.parse().map_err(|e| CliError(format!("{e}")))?;
-                patch = patch.tier(tier);
-            }
-            "allow-agent-type" => {
-                tenant_bus::ids::validate_slug(value)
-                    .map_err(|k| CliError(format!("agent type {value:?}: {k}")))?;
-                patch = patch.allow_agent_type(value);
-            }
-            field => {
-                Quotas::for_tier(tier)
-                    .set(field, value)
-                    .map_err(|e| CliError(format!("--set {set:?}: {e}")))?;
-                overrides.insert(field.to_string(), value.to_string());
-                patch = patch.set_quota(field, value);
-            }
+    let client = args.remote.connect().await?;
+    match args.command {
+        TenantCommand::Create(a) => {
+            let req = CreateTenant {
+                tier: Some(a.tier),
+                name: a.name,
+                agent_types: a.agent_types,
+                quotas: pairs(&a.sets)?.into_iter().collect(),
+            };
+            let t = client.create_tenant_with(&a.id, &req).await?;
+            print(output, &t, || {
+                format!(
+                    "created tenant {} ({}), account {}",
+                    t.record.id, t.record.tier, t.record.account
+                )
+            })
+        }
+        TenantCommand::List => {
+            let list = client.tenants().await?;
+            print(output, &list, || table(&list))
+        }
+        TenantCommand::Get { id } => {
+            let t = client.tenant(&id).await?;
+            print(output, &t, || detail(&t))
+        }
+        TenantCommand::Update(a) => {
+            let req = UpdateTenant {
+                set: pairs(&a.sets)?,
+                unset: a.unsets,
+            };
+            let t = client.update_tenant(&a.id, &req).await?;
+            print(output, &t, || format!("updated tenant {}", t.record.id))
+        }
+        TenantCommand::Suspend { id } => {
+            let t = client.suspend_tenant(&id).await?;
+            print(output, &t, || format!("tenant {id} suspended"))
+        }
+        TenantCommand::Activate { id } => {
+            let t = client.activate_tenant(&id).await?;
+            print(output, &t, || format!("tenant {id} activated"))
+        }
+        TenantCommand::Delete { id, .. } => {
+            let v = client.delete_tenant(&id).await?;
+            print(output, &v, || format!("deleted tenant {id}"))
+        }
+        TenantCommand::RotateKey { id, grace_secs } => {
+            let t = client
+                .rotate_key(&id, grace_secs.map(std::time::Duration::from_secs))
+                .await?;
+            print(output, &t, || {
+                format!(
+                    "tenant {id}: key version {} added; agents seal with it from {} ms (accepted: {:?})",
+                    t.record.current_key, t.record.key_promote_at_ms, t.record.key_versions
+                )
+            })
         }
     }
-    // Overrides must also hold under a changed tier.
-    let mut q = Quotas::for_tier(tier);
-    for (k, v) in &overrides {
-        q.set(k, v).map_err(|e| CliError(format!("{e}")))?;
-    }
-    Ok(patch)
-}
-
-async fn update(
-    cp: &mut ControlPlane,
-    registry: &Registry,
-    id: &TenantId,
-    sets: &[String],
-) -> Result<(), CliError> {
-    let before = registry.get(id).await.map_err(reg_err)?;
-    let patch = parse_sets(&before, sets)?;
-    let after = registry.update(id, &patch).await.map_err(reg_err)?;
-    if let Err(e) = cp.update_quotas(id.as_str(), after.quotas()).await {
-        // Restore the previous record.
-        let restore = restore_patch(&before, &after);
-        let _ = registry.update(id, &restore).await;
-        return Err(e.into());
-    }
-    println!("updated tenant {id}");
-    Ok(())
-}
-
-/// A patch that turns `after` back into `before` (name, tier, overrides, types).
-fn restore_patch(before: &TenantRecord, after: &TenantRecord) -> SettingsPatch {
-    let mut p = SettingsPatch::new().name(&before.name).tier(before.tier);
-    for k in after.settings.quota_overrides.keys() {
-        match before.settings.quota_overrides.get(k) {
-            Some(v) => p = p.set_quota(k, v),
-            None => p = p.clear_quota(k),
-        }
-    }
-    for t in &after.settings.allowed_agent_types {
-        if !before.settings.allowed_agent_types.contains(t) {
-            p = p.disallow_agent_type(t);
-        }
-    }
-    p
-}
-
-async fn set_status(
-    cp: &mut ControlPlane,
-    registry: &Registry,
-    id: &TenantId,
-    suspend: bool,
-) -> Result<(), CliError> {
-    // Unknown tenants are reported by the registry, the source of truth.
-    let record = registry.get(id).await.map_err(reg_err)?;
-    if record.is_active() != suspend {
-        let state = if suspend { "suspended" } else { "active" };
-        return Err(CliError(format!("tenant {id} is already {state}")));
-    }
-    let account = if suspend {
-        cp.suspend_tenant(id.as_str()).await
-    } else {
-        cp.activate_tenant(id.as_str()).await
-    };
-    match account {
-        Ok(_) => {}
-        // The account may already be in the target state (an earlier run that
-        // failed between the two writes): carry on and fix the record.
-        Err(e) if e.kind() == ControlErrorKind::InvalidTransition => {}
-        Err(e) => return Err(e.into()),
-    }
-    let result = if suspend {
-        registry.suspend(id).await
-    } else {
-        registry.activate(id).await
-    };
-    if let Err(e) = result {
-        let _ = if suspend {
-            cp.activate_tenant(id.as_str()).await
-        } else {
-            cp.suspend_tenant(id.as_str()).await
-        };
-        return Err(reg_err(e));
-    }
-    println!(
-        "tenant {id} {}",
-        if suspend { "suspended" } else { "activated" }
-    );
-    Ok(())
-}
-
-/// Maps a registry "not found" to the CLI's wording (used by `agent`).
-pub fn is_not_found(e: &agentbus_control::registry::RegistryError) -> bool {
-    e.kind() == RegistryErrorKind::NotFound
 }

@@ -1,92 +1,277 @@
-//! `agentbus up`: the embedded default server.
+//! `agentbus up` (the local server with an embedded controller) and
+//! `agentbus controller` (a controller instance on its own).
 //!
-//! On first run it creates the operator and accounts; then it starts nats-server
-//! (found as the test harness finds it) in operator mode with JetStream on
-//! 127.0.0.1, pushes every account, prints the URL on its own line and runs until
-//! Ctrl-C or SIGTERM, when it stops the server gracefully.
+//! `up` takes an exclusive lock on the state directory (a second `up` exits with
+//! one line and changes nothing), creates the installation on first run, starts
+//! nats-server (one node, or `--cluster N` nodes with authenticated routes) and
+//! supervises it: a server that exits is restarted with backoff, at most
+//! [`MAX_RESTARTS`] times in [`RESTART_WINDOW`], after which `up` exits non-zero
+//! rather than run on without a server. Monitoring stays off.
 
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use clap::Args;
 
-use super::CliError;
-use agentbus_control::local_server::{LocalServer, ServerOptions};
-use agentbus_control::{ControlErrorKind, ControlPlane};
+use agentbus_control::controller::shutdown::Shutdown;
+use agentbus_control::local_server::{ClusterOptions, LocalCluster, LocalServer, ServerOptions};
+use agentbus_control::{Controller, ControllerConfig, Installation};
+
+use crate::output::{Failure, EXIT_INTERNAL, EXIT_REFUSED, EXIT_UNAVAILABLE};
+
+/// Restarts of a failed server allowed within [`RESTART_WINDOW`].
+pub const MAX_RESTARTS: usize = 5;
+/// The window [`MAX_RESTARTS`] counts in.
+pub const RESTART_WINDOW: Duration = Duration::from_secs(60);
 
 /// Arguments of `agentbus up`.
 #[derive(Debug, Args)]
 pub struct UpArgs {
-    /// Client port on 127.0.0.1 (0 picks a free one).
+    /// The state directory (KEK, credentials, server config and store).
+    #[arg(long, default_value = ".agentbus", env = "AGENTBUS_STATE")]
+    pub state: std::path::PathBuf,
+    /// The address clients connect to (127.0.0.1 by default; 0.0.0.0 for all).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Client port (0 picks a free one). With --cluster, node i uses PORT+i.
     #[arg(long, default_value_t = 4222)]
     pub port: u16,
+    /// Run a local cluster of this many nodes (3 for development and tests).
+    #[arg(long)]
+    pub cluster: Option<usize>,
+    /// Replicas of every bucket (default: 1 on one node, 3 on three or more).
+    #[arg(long)]
+    pub replicas: Option<usize>,
+}
+
+/// Arguments of `agentbus controller`.
+#[derive(Debug, Args)]
+pub struct ControllerArgs {
+    /// The state directory holding the KEK and the controller's credentials.
+    #[arg(long, default_value = ".agentbus", env = "AGENTBUS_STATE")]
+    pub state: std::path::PathBuf,
+    /// Server URL(s), comma-separated (default: the installation's).
+    #[arg(long, env = "AGENTBUS_URL")]
+    pub url: Option<String>,
+    /// Replicas of the buckets it creates (default: the installation's).
+    #[arg(long)]
+    pub replicas: Option<usize>,
+}
+
+fn fail(code: i32, message: impl Into<String>) -> Failure {
+    Failure {
+        message: message.into(),
+        code,
+    }
+}
+
+/// Holds `<state>/up.lock` exclusively while `up` runs.
+fn lock(state: &Path) -> Result<std::fs::File, Failure> {
+    std::fs::create_dir_all(state)
+        .map_err(|e| fail(EXIT_INTERNAL, format!("creating {}: {e}", state.display())))?;
+    let path = state.join("up.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| fail(EXIT_INTERNAL, format!("opening {}: {e}", path.display())))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(fail(
+            EXIT_REFUSED,
+            format!(
+                "another `agentbus up` is running on {} (stop it first, or use another --state)",
+                state.display()
+            ),
+        )),
+        Err(std::fs::TryLockError::Error(e)) => Err(fail(
+            EXIT_INTERNAL,
+            format!("locking {}: {e}", path.display()),
+        )),
+    }
+}
+
+enum Servers {
+    One(LocalServer),
+    Cluster(LocalCluster),
+}
+
+impl Servers {
+    fn urls(&self) -> String {
+        match self {
+            Servers::One(s) => s.url(),
+            Servers::Cluster(c) => c.urls(),
+        }
+    }
+
+    /// Restarts nodes that exited; `Err` when a node cannot be kept running.
+    async fn supervise(&mut self, restarts: &mut Vec<Instant>) -> Result<(), Failure> {
+        let dead: Vec<usize> = match self {
+            Servers::One(s) => {
+                if s.is_running() {
+                    vec![]
+                } else {
+                    vec![0]
+                }
+            }
+            Servers::Cluster(c) => (0..c.len()).filter(|i| !c.is_running(*i)).collect(),
+        };
+        for i in dead {
+            restarts.retain(|t| t.elapsed() < RESTART_WINDOW);
+            if restarts.len() >= MAX_RESTARTS {
+                return Err(fail(
+                    EXIT_UNAVAILABLE,
+                    format!("nats-server keeps exiting ({MAX_RESTARTS} restarts in {RESTART_WINDOW:?}); giving up"),
+                ));
+            }
+            let backoff = Duration::from_millis(250 << restarts.len().min(5));
+            eprintln!("agentbus: nats-server node {i} exited; restarting in {backoff:?}");
+            tokio::time::sleep(backoff).await;
+            restarts.push(Instant::now());
+            let result = match self {
+                Servers::One(s) => s.restart(),
+                Servers::Cluster(c) => c.start_node(i).await,
+            };
+            if let Err(e) = result {
+                eprintln!(
+                    "agentbus: restarting node {i} failed: {}",
+                    agentbus_control::one_line(&e.to_string())
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn shutdown(&mut self) {
+        match self {
+            Servers::One(s) => s.shutdown(Duration::from_secs(10)),
+            Servers::Cluster(c) => c.stop(),
+        }
+    }
 }
 
 /// Runs `agentbus up`.
-pub async fn run(state: &Path, args: UpArgs) -> Result<(), CliError> {
-    let mut cp = match ControlPlane::open(state) {
-        Ok(cp) => cp,
-        Err(e) if e.kind() == ControlErrorKind::NotInitialized => {
-            eprintln!(
-                "agentbus: creating operator and accounts in {}",
-                state.display()
-            );
-            ControlPlane::init(state)?
+pub async fn run(args: UpArgs) -> Result<(), Failure> {
+    let state = args.state.as_path();
+    let _lock = lock(state)?;
+    let (mut install, created) = Installation::open_or_init(state)?;
+    if created {
+        eprintln!(
+            "agentbus: created operator, accounts and KEK in {}",
+            state.display()
+        );
+    }
+    let nodes = args.cluster.unwrap_or(1).max(1);
+    let replicas = args
+        .replicas
+        .unwrap_or(if nodes >= 3 { 3 } else { 1 })
+        .clamp(1, nodes.min(5));
+    let mut servers = if nodes == 1 {
+        if args.port != 0 && std::net::TcpStream::connect((args.host.as_str(), args.port)).is_ok() {
+            return Err(fail(
+                EXIT_REFUSED,
+                format!(
+                    "port {} on {} is already in use; pass --port",
+                    args.port, args.host
+                ),
+            ));
         }
-        Err(e) => return Err(e.into()),
+        let mut options = install
+            .default_server_options()
+            .listen(args.host.clone(), args.port);
+        options.server_name = "agentbus".to_string();
+        let config = install.server_config(&options);
+        let mut server_options = ServerOptions::new()
+            .config(config)
+            .dir(state.join("server"));
+        if args.port != 0 {
+            server_options = server_options.port(args.port);
+        }
+        let server = LocalServer::start(server_options)
+            .map_err(|e| fail(EXIT_UNAVAILABLE, agentbus_control::one_line(&e.to_string())))?;
+        Servers::One(server)
+    } else {
+        let snippet =
+            agentbus_control::server_config::render_operator_snippet(&install.operator_facts());
+        let root = state.join("cluster");
+        let options = ClusterOptions::new()
+            .nodes(nodes)
+            .config(snippet)
+            .node_config(|_, dir| {
+                agentbus_control::server_config::render_resolver_block(&dir.join("resolver"))
+            })
+            .probe_creds(install.creds("sys.creds")?)
+            .dir(root);
+        let cluster = LocalCluster::start(options)
+            .await
+            .map_err(|e| fail(EXIT_UNAVAILABLE, agentbus_control::one_line(&e.to_string())))?;
+        Servers::Cluster(cluster)
     };
-    if args.port != 0 && std::net::TcpStream::connect(("127.0.0.1", args.port)).is_ok() {
-        return Err(CliError(format!(
-            "port {} on 127.0.0.1 is already in use (another `agentbus up`?); pass --port",
-            args.port
-        )));
-    }
-    let mut options = cp.default_server_options();
-    options.port = args.port;
-    let config = cp.server_config(&options)?;
-    let mut server_options = ServerOptions::new()
-        .config(config)
-        .dir(state.join("server"));
-    if args.port != 0 {
-        server_options = server_options.port(args.port);
-    }
-    let mut server = LocalServer::start(server_options)
-        .map_err(|e| CliError(super::one_line(&e.to_string())))?;
-    let url = server.url();
-    cp.set_server_url(&url)?;
-    cp.connect(&url).await?;
-    let pushed = cp.sync().await?;
+    let urls = servers.urls();
+    install.set_urls(urls.split(',').map(str::to_string).collect(), replicas)?;
+    let config = ControllerConfig::new(&urls).replicas(replicas);
+    let controller = match Controller::connect(&install, config).await {
+        Ok(c) => c,
+        Err(e) => {
+            servers.shutdown();
+            return Err(e.into());
+        }
+    };
+    let shutdown = Shutdown::new();
+    let serving = tokio::spawn(controller.clone().serve(shutdown.clone()));
     eprintln!(
-        "agentbus: nats-server running (pid {}), {pushed} accounts loaded; Ctrl-C to stop",
-        server.pid().unwrap_or(0)
+        "agentbus: nats-server running ({nodes} node{}), controller serving, buckets R{replicas}; Ctrl-C to stop",
+        if nodes == 1 { "" } else { "s" }
     );
-    println!("{url}");
+    println!("{urls}");
+    let mut restarts = Vec::new();
+    let mut check = tokio::time::interval(Duration::from_millis(500));
+    let outcome = loop {
+        tokio::select! {
+            _ = wait_for_shutdown() => break Ok(()),
+            _ = check.tick() => {
+                if let Err(e) = servers.supervise(&mut restarts).await {
+                    break Err(e);
+                }
+            }
+        }
+    };
+    eprintln!("agentbus: stopping");
+    shutdown.fire();
+    let _ = tokio::time::timeout(Duration::from_secs(5), serving).await;
+    servers.shutdown();
+    outcome
+}
 
+/// Runs `agentbus controller`.
+pub async fn controller(args: ControllerArgs) -> Result<(), Failure> {
+    let state = args.state.as_path();
+    let install = Installation::open(state)?;
+    let urls = args.url.unwrap_or_else(|| install.url_list());
+    let replicas = args.replicas.unwrap_or(install.facts().replicas);
+    let controller =
+        Controller::connect(&install, ControllerConfig::new(&urls).replicas(replicas)).await?;
+    let shutdown = Shutdown::new();
+    let serving = tokio::spawn(controller.serve(shutdown.clone()));
+    eprintln!("agentbus: controller serving on {urls}; Ctrl-C to stop");
     wait_for_shutdown().await;
-    eprintln!("agentbus: stopping nats-server");
-    cp.disconnect().await;
-    server.shutdown(Duration::from_secs(10));
+    shutdown.fire();
+    let _ = tokio::time::timeout(Duration::from_secs(5), serving).await;
     Ok(())
 }
 
 async fn wait_for_shutdown() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
             }
         }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }

@@ -33,10 +33,10 @@ use tenant_bus::TenantId;
 
 use crate::error::ControlError;
 use crate::jwt::{
-    self, AccountClaims, AccountLimits, AccountNats, Claims, OperatorClaims, OperatorNats,
-    Permission, UserClaims, UserNats, NO_LIMIT,
+    self, AccountClaims, AccountLimits, AccountNats, Claims, DeleteAccountsNats, Export, Import,
+    OperatorClaims, OperatorNats, Permission, UserClaims, UserNats, NO_LIMIT,
 };
-use crate::state::{TenantRecord, TenantStatus};
+use crate::registry::{Status, TenantRecord};
 use crate::tiers::Quotas;
 
 /// The work-queue stream every tenant may create in its own account.
@@ -95,8 +95,17 @@ fn stream_api_subjects(stream: &str, out: &mut Vec<String>) {
 }
 
 /// The publish allow-list of an agent of `tenant` (see the module docs).
-pub fn agent_publish_allow(tenant: &TenantId, scope: &JetStreamScope) -> Vec<String> {
-    let mut allow = vec![format!("tenant.{tenant}.>"), "$JS.API.INFO".to_string()];
+pub fn agent_publish_allow(
+    tenant: &TenantId,
+    account: &str,
+    scope: &JetStreamScope,
+) -> Vec<String> {
+    let mut allow = vec![
+        format!("tenant.{tenant}.>"),
+        "$JS.API.INFO".to_string(),
+        // The key service imported from the platform account (its own account only).
+        crate::api::keys_subject(account),
+    ];
     for stream in &scope.streams {
         stream_api_subjects(stream, &mut allow);
     }
@@ -133,7 +142,8 @@ pub fn tenant_limits(quotas: &Quotas, suspended: bool) -> AccountLimits {
         subs: limit32(quotas.max_subscriptions),
         data: NO_LIMIT,
         payload: limit32(quotas.max_payload),
-        imports: 0,
+        // One import: the key service of the platform account.
+        imports: 1,
         exports: 0,
         wildcards: false,
         disallow_bearer: true,
@@ -159,6 +169,8 @@ fn account_nats(
         limits,
         revocations,
         signing_keys: vec![],
+        imports: vec![],
+        exports: vec![],
         tags,
         kind: "account".to_string(),
         version: 2,
@@ -221,6 +233,7 @@ pub fn system_account_jwt(
 pub fn platform_account_jwt(
     operator: &KeyPair,
     account: &str,
+    signing_key: &str,
     iat: i64,
 ) -> Result<String, ControlError> {
     let mut limits = AccountLimits::unlimited_without_jetstream();
@@ -228,12 +241,16 @@ pub fn platform_account_jwt(
     limits.disk_storage = NO_LIMIT;
     limits.streams = NO_LIMIT;
     limits.consumer = NO_LIMIT;
-    let mut claims: AccountClaims = Claims::new(
-        account,
-        crate::PLATFORM_ACCOUNT,
-        iat,
-        account_nats(limits, BTreeMap::new(), vec![]),
-    );
+    let mut nats = account_nats(limits, BTreeMap::new(), vec![]);
+    nats.signing_keys = vec![signing_key.to_string()];
+    nats.exports = vec![Export {
+        name: "agentbus-keys".to_string(),
+        subject: format!("{}.*", crate::api::KEYS_PREFIX),
+        kind: "service".to_string(),
+        // agentbus.keys.v1.<account>: token 4 is the importer.
+        account_token_position: 4,
+    }];
+    let mut claims: AccountClaims = Claims::new(account, crate::PLATFORM_ACCOUNT, iat, nats);
     jwt::encode(&mut claims, operator)
 }
 
@@ -242,28 +259,57 @@ pub fn platform_account_jwt(
 pub fn tenant_account_jwt(
     operator: &KeyPair,
     record: &TenantRecord,
+    platform_account: &str,
     iat: i64,
 ) -> Result<String, ControlError> {
-    let suspended = record.status == TenantStatus::Suspended;
+    let suspended = record.status == Status::Suspended || record.deleting;
+    let mut nats = account_nats(
+        tenant_limits(&record.quotas(), suspended),
+        record.revocations.clone(),
+        vec![
+            format!("tenant:{}", record.id),
+            format!("tier:{}", record.tier),
+        ],
+    );
+    nats.signing_keys = vec![record.signing_key.clone()];
+    nats.imports = vec![Import {
+        name: "agentbus-keys".to_string(),
+        subject: crate::api::keys_subject(&record.account),
+        account: platform_account.to_string(),
+        kind: "service".to_string(),
+    }];
     let mut claims: AccountClaims = Claims::new(
         record.account.clone(),
-        format!("tenant-{}", record.tenant),
+        format!("tenant-{}", record.id),
         iat,
-        account_nats(
-            tenant_limits(&record.quotas, suspended),
-            record.revocations.clone(),
-            vec![
-                format!("tenant:{}", record.tenant),
-                format!("tier:{}", record.tier),
-            ],
-        ),
+        nats,
     );
     jwt::encode(&mut claims, operator)
 }
 
-/// A user JWT with the given permissions, signed by `account`.
+/// The operator-signed request that deletes `accounts` from full resolvers
+/// (`$SYS.REQ.CLAIMS.DELETE`; the servers need `allow_delete: true`).
+pub fn delete_accounts_jwt(
+    operator: &KeyPair,
+    accounts: Vec<String>,
+    iat: i64,
+) -> Result<String, ControlError> {
+    let mut claims = Claims::new(
+        operator.public_key(),
+        "",
+        iat,
+        DeleteAccountsNats { accounts },
+    );
+    jwt::encode(&mut claims, operator)
+}
+
+/// A user JWT with the given permissions, signed by `signer`: the account's
+/// identity key (`issuer_account` `None`) or one of its signing keys
+/// (`issuer_account` = the account's public key).
+#[allow(clippy::too_many_arguments)]
 pub fn user_jwt(
-    account: &KeyPair,
+    signer: &KeyPair,
+    issuer_account: Option<&str>,
     user: &str,
     name: &str,
     publish: Permission,
@@ -281,12 +327,13 @@ pub fn user_jwt(
             subs: NO_LIMIT,
             data: NO_LIMIT,
             payload: NO_LIMIT,
+            issuer_account: issuer_account.map(str::to_string),
             tags,
             kind: "user".to_string(),
             version: 2,
         },
     );
-    jwt::encode(&mut claims, account)
+    jwt::encode(&mut claims, signer)
 }
 
 #[cfg(test)]
@@ -314,7 +361,7 @@ mod tests {
     #[test]
     fn allow_list_is_scoped() {
         let t = TenantId::new("acme").unwrap();
-        let allow = agent_publish_allow(&t, &JetStreamScope::default());
+        let allow = agent_publish_allow(&t, "ATENANTACCOUNT", &JetStreamScope::default());
         assert!(allow.contains(&"tenant.acme.>".to_string()));
         assert!(allow.contains(&"$JS.API.STREAM.CREATE.TASKS".to_string()));
         assert!(allow.contains(&"$KV.STATE.>".to_string()));

@@ -222,9 +222,15 @@ pub struct AccountNats {
     /// issued at or before the time are refused.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub revocations: BTreeMap<String, i64>,
-    /// Account signing keys (none: the account identity key signs users).
+    /// Account signing keys (they sign the account's users).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub signing_keys: Vec<String>,
+    /// Services and streams imported from other accounts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub imports: Vec<Import>,
+    /// Services and streams offered to other accounts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exports: Vec<Export>,
     /// Tags.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tags: Vec<String>,
@@ -233,6 +239,49 @@ pub struct AccountNats {
     pub kind: String,
     /// Always 2.
     pub version: u32,
+}
+
+/// An import of another account's service or stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Import {
+    /// A name.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub name: String,
+    /// The subject in the exporting account.
+    pub subject: String,
+    /// The exporting account's public key.
+    pub account: String,
+    /// `service` or `stream`.
+    #[serde(rename = "type")]
+    pub kind: String,
+}
+
+/// An export to other accounts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Export {
+    /// A name.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub name: String,
+    /// The exported subject.
+    pub subject: String,
+    /// `service` or `stream`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The 1-based token of the subject that must equal the importing account's
+    /// public key (0: none), so an account can only ever import its own subject.
+    #[serde(default, skip_serializing_if = "is_zero_u32")]
+    pub account_token_position: u32,
+}
+
+fn is_zero_u32(v: &u32) -> bool {
+    *v == 0
+}
+
+/// The `nats` part of a generic JWT (the operator's account-delete request).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeleteAccountsNats {
+    /// The account public keys to delete.
+    pub accounts: Vec<String>,
 }
 
 /// The `nats` part of a user JWT.
@@ -250,6 +299,9 @@ pub struct UserNats {
     pub data: i64,
     /// Largest payload (-1: the account's limit applies).
     pub payload: i64,
+    /// The account a signing key signed this user for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issuer_account: Option<String>,
     /// Tags.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tags: Vec<String>,
@@ -412,6 +464,8 @@ mod tests {
                 limits: AccountLimits::unlimited_without_jetstream(),
                 revocations: BTreeMap::new(),
                 signing_keys: vec![],
+                imports: vec![],
+                exports: vec![],
                 tags: vec![],
                 kind: "account".into(),
                 version: 2,

@@ -1,25 +1,63 @@
-//! The agentbus control plane.
+//! The agentbus control plane: a service whose state lives in NATS.
+//!
+//! Tenants, issued agents, admin identities and sealed secrets are records in
+//! JetStream KV buckets of the platform account ([`store`]); the controller
+//! ([`controller`]) is a stateless NATS service that owns every change to them and
+//! pushes the tenants' accounts to the servers; [`client::AdminClient`] is how the
+//! CLI, tests and remote admins call it; [`keys`] is how running agents learn a
+//! rotated key set. The local state directory ([`install`]) holds only what cannot
+//! live in NATS: the KEK, the credentials that reach NATS, and the server config.
 //!
 //! # Layout
+//! - [`api`]: the wire API: subjects, roles, requests, responses, error codes.
+//! - [`client`]: the typed admin client.
+//! - [`controller`]: the service, its operations, authentication and reconcile.
+//! - [`store`]: the KV buckets and their records.
+//! - [`kek`]: the key-encryption key and sealed secrets.
+//! - [`install`]: the state directory of an installation.
+//! - [`keys`]: key-set refresh for running agents (the key service client).
+//! - [`registry`]: tenant records and the watcher every runtime instance keeps.
 //! - [`tiers`]: service tiers and the one table of per-tenant quotas.
-//! - [`registry`]: the tenant registry (JetStream KV in the platform account) and the
-//!   watcher that keeps every runtime instance's bounded copy of it current.
-//! - [`plane`]: operator-mode NATS accounts per tenant, agent credentials,
-//!   suspension and revocation pushed live to the server.
 //! - [`accounts`], [`jwt`]: account and user claims, signed with nkeys.
-//! - [`server_config`]: the nats-server configuration the operator implies.
-//! - [`local_server`]: find, run and supervise a local `nats-server`.
-//! - [`state`], [`error`]: the state directory and the control plane's errors.
+//! - [`server_config`], [`local_server`]: nats-server configs and local processes.
+//! - [`error`]: the control plane's local errors.
 #![forbid(unsafe_code)]
 
 pub mod accounts;
+pub mod api;
+pub mod client;
+pub mod controller;
 pub mod error;
+pub mod install;
 pub mod jwt;
+pub mod kek;
+pub mod keys;
 pub mod local_server;
-pub mod plane;
 pub mod registry;
 pub mod server_config;
-pub mod state;
+pub mod store;
 pub mod tiers;
 
-pub use plane::*;
+pub use accounts::{JetStreamScope, STATE_BUCKET, TASKS_DONE_BUCKET, TASKS_STREAM};
+pub use api::{ApiError, ErrorCode, Role};
+pub use client::AdminClient;
+pub use controller::{Controller, ControllerConfig};
+pub use error::{ControlError, ControlErrorKind};
+pub use install::Installation;
+
+/// The system account's name.
+pub const SYSTEM_ACCOUNT: &str = "SYS";
+/// The platform account's name.
+pub const PLATFORM_ACCOUNT: &str = "PLATFORM";
+
+/// Parses a comma-separated server URL list.
+pub fn parse_urls(urls: &str) -> Result<Vec<async_nats::ServerAddr>, ControlError> {
+    tenant_bus::connect::server_addrs(urls).map_err(|e| {
+        tenant_bus::error::Error::with_source(ControlErrorKind::InvalidUrl, urls.to_string(), e)
+    })
+}
+
+/// Collapses a multi-line message into one line.
+pub fn one_line(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}

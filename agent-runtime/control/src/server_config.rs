@@ -2,7 +2,7 @@
 //!
 //! [`render_server_config`] renders a complete single-node config: listen address,
 //! JetStream with its store dir, the operator JWT, the system account, a `full`
-//! account resolver (`allow_delete: false`) and `resolver_preload` entries for the
+//! account resolver (`allow_delete: true`: tenant delete removes accounts) and `resolver_preload` entries for the
 //! `SYS` and `PLATFORM` accounts. Tenant accounts are not in the config: the
 //! control plane pushes them to the running server on `$SYS.REQ.CLAIMS.UPDATE`, and
 //! the resolver keeps them in its directory across restarts.
@@ -11,8 +11,12 @@
 //! preloads, for cluster node configs that `include` it (see
 //! `nats-config/cluster-3-node/`), each with its own resolver dir.
 //!
-//! Nothing here is secret: JWTs are signed public claims. Seeds stay in the state
-//! directory.
+//! [`render_cluster_node_config`] renders one node of a cluster whose routes
+//! authenticate with per-installation [`RouteCredentials`] (and TLS when given); it
+//! takes the operator snippet and resolver block as extra text.
+//!
+//! Nothing here is secret except route credentials: JWTs are signed public claims.
+//! Seeds stay in the state directory.
 //!
 //! JetStream account limits are reservations: a server refuses to enable JetStream
 //! for an account whose `mem_storage`/`disk_storage`, added to every other
@@ -121,7 +125,7 @@ pub fn render_operator_snippet(facts: &OperatorFacts) -> String {
 /// The `resolver { ... }` block for a full resolver in `dir`.
 pub fn render_resolver_block(dir: &Path) -> String {
     format!(
-        "resolver: {{\n  type: full\n  dir: {}\n  allow_delete: false\n  interval: \"2m\"\n  timeout: \"1.9s\"\n}}\n",
+        "resolver: {{\n  type: full\n  dir: {}\n  allow_delete: true\n  interval: \"2m\"\n  timeout: \"1.9s\"\n}}\n",
         path_str(dir)
     )
 }
@@ -154,6 +158,307 @@ pub fn render_server_config(facts: &OperatorFacts, options: &ServerConfigOptions
     s
 }
 
+/// What is wrong with route credentials.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum RouteCredentialsErrorKind {
+    /// The user or password is empty or holds a character outside
+    /// `[A-Za-z0-9._~-]` (they travel inside route URLs, unescaped).
+    Invalid,
+    /// The system random number generator failed.
+    Random,
+}
+
+tenant_bus::kind_display!(RouteCredentialsErrorKind {
+    Invalid => "invalid route credentials",
+    Random => "cannot generate a route password",
+});
+
+/// A route credentials error.
+pub type RouteCredentialsError = tenant_bus::error::Error<RouteCredentialsErrorKind>;
+
+/// The user and password with which the nodes of one installation's cluster
+/// authenticate their routes to each other (`cluster { authorization { ... } }`).
+///
+/// Generate one per installation ([`RouteCredentials::generate`]) and give every
+/// node the same: a server that does not know them cannot join the cluster as a
+/// route. The password is secret; `Debug` never prints it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RouteCredentials {
+    user: String,
+    password: String,
+}
+
+/// The route user name [`RouteCredentials::generate`] uses.
+pub const DEFAULT_ROUTE_USER: &str = "route";
+
+fn url_safe(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'~' | b'-'))
+}
+
+impl RouteCredentials {
+    /// Explicit credentials; both must be non-empty and URL-safe
+    /// (`[A-Za-z0-9._~-]`), since they are written into route URLs.
+    pub fn new(
+        user: impl Into<String>,
+        password: impl Into<String>,
+    ) -> Result<Self, RouteCredentialsError> {
+        let (user, password) = (user.into(), password.into());
+        if !url_safe(&user) {
+            return Err(tenant_bus::error::Error::new(
+                RouteCredentialsErrorKind::Invalid,
+                format!("user {user:?}: non-empty [A-Za-z0-9._~-] only"),
+            ));
+        }
+        if !url_safe(&password) {
+            return Err(tenant_bus::error::Error::new(
+                RouteCredentialsErrorKind::Invalid,
+                "password: non-empty [A-Za-z0-9._~-] only",
+            ));
+        }
+        Ok(Self { user, password })
+    }
+
+    /// User [`DEFAULT_ROUTE_USER`] with a random 256-bit password (base64url).
+    pub fn generate() -> Result<Self, RouteCredentialsError> {
+        use base64::Engine as _;
+        use ring::rand::SecureRandom as _;
+        let mut bytes = [0u8; 32];
+        ring::rand::SystemRandom::new()
+            .fill(&mut bytes)
+            .map_err(|_| tenant_bus::error::Error::new(RouteCredentialsErrorKind::Random, ""))?;
+        let password = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+        Self::new(DEFAULT_ROUTE_USER, password)
+    }
+
+    /// The route user.
+    pub fn user(&self) -> &str {
+        &self.user
+    }
+
+    /// The route password (secret).
+    pub fn password(&self) -> &str {
+        &self.password
+    }
+
+    /// A route URL carrying these credentials:
+    /// `nats-route://USER:PASSWORD@HOST:PORT`.
+    pub fn route_url(&self, host: &str, port: u16) -> String {
+        format!(
+            "nats-route://{}:{}@{}:{}",
+            self.user, self.password, host, port
+        )
+    }
+
+    /// The text of a `routes.conf` to `include` inside a node's `cluster { }`
+    /// block: the `authorization` block and `routes` to every `(host, cluster
+    /// port)` of `nodes` (a node's route to itself is ignored by the server, so one
+    /// file serves every node). Holds the password: write it 0600.
+    pub fn render_routes_include(&self, nodes: &[(String, u16)]) -> String {
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "# Route credentials of this installation (secret: keep it 0600)."
+        );
+        let _ = writeln!(s, "# Generated by agentbus; the same file on every node.");
+        s.push_str(&self.render_authorization());
+        s.push_str(&self.render_routes(nodes));
+        s
+    }
+
+    fn render_authorization(&self) -> String {
+        format!(
+            "authorization {{\n  user: {}\n  password: {}\n  timeout: 2\n}}\n",
+            quote(&self.user),
+            quote(&self.password)
+        )
+    }
+
+    fn render_routes(&self, nodes: &[(String, u16)]) -> String {
+        let mut s = String::from("routes: [\n");
+        for (host, port) in nodes {
+            let _ = writeln!(s, "  {}", quote(&self.route_url(host, *port)));
+        }
+        s.push_str("]\n");
+        s
+    }
+}
+
+impl std::fmt::Debug for RouteCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RouteCredentials")
+            .field("user", &self.user)
+            .field("password", &"<redacted>")
+            .finish()
+    }
+}
+
+/// TLS for route connections (both directions): this node's certificate and key,
+/// and the CA that signs its peers' certificates.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteTls {
+    /// PEM certificate of this node.
+    pub cert_file: PathBuf,
+    /// PEM private key of this node.
+    pub key_file: PathBuf,
+    /// PEM CA bundle to verify peers with (`None`: the system roots).
+    pub ca_file: Option<PathBuf>,
+    /// Require and verify the peer's certificate (default true).
+    pub verify: bool,
+    /// Route connection TLS handshake timeout in seconds (default 2).
+    pub timeout_secs: u32,
+}
+
+impl RouteTls {
+    /// TLS with `cert_file` and `key_file`, peers verified against `ca_file`.
+    pub fn new(
+        cert_file: impl Into<PathBuf>,
+        key_file: impl Into<PathBuf>,
+        ca_file: Option<PathBuf>,
+    ) -> Self {
+        Self {
+            cert_file: cert_file.into(),
+            key_file: key_file.into(),
+            ca_file,
+            verify: true,
+            timeout_secs: 2,
+        }
+    }
+}
+
+/// One cluster node's listeners and peers, for [`render_cluster_node_config`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterNodeOptions {
+    /// The node's server name (unique in the cluster).
+    pub server_name: String,
+    /// Client listen host (default `127.0.0.1`).
+    pub host: String,
+    /// Client port; `None` lets the server pick one (`-1`).
+    pub port: Option<u16>,
+    /// The cluster's name (the same on every node; default `agentbus`).
+    pub cluster_name: String,
+    /// Route listen host (default `127.0.0.1`).
+    pub cluster_host: String,
+    /// Route port; `None` lets the server pick one (`-1`).
+    pub cluster_port: Option<u16>,
+    /// The other nodes' route addresses `(host, port)` (its own may be listed too:
+    /// the server ignores a route to itself).
+    pub routes: Vec<(String, u16)>,
+    /// Monitoring port, bound to 127.0.0.1 only (`Some(0)`: a random one);
+    /// `None` (the default): no monitoring listener at all.
+    pub monitoring_port: Option<u16>,
+    /// JetStream store dir; `None`: no `jetstream` block (enable it elsewhere).
+    pub store_dir: Option<PathBuf>,
+    /// The server's `max_payload`; `None`: the server's default.
+    pub max_payload: Option<u64>,
+    /// TLS for routes; `None`: plain TCP (credentials still required).
+    pub tls: Option<RouteTls>,
+}
+
+impl ClusterNodeOptions {
+    /// A node named `server_name` on 127.0.0.1, random client and route ports, no
+    /// routes yet, cluster `agentbus`, no monitoring, no JetStream block, no TLS.
+    pub fn new(server_name: impl Into<String>) -> Self {
+        Self {
+            server_name: server_name.into(),
+            host: "127.0.0.1".to_string(),
+            port: None,
+            cluster_name: "agentbus".to_string(),
+            cluster_host: "127.0.0.1".to_string(),
+            cluster_port: None,
+            routes: Vec::new(),
+            monitoring_port: None,
+            store_dir: None,
+            max_payload: None,
+            tls: None,
+        }
+    }
+}
+
+fn port_or_random(port: Option<u16>) -> String {
+    port.map_or_else(|| "-1".to_string(), |p| p.to_string())
+}
+
+/// A cluster node's config: server name, client listener, optional monitoring on
+/// 127.0.0.1, optional JetStream, and a `cluster` block whose routes authenticate
+/// with `route` (its `authorization` block, and credentials in every route URL),
+/// with TLS when [`ClusterNodeOptions::tls`] is set; `extra` is appended verbatim.
+///
+/// `extra` is where operator mode goes, composed from this module:
+/// `render_operator_snippet(&facts) + &render_resolver_block(&node_resolver_dir)`
+/// (every node its own resolver dir), or any other settings. The text holds the
+/// route password: write it 0600.
+pub fn render_cluster_node_config(
+    extra: &str,
+    node: &ClusterNodeOptions,
+    route: &RouteCredentials,
+) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "# agentbus cluster node {} (generated; holds the route password: keep it 0600).",
+        node.server_name
+    );
+    let _ = writeln!(s, "server_name: {}", quote(&node.server_name));
+    let _ = writeln!(s, "host: {}", quote(&node.host));
+    let _ = writeln!(s, "port: {}", port_or_random(node.port));
+    if let Some(p) = node.max_payload {
+        let _ = writeln!(s, "max_payload: {p}");
+    }
+    match node.monitoring_port {
+        // Loopback only: the monitoring endpoints show connections, accounts and
+        // subscriptions of every tenant.
+        Some(p) => {
+            let p = if p == 0 {
+                "-1".to_string()
+            } else {
+                p.to_string()
+            };
+            let _ = writeln!(s, "http: \"127.0.0.1:{p}\"");
+        }
+        None => {
+            let _ = writeln!(s, "# No monitoring listener.");
+        }
+    }
+    if let Some(dir) = &node.store_dir {
+        let _ = writeln!(s, "jetstream: {{\n  store_dir: {}\n}}", path_str(dir));
+    }
+    let _ = writeln!(s, "cluster: {{");
+    let _ = writeln!(s, "  name: {}", quote(&node.cluster_name));
+    let _ = writeln!(s, "  host: {}", quote(&node.cluster_host));
+    let _ = writeln!(s, "  port: {}", port_or_random(node.cluster_port));
+    for line in route.render_authorization().lines() {
+        let _ = writeln!(s, "  {line}");
+    }
+    if !node.routes.is_empty() {
+        for line in route.render_routes(&node.routes).lines() {
+            let _ = writeln!(s, "  {line}");
+        }
+    }
+    if let Some(tls) = &node.tls {
+        let _ = writeln!(s, "  tls: {{");
+        let _ = writeln!(s, "    cert_file: {}", path_str(&tls.cert_file));
+        let _ = writeln!(s, "    key_file: {}", path_str(&tls.key_file));
+        if let Some(ca) = &tls.ca_file {
+            let _ = writeln!(s, "    ca_file: {}", path_str(ca));
+        }
+        let _ = writeln!(s, "    verify: {}", tls.verify);
+        let _ = writeln!(s, "    timeout: {}", tls.timeout_secs);
+        let _ = writeln!(s, "  }}");
+    }
+    let _ = writeln!(s, "}}");
+    if !extra.is_empty() {
+        let _ = writeln!(s);
+        s.push_str(extra);
+        if !extra.ends_with('\n') {
+            s.push('\n');
+        }
+    }
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -175,11 +480,66 @@ mod tests {
             "operator: \"eyJop\"",
             "system_account: \"ASYS\"",
             "type: full",
-            "allow_delete: false",
+            "allow_delete: true",
             "\"ASYS\": \"eyJsys\"",
             "store_dir: \"/s/js\"",
         ] {
             assert!(text.contains(part), "{part} in {text}");
         }
+    }
+
+    #[test]
+    fn route_credentials() {
+        let a = RouteCredentials::generate().unwrap();
+        let b = RouteCredentials::generate().unwrap();
+        assert_ne!(a.password(), b.password());
+        assert_eq!(a.user(), DEFAULT_ROUTE_USER);
+        assert!(a.password().len() >= 43);
+        assert!(!format!("{a:?}").contains(a.password()));
+        assert_eq!(
+            a.route_url("127.0.0.1", 6222),
+            format!("nats-route://route:{}@127.0.0.1:6222", a.password())
+        );
+        for (u, p) in [
+            ("", "x"),
+            ("r", ""),
+            ("r", "a@b"),
+            ("r:x", "p"),
+            ("r", "a b"),
+        ] {
+            assert_eq!(
+                RouteCredentials::new(u, p).unwrap_err().kind(),
+                RouteCredentialsErrorKind::Invalid
+            );
+        }
+    }
+
+    #[test]
+    fn cluster_node_config_has_the_parts() {
+        let route = RouteCredentials::new("route", "pw-1").unwrap();
+        let mut node = ClusterNodeOptions::new("n1");
+        node.cluster_port = Some(6222);
+        node.routes = vec![("127.0.0.1".into(), 6223)];
+        node.tls = Some(RouteTls::new("/c.pem", "/k.pem", Some("/ca.pem".into())));
+        let text = render_cluster_node_config("operator: \"eyJ\"", &node, &route);
+        for part in [
+            "server_name: \"n1\"",
+            "port: -1",
+            "port: 6222",
+            "name: \"agentbus\"",
+            "user: \"route\"",
+            "password: \"pw-1\"",
+            "\"nats-route://route:pw-1@127.0.0.1:6223\"",
+            "cert_file: \"/c.pem\"",
+            "ca_file: \"/ca.pem\"",
+            "verify: true",
+            "operator: \"eyJ\"",
+        ] {
+            assert!(text.contains(part), "{part} in {text}");
+        }
+        assert!(!text.contains("http:"), "{text}");
+        node.monitoring_port = Some(8222);
+        let text = render_cluster_node_config("", &node, &route);
+        assert!(text.contains("http: \"127.0.0.1:8222\""), "{text}");
     }
 }

@@ -673,7 +673,7 @@ impl Dispatcher {
         subject: &str,
         body: &[u8],
     ) -> Result<TaskOutcome, DispatchError> {
-        let (_, plain) = tenant_bus::envelope::open(self.shared.ns.keys(), subject, None, body)
+        let (_, plain) = tenant_bus::envelope::open(&self.shared.ns.keys(), subject, None, body)
             .map_err(|r| Error::new(DispatchErrorKind::Corrupt, r.as_str()))?;
         TaskOutcome::decode(plain)
             .ok_or_else(|| Error::new(DispatchErrorKind::Corrupt, "undecodable outcome"))
@@ -812,7 +812,7 @@ impl DeadLetters {
                 )
             })?;
             let opened = tenant_bus::envelope::open(
-                self.dispatcher.shared.ns.keys(),
+                &self.dispatcher.shared.ns.keys(),
                 msg.subject.as_str(),
                 None,
                 &msg.payload,

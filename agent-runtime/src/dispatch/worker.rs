@@ -457,7 +457,7 @@ async fn process(ctx: &Ctx, msg: Message) {
         .unwrap_or(1);
     let subject = msg.subject.to_string();
     let (stamp, payload) = match tenant_bus::envelope::open(
-        d.shared.ns.keys(),
+        &d.shared.ns.keys(),
         &subject,
         None,
         &msg.payload,

@@ -41,7 +41,7 @@ pub use watcher::{
 /// The registry bucket's name (in the platform account).
 pub const REGISTRY_BUCKET: &str = "agentbus-tenants";
 /// How many times [`Registry::update`] retries a compare-and-set that lost a race.
-pub const MAX_CAS_ATTEMPTS: usize = 10;
+pub const MAX_CAS_ATTEMPTS: usize = 64;
 /// The longest tenant display name, in characters.
 pub const MAX_NAME_CHARS: usize = 200;
 /// The most entries in each settings collection (overrides, agent types, tools).
@@ -356,6 +356,36 @@ pub struct TenantRecord {
     pub created_at: u64,
     /// Last change, ms since the Unix epoch.
     pub updated_at: u64,
+    /// The public key of the tenant's NATS account (set by the controller).
+    #[serde(default)]
+    pub account: String,
+    /// The public key of the account's signing key, which signs its users.
+    #[serde(default)]
+    pub signing_key: String,
+    /// Key versions agents accept, ascending.
+    #[serde(default)]
+    pub key_versions: Vec<u32>,
+    /// The newest key version; agents seal with it from `key_promote_at_ms` on
+    /// (a staged rotation gives every agent time to learn it first).
+    #[serde(default)]
+    pub current_key: u32,
+    /// When `current_key` becomes the sealing key, Unix ms (0: at once).
+    #[serde(default)]
+    pub key_promote_at_ms: u64,
+    /// User revocations (user public key, or `*` while suspended, to Unix
+    /// seconds), copied into the account JWT.
+    #[serde(default)]
+    pub revocations: BTreeMap<String, i64>,
+    /// The `iat` of the last account JWT signed from this record (strictly
+    /// increasing, so every node keeps the newest).
+    #[serde(default)]
+    pub account_iat: i64,
+    /// Set while a delete is in progress (the controller resumes it on start).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub deleting: bool,
+    /// The request id of the last change (a retried request is recognised).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub last_request: String,
     /// The bucket revision this copy was read at (not stored).
     #[serde(skip)]
     pub revision: u64,
@@ -398,6 +428,49 @@ impl TenantRecord {
         self.settings.validate(self.tier).map(|_| ())
     }
 
+    /// A record with every control field empty (the controller fills them).
+    pub fn empty(id: TenantId) -> Self {
+        Self {
+            name: id.to_string(),
+            id,
+            tier: Tier::Free,
+            settings: TenantSettings::default(),
+            status: Status::Active,
+            created_at: 0,
+            updated_at: 0,
+            account: String::new(),
+            signing_key: String::new(),
+            key_versions: vec![],
+            current_key: 0,
+            key_promote_at_ms: 0,
+            revocations: BTreeMap::new(),
+            account_iat: 0,
+            deleting: false,
+            last_request: String::new(),
+            revision: 0,
+        }
+    }
+
+    /// The key version agents seal with at `now_ms` (the previous one until a
+    /// staged rotation's promotion time).
+    pub fn sealing_key_at(&self, now_ms: u64) -> u32 {
+        if now_ms >= self.key_promote_at_ms || self.key_versions.len() < 2 {
+            return self.current_key;
+        }
+        self.key_versions
+            .iter()
+            .copied()
+            .filter(|v| *v < self.current_key)
+            .max()
+            .unwrap_or(self.current_key)
+    }
+
+    /// Checks the name and settings (the controller validates before writing).
+    pub fn check(&self) -> Result<Quotas, RegistryError> {
+        self.validate()?;
+        self.settings.validate(self.tier)
+    }
+
     fn encode(&self) -> Result<Bytes, RegistryError> {
         serde_json::to_vec(self)
             .map(Bytes::from)
@@ -428,6 +501,7 @@ fn parse_id(id: &str) -> Result<TenantId, RegistryError> {
 pub struct RegistryOptions {
     bucket: String,
     history: i64,
+    replicas: usize,
 }
 
 impl Default for RegistryOptions {
@@ -435,6 +509,7 @@ impl Default for RegistryOptions {
         Self {
             bucket: REGISTRY_BUCKET.to_string(),
             history: 5,
+            replicas: 1,
         }
     }
 }
@@ -454,6 +529,13 @@ impl RegistryOptions {
     /// Revisions kept per tenant (1 to 64). Default 5.
     pub fn history(mut self, history: i64) -> Self {
         self.history = history.clamp(1, 64);
+        self
+    }
+
+    /// Replicas when the bucket is created (1 to 5). Default 1; the controller
+    /// passes the deployment's setting (3 on a cluster).
+    pub fn replicas(mut self, replicas: usize) -> Self {
+        self.replicas = replicas.clamp(1, 5);
         self
     }
 }
@@ -494,6 +576,7 @@ impl Registry {
                     history: options.history,
                     max_value_size: MAX_RECORD_BYTES,
                     storage: jetstream::stream::StorageType::File,
+                    num_replicas: options.replicas,
                     ..Default::default()
                 })
                 .await
@@ -519,14 +602,14 @@ impl Registry {
         let id = parse_id(id)?;
         let now = tenant_bus::envelope::now_ms();
         let mut record = TenantRecord {
-            id,
+            id: id.clone(),
             name: name.to_string(),
             tier,
             settings,
             status: Status::Active,
             created_at: now,
             updated_at: now,
-            revision: 0,
+            ..TenantRecord::empty(id)
         };
         record.validate()?;
         let value = record.encode()?;
@@ -541,6 +624,39 @@ impl Registry {
             )),
             Err(e) => Err(unavailable("create")(Box::new(e))),
         }
+    }
+
+    /// Stores a new, complete record (the controller's create); fails with
+    /// [`RegistryErrorKind::Duplicate`] if the id exists.
+    pub async fn create_record(&self, record: &TenantRecord) -> Result<u64, RegistryError> {
+        record.validate()?;
+        let value = record.encode()?;
+        match self.kv.create(record.id.as_str(), value).await {
+            Ok(revision) => Ok(revision),
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Err(Error::new(
+                RegistryErrorKind::Duplicate,
+                record.id.to_string(),
+            )),
+            Err(e) => Err(unavailable("create")(Box::new(e))),
+        }
+    }
+
+    /// Read, change, validate, compare-and-set, with bounded retries on a lost
+    /// race: the controller's way to change any field of a record.
+    pub async fn modify_with(
+        &self,
+        id: &TenantId,
+        change: impl Fn(&mut TenantRecord) -> Result<(), RegistryError>,
+    ) -> Result<TenantRecord, RegistryError> {
+        self.modify(id, change).await
+    }
+
+    /// Removes the record and its history (the last step of a tenant delete).
+    pub async fn purge(&self, id: &TenantId) -> Result<(), RegistryError> {
+        self.kv
+            .purge(id.as_str())
+            .await
+            .map_err(|e| unavailable("purge")(Box::new(e)))
     }
 
     /// Reads a tenant.
@@ -693,7 +809,7 @@ mod tests {
             status: Status::Active,
             created_at: 1,
             updated_at: 1,
-            revision: 0,
+            ..TenantRecord::empty(TenantId::new("acme").unwrap())
         }
     }
 

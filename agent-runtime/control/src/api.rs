@@ -1,0 +1,401 @@
+//! The controller's wire API, version 1: subjects, roles, requests, responses and
+//! error codes. Requests and responses are JSON.
+//!
+//! ```text
+//! agentbus.admin.v1.status                          read     status of the installation
+//! agentbus.admin.v1.tenants.list                    read     every tenant
+//! agentbus.admin.v1.tenant.<id>.<verb>              create | get | update | suspend |
+//!                                                   activate | delete | rotate-key
+//! agentbus.admin.v1.agent.<tenant>.<verb>           create | list | get | revoke
+//! agentbus.admin.v1.admins.<verb>                   create | list | revoke
+//! agentbus.keys.v1.<account>                        an agent's key set (service import)
+//! ```
+//!
+//! Every admin request carries the headers [`HDR_ADMIN`], [`HDR_REQUEST_ID`],
+//! [`HDR_TIME`] and [`HDR_SIG`]: an nkey signature by the admin's user key over
+//! [`signed_text`], which the controller checks against the admin's record, so the
+//! controller enforces roles itself and does not only trust the server's subject
+//! permissions. A response is `{"ok": <value>}` or `{"error": {"code", "message"}}`.
+
+use serde::{Deserialize, Serialize};
+use tenant_bus::TenantId;
+
+/// The prefix of every admin subject.
+pub const ADMIN_PREFIX: &str = "agentbus.admin.v1";
+/// The prefix of the key service subject; the importing account's key follows.
+pub const KEYS_PREFIX: &str = "agentbus.keys.v1";
+/// The queue group every controller instance serves in.
+pub const QUEUE_GROUP: &str = "agentbus-controller";
+/// The service name (NATS micro services API).
+pub const SERVICE_NAME: &str = "agentbus-controller";
+/// Header: the admin's name.
+pub const HDR_ADMIN: &str = "Agentbus-Admin";
+/// Header: the request id (idempotency key of a mutation).
+pub const HDR_REQUEST_ID: &str = "Agentbus-Request-Id";
+/// Header: the request time, Unix milliseconds.
+pub const HDR_TIME: &str = "Agentbus-Time";
+/// Header: base64url nkey signature over [`signed_text`].
+pub const HDR_SIG: &str = "Agentbus-Sig";
+/// How far a request's time may be from the controller's clock.
+pub const MAX_CLOCK_SKEW_MS: u64 = 120_000;
+/// The largest request body accepted, bytes.
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+
+/// The text an admin signs: subject, request id, time and the SHA-256 of the body,
+/// one per line.
+pub fn signed_text(subject: &str, request_id: &str, time_ms: u64, body: &[u8]) -> Vec<u8> {
+    let digest = ring::digest::digest(&ring::digest::SHA256, body);
+    let mut hex = String::with_capacity(64);
+    for b in digest.as_ref() {
+        hex.push_str(&format!("{b:02x}"));
+    }
+    format!("agentbus-admin-request/v1\n{subject}\n{request_id}\n{time_ms}\n{hex}").into_bytes()
+}
+
+/// The inbox prefix of admin `name` (its user may subscribe only below it).
+pub fn admin_inbox(name: &str) -> String {
+    format!("_INBOX.agentbus.{name}")
+}
+
+/// `agentbus.admin.v1.tenant.<id>.<verb>`.
+pub fn tenant_subject(id: &str, verb: &str) -> String {
+    format!("{ADMIN_PREFIX}.tenant.{id}.{verb}")
+}
+
+/// `agentbus.admin.v1.agent.<tenant>.<verb>`.
+pub fn agent_subject(tenant: &str, verb: &str) -> String {
+    format!("{ADMIN_PREFIX}.agent.{tenant}.{verb}")
+}
+
+/// `agentbus.admin.v1.admins.<verb>`.
+pub fn admins_subject(verb: &str) -> String {
+    format!("{ADMIN_PREFIX}.admins.{verb}")
+}
+
+/// `agentbus.keys.v1.<account>`.
+pub fn keys_subject(account: &str) -> String {
+    format!("{KEYS_PREFIX}.{account}")
+}
+
+/// An admin's role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    /// Everything.
+    PlatformAdmin,
+    /// One tenant: its agents, settings within its tier, reading it.
+    TenantAdmin,
+    /// Read only (of every tenant, or of one).
+    Viewer,
+}
+
+tenant_bus::kind_display!(Role {
+    PlatformAdmin => "platform-admin",
+    TenantAdmin => "tenant-admin",
+    Viewer => "viewer",
+});
+
+impl std::str::FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "platform-admin" => Ok(Role::PlatformAdmin),
+            "tenant-admin" => Ok(Role::TenantAdmin),
+            "viewer" => Ok(Role::Viewer),
+            other => Err(format!(
+                "unknown role {other:?} (platform-admin, tenant-admin or viewer)"
+            )),
+        }
+    }
+}
+
+/// The subjects a role may publish on (the server enforces these on the admin's
+/// NATS user; the controller checks again).
+pub fn role_publish_allow(role: Role, tenant: Option<&TenantId>) -> Vec<String> {
+    let p = ADMIN_PREFIX;
+    match (role, tenant) {
+        (Role::PlatformAdmin, _) => vec![format!("{p}.>")],
+        (Role::TenantAdmin, Some(t)) => vec![
+            format!("{p}.status"),
+            format!("{p}.tenant.{t}.get"),
+            format!("{p}.tenant.{t}.update"),
+            format!("{p}.tenant.{t}.rotate-key"),
+            format!("{p}.agent.{t}.>"),
+        ],
+        (Role::Viewer, Some(t)) => vec![
+            format!("{p}.status"),
+            format!("{p}.tenant.{t}.get"),
+            format!("{p}.agent.{t}.list"),
+            format!("{p}.agent.{t}.get"),
+        ],
+        (Role::Viewer, None) => vec![
+            format!("{p}.status"),
+            format!("{p}.tenants.list"),
+            format!("{p}.tenant.*.get"),
+            format!("{p}.agent.*.list"),
+            format!("{p}.agent.*.get"),
+            format!("{p}.admins.list"),
+        ],
+        // A tenant-admin always has a tenant (checked on create).
+        (Role::TenantAdmin, None) => vec![],
+    }
+}
+
+/// Whether `role` (scoped to `tenant`) may call `subject` (the controller's check).
+pub fn role_allows(role: Role, tenant: Option<&TenantId>, subject: &str) -> bool {
+    role_publish_allow(role, tenant)
+        .iter()
+        .any(|pattern| subject_matches(pattern, subject))
+}
+
+/// NATS subject matching (`*` one token, `>` the rest).
+pub fn subject_matches(pattern: &str, subject: &str) -> bool {
+    let mut p = pattern.split('.');
+    let mut s = subject.split('.');
+    loop {
+        match (p.next(), s.next()) {
+            (Some(">"), Some(_)) => return true,
+            (Some("*"), Some(_)) => {}
+            (Some(a), Some(b)) if a == b => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+/// A typed error code on the wire. The CLI maps each to a distinct exit code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// Bad input (ids, fields, values).
+    InvalidInput,
+    /// The tenant, agent or admin does not exist.
+    NotFound,
+    /// It exists already.
+    AlreadyExists,
+    /// Not allowed in the current state (suspended tenant, wrong transition,
+    /// setting outside the tier) or for this admin's role.
+    Refused,
+    /// Unauthenticated or not permitted.
+    Forbidden,
+    /// Concurrent writers kept winning; retry.
+    Conflict,
+    /// NATS, JetStream or the controller is unreachable: an outage, not a user error.
+    Unavailable,
+    /// A bug or corrupt state.
+    Internal,
+}
+
+tenant_bus::kind_display!(ErrorCode {
+    InvalidInput => "invalid input",
+    NotFound => "not found",
+    AlreadyExists => "already exists",
+    Refused => "refused",
+    Forbidden => "forbidden",
+    Conflict => "conflict",
+    Unavailable => "unavailable",
+    Internal => "internal error",
+});
+
+/// An error on the wire.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiError {
+    /// The code.
+    pub code: ErrorCode,
+    /// One line for a human.
+    pub message: String,
+}
+
+impl ApiError {
+    /// An error with `code` and `message`.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.code, self.message)
+    }
+}
+
+impl std::error::Error for ApiError {}
+
+/// A response envelope.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Response<T> {
+    /// Success.
+    Ok(T),
+    /// Failure.
+    Error(ApiError),
+}
+
+/// `tenant.<id>.create`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct CreateTenant {
+    /// Tier name (default free).
+    #[serde(default)]
+    pub tier: Option<String>,
+    /// Display name (default: the id).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Allowed agent types (default: `default`).
+    #[serde(default)]
+    pub agent_types: Vec<String>,
+    /// Quota overrides, field to value.
+    #[serde(default)]
+    pub quotas: std::collections::BTreeMap<String, String>,
+}
+
+/// `tenant.<id>.update`: `set` fields then `unset` fields.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct UpdateTenant {
+    /// `name`, `tier`, `allow-agent-type`, `disallow-agent-type` or a quota field.
+    #[serde(default)]
+    pub set: Vec<(String, String)>,
+    /// Quota fields whose override is removed (back to the tier's default).
+    #[serde(default)]
+    pub unset: Vec<String>,
+}
+
+/// `agent.<tenant>.create`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CreateAgent {
+    /// The agent id.
+    pub agent: String,
+    /// Its type (default `default`).
+    #[serde(default)]
+    pub agent_type: Option<String>,
+}
+
+/// `agent.<tenant>.get` and `agent.<tenant>.revoke`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AgentRef {
+    /// The agent id.
+    pub agent: String,
+}
+
+/// `admins.create`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CreateAdmin {
+    /// A slug.
+    pub name: String,
+    /// The role.
+    pub role: Role,
+    /// The tenant (required for tenant-admin, optional for viewer).
+    #[serde(default)]
+    pub tenant: Option<String>,
+}
+
+/// `admins.revoke`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AdminRef {
+    /// The admin's name.
+    pub name: String,
+}
+
+/// What `admins.create` returns: the record and the `.creds` text (shown once).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct IssuedAdmin {
+    /// The record.
+    pub admin: crate::store::AdminRecord,
+    /// The admin's `.creds` text.
+    pub creds: String,
+}
+
+/// What `agent.<tenant>.create` returns: the record and the bundle (shown once).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct IssuedAgent {
+    /// The record.
+    pub agent: crate::store::AgentRecord,
+    /// The credential bundle.
+    pub bundle: tenant_bus::CredentialBundle,
+}
+
+/// A key-service request (`agentbus.keys.v1.<account>`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct KeysRequest {
+    /// The tenant the caller belongs to (checked against the account).
+    pub tenant: String,
+}
+
+/// A key-service answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct KeysAnswer {
+    /// The key set to use now.
+    pub keys: tenant_bus::TenantKeySet,
+    /// When to ask again at the latest (a staged rotation promotes then), Unix ms.
+    pub refresh_at_ms: u64,
+}
+
+/// `status`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Status {
+    /// The server's name and version as the controller sees them.
+    pub server: String,
+    /// The URLs the installation advertises.
+    pub urls: Vec<String>,
+    /// Controller instances answering the micro-service ping.
+    pub controllers: usize,
+    /// The instance that answered.
+    pub controller_id: String,
+    /// Every bucket with its replicas.
+    pub buckets: Vec<BucketStatus>,
+    /// Tenants.
+    pub tenants: usize,
+    /// Cluster peers seen by JetStream (the meta group), if clustered.
+    pub nodes: Vec<String>,
+}
+
+/// One bucket in `status`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BucketStatus {
+    /// The bucket.
+    pub bucket: String,
+    /// Its replicas.
+    pub replicas: usize,
+    /// Entries (including history).
+    pub values: u64,
+    /// The leader node, if known.
+    #[serde(default)]
+    pub leader: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roles_scope_subjects() {
+        let acme = TenantId::new("acme").unwrap();
+        let ta = |s: &str| role_allows(Role::TenantAdmin, Some(&acme), s);
+        assert!(ta(&agent_subject("acme", "create")));
+        assert!(ta(&tenant_subject("acme", "rotate-key")));
+        assert!(!ta(&agent_subject("globex", "create")));
+        assert!(!ta(&tenant_subject("acme", "delete")));
+        assert!(!ta(&tenant_subject("acme", "suspend")));
+        assert!(!ta(&format!("{ADMIN_PREFIX}.tenants.list")));
+        let v = |s: &str| role_allows(Role::Viewer, None, s);
+        assert!(v(&tenant_subject("globex", "get")));
+        assert!(!v(&tenant_subject("globex", "update")));
+        assert!(!v(&agent_subject("globex", "create")));
+        assert!(role_allows(
+            Role::PlatformAdmin,
+            None,
+            &admins_subject("create")
+        ));
+    }
+
+    #[test]
+    fn subject_matching() {
+        assert!(subject_matches("a.>", "a.b.c"));
+        assert!(!subject_matches("a.>", "a"));
+        assert!(subject_matches("a.*.c", "a.b.c"));
+        assert!(!subject_matches("a.*.c", "a.b.d"));
+        assert!(!subject_matches("a.b", "a.b.c"));
+    }
+}

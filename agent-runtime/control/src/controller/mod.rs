@@ -1,0 +1,451 @@
+//! The controller: a stateless NATS service (the micro-services API of
+//! async-nats) in the platform account that owns every control-plane change.
+//!
+//! Any number of instances serve in one queue group; each keeps no state of its
+//! own beyond caches it can rebuild: facts live in KV ([`crate::store`]), secrets
+//! there sealed under the KEK. A mutation is compare-and-set on its record, and
+//! carries a request id so a retried request is recognised.
+//!
+//! # Order of writes, and repair
+//! Every change writes its KV record first and pushes the account JWT second. A
+//! crash (or a server outage) between the two leaves KV ahead of the server; the
+//! reconcile pass ([`Controller::reconcile`], at start and every
+//! [`ControllerConfig::reconcile_every`]) re-signs and pushes every tenant's
+//! account from its record, finishes interrupted deletes, and deletes accounts
+//! the server holds that no record names. The record is the truth; the server
+//! converges to it.
+//!
+//! # Layout
+//! - [`auth`]: request signatures and roles.
+//! - [`claims`]: pushing, listing and deleting accounts on the server.
+//! - [`handlers`]: the operations.
+
+pub mod auth;
+pub mod claims;
+pub mod handlers;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::service::ServiceExt as _;
+use futures::StreamExt as _;
+use nkeys::KeyPair;
+use tokio::sync::Semaphore;
+
+use crate::api::{self, ApiError, ErrorCode};
+use crate::error::{ControlError, ControlErrorKind};
+use crate::install::{Bootstrap, Installation};
+use crate::kek::Kek;
+use crate::store::{secret_name, Store};
+use tenant_bus::error::Error;
+
+/// How a controller instance runs.
+#[derive(Debug, Clone)]
+pub struct ControllerConfig {
+    urls: String,
+    replicas: usize,
+    rotation_grace: Duration,
+    reconcile_every: Duration,
+    max_in_flight: usize,
+    fault: Option<String>,
+}
+
+impl ControllerConfig {
+    /// Serving the servers at `urls` (comma-separated), replicas 1, defaults.
+    pub fn new(urls: impl Into<String>) -> Self {
+        Self {
+            urls: urls.into(),
+            replicas: 1,
+            rotation_grace: Duration::from_secs(30),
+            reconcile_every: Duration::from_secs(60),
+            max_in_flight: 64,
+            fault: std::env::var("AGENTBUS_FAULT").ok(),
+        }
+    }
+
+    /// Replicas of the buckets it creates (1 to 5).
+    pub fn replicas(mut self, replicas: usize) -> Self {
+        self.replicas = replicas.clamp(1, 5);
+        self
+    }
+
+    /// How long after a key rotation agents start sealing with the new version
+    /// (they accept it at once). Default 30 s: at least twice the agents' key
+    /// refresh interval.
+    pub fn rotation_grace(mut self, grace: Duration) -> Self {
+        self.rotation_grace = grace;
+        self
+    }
+
+    /// How often the reconcile pass runs. Default 60 s.
+    pub fn reconcile_every(mut self, every: Duration) -> Self {
+        self.reconcile_every = every;
+        self
+    }
+
+    /// Requests handled at once by this instance. Default 64.
+    pub fn max_in_flight(mut self, n: usize) -> Self {
+        self.max_in_flight = n.max(1);
+        self
+    }
+
+    /// Test hook: `exit-after-kv-write` makes the process exit between a
+    /// tenant's KV record and its claim push (the crash the reconcile repairs).
+    /// Also read from `AGENTBUS_FAULT`.
+    pub fn fault(mut self, fault: Option<String>) -> Self {
+        self.fault = fault;
+        self
+    }
+}
+
+/// What a controller needs: its connections, the buckets and the keys it signs with.
+pub struct Controller {
+    pub(crate) store: Store,
+    pub(crate) client: async_nats::Client,
+    pub(crate) sys: async_nats::Client,
+    pub(crate) kek: Arc<Kek>,
+    pub(crate) operator: Arc<KeyPair>,
+    pub(crate) platform_signing: Arc<KeyPair>,
+    pub(crate) platform_account: String,
+    pub(crate) system_account: String,
+    pub(crate) urls: String,
+    pub(crate) config: ControllerConfig,
+    pub(crate) id: String,
+    pub(crate) locks: handlers::Stripes,
+}
+
+impl std::fmt::Debug for Controller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Controller").field("id", &self.id).finish()
+    }
+}
+
+fn cerr(kind: ControlErrorKind, detail: impl Into<std::borrow::Cow<'static, str>>) -> ControlError {
+    Error::new(kind, detail)
+}
+
+fn from_api(e: ApiError) -> ControlError {
+    let kind = match e.code {
+        ErrorCode::Unavailable => ControlErrorKind::Connect,
+        _ => ControlErrorKind::InvalidState,
+    };
+    cerr(kind, e.message)
+}
+
+/// Connects to `urls` with `creds`, naming the connection.
+pub async fn connect(
+    urls: &str,
+    creds: &str,
+    name: &str,
+) -> Result<async_nats::Client, ControlError> {
+    let addrs = crate::parse_urls(urls)?;
+    async_nats::ConnectOptions::with_credentials(creds)
+        .map_err(|e| {
+            Error::with_source(
+                ControlErrorKind::InvalidState,
+                format!("{name} credentials"),
+                e,
+            )
+        })?
+        .name(name)
+        .connection_timeout(Duration::from_secs(5))
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .connect(addrs)
+        .await
+        .map_err(|e| Error::with_source(ControlErrorKind::Connect, urls.to_string(), e))
+}
+
+fn seed_key(bytes: Vec<u8>, name: &str) -> Result<KeyPair, ControlError> {
+    let text = String::from_utf8(bytes).map_err(|_| {
+        cerr(
+            ControlErrorKind::InvalidState,
+            format!("secret {name} is not text"),
+        )
+    })?;
+    KeyPair::from_seed(text.trim()).map_err(|e| {
+        Error::with_source(ControlErrorKind::InvalidState, format!("secret {name}"), e)
+    })
+}
+
+impl Controller {
+    /// Connects as the installation's controller and system users, opens the
+    /// buckets, stores the bootstrap secrets if this is the first start, and loads
+    /// the signing keys. Does not serve yet ([`Controller::serve`]).
+    pub async fn connect(
+        install: &Installation,
+        config: ControllerConfig,
+    ) -> Result<Arc<Self>, ControlError> {
+        let kek = Arc::new(install.kek()?);
+        let client = connect(
+            &config.urls,
+            &install.creds("controller.creds")?,
+            "agentbus-controller",
+        )
+        .await?;
+        let sys = connect(
+            &config.urls,
+            &install.creds("sys.creds")?,
+            "agentbus-controller-sys",
+        )
+        .await?;
+        let store = Store::open(client.clone(), config.replicas)
+            .await
+            .map_err(from_api)?;
+        let bootstrap_path = install.path("bootstrap.sealed");
+        if bootstrap_path.is_file() {
+            let sealed = std::fs::read(&bootstrap_path)
+                .map_err(|e| crate::error::io_err("reading", &bootstrap_path, e))?;
+            let plain = kek.open("bootstrap", &sealed)?;
+            let boot: Bootstrap = serde_json::from_slice(&plain)
+                .map_err(|e| Error::with_source(ControlErrorKind::InvalidState, "bootstrap", e))?;
+            for (name, seed) in &boot.secrets {
+                store
+                    .put_secret_if_absent(&kek, name, seed.as_bytes())
+                    .await
+                    .map_err(from_api)?;
+            }
+            store.create_admin(&boot.admin).await.map_err(from_api)?;
+            // Stored in NATS: the local copy goes.
+            std::fs::remove_file(&bootstrap_path)
+                .map_err(|e| crate::error::io_err("removing", &bootstrap_path, e))?;
+        }
+        let load = |name: &'static str| {
+            let store = store.clone();
+            let kek = kek.clone();
+            async move {
+                let bytes = store.secret(&kek, name).await.map_err(from_api)?.ok_or_else(|| {
+                    cerr(
+                        ControlErrorKind::NotInitialized,
+                        format!("secret {name} is not in the secrets bucket (was the first controller started with bootstrap.sealed?)"),
+                    )
+                })?;
+                seed_key(bytes, name)
+            }
+        };
+        let operator = load(secret_name::OPERATOR).await?;
+        let platform_signing = load(secret_name::PLATFORM_SIGNING).await?;
+        if operator.public_key() != install.facts().operator {
+            return Err(cerr(
+                ControlErrorKind::InvalidState,
+                "the operator seed in NATS does not match install.json (another installation's KEK or server?)",
+            ));
+        }
+        let id = format!("{:016x}", rand_u64());
+        Ok(Arc::new(Self {
+            store,
+            client,
+            sys,
+            kek,
+            operator: Arc::new(operator),
+            platform_signing: Arc::new(platform_signing),
+            platform_account: install.facts().platform_account.clone(),
+            system_account: install.facts().system_account.clone(),
+            urls: install.url_list(),
+            config,
+            id,
+            locks: handlers::Stripes::new(),
+        }))
+    }
+
+    /// The buckets.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Reconciles, then serves until the connection closes or `shutdown` fires;
+    /// reconciles again every [`ControllerConfig::reconcile_every`].
+    pub async fn serve(self: Arc<Self>, shutdown: shutdown::Shutdown) -> Result<(), ControlError> {
+        if let Err(e) = self.reconcile().await {
+            tracing::warn!(error = %e, "reconcile at start failed; retrying on schedule");
+        }
+        let service = self
+            .client
+            .service_builder()
+            .description("agentbus control plane")
+            .queue_group(api::QUEUE_GROUP)
+            .start(api::SERVICE_NAME, env!("CARGO_PKG_VERSION"))
+            .await
+            .map_err(|e| {
+                Error::with_source(ControlErrorKind::Connect, "starting the service", e)
+            })?;
+        let mut endpoints = Vec::new();
+        for (name, subject) in [
+            ("status", format!("{}.status", api::ADMIN_PREFIX)),
+            ("tenants", format!("{}.tenants.*", api::ADMIN_PREFIX)),
+            ("tenant", format!("{}.tenant.*.*", api::ADMIN_PREFIX)),
+            ("agent", format!("{}.agent.*.*", api::ADMIN_PREFIX)),
+            ("admins", format!("{}.admins.*", api::ADMIN_PREFIX)),
+            ("keys", format!("{}.*", api::KEYS_PREFIX)),
+        ] {
+            let endpoint = service
+                .endpoint_builder()
+                .name(name)
+                .add(subject)
+                .await
+                .map_err(|e| {
+                    Error::with_source(ControlErrorKind::Connect, "adding an endpoint", e)
+                })?;
+            endpoints.push(endpoint);
+        }
+        let limit = Arc::new(Semaphore::new(self.config.max_in_flight));
+        let mut merged = futures::stream::select_all(endpoints);
+        let mut tick = tokio::time::interval(self.config.reconcile_every);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                _ = shutdown.wait() => break,
+                _ = tick.tick() => {
+                    let me = self.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = me.reconcile().await {
+                            tracing::warn!(error = %e, "reconcile failed");
+                        }
+                    });
+                }
+                next = merged.next() => {
+                    let Some(request) = next else { break };
+                    let Ok(permit) = limit.clone().acquire_owned().await else { break };
+                    let me = self.clone();
+                    tokio::spawn(async move {
+                        me.handle(request).await;
+                        drop(permit);
+                    });
+                }
+            }
+        }
+        let _ = service.stop().await;
+        Ok(())
+    }
+
+    async fn handle(&self, request: async_nats::service::Request) {
+        let subject = request.message.subject.to_string();
+        let reply_ok = request
+            .message
+            .reply
+            .as_ref()
+            .is_some_and(|r| r.as_str().starts_with("_INBOX."));
+        if !reply_ok {
+            // Never answer onto a subject of our own choosing by the caller's wish.
+            tracing::warn!(%subject, "request without an _INBOX reply subject ignored");
+            return;
+        }
+        let body = if request.message.payload.len() > api::MAX_REQUEST_BYTES {
+            Err(ApiError::new(ErrorCode::InvalidInput, "request too large"))
+        } else if subject.starts_with(api::KEYS_PREFIX) {
+            self.keys(&subject, &request.message.payload).await
+        } else {
+            match auth::authenticate(&self.store, &request.message).await {
+                Ok(caller) => {
+                    self.dispatch(&caller, &subject, &request.message.payload)
+                        .await
+                }
+                Err(e) => Err(e),
+            }
+        };
+        let bytes = match body {
+            Ok(value) => serde_json::to_vec(&api::Response::Ok(value)),
+            Err(e) => serde_json::to_vec(&api::Response::<serde_json::Value>::Error(e)),
+        };
+        let bytes = bytes.unwrap_or_else(|_| {
+            b"{\"error\":{\"code\":\"internal\",\"message\":\"encoding\"}}".to_vec()
+        });
+        if let Err(e) = request.respond(Ok(bytes.into())).await {
+            tracing::warn!(error = %e, %subject, "could not answer a request");
+        }
+    }
+
+    /// Brings the server in line with the records: finishes interrupted deletes,
+    /// pushes every tenant's account, and deletes accounts no record names.
+    /// Returns how many accounts were pushed.
+    pub async fn reconcile(&self) -> Result<usize, ControlError> {
+        let tenants = self
+            .store
+            .registry
+            .list()
+            .await
+            .map_err(|e| cerr(ControlErrorKind::Connect, e.to_string()))?;
+        let mut pushed = 0;
+        let mut known = std::collections::BTreeSet::new();
+        known.insert(self.system_account.clone());
+        known.insert(self.platform_account.clone());
+        for record in tenants {
+            if record.account.is_empty() {
+                continue;
+            }
+            known.insert(record.account.clone());
+            if record.deleting {
+                if let Err(e) = self.finish_delete(&record).await {
+                    tracing::warn!(tenant = %record.id, error = %e, "resuming a delete failed");
+                }
+                continue;
+            }
+            let jwt = claims::tenant_jwt(&self.operator, &record, &self.platform_account)
+                .map_err(from_api)?;
+            claims::push(&self.sys, &jwt).await.map_err(from_api)?;
+            pushed += 1;
+        }
+        let on_server = claims::list(&self.sys).await.map_err(from_api)?;
+        let orphans: Vec<String> = on_server
+            .into_iter()
+            .filter(|a| !known.contains(a))
+            .collect();
+        if !orphans.is_empty() {
+            tracing::info!(
+                count = orphans.len(),
+                "deleting accounts no tenant record names"
+            );
+            claims::delete(&self.sys, &self.operator, orphans)
+                .await
+                .map_err(from_api)?;
+        }
+        Ok(pushed)
+    }
+}
+
+/// A random u64 (ids of instances and requests).
+pub fn rand_u64() -> u64 {
+    use ring::rand::SecureRandom as _;
+    let mut b = [0u8; 8];
+    let _ = ring::rand::SystemRandom::new().fill(&mut b);
+    u64::from_le_bytes(b)
+}
+
+/// A one-shot shutdown signal shared by the tasks of one controller.
+pub mod shutdown {
+    use std::sync::Arc;
+    use tokio::sync::watch;
+
+    /// Fires once; every clone sees it.
+    #[derive(Debug, Clone)]
+    pub struct Shutdown {
+        rx: watch::Receiver<bool>,
+        tx: Arc<watch::Sender<bool>>,
+    }
+
+    impl Default for Shutdown {
+        fn default() -> Self {
+            Self::new()
+        }
+    }
+
+    impl Shutdown {
+        /// Not fired.
+        pub fn new() -> Self {
+            let (tx, rx) = watch::channel(false);
+            Self {
+                rx,
+                tx: Arc::new(tx),
+            }
+        }
+        /// Fires it.
+        pub fn fire(&self) {
+            let _ = self.tx.send(true);
+        }
+        /// Waits until fired.
+        pub async fn wait(&self) {
+            let mut rx = self.rx.clone();
+            let _ = rx.wait_for(|v| *v).await;
+        }
+    }
+}

@@ -1,0 +1,455 @@
+//! Where the control plane's facts live: JetStream KV buckets of the platform
+//! account, one source of truth per fact.
+//!
+//! | bucket | key | value |
+//! |---|---|---|
+//! | [`REGISTRY_BUCKET`] | `<tenant>` | [`TenantRecord`]: tier, settings, status, account, key versions, revocations |
+//! | [`AGENTS_BUCKET`] | `<tenant>.<agent>` | [`AgentRecord`]: type, user public key, issued, revoked |
+//! | [`ADMINS_BUCKET`] | `<name>` | [`AdminRecord`]: role, tenant, user public key, created, revoked |
+//! | [`SECRETS_BUCKET`] | see [`secret_name`] | a seed or key root sealed under the KEK ([`crate::kek`]) |
+//!
+//! Every bucket is created with the deployment's replica count (1 on one node, 3
+//! on a cluster). Creations use `kv.create` (one winner per key, across every
+//! controller instance); changes are compare-and-set on the entry's revision.
+
+use async_nats::jetstream::{self, kv};
+use bytes::Bytes;
+use futures::StreamExt as _;
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use tenant_bus::{AgentId, TenantId};
+
+use crate::api::{ApiError, ErrorCode, Role};
+use crate::kek::Kek;
+pub use crate::registry::{Registry, RegistryOptions, TenantRecord, REGISTRY_BUCKET};
+
+/// Issued agents.
+pub const AGENTS_BUCKET: &str = "agentbus-agents";
+/// Admin identities.
+pub const ADMINS_BUCKET: &str = "agentbus-admins";
+/// Sealed secrets.
+pub const SECRETS_BUCKET: &str = "agentbus-secrets";
+/// Every bucket the controller owns (for `status`).
+pub const BUCKETS: [&str; 4] = [
+    REGISTRY_BUCKET,
+    AGENTS_BUCKET,
+    ADMINS_BUCKET,
+    SECRETS_BUCKET,
+];
+/// How many compare-and-set attempts a change makes before [`ErrorCode::Conflict`].
+pub const CAS_ATTEMPTS: usize = 64;
+
+/// The name of a secret in [`SECRETS_BUCKET`] (also its AAD).
+pub mod secret_name {
+    /// The operator's seed.
+    pub const OPERATOR: &str = "operator";
+    /// The platform account's identity seed.
+    pub const PLATFORM_ACCOUNT: &str = "platform.account";
+    /// The platform account's signing seed (signs admins and controllers).
+    pub const PLATFORM_SIGNING: &str = "platform.signing";
+    /// The system account's identity seed.
+    pub const SYSTEM_ACCOUNT: &str = "system.account";
+
+    /// A tenant's account identity seed.
+    pub fn tenant_account(tenant: &str) -> String {
+        format!("tenant.{tenant}.account")
+    }
+    /// A tenant's account signing seed (signs its agents).
+    pub fn tenant_signing(tenant: &str) -> String {
+        format!("tenant.{tenant}.signing")
+    }
+    /// A tenant's key root (its message keys derive from it; destroyed on delete).
+    pub fn tenant_key_root(tenant: &str) -> String {
+        format!("tenant.{tenant}.keyroot")
+    }
+}
+
+/// An issued agent, stored under `<tenant>.<agent>` in [`AGENTS_BUCKET`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentRecord {
+    /// The tenant.
+    pub tenant: TenantId,
+    /// The agent.
+    pub agent: AgentId,
+    /// The agent type.
+    pub agent_type: String,
+    /// The public key of the agent's NATS user.
+    pub user: String,
+    /// When its credentials were issued, Unix seconds.
+    pub issued_at: i64,
+    /// When it was revoked, Unix seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_at: Option<i64>,
+    /// The request id that issued it (a retried request is recognised).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub request: String,
+}
+
+/// An admin identity, stored under its name in [`ADMINS_BUCKET`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdminRecord {
+    /// The admin's name (a slug).
+    pub name: String,
+    /// The role.
+    pub role: Role,
+    /// The tenant of a tenant-admin or tenant viewer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<TenantId>,
+    /// The public key of the admin's NATS user (it signs requests).
+    pub user: String,
+    /// When it was created, Unix seconds.
+    pub created_at: i64,
+    /// When it was revoked, Unix seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_at: Option<i64>,
+}
+
+/// An infrastructure failure as an API error ([`ErrorCode::Unavailable`]).
+pub fn unavailable(what: &str, e: impl std::fmt::Display) -> ApiError {
+    ApiError::new(ErrorCode::Unavailable, format!("{what}: {e}"))
+}
+
+fn corrupt(what: &str, e: impl std::fmt::Display) -> ApiError {
+    ApiError::new(
+        ErrorCode::Internal,
+        format!("stored {what} is corrupt: {e}"),
+    )
+}
+
+/// The controller's buckets. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    js: jetstream::Context,
+    /// The tenant registry.
+    pub registry: Registry,
+    agents: kv::Store,
+    admins: kv::Store,
+    secrets: kv::Store,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Store")
+    }
+}
+
+async fn open_bucket(
+    js: &jetstream::Context,
+    bucket: &str,
+    description: &str,
+    replicas: usize,
+    history: i64,
+) -> Result<kv::Store, ApiError> {
+    match js.get_key_value(bucket).await {
+        Ok(kv) => Ok(kv),
+        Err(_) => js
+            .create_key_value(kv::Config {
+                bucket: bucket.to_string(),
+                description: description.to_string(),
+                history,
+                max_value_size: 64 * 1024,
+                storage: jetstream::stream::StorageType::File,
+                num_replicas: replicas,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| unavailable(&format!("creating bucket {bucket}"), e)),
+    }
+}
+
+impl Store {
+    /// Opens (creating if missing, with `replicas`) every bucket, as a user of the
+    /// platform account.
+    pub async fn open(client: async_nats::Client, replicas: usize) -> Result<Self, ApiError> {
+        let js = jetstream::new(client.clone());
+        let registry = Registry::open_with(client, RegistryOptions::new().replicas(replicas))
+            .await
+            .map_err(|e| unavailable("opening the tenant registry", e))?;
+        let agents = open_bucket(&js, AGENTS_BUCKET, "agentbus issued agents", replicas, 5).await?;
+        let admins = open_bucket(&js, ADMINS_BUCKET, "agentbus admins", replicas, 5).await?;
+        let secrets = open_bucket(
+            &js,
+            SECRETS_BUCKET,
+            "agentbus secrets, sealed under the controllers' KEK",
+            replicas,
+            1,
+        )
+        .await?;
+        Ok(Self {
+            js,
+            registry,
+            agents,
+            admins,
+            secrets,
+        })
+    }
+
+    /// The JetStream context.
+    pub fn jetstream(&self) -> &jetstream::Context {
+        &self.js
+    }
+
+    // ----- secrets ------------------------------------------------------------------
+
+    /// Stores a secret sealed under `kek`, only if absent (`Ok(false)` if it exists).
+    pub async fn put_secret_if_absent(
+        &self,
+        kek: &Kek,
+        name: &str,
+        plaintext: &[u8],
+    ) -> Result<bool, ApiError> {
+        let sealed = kek
+            .seal(name, plaintext)
+            .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?;
+        match self.secrets.create(name, Bytes::from(sealed)).await {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(false),
+            Err(e) => Err(unavailable("storing a secret", e)),
+        }
+    }
+
+    /// Reads and opens a secret; `Ok(None)` if absent.
+    pub async fn secret(&self, kek: &Kek, name: &str) -> Result<Option<Vec<u8>>, ApiError> {
+        let Some(sealed) = self
+            .secrets
+            .get(name)
+            .await
+            .map_err(|e| unavailable("reading a secret", e))?
+        else {
+            return Ok(None);
+        };
+        kek.open(name, &sealed)
+            .map(Some)
+            .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))
+    }
+
+    /// Destroys a secret and its history.
+    pub async fn purge_secret(&self, name: &str) -> Result<(), ApiError> {
+        self.secrets
+            .purge(name)
+            .await
+            .map_err(|e| unavailable("destroying a secret", e))
+    }
+
+    // ----- agents -------------------------------------------------------------------
+
+    fn agent_key(tenant: &TenantId, agent: &AgentId) -> String {
+        format!("{tenant}.{agent}")
+    }
+
+    /// One agent record with its revision.
+    pub async fn agent(
+        &self,
+        tenant: &TenantId,
+        agent: &AgentId,
+    ) -> Result<Option<(AgentRecord, u64)>, ApiError> {
+        get_json(&self.agents, &Self::agent_key(tenant, agent), "agent").await
+    }
+
+    /// Creates an agent record; `Ok(None)` if one exists under the key.
+    pub async fn create_agent(&self, record: &AgentRecord) -> Result<Option<u64>, ApiError> {
+        create_json(
+            &self.agents,
+            &Self::agent_key(&record.tenant, &record.agent),
+            record,
+        )
+        .await
+    }
+
+    /// Replaces an agent record if it is still at `revision`; `Ok(None)` if not.
+    pub async fn update_agent(
+        &self,
+        record: &AgentRecord,
+        revision: u64,
+    ) -> Result<Option<u64>, ApiError> {
+        update_json(
+            &self.agents,
+            &Self::agent_key(&record.tenant, &record.agent),
+            record,
+            revision,
+        )
+        .await
+    }
+
+    /// Every agent of `tenant`, by id.
+    pub async fn agents(&self, tenant: &TenantId) -> Result<Vec<AgentRecord>, ApiError> {
+        let filter = format!("$KV.{AGENTS_BUCKET}.{tenant}.*");
+        let mut out: Vec<AgentRecord> = list_json(&self.js, AGENTS_BUCKET, &filter).await?;
+        out.sort_by(|a, b| a.agent.cmp(&b.agent));
+        Ok(out)
+    }
+
+    /// Removes every agent record of `tenant`.
+    pub async fn purge_agents(&self, tenant: &TenantId) -> Result<(), ApiError> {
+        for a in self.agents(tenant).await? {
+            self.agents
+                .purge(Self::agent_key(tenant, &a.agent))
+                .await
+                .map_err(|e| unavailable("purging an agent", e))?;
+        }
+        Ok(())
+    }
+
+    // ----- admins -------------------------------------------------------------------
+
+    /// One admin record with its revision.
+    pub async fn admin(&self, name: &str) -> Result<Option<(AdminRecord, u64)>, ApiError> {
+        get_json(&self.admins, name, "admin").await
+    }
+
+    /// Creates an admin record; `Ok(None)` if the name exists.
+    pub async fn create_admin(&self, record: &AdminRecord) -> Result<Option<u64>, ApiError> {
+        create_json(&self.admins, &record.name, record).await
+    }
+
+    /// Replaces an admin record if it is still at `revision`.
+    pub async fn update_admin(
+        &self,
+        record: &AdminRecord,
+        revision: u64,
+    ) -> Result<Option<u64>, ApiError> {
+        update_json(&self.admins, &record.name, record, revision).await
+    }
+
+    /// Every admin, by name.
+    pub async fn admins(&self) -> Result<Vec<AdminRecord>, ApiError> {
+        let filter = format!("$KV.{ADMINS_BUCKET}.>");
+        let mut out: Vec<AdminRecord> = list_json(&self.js, ADMINS_BUCKET, &filter).await?;
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+}
+
+async fn get_json<T: DeserializeOwned>(
+    kv: &kv::Store,
+    key: &str,
+    what: &str,
+) -> Result<Option<(T, u64)>, ApiError> {
+    let entry = kv
+        .entry(key)
+        .await
+        .map_err(|e| unavailable(&format!("reading {what}"), e))?;
+    match entry {
+        Some(e) if e.operation == kv::Operation::Put => {
+            let value = serde_json::from_slice(&e.value).map_err(|err| corrupt(what, err))?;
+            Ok(Some((value, e.revision)))
+        }
+        _ => Ok(None),
+    }
+}
+
+async fn create_json<T: Serialize>(
+    kv: &kv::Store,
+    key: &str,
+    value: &T,
+) -> Result<Option<u64>, ApiError> {
+    let bytes = serde_json::to_vec(value).map_err(|e| corrupt("record", e))?;
+    match kv.create(key, Bytes::from(bytes)).await {
+        Ok(rev) => Ok(Some(rev)),
+        Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(None),
+        Err(e) => Err(unavailable("creating a record", e)),
+    }
+}
+
+async fn update_json<T: Serialize>(
+    kv: &kv::Store,
+    key: &str,
+    value: &T,
+    revision: u64,
+) -> Result<Option<u64>, ApiError> {
+    let bytes = serde_json::to_vec(value).map_err(|e| corrupt("record", e))?;
+    match kv.update(key, Bytes::from(bytes), revision).await {
+        Ok(rev) => Ok(Some(rev)),
+        Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(None),
+        Err(e) => Err(unavailable("updating a record", e)),
+    }
+}
+
+/// The latest value of every key matching `filter` in `bucket`: an ordered
+/// consumer delivering the last message per subject, read until nothing is
+/// pending. Deleted and purged keys are skipped.
+async fn list_json<T: DeserializeOwned>(
+    js: &jetstream::Context,
+    bucket: &str,
+    filter: &str,
+) -> Result<Vec<T>, ApiError> {
+    use jetstream::consumer::{push::OrderedConfig, DeliverPolicy};
+    let stream = js
+        .get_stream(format!("KV_{bucket}"))
+        .await
+        .map_err(|e| unavailable("listing", e))?;
+    let mut consumer = stream
+        .create_consumer(OrderedConfig {
+            filter_subject: filter.to_string(),
+            deliver_policy: DeliverPolicy::LastPerSubject,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| unavailable("listing", e))?;
+    let mut out = Vec::new();
+    let pending = consumer
+        .info()
+        .await
+        .map_err(|e| unavailable("listing", e))?
+        .num_pending;
+    if pending == 0 {
+        return Ok(out);
+    }
+    let mut messages = consumer
+        .messages()
+        .await
+        .map_err(|e| unavailable("listing", e))?;
+    // Bounded: at most `pending` plus what arrives meanwhile, each within 5 s.
+    loop {
+        let next = tokio::time::timeout(std::time::Duration::from_secs(5), messages.next())
+            .await
+            .map_err(|_| unavailable("listing", "timed out"))?;
+        let Some(msg) = next else { break };
+        let msg = msg.map_err(|e| unavailable("listing", e))?;
+        let op = msg
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("KV-Operation"))
+            .map(|v| v.as_str().to_string());
+        let left = msg.info().map(|i| i.pending).unwrap_or(0);
+        if op.is_none() && !msg.payload.is_empty() {
+            match serde_json::from_slice(&msg.payload) {
+                Ok(v) => out.push(v),
+                Err(e) => {
+                    tracing::warn!(subject = %msg.subject, error = %e, "skipping a corrupt record")
+                }
+            }
+        }
+        if left == 0 {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+/// Maps a registry error onto the wire.
+pub fn registry_error(e: crate::registry::RegistryError) -> ApiError {
+    use crate::registry::RegistryErrorKind as K;
+    let code = match e.kind() {
+        K::InvalidId | K::InvalidRecord => ErrorCode::InvalidInput,
+        K::Duplicate => ErrorCode::AlreadyExists,
+        K::NotFound => ErrorCode::NotFound,
+        K::Conflict => ErrorCode::Conflict,
+        K::Unavailable => ErrorCode::Unavailable,
+        _ => ErrorCode::Internal,
+    };
+    ApiError::new(code, crate::one_line(&e.to_string()))
+}
+
+/// Maps a control error onto the wire.
+pub fn control_error(e: crate::error::ControlError) -> ApiError {
+    use crate::error::ControlErrorKind as K;
+    let code = match e.kind() {
+        K::InvalidId | K::InvalidUrl => ErrorCode::InvalidInput,
+        K::DuplicateTenant | K::DuplicateAgent => ErrorCode::AlreadyExists,
+        K::UnknownTenant | K::UnknownAgent => ErrorCode::NotFound,
+        K::TenantSuspended | K::InvalidTransition => ErrorCode::Refused,
+        K::Connect | K::Push => ErrorCode::Unavailable,
+        _ => ErrorCode::Internal,
+    };
+    ApiError::new(code, crate::one_line(&e.to_string()))
+}
