@@ -262,9 +262,15 @@ pub fn tenant_account_jwt(
     platform_account: &str,
     iat: i64,
 ) -> Result<String, ControlError> {
-    let suspended = record.status == Status::Suspended || record.deleting;
+    let suspended = record.status == Status::Suspended && !record.deleting;
+    let mut limits = tenant_limits(&record.quotas(), suspended);
+    if record.deleting {
+        // Every user is revoked (`*`); one connection stays for the controller's
+        // clean-up user, issued after the revocation.
+        limits.conn = 1;
+    }
     let mut nats = account_nats(
-        tenant_limits(&record.quotas(), suspended),
+        limits,
         record.revocations.clone(),
         vec![
             format!("tenant:{}", record.id),

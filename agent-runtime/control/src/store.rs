@@ -372,7 +372,7 @@ async fn list_json<T: DeserializeOwned>(
     bucket: &str,
     filter: &str,
 ) -> Result<Vec<T>, ApiError> {
-    use jetstream::consumer::{push::OrderedConfig, DeliverPolicy};
+    use jetstream::consumer::{pull::OrderedConfig, DeliverPolicy};
     let stream = js
         .get_stream(format!("KV_{bucket}"))
         .await

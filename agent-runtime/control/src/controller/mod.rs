@@ -149,7 +149,6 @@ pub async fn connect(
         })?
         .name(name)
         .connection_timeout(Duration::from_secs(5))
-        .retry_on_initial_connect()
         .max_reconnects(None)
         .connect(addrs)
         .await
@@ -320,14 +319,14 @@ impl Controller {
 
     async fn handle(&self, request: async_nats::service::Request) {
         let subject = request.message.subject.to_string();
-        let reply_ok = request
-            .message
-            .reply
-            .as_ref()
-            .is_some_and(|r| r.as_str().starts_with("_INBOX."));
+        let reply_ok =
+            request.message.reply.as_ref().is_some_and(|r| {
+                r.as_str().starts_with("_INBOX.") || r.as_str().starts_with("_R_.")
+            });
         if !reply_ok {
-            // Never answer onto a subject of our own choosing by the caller's wish.
-            tracing::warn!(%subject, "request without an _INBOX reply subject ignored");
+            // Never answer onto a subject of the caller's choosing: only inboxes
+            // (`_INBOX.`) and service-import reply subjects (`_R_.`).
+            tracing::warn!(%subject, "request without an inbox reply subject ignored");
             return;
         }
         let body = if request.message.payload.len() > api::MAX_REQUEST_BYTES {
