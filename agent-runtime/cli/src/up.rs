@@ -154,8 +154,10 @@ impl Servers {
 /// Runs `agentbus up`.
 pub async fn run(args: UpArgs) -> Result<(), Failure> {
     let state = args.state.as_path();
-    let _lock = lock(state)?;
+    // Creating is atomic (built aside, renamed into place), so it comes first; the
+    // lock file then lives inside the installation.
     let (mut install, created) = Installation::open_or_init(state)?;
+    let _lock = lock(state)?;
     if created {
         eprintln!(
             "agentbus: created operator, accounts and KEK in {}",

@@ -2,12 +2,12 @@
 
 // Test code: a failed set-up step should abort the test with its message.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
-//! `agentbus up` starts: every command's happy path and its bad-input paths.
-//! Each bad input must exit non-zero with one line on stderr and leave the state
-//! unchanged (checked by comparing every state file before and after).
+//! `agentbus up` starts: admin commands through the embedded controller, their
+//! `-o json` output, every documented exit code, concurrent creates, and a second
+//! `up` refused.
 
 use std::io::{BufRead as _, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -15,7 +15,6 @@ const BIN: &str = env!("CARGO_BIN_EXE_agentbus");
 
 struct Up {
     child: Child,
-    url: String,
 }
 
 impl Drop for Up {
@@ -39,7 +38,7 @@ impl Drop for Up {
 
 fn up(state: &Path) -> Up {
     let mut child = Command::new(BIN)
-        .args(["--state", state.to_str().unwrap(), "up", "--port", "0"])
+        .args(["up", "--state", state.to_str().unwrap(), "--port", "0"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -52,324 +51,212 @@ fn up(state: &Path) -> Up {
         .expect("read url");
     let url = line.trim().to_string();
     assert!(url.starts_with("nats://127.0.0.1:"), "url line: {url:?}");
-    Up { child, url }
+    Up { child }
 }
 
+/// `agentbus <group> --state S <rest...>`: admin commands find the local
+/// installation's URL and admin creds through `--state`.
 fn run(state: &Path, args: &[&str]) -> Output {
-    Command::new(BIN)
-        .arg("--state")
-        .arg(state)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run agentbus")
+    let mut cmd = Command::new(BIN);
+    cmd.args(args).arg("--state").arg(state);
+    cmd.stdin(Stdio::null()).output().expect("run agentbus")
 }
 
 fn ok(state: &Path, args: &[&str]) -> String {
     let out = run(state, args);
     assert!(
         out.status.success(),
-        "agentbus {args:?} failed: {}",
+        "{args:?} failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    String::from_utf8_lossy(&out.stdout).to_string()
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// Asserts failure with exactly one stderr line containing `needle`.
-fn fails(state: &Path, args: &[&str], needle: &str) {
+fn json(state: &Path, args: &[&str]) -> serde_json::Value {
+    let mut all = args.to_vec();
+    all.extend(["-o", "json"]);
+    let text = ok(state, &all);
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{args:?}: not JSON ({e}): {text}"))
+}
+
+/// Fails with exit `code` and one line on stderr containing `needle`.
+fn fails(state: &Path, args: &[&str], code: i32, needle: &str) {
     let out = run(state, args);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "agentbus {args:?} should fail");
-    assert_eq!(
-        err.trim_end().lines().count(),
-        1,
-        "one stderr line for {args:?}: {err}"
-    );
-    assert!(
-        err.contains(needle),
-        "agentbus {args:?}: {err:?} lacks {needle:?}"
-    );
-}
-
-/// Every file under `dir` with its contents, for before/after comparisons.
-fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            let p = e.path();
-            // The running server's own files change on their own.
-            if p.starts_with(dir.join("server")) || p.starts_with(dir.join("jetstream")) {
-                continue;
-            }
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                out.push((p.clone(), std::fs::read(&p).unwrap_or_default()));
-            }
-        }
-    }
-    out.sort();
-    out
+    assert_eq!(out.status.code(), Some(code), "{args:?}: {err}");
+    assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
+    assert!(err.contains(needle), "{args:?}: {err:?} lacks {needle:?}");
 }
 
 #[test]
-fn cli_commands_happy_and_bad_paths() {
+fn admin_commands_json_exit_codes_and_a_second_up() {
     let tmp = tempfile::tempdir().unwrap();
     let state = tmp.path().join("state");
-    let files = tmp.path();
-
-    // Without state, every command says so.
-    fails(&state, &["tenant", "list"], "no agentbus state");
-    fails(
-        &state,
-        &["agent", "revoke", "acme", "x"],
-        "no agentbus state",
-    );
-
     let server = up(&state);
 
-    // tenant create / list / get / update
-    let created = ok(
+    // A second `up` on the same state is refused and changes nothing.
+    let before = std::fs::read(state.join("install.json")).unwrap();
+    let second = Command::new(BIN)
+        .args(["up", "--state", state.to_str().unwrap(), "--port", "0"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(
+        second.status.code(),
+        Some(5),
+        "{}",
+        String::from_utf8_lossy(&second.stderr)
+    );
+    assert!(String::from_utf8_lossy(&second.stderr).contains("another `agentbus up`"));
+    assert_eq!(std::fs::read(state.join("install.json")).unwrap(), before);
+
+    let t = json(&state, &["tenant", "create", "acme", "--tier", "pro"]);
+    assert_eq!(t["id"], "acme");
+    assert_eq!(t["tier"], "pro");
+    assert!(t["account"].as_str().unwrap().starts_with('A'));
+    let list = json(&state, &["tenant", "list"]);
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    let got = json(&state, &["tenant", "get", "acme"]);
+    assert_eq!(got["quotas"]["max_agents"], 50);
+    let upd = json(
+        &state,
+        &["tenant", "update", "acme", "--set", "max_agents=7"],
+    );
+    assert_eq!(upd["quotas"]["max_agents"], 7);
+    let back = json(
+        &state,
+        &["tenant", "update", "acme", "--unset", "max_agents"],
+    );
+    assert_eq!(back["quotas"]["max_agents"], 50);
+    let status = json(&state, &["status"]);
+    assert_eq!(status["buckets"].as_array().unwrap().len(), 4);
+    assert_eq!(status["controllers"], 1);
+
+    // Every documented exit code, each by its case.
+    fails(&state, &["tenant", "get", "nope"], 3, "nope");
+    fails(&state, &["tenant", "create", "acme"], 4, "already exists");
+    fails(
+        &state,
+        &["tenant", "create", "Bad!"],
+        2,
+        "invalid tenant id",
+    );
+    fails(&state, &["tenant", "activate", "acme"], 5, "already active");
+    fails(
+        &state,
+        &["tenant", "update", "acme", "--set", "no_such=1"],
+        2,
+        "no_such",
+    );
+    fails(&state, &["tenant", "delete", "acme"], 2, "--yes");
+    let out = Command::new(BIN)
+        .args(["tenant", "list", "--url", "nats://127.0.0.1:1", "--creds"])
+        .arg(state.join("admin.creds"))
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(6),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // 50 concurrent `agent create` runs for one tenant: none lost, none duplicated.
+    let dir = tmp.path().join("bundles");
+    std::fs::create_dir(&dir).unwrap();
+    let children: Vec<_> = (0..50)
+        .map(|i| {
+            Command::new(BIN)
+                .args(["agent", "create", "acme", &format!("a{i}"), "--out"])
+                .arg(dir.join(format!("a{i}.json")))
+                .arg("--state")
+                .arg(&state)
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for c in children {
+        let out = c.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let agents = json(&state, &["agent", "list", "acme"]);
+    let names: std::collections::BTreeSet<String> = agents
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["agent"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names.len(), 50);
+    assert_eq!(agents.as_array().unwrap().len(), 50);
+    // The bundle files are 0600 and the output path is never overwritten.
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(dir.join("a0.json"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    fails(
         &state,
         &[
-            "tenant",
+            "agent",
             "create",
             "acme",
-            "--tier",
-            "pro",
-            "--name",
-            "Acme Corp",
+            "again",
+            "--out",
+            dir.join("a0.json").to_str().unwrap(),
         ],
-    );
-    assert!(created.contains("created tenant acme"), "{created}");
-    ok(
-        &state,
-        &["tenant", "create", "globex", "--agent-type", "planner"],
-    );
-    let before = snapshot(&state);
-    fails(&state, &["tenant", "create", "acme"], "already exists");
-    fails(&state, &["tenant", "create", "Acme"], "invalid tenant id");
-    fails(&state, &["tenant", "create", "a.b"], "invalid tenant id");
-    fails(
-        &state,
-        &["tenant", "create", "new", "--tier", "gold"],
-        "unknown tier",
-    );
-    fails(&state, &["tenant", "get", "nope"], "not found");
-    fails(
-        &state,
-        &["tenant", "update", "acme", "--set", "nope=1"],
-        "unknown quota field",
-    );
-    fails(
-        &state,
-        &["tenant", "update", "acme", "--set", "max_agents=-3"],
-        "invalid quota value",
-    );
-    fails(
-        &state,
-        &["tenant", "update", "acme", "--set", "max_agents"],
-        "KEY=VALUE",
-    );
-    fails(&state, &["tenant", "suspend", "nope"], "not found");
-    fails(&state, &["tenant", "activate", "acme"], "already active");
-    assert_eq!(
-        snapshot(&state),
-        before,
-        "bad tenant commands changed the state"
-    );
-    let list = ok(&state, &["tenant", "list"]);
-    assert!(
-        list.contains("acme") && list.contains("globex") && list.contains("Acme Corp"),
-        "{list}"
-    );
-    ok(
-        &state,
-        &[
-            "tenant",
-            "update",
-            "acme",
-            "--set",
-            "max_agents=20",
-            "--set",
-            "name=Acme Inc",
-        ],
-    );
-    let get = ok(&state, &["tenant", "get", "acme"]);
-    assert!(
-        get.contains("\"max_agents\": 20") && get.contains("Acme Inc"),
-        "{get}"
-    );
-
-    // agent create / revoke
-    let planner = files.join("planner.json");
-    let worker = files.join("worker.json");
-    let planner_s = planner.to_str().unwrap();
-    let worker_s = worker.to_str().unwrap();
-    ok(
-        &state,
-        &["agent", "create", "acme", "planner", "--out", planner_s],
-    );
-    ok(
-        &state,
-        &["agent", "create", "acme", "worker", "--out", worker_s],
-    );
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt as _;
-        let mode = std::fs::metadata(&planner).unwrap().permissions().mode();
-        assert_eq!(mode & 0o777, 0o600);
-    }
-    let bundle: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&planner).unwrap()).unwrap();
-    for key in ["url", "tenant", "agent", "creds", "keys"] {
-        assert!(bundle.get(key).is_some(), "bundle lacks {key}");
-    }
-    let before = snapshot(&state);
-    let other = files.join("other.json");
-    let other_s = other.to_str().unwrap();
-    fails(
-        &state,
-        &["agent", "create", "acme", "planner", "--out", other_s],
+        2,
         "already exists",
     );
+    std::os::unix::fs::symlink(tmp.path().join("nowhere"), dir.join("link.json")).unwrap();
     fails(
         &state,
         &[
-            "agent", "create", "acme", "x", "--type", "weird", "--out", other_s,
+            "agent",
+            "create",
+            "acme",
+            "link",
+            "--out",
+            dir.join("link.json").to_str().unwrap(),
         ],
-        "not allowed",
+        2,
+        "already exists",
     );
-    fails(
-        &state,
-        &["agent", "create", "nope", "x", "--out", other_s],
-        "unknown tenant",
-    );
-    fails(
-        &state,
-        &["agent", "create", "acme", "Bad", "--out", other_s],
-        "invalid agent id",
-    );
-    fails(
-        &state,
-        &["agent", "create", "acme", "x", "--out", planner_s],
-        "not overwriting",
-    );
-    fails(
-        &state,
-        &["agent", "revoke", "acme", "ghost"],
-        "unknown agent",
-    );
-    assert!(!other.exists(), "a failed create left a file");
-    assert_eq!(
-        snapshot(&state),
-        before,
-        "bad agent commands changed the state"
-    );
-
-    // pub / sub / request
-    let mut sub = Command::new(BIN)
-        .args(["sub", "--creds", worker_s, "jobs.>", "--count", "2"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
+    assert!(!tmp.path().join("nowhere").exists());
+    // Revoked agents cannot connect (a raw client: `sub` with the bundle).
+    let got = json(&state, &["agent", "revoke", "acme", "a1"]);
+    assert!(got["revoked_at"].is_number());
+    let sub = Command::new(BIN)
+        .args(["sub", "--creds"])
+        .arg(dir.join("a1.json"))
+        .args(["x", "--count", "1"])
+        .stdin(Stdio::null())
+        .output()
         .unwrap();
-    // `sub` prints "listening" on stderr once its subscription is live.
-    let mut err_line = String::new();
-    BufReader::new(sub.stderr.take().unwrap())
-        .read_line(&mut err_line)
+    assert!(!sub.status.success());
+
+    // Delete leaves nothing; the id can be created again.
+    json(&state, &["tenant", "delete", "acme", "--yes"]);
+    fails(&state, &["tenant", "get", "acme"], 3, "acme");
+    json(&state, &["tenant", "create", "acme"]);
+    assert!(json(&state, &["agent", "list", "acme"])
+        .as_array()
+        .unwrap()
+        .is_empty());
+
+    // Completions render.
+    let comp = Command::new(BIN)
+        .args(["completions", "bash"])
+        .output()
         .unwrap();
-    assert!(err_line.contains("listening"), "{err_line}");
-    let published = ok(
-        &state,
-        &["pub", "--creds", planner_s, "jobs.one", "hello one"],
-    );
-    assert!(published.contains("published"), "{published}");
-    ok(
-        &state,
-        &["pub", "--creds", planner_s, "jobs.two", "hello two"],
-    );
-    let out = sub.wait_with_output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        text.contains("jobs.one from planner: hello one") && text.contains("jobs.two"),
-        "{text}"
-    );
-    fails(
-        &state,
-        &["pub", "--creds", planner_s, "bad subject", "x"],
-        "invalid subject",
-    );
-    fails(
-        &state,
-        &["pub", "--creds", planner_s, "$SYS.x", "x"],
-        "reserved",
-    );
-    fails(
-        &state,
-        &["sub", "--creds", planner_s, "a.>.b"],
-        "last token",
-    );
-    let missing = files.join("missing.json");
-    fails(
-        &state,
-        &["pub", "--creds", missing.to_str().unwrap(), "a", "x"],
-        "cannot use bundle",
-    );
-    let garbage = files.join("garbage.json");
-    std::fs::write(&garbage, "{not json").unwrap();
-    fails(
-        &state,
-        &["pub", "--creds", garbage.to_str().unwrap(), "a", "x"],
-        "cannot use bundle",
-    );
-    fails(
-        &state,
-        &[
-            "request",
-            "--creds",
-            planner_s,
-            "svc.none",
-            "x",
-            "--timeout-ms",
-            "500",
-        ],
-        "no responders",
-    );
-
-    // suspend / activate / revoke take effect on the server
-    ok(&state, &["tenant", "suspend", "acme"]);
-    fails(
-        &state,
-        &["pub", "--creds", planner_s, "jobs.x", "y"],
-        "refused",
-    );
-    fails(&state, &["tenant", "suspend", "acme"], "already suspended");
-    ok(&state, &["tenant", "activate", "acme"]);
-    ok(&state, &["pub", "--creds", planner_s, "jobs.x", "y"]);
-    ok(&state, &["agent", "revoke", "acme", "worker"]);
-    fails(
-        &state,
-        &["pub", "--creds", worker_s, "jobs.x", "y"],
-        "refused",
-    );
-    ok(&state, &["pub", "--creds", planner_s, "jobs.x", "y"]);
-
-    // A second `up` on the port in use: refused with one line.
-    let port = server.url.rsplit(':').next().unwrap().to_string();
-    fails(&state, &["up", "--port", &port], "already in use");
-
+    assert!(comp.status.success() && !comp.stdout.is_empty());
     drop(server);
-    fails(&state, &["tenant", "list"], "no server running");
-    fails(
-        &state,
-        &["pub", "--creds", planner_s, "jobs.x", "y"],
-        "no server running",
-    );
 }
 
 #[test]
@@ -382,6 +269,12 @@ fn every_command_has_help() {
         vec!["tenant", "update", "--help"],
         vec!["agent", "create", "--help"],
         vec!["agent", "revoke", "--help"],
+        vec!["agent", "list", "--help"],
+        vec!["admin", "create", "--help"],
+        vec!["controller", "--help"],
+        vec!["status", "--help"],
+        vec!["tenant", "delete", "--help"],
+        vec!["tenant", "rotate-key", "--help"],
         vec!["pub", "--help"],
         vec!["sub", "--help"],
         vec!["request", "--help"],
