@@ -561,7 +561,7 @@ fn verify_runs() -> Result<Value> {
             _ => b.clone(),
         };
         fuzz.push(step("fuzz", SUBJECT, reply, mutated));
-        if r % 7 == 0 {
+        if r.is_multiple_of(7) {
             fuzz.push(step("fuzz duplicate", SUBJECT, reply, b));
         }
     }

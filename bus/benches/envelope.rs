@@ -57,7 +57,7 @@ fn envelope(c: &mut Criterion) {
             let mut i = 0usize;
             b.iter(|| {
                 i += 1;
-                if i % bodies.len() == 0 {
+                if i.is_multiple_of(bodies.len()) {
                     // Every message id was seen: start a fresh window.
                     guard = ReplayGuard::new(ReplayOptions {
                         retain_ms: 330_000,

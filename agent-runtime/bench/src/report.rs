@@ -177,7 +177,7 @@ pub struct Report {
 
 /// `128 B`, `1 KiB`, `16 KiB`.
 pub fn size_label(size: usize) -> String {
-    if size >= 1024 && size % 1024 == 0 {
+    if size >= 1024 && size.is_multiple_of(1024) {
         format!("{} KiB", size / 1024)
     } else {
         format!("{size} B")

@@ -283,7 +283,7 @@ async fn spawn_reader(
         rt.block_on(async move {
             let count_one = |progress: &Progress| {
                 let n = progress.received.fetch_add(1, Ordering::Relaxed) + 1;
-                if n % NOTIFY_EVERY == 0 || n == count {
+                if n.is_multiple_of(NOTIFY_EVERY) || n == count {
                     progress.advanced.notify_one();
                 }
                 n

@@ -94,7 +94,7 @@ fn lock(state: &Path) -> Result<std::fs::File, Failure> {
 
 enum Servers {
     One(LocalServer),
-    Cluster(LocalCluster),
+    Cluster(Box<LocalCluster>),
 }
 
 impl Servers {
@@ -208,7 +208,7 @@ pub async fn run(args: UpArgs) -> Result<(), Failure> {
         let cluster = LocalCluster::start(options)
             .await
             .map_err(|e| fail(EXIT_UNAVAILABLE, agentbus_control::one_line(&e.to_string())))?;
-        Servers::Cluster(cluster)
+        Servers::Cluster(Box::new(cluster))
     };
     let urls = servers.urls();
     install.set_urls(urls.split(',').map(str::to_string).collect(), replicas)?;
