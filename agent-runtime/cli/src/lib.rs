@@ -69,6 +69,8 @@ pub enum Command {
     Sub(msg::SubArgs),
     /// Send a sealed request as an agent and print the verified reply.
     Request(msg::RequestArgs),
+    /// Answer requests as an agent (sealed): echo each payload, or a fixed reply.
+    Reply(msg::ReplyArgs),
     /// Benchmark the sealed bus against raw async-nats (writes BENCHMARKS.md with --out).
     Bench(agentbus_bench::BenchArgs),
     /// One benchmark measurement in its own process (used by `bench`).
@@ -132,6 +134,7 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Pub(args) => Ok(msg::publish(args).await?),
         Command::Sub(args) => Ok(msg::subscribe(args).await?),
         Command::Request(args) => Ok(msg::request(args).await?),
+        Command::Reply(args) => msg::reply(args).await,
         Command::Bench(args) => Ok(agentbus_bench::run(args).await.map_err(|e| CliError(e.0))?),
         // Workers build their own single-threaded runtime; run them off this one.
         Command::BenchWorker(cmd) => {

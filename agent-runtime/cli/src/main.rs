@@ -9,10 +9,13 @@ fn main() {
     let cli = agentbus_cli::Cli::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        // No colour codes in logs piped to a file or another program.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("AGENTBUS_LOG").unwrap_or_else(
-                |_| // async-nats logs its own copy of errors this binary reports in one line.
-                tracing_subscriber::EnvFilter::new("warn,async_nats=off"),
+                |_| // async-nats and the bus log their own copies of connection errors
+                // that this binary reports in one line.
+                tracing_subscriber::EnvFilter::new("warn,async_nats=off,tenant_bus=error"),
             ),
         )
         .init();

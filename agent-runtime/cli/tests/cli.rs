@@ -285,3 +285,455 @@ fn every_command_has_help() {
         assert!(text.contains("Usage:"), "{args:?}");
     }
 }
+
+// ---------------------------------------------------------------------------
+// Messaging as an agent (`pub`, `sub`, `request`, `reply`) against a plain
+// nats-server (no auth), with credential bundles that carry no `creds`: these do
+// not depend on the controller.
+// ---------------------------------------------------------------------------
+
+mod messaging {
+    use super::BIN;
+    use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+    use std::path::{Path, PathBuf};
+    use std::process::{Child, Command, Output, Stdio};
+    use std::time::{Duration, Instant};
+
+    use agentbus_control::local_server::{LocalServer, ServerOptions};
+    use tenant_bus::{AgentId, CredentialBundle, MasterSecret, TenantId};
+
+    fn server(config: &str) -> LocalServer {
+        let mut options = ServerOptions::new();
+        if !config.is_empty() {
+            options = options.config(config);
+        }
+        LocalServer::start(options).expect("nats-server")
+    }
+
+    /// A bundle of agent `agent` of tenant acme with `master`'s key, no creds.
+    fn bundle(dir: &Path, url: &str, master: &MasterSecret, agent: &str) -> PathBuf {
+        let tenant = TenantId::new("acme").unwrap();
+        let b = CredentialBundle {
+            url: url.to_string(),
+            tenant: tenant.clone(),
+            agent: AgentId::new(agent).unwrap(),
+            creds: None,
+            keys: master.key_set(&tenant, [1], 1).unwrap(),
+        };
+        let path = dir.join(format!("{agent}-{}.json", rand_suffix()));
+        b.write_to_file(&path).unwrap();
+        path
+    }
+
+    fn rand_suffix() -> u128 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    }
+
+    /// Spawns a listening command and waits (at most 10 s) for its stderr line
+    /// that says it listens; returns the child with stdout piped.
+    fn listening(args: &[&str], marker: &str) -> Child {
+        listening_with_stderr(args, marker).0
+    }
+
+    /// [`listening`], also returning everything the child writes to stderr.
+    fn listening_with_stderr(
+        args: &[&str],
+        marker: &str,
+    ) -> (Child, std::sync::Arc<std::sync::Mutex<String>>) {
+        let collected = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let mut child = Command::new(BIN)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sink = collected.clone();
+        std::thread::spawn(move || {
+            let mut reader = BufReader::new(stderr);
+            let mut line = String::new();
+            while reader.read_line(&mut line).unwrap_or(0) > 0 {
+                sink.lock().unwrap().push_str(&line);
+                let _ = tx.send(line.clone());
+                line.clear();
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) if line.contains(marker) => break,
+                Ok(_) => {}
+                Err(_) => {
+                    let _ = child.kill();
+                    std::thread::sleep(Duration::from_millis(100));
+                    panic!(
+                        "{args:?} did not print {marker:?} in 10 s; stderr: {}",
+                        collected.lock().unwrap()
+                    );
+                }
+            }
+        }
+        (child, collected)
+    }
+
+    /// Waits (at most `limit`) for `child` to exit.
+    fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("process did not exit within {limit:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn agentbus(args: &[&str]) -> Output {
+        Command::new(BIN)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+
+    fn stderr_of(out: &Output) -> String {
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    #[test]
+    fn reply_answers_requests_echo_and_fixed() {
+        let srv = server("");
+        let dir = tempfile::tempdir().unwrap();
+        let master = MasterSecret::generate().unwrap();
+        let svc = bundle(dir.path(), &srv.url(), &master, "svc");
+        let client = bundle(dir.path(), &srv.url(), &master, "client");
+        let (svc, client) = (svc.to_str().unwrap(), client.to_str().unwrap());
+
+        let mut echo = listening(
+            &["reply", "--creds", svc, "svc.summarize", "--count", "1"],
+            "answering requests",
+        );
+        let out = agentbus(&["request", "--creds", client, "svc.summarize", "some text"]);
+        assert!(out.status.success(), "{}", stderr_of(&out));
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "some text");
+        assert!(wait_exit(&mut echo, Duration::from_secs(10)).success());
+        let mut printed = String::new();
+        echo.stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut printed)
+            .unwrap();
+        assert!(
+            printed.contains("answered svc.summarize from client"),
+            "{printed}"
+        );
+
+        let mut fixed = listening(
+            &[
+                "reply", "--creds", svc, "svc.>", "--data", "done", "--count", "1",
+            ],
+            "answering requests",
+        );
+        let out = agentbus(&["request", "--creds", client, "svc.any", "x"]);
+        assert!(out.status.success(), "{}", stderr_of(&out));
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "done");
+        assert!(wait_exit(&mut fixed, Duration::from_secs(10)).success());
+    }
+
+    #[test]
+    fn a_reply_that_fails_verification_is_its_own_error() {
+        let srv = server("");
+        let dir = tempfile::tempdir().unwrap();
+        // The responder seals with another master secret: the requester drops it.
+        let svc = bundle(
+            dir.path(),
+            &srv.url(),
+            &MasterSecret::generate().unwrap(),
+            "svc",
+        );
+        let client = bundle(
+            dir.path(),
+            &srv.url(),
+            &MasterSecret::generate().unwrap(),
+            "client",
+        );
+        let mut responder = listening(
+            &["reply", "--creds", svc.to_str().unwrap(), "svc.x"],
+            "answering requests",
+        );
+        let out = agentbus(&[
+            "request",
+            "--creds",
+            client.to_str().unwrap(),
+            "svc.x",
+            "hi",
+            "--timeout-ms",
+            "1500",
+        ]);
+        let _ = responder.kill();
+        let _ = responder.wait();
+        let err = stderr_of(&out);
+        assert!(!out.status.success());
+        // The responder cannot open the request either (another key), so nothing
+        // comes back: a plain timeout, not a dropped reply.
+        assert!(err.contains("no reply"), "{err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+
+        // A raw NATS client echoes the sealed request bytes to the reply inbox: a
+        // reply arrives, but its seal is bound to another subject, so the
+        // requester drops it as unverifiable and says so.
+        let raw = std::thread::spawn({
+            let url = srv.url();
+            move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(async move {
+                    use futures::StreamExt as _;
+                    let c = async_nats::connect(url).await.unwrap();
+                    let mut sub = c.subscribe("tenant.acme.svc.raw").await.unwrap();
+                    c.flush().await.unwrap();
+                    if let Ok(Some(m)) =
+                        tokio::time::timeout(Duration::from_secs(10), sub.next()).await
+                    {
+                        if let Some(reply) = m.reply {
+                            c.publish(reply, m.payload).await.unwrap();
+                            c.flush().await.unwrap();
+                        }
+                    }
+                })
+            }
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        let out = agentbus(&[
+            "request",
+            "--creds",
+            client.to_str().unwrap(),
+            "svc.raw",
+            "hi",
+            "--timeout-ms",
+            "2000",
+        ]);
+        raw.join().unwrap();
+        let err = stderr_of(&out);
+        assert!(!out.status.success());
+        assert!(err.contains("arrived but was dropped"), "{err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+    }
+
+    #[test]
+    fn pub_reads_the_payload_from_stdin() {
+        let srv = server("");
+        let dir = tempfile::tempdir().unwrap();
+        let master = MasterSecret::generate().unwrap();
+        let a = bundle(dir.path(), &srv.url(), &master, "a");
+        let b = bundle(dir.path(), &srv.url(), &master, "b");
+        let mut sub = listening(
+            &[
+                "sub",
+                "--creds",
+                b.to_str().unwrap(),
+                "jobs.>",
+                "--count",
+                "1",
+            ],
+            "listening on",
+        );
+        let mut publisher = Command::new(BIN)
+            .args(["pub", "--creds", a.to_str().unwrap(), "jobs.new", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        publisher
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(b"{\"from\": \"stdin\"}")
+            .unwrap();
+        let out = publisher.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", stderr_of(&out));
+        assert!(wait_exit(&mut sub, Duration::from_secs(10)).success());
+        let mut printed = String::new();
+        sub.stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut printed)
+            .unwrap();
+        assert!(
+            printed.contains("jobs.new from a: {\"from\": \"stdin\"}"),
+            "{printed}"
+        );
+    }
+
+    #[test]
+    fn sub_into_a_closed_pipe_exits_zero_without_a_panic() {
+        let srv = server("");
+        let dir = tempfile::tempdir().unwrap();
+        let master = MasterSecret::generate().unwrap();
+        let a = bundle(dir.path(), &srv.url(), &master, "a");
+        let b = bundle(dir.path(), &srv.url(), &master, "b");
+        let mut sub = Command::new(BIN)
+            .args([
+                "sub",
+                "--creds",
+                b.to_str().unwrap(),
+                "feed.>",
+                "--count",
+                "0",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // `| head -1`: read one line, then close the pipe.
+        let stdout = sub.stdout.take().unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut line = String::new();
+            BufReader::new(stdout).read_line(&mut line).unwrap();
+            line
+        });
+        let publish = |i: usize| {
+            let out = agentbus(&[
+                "pub",
+                "--creds",
+                a.to_str().unwrap(),
+                "feed.item",
+                &format!("item {i}"),
+            ]);
+            assert!(out.status.success(), "{}", stderr_of(&out));
+        };
+        // Publish until the reader has its line (the subscription becomes live
+        // at some point after spawning), bounded.
+        let mut i = 0;
+        while !reader.is_finished() {
+            assert!(i < 100, "sub printed nothing");
+            publish(i);
+            i += 1;
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let line = reader.join().unwrap();
+        assert!(line.contains("feed.item from a"), "{line}");
+        // The pipe is closed now; the next lines hit EPIPE.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            if let Some(s) = sub.try_wait().unwrap() {
+                break s;
+            }
+            assert!(Instant::now() < deadline, "sub still running after EPIPE");
+            publish(i);
+            i += 1;
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let mut err = String::new();
+        sub.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+        assert_eq!(status.code(), Some(0), "{err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+
+    #[test]
+    fn an_oversized_pub_is_its_own_error_at_once() {
+        let srv = server("max_payload: 1024\n");
+        let dir = tempfile::tempdir().unwrap();
+        let master = MasterSecret::generate().unwrap();
+        let a = bundle(dir.path(), &srv.url(), &master, "a");
+        // Over the limit as data, and under it as data but over it once sealed.
+        for size in [4000, 1010] {
+            let data = "x".repeat(size);
+            let started = Instant::now();
+            let out = agentbus(&["pub", "--creds", a.to_str().unwrap(), "big", &data]);
+            let err = stderr_of(&out);
+            assert_eq!(out.status.code(), Some(2), "{size}: {err}");
+            assert!(err.contains("payload too large"), "{size}: {err}");
+            assert!(err.contains("1024"), "{size}: {err}");
+            assert_eq!(err.trim().lines().count(), 1, "{size}: {err}");
+            assert!(started.elapsed() < Duration::from_secs(5), "{size}: slow");
+        }
+        // A small one still goes through.
+        let out = agentbus(&["pub", "--creds", a.to_str().unwrap(), "small", "ok"]);
+        assert!(out.status.success(), "{}", stderr_of(&out));
+    }
+
+    #[test]
+    fn a_full_server_is_reported_as_a_connection_limit() {
+        let srv = server("max_connections: 1\n");
+        let dir = tempfile::tempdir().unwrap();
+        let master = MasterSecret::generate().unwrap();
+        let a = bundle(dir.path(), &srv.url(), &master, "a");
+        let b = bundle(dir.path(), &srv.url(), &master, "b");
+        let mut holder = listening(
+            &["sub", "--creds", b.to_str().unwrap(), "x"],
+            "listening on",
+        );
+        let out = agentbus(&["pub", "--creds", a.to_str().unwrap(), "x", "hi"]);
+        let _ = holder.kill();
+        let _ = holder.wait();
+        let err = stderr_of(&out);
+        assert_eq!(out.status.code(), Some(5), "{err}");
+        assert!(err.contains("connection limit"), "{err}");
+        assert!(!err.contains("no server running"), "{err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+    }
+
+    #[test]
+    fn sub_stops_with_one_line_when_the_server_revokes_its_authorization() {
+        // Anonymous clients are user `agent` (no_auth_user); the bundle has no
+        // creds. The reload below removes that user: the server closes the
+        // connection for authorization and refuses every reconnect.
+        let dir = tempfile::tempdir().unwrap();
+        let mut srv = LocalServer::start(
+            ServerOptions::new()
+                .config(
+                    "accounts { A { users: [ { user: agent, password: first } ] } }\n\
+                     no_auth_user: agent\n",
+                )
+                .dir(dir.path().join("server")),
+        )
+        .unwrap();
+        let url = srv.url();
+        let master = MasterSecret::generate().unwrap();
+        let b = bundle(dir.path(), &url, &master, "b");
+        let (mut sub, stderr) = listening_with_stderr(
+            &["sub", "--creds", b.to_str().unwrap(), "x"],
+            "listening on",
+        );
+        // Remove the user and reload.
+        std::fs::write(
+            srv.dir().join("server.conf"),
+            "accounts { A { users: [ { user: other, password: second } ] } }\n",
+        )
+        .unwrap();
+        let pid = srv.pid().unwrap();
+        assert!(Command::new("kill")
+            .args(["-HUP", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success());
+        let status = wait_exit(&mut sub, Duration::from_secs(20));
+        std::thread::sleep(Duration::from_millis(100));
+        let err = stderr.lock().unwrap().clone();
+        assert_eq!(status.code(), Some(5), "{err}");
+        // One line after the listening note: the reason, no stream of warnings.
+        let lines: Vec<&str> = err
+            .lines()
+            .filter(|l| !l.contains("listening on"))
+            .collect();
+        assert_eq!(lines.len(), 1, "{err}");
+        assert!(lines[0].contains("closed the connection"), "{err}");
+        assert!(!err.contains('\u{1b}'), "colour codes on a pipe: {err:?}");
+        srv.stop();
+    }
+}
