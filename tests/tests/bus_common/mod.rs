@@ -1,6 +1,6 @@
 //! Helpers shared by the `bus_*` integration tests (included with `mod bus_common;`).
 //!
-//! Barriers follow `shared/notes/perf-baseline.md`: `flush()` is not a server round
+//! Barriers: `flush()` is not a server round
 //! trip, so a subscription is known to be live only after something published
 //! *after* it on the same connection came back (an echo of our own probe, or the
 //! server's no-responders status for a request).
