@@ -59,7 +59,8 @@ async fn create_get_and_list() {
         RegistryErrorKind::NotFound
     );
 
-    // No key material is stored: the raw value holds only the record's fields.
+    // No key material is stored: the raw value holds only the record's fields,
+    // whose keys are public (account and signing key, never a seed).
     let js = async_nats::jetstream::new(server.raw_client().await);
     let kv = js.get_key_value("agentbus-tenants").await.unwrap();
     let raw: serde_json::Value =
@@ -74,14 +75,26 @@ async fn create_get_and_list() {
     assert_eq!(
         fields,
         [
+            "account",
+            "account_iat",
             "created_at",
+            "current_key",
             "id",
+            "key_promote_at_ms",
+            "key_versions",
             "name",
+            "revocations",
             "settings",
+            "signing_key",
             "status",
             "tier",
             "updated_at"
         ]
+    );
+    let text = raw.to_string();
+    assert!(
+        !text.contains("\"SA") && !text.contains("\"SO") && !text.contains("\"SU"),
+        "a seed in {text}"
     );
 }
 

@@ -260,6 +260,42 @@ fn admin_commands_json_exit_codes_and_a_second_up() {
 }
 
 #[test]
+fn up_cluster_3_serves_with_r3_buckets_and_a_url_list() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    let mut child = Command::new(BIN)
+        .args([
+            "up",
+            "--state",
+            state.to_str().unwrap(),
+            "--port",
+            "0",
+            "--cluster",
+            "3",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn agentbus up --cluster 3");
+    let stdout = child.stdout.take().unwrap();
+    let mut line = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("read urls");
+    let server = Up { child };
+    let urls: Vec<&str> = line.trim().split(',').collect();
+    assert_eq!(urls.len(), 3, "url line: {line:?}");
+    json(&state, &["tenant", "create", "acme"]);
+    let status = json(&state, &["status"]);
+    for b in status["buckets"].as_array().unwrap() {
+        assert_eq!(b["replicas"], 3, "{b}");
+    }
+    assert_eq!(status["urls"].as_array().unwrap().len(), 3);
+    drop(server);
+}
+
+#[test]
 fn every_command_has_help() {
     for args in [
         vec!["--help"],
@@ -273,6 +309,7 @@ fn every_command_has_help() {
         vec!["admin", "create", "--help"],
         vec!["controller", "--help"],
         vec!["status", "--help"],
+        vec!["reply", "--help"],
         vec!["tenant", "delete", "--help"],
         vec!["tenant", "rotate-key", "--help"],
         vec!["pub", "--help"],
@@ -736,4 +773,350 @@ mod messaging {
         assert!(!err.contains('\u{1b}'), "colour codes on a pipe: {err:?}");
         srv.stop();
     }
+}
+
+/// A raw nats-py client (no agentbus code) that uses a `.creds` file and the
+/// tenant's inbox prefix: pub/sub and request/reply inside `tenant.<id>.`, and a
+/// publish to another tenant refused by the server.
+/// Arguments: URL(S) CREDS INBOX_PREFIX TENANT.
+const RAW_NATS_PY: &str = r#"
+import asyncio, sys
+import nats
+
+async def main():
+    url, creds, inbox, tenant = sys.argv[1:5]
+    errors = []
+    async def on_error(e):
+        errors.append(str(e))
+    nc = await nats.connect(url.split(","), user_credentials=creds, inbox_prefix=inbox,
+                            error_cb=on_error, allow_reconnect=False, connect_timeout=5)
+    base = f"tenant.{tenant}"
+    sub = await nc.subscribe(f"{base}.x")
+    await nc.publish(f"{base}.x", b"raw hello")
+    msg = await sub.next_msg(timeout=5)
+    assert msg.data == b"raw hello", msg.data
+    async def echo(m):
+        await m.respond(b"echo:" + m.data)
+    await nc.subscribe(f"{base}.svc", cb=echo)
+    reply = await nc.request(f"{base}.svc", b"ping", timeout=5)
+    assert reply.data == b"echo:ping", reply.data
+    await nc.publish("tenant.globex.x", b"escape")
+    await nc.flush(timeout=5)
+    for _ in range(50):
+        if any("permissions violation" in e.lower() for e in errors):
+            break
+        await asyncio.sleep(0.1)
+    assert any("permissions violation" in e.lower() for e in errors), errors
+    await nc.close()
+    print("RAW OK")
+
+asyncio.run(main())
+"#;
+
+fn mode(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::symlink_metadata(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .permissions()
+        .mode()
+        & 0o777
+}
+
+/// `.tools/venv/bin/python` if it has nats-py with nkeys (`scripts/test-python`
+/// installs them).
+fn python_with_nats() -> Option<std::path::PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let py = root.join(".tools/venv/bin/python");
+    let ok = Command::new(&py)
+        .args(["-c", "import nats, nkeys"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    ok.then_some(py)
+}
+
+#[test]
+fn agent_create_writes_bundles_creds_files_and_nats_contexts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    let server = up(&state);
+    json(&state, &["tenant", "create", "acme"]);
+    let dir = tmp.path().join("out");
+    std::fs::create_dir(&dir).unwrap();
+    let p = |name: &str| dir.join(name).to_str().unwrap().to_string();
+
+    // bundle, the default.
+    let b = json(
+        &state,
+        &["agent", "create", "acme", "b1", "--out", &p("b1.json")],
+    );
+    assert_eq!(b["format"], "bundle");
+    assert_eq!(b["agent"]["agent"], "b1");
+    assert_eq!(mode(&dir.join("b1.json")), 0o600);
+    let bundle: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("b1.json")).unwrap()).unwrap();
+    let url = bundle["url"].as_str().unwrap().to_string();
+    assert!(bundle["keys"]["keys"].is_array());
+
+    // creds: exactly the bundle's kind of `.creds` text.
+    let c = json(
+        &state,
+        &[
+            "agent",
+            "create",
+            "acme",
+            "c1",
+            "--format",
+            "creds",
+            "--out",
+            &p("c1.creds"),
+        ],
+    );
+    assert_eq!(c["format"], "creds");
+    assert_eq!(mode(&dir.join("c1.creds")), 0o600);
+    let creds = std::fs::read_to_string(dir.join("c1.creds")).unwrap();
+    assert!(creds.contains("-----BEGIN NATS USER JWT-----"), "{creds}");
+    assert!(creds.contains("-----BEGIN USER NKEY SEED-----"), "{creds}");
+    assert!(!creds.trim_start().starts_with('{'));
+
+    // context into a directory that does not exist yet (created 0700).
+    let ctx_dir = tmp.path().join("contexts");
+    let x = json(
+        &state,
+        &[
+            "agent",
+            "create",
+            "acme",
+            "x1",
+            "--format",
+            "context",
+            "--out",
+            ctx_dir.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(x["format"], "context");
+    assert_eq!(x["context"], "acme.x1");
+    assert_eq!(mode(&ctx_dir), 0o700);
+    let ctx_json = ctx_dir.join("acme.x1.json");
+    let ctx_creds = ctx_dir.join("acme.x1.creds");
+    assert_eq!(x["out"], ctx_json.to_str().unwrap());
+    assert_eq!(mode(&ctx_json), 0o600);
+    assert_eq!(mode(&ctx_creds), 0o600);
+    let ctx: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&ctx_json).unwrap()).unwrap();
+    assert_eq!(ctx["url"], url.as_str());
+    assert_eq!(ctx["creds"], ctx_creds.to_str().unwrap());
+    assert!(Path::new(ctx["creds"].as_str().unwrap()).is_absolute());
+    assert_eq!(ctx["inbox_prefix"], "tenant.acme._INBOX");
+    assert!(std::fs::read_to_string(&ctx_creds)
+        .unwrap()
+        .contains("-----BEGIN NATS USER JWT-----"));
+
+    // --name; a taken name is never overwritten and issues nothing.
+    let n = json(
+        &state,
+        &[
+            "agent",
+            "create",
+            "acme",
+            "x2",
+            "--format",
+            "context",
+            "--name",
+            "ops",
+            "--out",
+            ctx_dir.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(n["context"], "ops");
+    let ops_before = std::fs::read(ctx_dir.join("ops.json")).unwrap();
+    fails(
+        &state,
+        &[
+            "agent",
+            "create",
+            "acme",
+            "x3",
+            "--format",
+            "context",
+            "--name",
+            "ops",
+            "--out",
+            ctx_dir.to_str().unwrap(),
+        ],
+        2,
+        "already exists",
+    );
+    assert_eq!(std::fs::read(ctx_dir.join("ops.json")).unwrap(), ops_before);
+    fails(&state, &["agent", "get", "acme", "x3"], 3, "x3");
+    // Only the JSON is taken: the creds file just claimed is removed again.
+    std::fs::write(ctx_dir.join("half.json"), b"{}").unwrap();
+    fails(
+        &state,
+        &[
+            "agent",
+            "create",
+            "acme",
+            "x4",
+            "--format",
+            "context",
+            "--name",
+            "half",
+            "--out",
+            ctx_dir.to_str().unwrap(),
+        ],
+        2,
+        "already exists",
+    );
+    assert!(!ctx_dir.join("half.creds").exists());
+    // A symlink in the way is not followed.
+    std::os::unix::fs::symlink(tmp.path().join("nowhere"), ctx_dir.join("ln.creds")).unwrap();
+    fails(
+        &state,
+        &[
+            "agent",
+            "create",
+            "acme",
+            "x5",
+            "--format",
+            "context",
+            "--name",
+            "ln",
+            "--out",
+            ctx_dir.to_str().unwrap(),
+        ],
+        2,
+        "already exists",
+    );
+    assert!(!tmp.path().join("nowhere").exists());
+    // Usage errors.
+    fails(
+        &state,
+        &["agent", "create", "acme", "x6", "--format", "creds"],
+        2,
+        "--out",
+    );
+    fails(
+        &state,
+        &[
+            "agent",
+            "create",
+            "acme",
+            "x6",
+            "--name",
+            "n",
+            "--out",
+            &p("x6.json"),
+        ],
+        2,
+        "--name",
+    );
+    fails(
+        &state,
+        &[
+            "agent",
+            "create",
+            "acme",
+            "x6",
+            "--format",
+            "context",
+            "--name",
+            "../up",
+            "--out",
+            ctx_dir.to_str().unwrap(),
+        ],
+        2,
+        "invalid context name",
+    );
+    fails(
+        &state,
+        &[
+            "agent",
+            "create",
+            "acme",
+            "x6",
+            "--format",
+            "context",
+            "--out",
+            &p("b1.json"),
+        ],
+        2,
+        "not a directory",
+    );
+
+    // The default directory is the nats CLI's: $XDG_CONFIG_HOME, else ~/.config.
+    let home = tmp.path().join("home");
+    std::fs::create_dir(&home).unwrap();
+    let out = Command::new(BIN)
+        .args(["agent", "create", "acme", "d1", "--format", "context"])
+        .arg("--state")
+        .arg(&state)
+        .env("HOME", &home)
+        .env_remove("XDG_CONFIG_HOME")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let d1 = home.join(".config/nats/context/acme.d1.json");
+    assert_eq!(mode(&d1), 0o600);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("nats --context acme.d1"));
+    let xdg = tmp.path().join("xdg");
+    let out = Command::new(BIN)
+        .args(["agent", "create", "acme", "d2", "--format", "context"])
+        .arg("--state")
+        .arg(&state)
+        .env("HOME", &home)
+        .env("XDG_CONFIG_HOME", &xdg)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(mode(&xdg.join("nats/context/acme.d2.json")), 0o600);
+
+    // A raw NATS client works with the `.creds` file and with the context.
+    let Some(py) = python_with_nats() else {
+        eprintln!(
+            "note: .tools/venv/bin/python lacks nats-py[nkeys] (run scripts/test-python); \
+             skipping the raw-client checks"
+        );
+        drop(server);
+        return;
+    };
+    let script = tmp.path().join("raw.py");
+    std::fs::write(&script, RAW_NATS_PY).unwrap();
+    for (creds, inbox) in [
+        (dir.join("c1.creds"), "tenant.acme._INBOX".to_string()),
+        (
+            ctx_creds.clone(),
+            ctx["inbox_prefix"].as_str().unwrap().to_string(),
+        ),
+    ] {
+        let out = Command::new(&py)
+            .arg(&script)
+            .arg(ctx["url"].as_str().unwrap())
+            .arg(&creds)
+            .arg(&inbox)
+            .arg("acme")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success() && String::from_utf8_lossy(&out.stdout).contains("RAW OK"),
+            "{}: {}{}",
+            creds.display(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    drop(server);
 }

@@ -1,0 +1,86 @@
+//! The controller on a three-node cluster (operator mode, authenticated routes,
+//! every bucket R3): stopping the node that leads the controller's buckets leaves
+//! `tenant create`, `list` and `get` working again within 5 s, through URL lists.
+
+// Test code: a failed set-up step should abort the test with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::{Duration, Instant};
+
+use agentbus_control::local_server::{ClusterOptions, LocalCluster};
+use agentbus_control::server_config::{render_operator_snippet, render_resolver_block};
+use agentbus_control::tiers::Tier;
+use agentbus_control::{AdminClient, Controller, ControllerConfig, Installation};
+
+#[tokio::test]
+async fn stopping_the_bucket_leader_recovers_within_5s_and_every_bucket_is_r3() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut install = Installation::init(tmp.path().join("state")).unwrap();
+    let options = ClusterOptions::new()
+        .nodes(3)
+        .config(render_operator_snippet(&install.operator_facts()))
+        .node_config(|_, dir| render_resolver_block(&dir.join("resolver")))
+        .probe_creds(install.creds("sys.creds").unwrap())
+        .dir(tmp.path().join("cluster"));
+    let mut cluster = LocalCluster::start(options).await.unwrap();
+    let urls = cluster.urls();
+    install
+        .set_urls(urls.split(',').map(str::to_string).collect(), 3)
+        .unwrap();
+    let controller = Controller::connect(&install, ControllerConfig::new(&urls).replicas(3))
+        .await
+        .unwrap();
+    let shutdown = agentbus_control::controller::shutdown::Shutdown::new();
+    tokio::spawn(controller.clone().serve(shutdown.clone()));
+    let cp = AdminClient::connect(&urls, &install.creds("admin.creds").unwrap())
+        .await
+        .unwrap()
+        .with_timeout(Duration::from_secs(2));
+    cp.create_tenant("before", Tier::Free).await.unwrap();
+
+    let status = cp.status().await.unwrap();
+    assert_eq!(status.buckets.len(), 4);
+    for b in &status.buckets {
+        assert_eq!(b.replicas, 3, "{b:?}");
+    }
+    assert_eq!(status.urls.len(), 3, "{status:?}");
+    // The node leading the tenant registry goes away.
+    let leader = status.buckets[0]
+        .leader
+        .clone()
+        .expect("a clustered bucket has a leader");
+    let index = (0..cluster.len())
+        .find(|i| cluster.node_name(*i) == leader)
+        .unwrap_or_else(|| panic!("leader {leader} is not a node"));
+    cluster.stop_node(index).unwrap();
+    let stopped = Instant::now();
+
+    // create, list and get all work again within 5 s.
+    let mut recovered = None;
+    let mut attempt = 0;
+    while stopped.elapsed() < Duration::from_secs(20) {
+        attempt += 1;
+        let id = format!("after-{attempt}");
+        let ok = cp.create_tenant(&id, Tier::Free).await.is_ok()
+            && cp.tenants().await.is_ok()
+            && cp.tenant(&id).await.is_ok();
+        if ok {
+            recovered = Some(stopped.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let took = recovered.expect("the control plane never recovered");
+    assert!(took < Duration::from_secs(5), "recovered after {took:?}");
+    let list = cp.tenants().await.unwrap();
+    assert!(
+        list.iter().any(|t| t.record.id.as_str() == "before"),
+        "a record was lost"
+    );
+    // An agent of a tenant created after the failover connects through the list.
+    let bundle = cp.issue_agent("before", "a", "default").await.unwrap();
+    assert_eq!(bundle.url, urls);
+    tenant_bus::TenantNamespace::connect(&bundle).await.unwrap();
+    eprintln!("control plane recovered {took:?} after stopping the bucket leader {leader}");
+    shutdown.fire();
+}
