@@ -70,9 +70,9 @@ pub struct BenchArgs {
     /// Soak duration of the memory measurement, seconds. Default 60 (3 with --quick).
     #[arg(long)]
     pub soak_secs: Option<u64>,
-    /// Pin the server and the latency workers to CPU 0 (with `taskset`) for the
-    /// request/reply latency, where cross-CPU wake-ups dominate. Default: on when
-    /// taskset is available.
+    /// Do not pin the server and the latency workers to CPU 0 for the
+    /// request/reply latency. Without this flag they are pinned with `taskset`
+    /// (when it is available), because cross-CPU wake-ups dominate that figure.
     #[arg(long)]
     pub no_pin: bool,
     /// Write the Markdown report here (e.g. BENCHMARKS.md).
