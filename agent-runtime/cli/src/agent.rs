@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use clap::{Args, Subcommand};
+use clap::{Args, Subcommand, ValueEnum};
 
 use agentbus_control::api::Role;
 use agentbus_control::store::{AdminRecord, AgentRecord};
@@ -22,7 +22,7 @@ pub struct AgentArgs {
 /// `agentbus agent` commands.
 #[derive(Debug, Subcommand)]
 pub enum AgentCommand {
-    /// Issue an agent's credential bundle (JSON: url, tenant, agent, creds, keys).
+    /// Issue an agent: write its credential bundle, a `.creds` file or a `nats` context.
     Create(CreateArgs),
     /// List a tenant's agents (revoked ones included).
     List {
@@ -55,10 +55,43 @@ pub struct CreateArgs {
     /// The agent type; must be one of the tenant's allowed agent types.
     #[arg(long = "type", default_value = "default")]
     pub agent_type: String,
-    /// Where to write the bundle (created 0600; must not exist; never follows a
-    /// symlink).
+    /// `bundle` and `creds`: the file to write. `context`: the directory that
+    /// receives `NAME.json` and `NAME.creds` (default: the `nats` CLI's,
+    /// `$XDG_CONFIG_HOME/nats/context` or `~/.config/nats/context`, created 0700 if
+    /// missing). Files are created 0600, never overwrite anything and never follow
+    /// a symlink.
+    #[arg(long, value_name = "PATH")]
+    pub out: Option<PathBuf>,
+    /// What to write: `bundle` (JSON for the agentbus libraries: url, tenant,
+    /// agent, creds, keys), `creds` (a standard NATS `.creds` file) or `context`
+    /// (a `nats` CLI context with url, creds and the tenant's inbox prefix, plus
+    /// its `.creds` file beside it).
+    #[arg(long, value_enum, default_value_t = CredsFormat::Bundle)]
+    pub format: CredsFormat,
+    /// The context's name with `--format context` (default `<tenant>.<agent>`).
     #[arg(long)]
-    pub out: PathBuf,
+    pub name: Option<String>,
+}
+
+/// What `agent create` writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CredsFormat {
+    /// The credential bundle (JSON) the agentbus libraries read.
+    Bundle,
+    /// A standard NATS `.creds` file (user JWT and seed), for any NATS client.
+    Creds,
+    /// A `nats` CLI context (ADR-21) and the `.creds` file it names.
+    Context,
+}
+
+impl CredsFormat {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Bundle => "bundle",
+            Self::Creds => "creds",
+            Self::Context => "context",
+        }
+    }
 }
 
 fn check_ids(tenant: &str, agent: Option<&str>) -> Result<(), Failure> {
@@ -124,6 +157,241 @@ fn libc_nofollow() -> i32 {
     }
 }
 
+/// The files `agent create` writes, in order; for a context, the `.creds` file
+/// comes first and the context names it.
+struct Targets {
+    paths: Vec<PathBuf>,
+    /// The context's name (`--format context`).
+    context: Option<String>,
+}
+
+/// The `nats` CLI's context directory: `$XDG_CONFIG_HOME/nats/context`, else
+/// `$HOME/.config/nats/context` (as natscli resolves it).
+fn default_context_dir() -> Result<PathBuf, Failure> {
+    let config = match std::env::var_os("XDG_CONFIG_HOME").map(PathBuf::from) {
+        Some(x) if x.is_absolute() => x,
+        _ => match std::env::var_os("HOME").map(PathBuf::from) {
+            Some(home) if home.is_absolute() => home.join(".config"),
+            _ => {
+                return Err(usage(
+                    "neither XDG_CONFIG_HOME nor HOME is set; pass --out DIR for the context",
+                ))
+            }
+        },
+    };
+    Ok(config.join("nats").join("context"))
+}
+
+/// A context name natscli accepts, kept to a portable file-name alphabet.
+fn check_context_name(name: &str) -> Result<(), Failure> {
+    let fine = !name.is_empty()
+        && name.len() <= 128
+        && !name.starts_with('.')
+        && !name.contains("..")
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if fine {
+        Ok(())
+    } else {
+        Err(usage(format!(
+            "invalid context name {name:?}: use letters, digits, '.', '_' and '-' (no leading '.', no '..')"
+        )))
+    }
+}
+
+/// An existing directory, or one created now (0700, parents too).
+fn ensure_dir(dir: &Path) -> Result<(), Failure> {
+    match std::fs::metadata(dir) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => Err(usage(format!(
+            "{} is not a directory (--format context writes NAME.json and NAME.creds into --out DIR)",
+            dir.display()
+        ))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let mut builder = std::fs::DirBuilder::new();
+            builder.recursive(true);
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::DirBuilderExt as _;
+                builder.mode(0o700);
+            }
+            builder
+                .create(dir)
+                .map_err(|e| usage(format!("cannot create {}: {e}", dir.display())))
+        }
+        Err(e) => Err(usage(format!("cannot use {}: {e}", dir.display()))),
+    }
+}
+
+fn targets(a: &CreateArgs) -> Result<Targets, Failure> {
+    match a.format {
+        CredsFormat::Bundle | CredsFormat::Creds => {
+            if a.name.is_some() {
+                return Err(usage("--name applies to --format context only"));
+            }
+            let out = a.out.clone().ok_or_else(|| {
+                usage(format!(
+                    "--out FILE is required with --format {}",
+                    a.format.as_str()
+                ))
+            })?;
+            Ok(Targets {
+                paths: vec![out],
+                context: None,
+            })
+        }
+        CredsFormat::Context => {
+            let name = match &a.name {
+                Some(n) => {
+                    check_context_name(n)?;
+                    n.clone()
+                }
+                None => format!("{}.{}", a.tenant, a.agent),
+            };
+            let dir = match &a.out {
+                Some(d) => d.clone(),
+                None => default_context_dir()?,
+            };
+            ensure_dir(&dir)?;
+            // The context names its creds file by an absolute path: natscli and
+            // nats-py read it from wherever they run.
+            let dir = std::path::absolute(&dir)
+                .map_err(|e| usage(format!("cannot resolve {}: {e}", dir.display())))?;
+            Ok(Targets {
+                paths: vec![
+                    dir.join(format!("{name}.creds")),
+                    dir.join(format!("{name}.json")),
+                ],
+                context: Some(name),
+            })
+        }
+    }
+}
+
+/// The bytes of each target, in order.
+fn render(
+    a: &CreateArgs,
+    t: &Targets,
+    bundle: &tenant_bus::CredentialBundle,
+) -> Result<Vec<Vec<u8>>, String> {
+    let creds = || {
+        bundle.creds.clone().ok_or_else(|| {
+            "the controller issued no .creds (a server without authentication)".to_string()
+        })
+    };
+    match a.format {
+        CredsFormat::Bundle => Ok(vec![
+            serde_json::to_vec_pretty(bundle).map_err(|e| e.to_string())?
+        ]),
+        CredsFormat::Creds => Ok(vec![creds()?.into_bytes()]),
+        CredsFormat::Context => {
+            let creds_path = t.paths.first().ok_or("no creds path")?;
+            let context = serde_json::json!({
+                "description": format!(
+                    "agentbus agent {} of tenant {} (subjects under tenant.{}.)",
+                    a.agent, a.tenant, a.tenant
+                ),
+                "url": bundle.url,
+                "creds": creds_path,
+                "inbox_prefix": tenant_bus::subject::inbox_prefix(&bundle.tenant),
+            });
+            let mut json = serde_json::to_vec_pretty(&context).map_err(|e| e.to_string())?;
+            json.push(b'\n');
+            Ok(vec![creds()?.into_bytes(), json])
+        }
+    }
+}
+
+fn remove_all(paths: &[PathBuf]) {
+    for p in paths {
+        let _ = std::fs::remove_file(p);
+    }
+}
+
+/// `agent create`: claims the output files, issues the agent, writes them.
+async fn create_agent(output: Output, remote: &Remote, a: &CreateArgs) -> Result<(), Failure> {
+    let t = targets(a)?;
+    // Claim every output file before anything is issued.
+    let mut files = Vec::new();
+    for (i, path) in t.paths.iter().enumerate() {
+        match create_exclusive(path) {
+            Ok(f) => files.push(f),
+            Err(e) => {
+                remove_all(&t.paths[..i]);
+                return Err(e);
+            }
+        }
+    }
+    let client = match remote.connect().await {
+        Ok(c) => c,
+        Err(e) => {
+            remove_all(&t.paths);
+            return Err(e);
+        }
+    };
+    let issued = match client
+        .create_agent(&a.tenant, &a.agent, &a.agent_type)
+        .await
+    {
+        Ok(i) => i,
+        Err(e) => {
+            remove_all(&t.paths);
+            return Err(e.into());
+        }
+    };
+    let written = render(a, &t, &issued.bundle).and_then(|contents| {
+        use std::io::Write as _;
+        for ((mut file, bytes), path) in files.into_iter().zip(contents).zip(&t.paths) {
+            file.write_all(&bytes)
+                .and_then(|()| file.sync_all())
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+        }
+        Ok(())
+    });
+    if let Err(e) = written {
+        remove_all(&t.paths);
+        let _ = client.revoke_agent(&a.tenant, &a.agent).await;
+        return Err(usage(format!(
+            "writing credentials: {e} (the agent was revoked again)"
+        )));
+    }
+    let main = t.paths.last().cloned().unwrap_or_default();
+    let shown = serde_json::json!({
+        "agent": issued.agent,
+        "format": a.format.as_str(),
+        "out": main,
+        "files": t.paths,
+        "context": t.context,
+    });
+    print(output, &shown, || match &t.context {
+        Some(name) => {
+            format!(
+            "wrote nats context {name} ({}) and its creds ({}) for agent {} ({}) of tenant {}\n\
+             use: nats --context {name} sub 'tenant.{}.>'",
+            main.display(),
+            t.paths.first().map(|p| p.display().to_string()).unwrap_or_default(),
+            a.agent,
+            a.agent_type,
+            a.tenant,
+            a.tenant
+        )
+        }
+        None => format!(
+            "wrote {} of agent {} ({}) of tenant {} to {}",
+            if a.format == CredsFormat::Creds {
+                "the .creds"
+            } else {
+                "credentials"
+            },
+            a.agent,
+            a.agent_type,
+            a.tenant,
+            main.display()
+        ),
+    })
+}
+
 /// Runs an agent command.
 pub async fn run(output: Output, args: AgentArgs) -> Result<(), Failure> {
     match &args.command {
@@ -138,52 +406,7 @@ pub async fn run(output: Output, args: AgentArgs) -> Result<(), Failure> {
         }
     }
     if let AgentCommand::Create(a) = &args.command {
-        // Claim the output file before anything is issued.
-        let file = create_exclusive(&a.out)?;
-        let client = match args.remote.connect().await {
-            Ok(c) => c,
-            Err(e) => {
-                let _ = std::fs::remove_file(&a.out);
-                return Err(e);
-            }
-        };
-        let issued = match client
-            .create_agent(&a.tenant, &a.agent, &a.agent_type)
-            .await
-        {
-            Ok(i) => i,
-            Err(e) => {
-                let _ = std::fs::remove_file(&a.out);
-                return Err(e.into());
-            }
-        };
-        let written = serde_json::to_vec_pretty(&issued.bundle)
-            .map_err(|e| e.to_string())
-            .and_then(|bytes| {
-                use std::io::Write as _;
-                let mut file = file;
-                file.write_all(&bytes)
-                    .and_then(|()| file.sync_all())
-                    .map_err(|e| e.to_string())
-            });
-        if let Err(e) = written {
-            let _ = std::fs::remove_file(&a.out);
-            let _ = client.revoke_agent(&a.tenant, &a.agent).await;
-            return Err(usage(format!(
-                "writing {}: {e} (the agent was revoked again)",
-                a.out.display()
-            )));
-        }
-        let shown = serde_json::json!({ "agent": issued.agent, "out": a.out });
-        return print(output, &shown, || {
-            format!(
-                "wrote credentials of agent {} ({}) of tenant {} to {}",
-                a.agent,
-                a.agent_type,
-                a.tenant,
-                a.out.display()
-            )
-        });
+        return create_agent(output, &args.remote, a).await;
     }
     let client = args.remote.connect().await?;
     match args.command {
