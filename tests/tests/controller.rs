@@ -203,10 +203,25 @@ async fn roles_are_enforced_by_the_server_and_by_the_controller() {
             .unwrap();
     let v: serde_json::Value = serde_json::from_slice(&forged.payload).unwrap();
     assert_eq!(v["error"]["code"], "forbidden", "{v}");
-    // A revoked admin is refused.
+    // A revoked admin is refused by the controller, and by the server: its
+    // connection is closed and its credentials no longer connect.
     p.cp.revoke_admin("acme-ops").await.unwrap();
     let err = ta_client.agents("acme").await.unwrap_err();
-    assert_eq!(err.code, ErrorCode::Forbidden, "{err}");
+    assert!(
+        matches!(err.code, ErrorCode::Forbidden | ErrorCode::Unavailable),
+        "{err}"
+    );
+    let refused = eventually(WAIT, || async {
+        agentbus_control::AdminClient::connect(&p.server.url(), &ta.creds)
+            .await
+            .is_err()
+            .then_some(())
+    })
+    .await;
+    assert!(
+        refused.is_some(),
+        "a revoked admin's credentials still connect"
+    );
     // The platform-admin can.
     p.cp.suspend_tenant("globex").await.unwrap();
 }

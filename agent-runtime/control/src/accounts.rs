@@ -236,12 +236,24 @@ pub fn platform_account_jwt(
     signing_key: &str,
     iat: i64,
 ) -> Result<String, ControlError> {
+    platform_account_jwt_with_revocations(operator, account, signing_key, BTreeMap::new(), iat)
+}
+
+/// The platform account JWT with user revocations (revoked admins: the server
+/// closes their connections and refuses their credentials).
+pub fn platform_account_jwt_with_revocations(
+    operator: &KeyPair,
+    account: &str,
+    signing_key: &str,
+    revocations: BTreeMap<String, i64>,
+    iat: i64,
+) -> Result<String, ControlError> {
     let mut limits = AccountLimits::unlimited_without_jetstream();
     limits.mem_storage = NO_LIMIT;
     limits.disk_storage = NO_LIMIT;
     limits.streams = NO_LIMIT;
     limits.consumer = NO_LIMIT;
-    let mut nats = account_nats(limits, BTreeMap::new(), vec![]);
+    let mut nats = account_nats(limits, revocations, vec![]);
     nats.signing_keys = vec![signing_key.to_string()];
     nats.exports = vec![Export {
         name: "agentbus-keys".to_string(),

@@ -751,6 +751,9 @@ impl Controller {
                 "admin changed concurrently; retry",
             ));
         }
+        // The record refuses it at the controller now; the platform account's
+        // revocation makes the server close its connections and refuse it too.
+        self.push_platform().await?;
         Ok(admin)
     }
 

@@ -112,6 +112,7 @@ pub struct Controller {
     pub(crate) config: ControllerConfig,
     pub(crate) id: String,
     pub(crate) locks: handlers::Stripes,
+    pub(crate) platform_iat: std::sync::Mutex<i64>,
 }
 
 impl std::fmt::Debug for Controller {
@@ -244,6 +245,7 @@ impl Controller {
             config,
             id,
             locks: handlers::Stripes::new(),
+            platform_iat: std::sync::Mutex::new(install.facts().created_at),
         }))
     }
 
@@ -384,6 +386,7 @@ impl Controller {
             claims::push(&self.sys, &jwt).await.map_err(from_api)?;
             pushed += 1;
         }
+        self.push_platform().await.map_err(from_api)?;
         let on_server = claims::list(&self.sys).await.map_err(from_api)?;
         let orphans: Vec<String> = on_server
             .into_iter()
@@ -399,6 +402,39 @@ impl Controller {
                 .map_err(from_api)?;
         }
         Ok(pushed)
+    }
+}
+
+impl Controller {
+    /// Re-signs and pushes the platform account with a revocation for every
+    /// revoked admin, so the server itself refuses their credentials.
+    pub(crate) async fn push_platform(&self) -> Result<(), ApiError> {
+        let mut revocations = std::collections::BTreeMap::new();
+        for admin in self.store.admins().await? {
+            if let Some(at) = admin.revoked_at {
+                revocations.insert(admin.user, at);
+            }
+        }
+        // Strictly newer than the preloaded JWT and every earlier push by this
+        // instance; another instance's push in the same second is overtaken by the
+        // next reconcile.
+        let iat = {
+            let mut last = self
+                .platform_iat
+                .lock()
+                .map_err(|_| ApiError::new(ErrorCode::Internal, "lock"))?;
+            *last = crate::accounts::next_iat(crate::install::now_unix(), Some(*last));
+            *last
+        };
+        let jwt = crate::accounts::platform_account_jwt_with_revocations(
+            &self.operator,
+            &self.platform_account,
+            &self.platform_signing.public_key(),
+            revocations,
+            iat,
+        )
+        .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?;
+        claims::push(&self.sys, &jwt).await
     }
 }
 
