@@ -169,11 +169,9 @@ async fn roles_are_enforced_by_the_server_and_by_the_controller() {
         .issue_agent("globex", "spy", "default")
         .await
         .unwrap_err();
-    assert_eq!(
-        err.code,
-        ErrorCode::Unavailable,
-        "no answer reaches a refused publish: {err}"
-    );
+    // The client sees the server's refusal at once, as its own error.
+    assert_eq!(err.code, ErrorCode::Forbidden, "{err}");
+    assert!(err.message.contains("globex"), "{err}");
     assert!(p.cp.agents("globex").await.unwrap().is_empty());
     // The tenant-admin stays within its tier and cannot suspend or delete.
     let mut up = agentbus_control::api::UpdateTenant::default();

@@ -79,6 +79,13 @@ fn json(state: &Path, args: &[&str]) -> serde_json::Value {
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{args:?}: not JSON ({e}): {text}"))
 }
 
+/// The installation's URL list.
+fn server_url(state: &Path) -> String {
+    let facts: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(state.join("install.json")).unwrap()).unwrap();
+    facts["urls"][0].as_str().unwrap().to_string()
+}
+
 /// Fails with exit `code` and one line on stderr containing `needle`.
 fn fails(state: &Path, args: &[&str], code: i32, needle: &str) {
     let out = run(state, args);
@@ -241,6 +248,56 @@ fn admin_commands_json_exit_codes_and_a_second_up() {
         .unwrap();
     assert!(!sub.status.success());
 
+    // Admins and single agents in JSON too.
+    let a = json(&state, &["agent", "get", "acme", "a2"]);
+    assert_eq!(a["agent"], "a2");
+    assert_eq!(a["tenant"], "acme");
+    let creds = tmp.path().join("ops.creds");
+    let made = json(
+        &state,
+        &[
+            "admin",
+            "create",
+            "ops",
+            "--role",
+            "tenant-admin",
+            "--tenant",
+            "acme",
+            "--out",
+            creds.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(made["admin"]["role"], "tenant-admin");
+    let admins = json(&state, &["admin", "list"]);
+    assert_eq!(admins.as_array().unwrap().len(), 2);
+    // The tenant-admin's own creds work for its tenant, and are refused elsewhere.
+    let mine = Command::new(BIN)
+        .args([
+            "agent",
+            "list",
+            "acme",
+            "-o",
+            "json",
+            "--url",
+            &server_url(&state),
+            "--creds",
+        ])
+        .arg(&creds)
+        .output()
+        .unwrap();
+    assert!(
+        mine.status.success(),
+        "{}",
+        String::from_utf8_lossy(&mine.stderr)
+    );
+    let other = Command::new(BIN)
+        .args(["tenant", "list", "--url", &server_url(&state), "--creds"])
+        .arg(&creds)
+        .output()
+        .unwrap();
+    assert!(!other.status.success());
+    json(&state, &["admin", "revoke", "ops"]);
+
     // Delete leaves nothing; the id can be created again.
     json(&state, &["tenant", "delete", "acme", "--yes"]);
     fails(&state, &["tenant", "get", "acme"], 3, "acme");
@@ -292,6 +349,54 @@ fn up_cluster_3_serves_with_r3_buckets_and_a_url_list() {
         assert_eq!(b["replicas"], 3, "{b}");
     }
     assert_eq!(status["urls"].as_array().unwrap().len(), 3);
+    drop(server);
+}
+
+#[test]
+fn up_restarts_a_nats_server_that_dies_and_the_controller_serves_again() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    let server = up(&state);
+    json(&state, &["tenant", "create", "acme"]);
+    // The nats-server `up` started (its only child process).
+    let children = Command::new("pgrep")
+        .args(["-P", &server.child.id().to_string(), "nats-server"])
+        .output()
+        .expect("pgrep");
+    let pids: Vec<String> = String::from_utf8_lossy(&children.stdout)
+        .split_whitespace()
+        .map(str::to_string)
+        .collect();
+    assert_eq!(pids.len(), 1, "children of up: {pids:?}");
+    let status = Command::new("kill")
+        .args(["-KILL", &pids[0]])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    // Restarted on the same port and store: the record is still there.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut back = None;
+    while Instant::now() < deadline {
+        let out = run(&state, &["tenant", "get", "acme", "-o", "json"]);
+        if out.status.success() {
+            back = Some(Instant::now());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        back.is_some(),
+        "the control plane did not come back after the server was killed"
+    );
+    let again = Command::new("pgrep")
+        .args(["-P", &server.child.id().to_string(), "nats-server"])
+        .output()
+        .unwrap();
+    let new_pids = String::from_utf8_lossy(&again.stdout).trim().to_string();
+    assert!(
+        !new_pids.is_empty() && new_pids != pids[0],
+        "no new server: {new_pids:?}"
+    );
     drop(server);
 }
 

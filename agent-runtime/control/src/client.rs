@@ -33,6 +33,10 @@ pub const NO_RESPONDERS_RETRY: Duration = Duration::from_secs(5);
 #[derive(Clone)]
 pub struct AdminClient {
     client: async_nats::Client,
+    // The server's permission violations on this connection, as they arrive: a
+    // refused publish gets no answer, so a call watches for its own subject here
+    // instead of waiting out its timeout.
+    violations: tokio::sync::watch::Receiver<String>,
     name: String,
     key: std::sync::Arc<KeyPair>,
     timeout: Duration,
@@ -64,8 +68,19 @@ impl AdminClient {
         })?;
         let addrs = crate::parse_urls(urls)
             .map_err(|e| ApiError::new(ErrorCode::InvalidInput, e.to_string()))?;
+        let (tx, violations) = tokio::sync::watch::channel(String::new());
+        let tx = std::sync::Arc::new(tx);
         let client = async_nats::ConnectOptions::with_credentials(creds)
             .map_err(|e| ApiError::new(ErrorCode::InvalidInput, format!("admin credentials: {e}")))?
+            .event_callback(move |event| {
+                let tx = tx.clone();
+                async move {
+                    let text = event.to_string();
+                    if text.to_lowercase().contains("permissions violation") {
+                        let _ = tx.send(text);
+                    }
+                }
+            })
             .name(format!("agentbus-admin-{}", claims.name))
             .custom_inbox_prefix(api::admin_inbox(&claims.name))
             .connection_timeout(Duration::from_secs(5))
@@ -75,6 +90,7 @@ impl AdminClient {
             .map_err(|e| unavailable(format!("cannot reach the server at {urls}: {e}")))?;
         Ok(Self {
             client,
+            violations,
             name: claims.name,
             key: std::sync::Arc::new(key),
             timeout: DEFAULT_TIMEOUT,
@@ -139,13 +155,36 @@ impl AdminClient {
         // No responders: no controller is subscribed right now (starting, or a
         // failover in progress). Retry the same request id for a few seconds.
         let deadline = tokio::time::Instant::now() + NO_RESPONDERS_RETRY;
+        let mut violations = self.violations.clone();
+        violations.mark_unchanged();
+        let refused = async move {
+            loop {
+                if violations.changed().await.is_err() {
+                    return std::future::pending::<String>().await;
+                }
+                let text = violations.borrow_and_update().clone();
+                if text.contains(subject) {
+                    return text;
+                }
+            }
+        };
+        tokio::pin!(refused);
         let reply = loop {
             let request = self.client.request_with_headers(
                 subject.to_string(),
                 headers.clone(),
                 payload.clone().into(),
             );
-            match tokio::time::timeout(self.timeout, request).await {
+            let answer = tokio::select! {
+                a = tokio::time::timeout(self.timeout, request) => a,
+                text = &mut refused => {
+                    return Err(ApiError::new(
+                        ErrorCode::Forbidden,
+                        format!("the server refused the request for this admin's role: {}", crate::one_line(&text)),
+                    ));
+                }
+            };
+            match answer {
                 Err(_) => return Err(unavailable("the controller did not answer in time")),
                 Ok(Err(e)) => {
                     use async_nats::RequestErrorKind as K;
