@@ -413,3 +413,62 @@ async fn a_crash_between_the_kv_write_and_the_claim_push_is_repaired_on_start() 
     raw_connect(&url, &bundle).await.unwrap();
     stop.fire();
 }
+
+#[tokio::test]
+async fn agents_started_by_the_runtime_follow_a_key_rotation() {
+    use agent_runtime::agent::AgentHost;
+    use agentbus_control::registry::{Registry, RegistryWatcher};
+    let p = platform().await;
+    p.cp.create_tenant("rt", Tier::Free).await.unwrap();
+    let a = p.cp.issue_agent("rt", "a", "default").await.unwrap();
+    let b = p.cp.issue_agent("rt", "b", "default").await.unwrap();
+    // A runtime instance: the platform account's registry, watched.
+    let client = agentbus_control::controller::connect(
+        &p.server.url(),
+        &p.install.creds("controller.creds").unwrap(),
+        "runtime",
+    )
+    .await
+    .unwrap();
+    let registry = Registry::open(client).await.unwrap();
+    let watcher = std::sync::Arc::new(RegistryWatcher::start(&registry).await.unwrap());
+    let host = AgentHost::new(watcher);
+    let agent = host
+        .start(
+            &a,
+            tenant_bus::NamespaceOptions::new(),
+            "default",
+            Vec::<&str>::new(),
+        )
+        .await
+        .unwrap();
+    let nb = TenantNamespace::connect(&b).await.unwrap();
+    let _rb = KeyRefresher::spawn(
+        nb.clone(),
+        bundle_account(&b).unwrap(),
+        Duration::from_millis(100),
+    );
+    let mut sub = nb.subscribe("news").await.unwrap();
+    // A short grace: the runtime's agent learns the new version at its
+    // promotion time (the key service says when), not only every 10 s.
+    p.cp.rotate_key("rt", Some(Duration::from_millis(1500)))
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(8);
+    let mut moved = false;
+    while tokio::time::Instant::now() < deadline {
+        agent.publish("news", b"tick").await.unwrap();
+        let m = tokio::time::timeout(WAIT, sub.next())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(m.payload.as_ref(), b"tick");
+        if agent.namespace().keys().current_version() == 2 {
+            moved = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(moved, "the runtime's agent never sealed with version 2");
+    agent.shutdown(Duration::from_secs(2)).await;
+}

@@ -51,6 +51,28 @@ pub async fn fetch(ns: &TenantNamespace, account: &str) -> Result<KeysAnswer, Ap
     }
 }
 
+/// Fetches and installs the current key set once; returns how long to wait
+/// before the next refresh (at most `every`, sooner when a staged rotation
+/// promotes). A failure is logged and retried after `every`.
+pub async fn refresh_once(ns: &TenantNamespace, account: &str, every: Duration) -> Duration {
+    let mut wait = every;
+    match fetch(ns, account).await {
+        Ok(answer) => {
+            if let Err(e) = ns.set_keys(answer.keys) {
+                tracing::warn!(tenant = %ns.tenant(), error = %e, "refreshed key set refused");
+            }
+            let now = tenant_bus::envelope::now_ms();
+            if answer.refresh_at_ms > now {
+                wait = wait.min(Duration::from_millis(answer.refresh_at_ms - now));
+            }
+        }
+        Err(e) => {
+            tracing::debug!(tenant = %ns.tenant(), error = %e, "key refresh failed; retrying")
+        }
+    }
+    wait.max(Duration::from_millis(50))
+}
+
 /// Keeps a namespace's key set current until dropped.
 #[derive(Debug)]
 pub struct KeyRefresher {
@@ -62,20 +84,8 @@ impl KeyRefresher {
     pub fn spawn(ns: TenantNamespace, account: String, every: Duration) -> Self {
         let task = tokio::spawn(async move {
             loop {
-                let mut wait = every;
-                match fetch(&ns, &account).await {
-                    Ok(answer) => {
-                        if let Err(e) = ns.set_keys(answer.keys) {
-                            tracing::warn!(error = %e, "refreshed key set refused");
-                        }
-                        let now = tenant_bus::envelope::now_ms();
-                        if answer.refresh_at_ms > now {
-                            wait = wait.min(Duration::from_millis(answer.refresh_at_ms - now));
-                        }
-                    }
-                    Err(e) => tracing::debug!(error = %e, "key refresh failed; retrying"),
-                }
-                tokio::time::sleep(wait.max(Duration::from_millis(50))).await;
+                let wait = refresh_once(&ns, &account, every).await;
+                tokio::time::sleep(wait).await;
             }
         });
         Self { task }

@@ -258,7 +258,22 @@ impl AgentHost {
         permissions: impl IntoIterator<Item = S>,
     ) -> Result<Agent, AgentError> {
         let ns = self.connect(bundle, options).await?;
-        self.register(ns, agent_type, permissions).await
+        let agent = self.register(ns, agent_type, permissions).await?;
+        // Key rotations reach the agent without a restart: it asks the
+        // controller's key service (its account's import) every
+        // KEY_REFRESH_EVERY, and at a staged rotation's promotion time.
+        if let Ok(account) = agentbus_control::keys::bundle_account(bundle) {
+            let task = tokio::spawn(refresh_keys(
+                agent.shared.ns.clone(),
+                account,
+                agent.shared.state.subscribe(),
+                agent.shared.watcher.subscribe(),
+            ));
+            if let Ok(mut h) = agent.shared.handlers.lock() {
+                h.push(task);
+            }
+        }
+        Ok(agent)
     }
 
     /// The tool registry of `tenant` (created empty on first use).
@@ -383,6 +398,42 @@ impl AgentHost {
             shared.set_state(AgentState::Suspended);
         }
         Ok(Agent { shared })
+    }
+}
+
+/// How often a started agent asks the key service for its tenant's key set (the
+/// controller's rotation grace, 30 s by default, must be longer).
+pub const KEY_REFRESH_EVERY: Duration = Duration::from_secs(10);
+
+/// Keeps `ns`'s key set current until the agent stops: at once when the
+/// registry shows a change of the tenant's record (a rotation is seen in well
+/// under a second), at a staged rotation's promotion time, and every
+/// [`KEY_REFRESH_EVERY`] regardless.
+async fn refresh_keys(
+    ns: TenantNamespace,
+    account: String,
+    mut state: watch::Receiver<AgentState>,
+    mut events: broadcast::Receiver<RegistryEvent>,
+) {
+    let mut watching = true;
+    loop {
+        let wait = agentbus_control::keys::refresh_once(&ns, &account, KEY_REFRESH_EVERY).await;
+        let sleep = tokio::time::sleep(wait);
+        tokio::pin!(sleep);
+        loop {
+            tokio::select! {
+                _ = &mut sleep => break,
+                _ = state.wait_for(|s| *s == AgentState::Stopped) => return,
+                event = events.recv(), if watching => match event {
+                    Ok(e) if e.tenant() == ns.tenant() => break,
+                    Ok(_) => {}
+                    // Missed events: refresh to be sure.
+                    Err(broadcast::error::RecvError::Lagged(_)) => break,
+                    // The watcher is gone: only the timer and the agent's stop remain.
+                    Err(broadcast::error::RecvError::Closed) => watching = false,
+                },
+            }
+        }
     }
 }
 
@@ -590,6 +641,11 @@ impl Agent {
     /// A resource of `kind` in the agent's own tenant.
     pub fn resource(&self, kind: &str) -> Resource {
         Resource::new(self.tenant(), kind)
+    }
+
+    /// The agent's namespace (its connection, keys and counters).
+    pub fn namespace(&self) -> &TenantNamespace {
+        &self.shared.ns
     }
 
     /// Publishes on the agent's namespace.
