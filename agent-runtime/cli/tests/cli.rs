@@ -168,6 +168,25 @@ fn admin_commands_json_exit_codes_and_a_second_up() {
         String::from_utf8_lossy(&out.stderr)
     );
 
+    // Exit 1: a broken installation (the KEK readable by others) stops a
+    // controller before it touches anything.
+    use std::os::unix::fs::PermissionsExt as _;
+    let kek = state.join("kek");
+    std::fs::set_permissions(&kek, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = Command::new(BIN)
+        .args(["controller", "--state", state.to_str().unwrap()])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    std::fs::set_permissions(&kek, std::fs::Permissions::from_mode(0o600)).unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("chmod 600"));
+
     // 50 concurrent `agent create` runs for one tenant: none lost, none duplicated.
     let dir = tmp.path().join("bundles");
     std::fs::create_dir(&dir).unwrap();
@@ -202,7 +221,6 @@ fn admin_commands_json_exit_codes_and_a_second_up() {
     assert_eq!(names.len(), 50);
     assert_eq!(agents.as_array().unwrap().len(), 50);
     // The bundle files are 0600 and the output path is never overwritten.
-    use std::os::unix::fs::PermissionsExt as _;
     let mode = std::fs::metadata(dir.join("a0.json"))
         .unwrap()
         .permissions()
