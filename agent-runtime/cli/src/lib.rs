@@ -131,9 +131,9 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
             clap_complete::generate(shell, &mut cmd, "agentbus", &mut std::io::stdout());
             Ok(())
         }
-        Command::Pub(args) => Ok(msg::publish(args).await?),
-        Command::Sub(args) => Ok(msg::subscribe(args).await?),
-        Command::Request(args) => Ok(msg::request(args).await?),
+        Command::Pub(args) => msg::publish(args, output).await,
+        Command::Sub(args) => msg::subscribe(args, output).await,
+        Command::Request(args) => msg::request(args, output).await,
         Command::Reply(args) => msg::reply(args).await,
         Command::Bench(args) => Ok(agentbus_bench::run(args).await.map_err(|e| CliError(e.0))?),
         // Workers build their own single-threaded runtime; run them off this one.

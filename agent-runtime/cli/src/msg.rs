@@ -19,7 +19,7 @@ use tenant_bus::{
 };
 use tokio::sync::broadcast;
 
-use crate::output::{Failure, EXIT_INTERNAL, EXIT_REFUSED, EXIT_UNAVAILABLE, EXIT_USAGE};
+use crate::output::{Failure, Output, EXIT_INTERNAL, EXIT_REFUSED, EXIT_UNAVAILABLE, EXIT_USAGE};
 use crate::{one_line, write_stdout};
 
 /// Arguments of `agentbus pub`.
@@ -223,7 +223,7 @@ fn drain_fatal(events: &mut broadcast::Receiver<BusEvent>) -> Option<String> {
 }
 
 /// Runs `agentbus pub`.
-pub async fn publish(args: PubArgs) -> Result<(), Failure> {
+pub async fn publish(args: PubArgs, output: Output) -> Result<(), Failure> {
     let data = payload(&args.data)?;
     let ns = connect(&args.creds, NamespaceOptions::new()).await?;
     check_size(&ns, &args.subject, &data)?;
@@ -288,7 +288,12 @@ pub async fn publish(args: PubArgs) -> Result<(), Failure> {
             "the server did not confirm the publish in time; the message may not have been delivered",
         )
     })?;
-    write_stdout(&format!("published {id} to {}", args.subject));
+    match output {
+        Output::Json => write_stdout(
+            &serde_json::json!({ "msg_id": id.to_string(), "subject": args.subject }).to_string(),
+        ),
+        Output::Table => write_stdout(&format!("published {id} to {}", args.subject)),
+    }
     Ok(())
 }
 
@@ -363,7 +368,7 @@ impl Watch {
 }
 
 /// Runs `agentbus sub`.
-pub async fn subscribe(args: SubArgs) -> Result<(), Failure> {
+pub async fn subscribe(args: SubArgs, output: Output) -> Result<(), Failure> {
     let ns = connect(&args.creds, NamespaceOptions::new()).await?;
     let mut watch = Watch::new(&ns);
     let mut sub = ns
@@ -384,13 +389,17 @@ pub async fn subscribe(args: SubArgs) -> Result<(), Failure> {
                 seen += 1;
                 let sender = msg.sender.as_ref().map(|s| s.as_str()).unwrap_or("-");
                 // A closed stdout (`| head`) ends the process quietly, exit 0.
-                write_stdout(&format!(
-                    "[{}] {} from {}: {}",
-                    seen,
-                    msg.subject,
-                    sender,
-                    String::from_utf8_lossy(&msg.payload)
-                ));
+                match output {
+                    // One JSON object per line.
+                    Output::Json => write_stdout(&message_json(&msg).to_string()),
+                    Output::Table => write_stdout(&format!(
+                        "[{}] {} from {}: {}",
+                        seen,
+                        msg.subject,
+                        sender,
+                        String::from_utf8_lossy(&msg.payload)
+                    )),
+                }
             }
             failure = watch.stopped() => return Err(failure),
             _ = tokio::signal::ctrl_c() => break,
@@ -400,7 +409,7 @@ pub async fn subscribe(args: SubArgs) -> Result<(), Failure> {
 }
 
 /// Runs `agentbus request`.
-pub async fn request(args: RequestArgs) -> Result<(), Failure> {
+pub async fn request(args: RequestArgs, output: Output) -> Result<(), Failure> {
     let data = payload(&args.data)?;
     let options = NamespaceOptions::new().request_timeout(Duration::from_millis(args.timeout_ms));
     let ns = connect(&args.creds, options).await?;
@@ -442,7 +451,10 @@ pub async fn request(args: RequestArgs) -> Result<(), Failure> {
             }
             fail(EXIT_USAGE, e.to_string())
         })?;
-    write_stdout(&String::from_utf8_lossy(&reply.payload));
+    match output {
+        Output::Json => write_stdout(&message_json(&reply).to_string()),
+        Output::Table => write_stdout(&String::from_utf8_lossy(&reply.payload)),
+    }
     Ok(())
 }
 
@@ -520,4 +532,33 @@ async fn answer(ns: &TenantNamespace, msg: &TenantMessage, fixed: Option<&[u8]>)
             false
         }
     }
+}
+
+/// A verified message as JSON: `subject` (relative), `tenant`, `sender`,
+/// `msg_id`, `timestamp_ms`, `key_version`, and `payload` (text) or
+/// `payload_base64` (when it is not UTF-8).
+fn message_json(msg: &tenant_bus::TenantMessage) -> serde_json::Value {
+    use base64::Engine as _;
+    let ts = msg
+        .timestamp
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let mut v = serde_json::json!({
+        "subject": msg.subject.as_str(),
+        "tenant": msg.tenant.as_str(),
+        "sender": msg.sender.as_ref().map(|s| s.as_str()),
+        "msg_id": msg.msg_id.to_string(),
+        "timestamp_ms": ts,
+        "key_version": msg.key_version,
+    });
+    match std::str::from_utf8(&msg.payload) {
+        Ok(text) => v["payload"] = serde_json::Value::from(text),
+        Err(_) => {
+            v["payload_base64"] = serde_json::Value::from(
+                base64::engine::general_purpose::STANDARD.encode(&msg.payload),
+            )
+        }
+    }
+    v
 }

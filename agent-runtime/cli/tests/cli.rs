@@ -693,6 +693,35 @@ mod messaging {
     }
 
     #[test]
+    fn messaging_commands_print_json_with_o_json() {
+        let srv = server("");
+        let dir = tempfile::tempdir().unwrap();
+        let master = MasterSecret::generate().unwrap();
+        let a = bundle(dir.path(), &srv.url(), &master, "a");
+        let b = bundle(dir.path(), &srv.url(), &master, "b");
+        let mut sub = listening(
+            &["sub", "--creds", b.to_str().unwrap(), "jobs.>", "--count", "1", "-o", "json"],
+            "listening on",
+        );
+        let out = Command::new(BIN)
+            .args(["pub", "--creds", a.to_str().unwrap(), "jobs.new", "hello", "-o", "json"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", stderr_of(&out));
+        let published: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(published["subject"], "jobs.new");
+        assert!(wait_exit(&mut sub, Duration::from_secs(10)).success());
+        let mut printed = String::new();
+        sub.stdout.take().unwrap().read_to_string(&mut printed).unwrap();
+        let line: serde_json::Value = serde_json::from_str(printed.trim()).unwrap();
+        assert_eq!(line["subject"], "jobs.new");
+        assert_eq!(line["payload"], "hello");
+        assert_eq!(line["sender"], "a");
+        assert_eq!(line["tenant"], "acme");
+        assert_eq!(line["msg_id"], published["msg_id"]);
+    }
+
+    #[test]
     fn pub_reads_the_payload_from_stdin() {
         let srv = server("");
         let dir = tempfile::tempdir().unwrap();
