@@ -700,11 +700,28 @@ mod messaging {
         let a = bundle(dir.path(), &srv.url(), &master, "a");
         let b = bundle(dir.path(), &srv.url(), &master, "b");
         let mut sub = listening(
-            &["sub", "--creds", b.to_str().unwrap(), "jobs.>", "--count", "1", "-o", "json"],
+            &[
+                "sub",
+                "--creds",
+                b.to_str().unwrap(),
+                "jobs.>",
+                "--count",
+                "1",
+                "-o",
+                "json",
+            ],
             "listening on",
         );
         let out = Command::new(BIN)
-            .args(["pub", "--creds", a.to_str().unwrap(), "jobs.new", "hello", "-o", "json"])
+            .args([
+                "pub",
+                "--creds",
+                a.to_str().unwrap(),
+                "jobs.new",
+                "hello",
+                "-o",
+                "json",
+            ])
             .output()
             .unwrap();
         assert!(out.status.success(), "{}", stderr_of(&out));
@@ -712,7 +729,11 @@ mod messaging {
         assert_eq!(published["subject"], "jobs.new");
         assert!(wait_exit(&mut sub, Duration::from_secs(10)).success());
         let mut printed = String::new();
-        sub.stdout.take().unwrap().read_to_string(&mut printed).unwrap();
+        sub.stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut printed)
+            .unwrap();
         let line: serde_json::Value = serde_json::from_str(printed.trim()).unwrap();
         assert_eq!(line["subject"], "jobs.new");
         assert_eq!(line["payload"], "hello");
