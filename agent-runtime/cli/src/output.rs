@@ -11,8 +11,7 @@
 //! | 3 | not found |
 //! | 4 | already exists |
 //! | 5 | refused: not allowed in this state, or for this admin |
-//! | 6 | unavailable: no server or controller reachable (an outage, not your input) |
-//! | 7 | conflict: concurrent changes kept winning; retry |
+//! | 6 | unavailable: no server or controller reachable, or concurrent changes kept winning (an outage or contention, not your input): retry |
 
 use clap::ValueEnum;
 use serde::Serialize;
@@ -43,8 +42,6 @@ pub const EXIT_EXISTS: i32 = 4;
 pub const EXIT_REFUSED: i32 = 5;
 /// Exit code for unavailable.
 pub const EXIT_UNAVAILABLE: i32 = 6;
-/// Exit code for conflict.
-pub const EXIT_CONFLICT: i32 = 7;
 
 /// The exit code of an API error.
 pub fn exit_code(code: ErrorCode) -> i32 {
@@ -53,8 +50,8 @@ pub fn exit_code(code: ErrorCode) -> i32 {
         ErrorCode::NotFound => EXIT_NOT_FOUND,
         ErrorCode::AlreadyExists => EXIT_EXISTS,
         ErrorCode::Refused | ErrorCode::Forbidden => EXIT_REFUSED,
-        ErrorCode::Unavailable => EXIT_UNAVAILABLE,
-        ErrorCode::Conflict => EXIT_CONFLICT,
+        // Both are transient: retrying the same command is the remedy.
+        ErrorCode::Unavailable | ErrorCode::Conflict => EXIT_UNAVAILABLE,
         _ => EXIT_INTERNAL,
     }
 }

@@ -168,6 +168,27 @@ fn admin_commands_json_exit_codes_and_a_second_up() {
         String::from_utf8_lossy(&out.stderr)
     );
 
+    // A format-1 state directory (before the controller) is refused, unchanged.
+    let old_dir = tmp.path().join("old");
+    std::fs::create_dir(&old_dir).unwrap();
+    std::fs::write(old_dir.join("control.json"), b"{\"format\":1}").unwrap();
+    let out = Command::new(BIN)
+        .args(["up", "--state", old_dir.to_str().unwrap(), "--port", "0"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("format-1"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read_dir(&old_dir).unwrap().count(),
+        1,
+        "the old directory was changed"
+    );
+
     // Exit 1: a broken installation (the KEK readable by others) stops a
     // controller before it touches anything.
     use std::os::unix::fs::PermissionsExt as _;
