@@ -472,3 +472,39 @@ async fn agents_started_by_the_runtime_follow_a_key_rotation() {
     assert!(moved, "the runtime's agent never sealed with version 2");
     agent.shutdown(Duration::from_secs(2)).await;
 }
+
+#[tokio::test]
+async fn reconcile_never_deletes_the_account_of_a_record_it_cannot_read() {
+    let p = platform().await;
+    let url = p.server.url();
+    p.cp.create_tenant("fragile", Tier::Free).await.unwrap();
+    let bundle = p.cp.issue_agent("fragile", "a", "default").await.unwrap();
+    let account = p.cp.tenant("fragile").await.unwrap().record.account;
+    // Corrupt the tenant's record through the raw KV API (platform credentials).
+    let raw = agentbus_control::controller::connect(
+        &url,
+        &p.install.creds("controller.creds").unwrap(),
+        "raw",
+    )
+    .await
+    .unwrap();
+    let kv = async_nats::jetstream::new(raw)
+        .get_key_value("agentbus-tenants")
+        .await
+        .unwrap();
+    kv.put("fragile", "not json".into()).await.unwrap();
+    // A controller starting now reconciles: the unreadable record's account stays.
+    let (c, stop) = p.another_controller().await;
+    c.reconcile().await.unwrap();
+    let sys = async_nats::ConnectOptions::with_credentials(&p.install.creds("sys.creds").unwrap())
+        .unwrap()
+        .connect(&url)
+        .await
+        .unwrap();
+    let listed = agentbus_control::controller::claims::list(&sys)
+        .await
+        .unwrap();
+    assert!(listed.contains(&account), "the account was deleted");
+    raw_connect(&url, &bundle).await.unwrap();
+    stop.fire();
+}

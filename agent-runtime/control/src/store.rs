@@ -222,6 +222,26 @@ impl Store {
             .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))
     }
 
+    /// The accounts that have a seed in the secrets bucket (`tenant.<account>.account`).
+    pub async fn secret_accounts(&self) -> Result<Vec<String>, ApiError> {
+        let mut keys = self
+            .secrets
+            .keys()
+            .await
+            .map_err(|e| unavailable("listing secrets", e))?;
+        let mut out = Vec::new();
+        while let Some(key) = keys.next().await {
+            let key = key.map_err(|e| unavailable("listing secrets", e))?;
+            if let Some(account) = key
+                .strip_prefix("tenant.")
+                .and_then(|k| k.strip_suffix(".account"))
+            {
+                out.push(account.to_string());
+            }
+        }
+        Ok(out)
+    }
+
     /// Destroys a secret and its history.
     pub async fn purge_secret(&self, name: &str) -> Result<(), ApiError> {
         self.secrets

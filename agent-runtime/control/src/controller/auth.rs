@@ -85,5 +85,8 @@ pub async fn authenticate(
             admin.role, message.subject
         )));
     }
+    // Request ids are scoped to the admin: one admin can never make the
+    // controller take its request for a retry of another admin's.
+    let request_id = format!("{name}/{request_id}");
     Ok(Caller { admin, request_id })
 }

@@ -387,6 +387,9 @@ impl Controller {
             pushed += 1;
         }
         self.push_platform().await.map_err(from_api)?;
+        // An account whose seed is still in the secrets bucket belongs to a tenant
+        // record we could not read (corrupt, or skipped): never delete it.
+        known.extend(self.store.secret_accounts().await.map_err(from_api)?);
         let on_server = claims::list(&self.sys).await.map_err(from_api)?;
         let orphans: Vec<String> = on_server
             .into_iter()
