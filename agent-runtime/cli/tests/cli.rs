@@ -275,17 +275,56 @@ fn admin_commands_json_exit_codes_and_a_second_up() {
         "already exists",
     );
     assert!(!tmp.path().join("nowhere").exists());
-    // Revoked agents cannot connect (a raw client: `sub` with the bundle).
-    let got = json(&state, &["agent", "revoke", "acme", "a1"]);
-    assert!(got["revoked_at"].is_number());
-    let sub = Command::new(BIN)
-        .args(["sub", "--creds"])
-        .arg(dir.join("a1.json"))
-        .args(["x", "--count", "1"])
-        .stdin(Stdio::null())
-        .output()
+    // Every credential connects with a raw client; 50 concurrent `agent revoke`
+    // runs revoke them all, and then every raw client is refused.
+    let bundles: Vec<tenant_bus::CredentialBundle> = (0..50)
+        .map(|i| tenant_bus::CredentialBundle::from_file(dir.join(format!("a{i}.json"))).unwrap())
+        .collect();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
         .unwrap();
-    assert!(!sub.status.success());
+    let connects = |bundles: &[tenant_bus::CredentialBundle]| -> Vec<bool> {
+        rt.block_on(async {
+            let mut out = Vec::new();
+            for b in bundles {
+                let opts =
+                    async_nats::ConnectOptions::with_credentials(b.creds.as_deref().unwrap())
+                        .unwrap()
+                        .connection_timeout(Duration::from_secs(2));
+                out.push(opts.connect(b.url.as_str()).await.is_ok());
+            }
+            out
+        })
+    };
+    assert!(connects(&bundles).iter().all(|ok| *ok));
+    let children: Vec<_> = (0..50)
+        .map(|i| {
+            Command::new(BIN)
+                .args(["agent", "revoke", "acme", &format!("a{i}"), "--state"])
+                .arg(&state)
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for c in children {
+        let out = c.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let agents = json(&state, &["agent", "list", "acme"]);
+    assert!(agents
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|a| a["revoked_at"].is_number()));
+    let after = connects(&bundles);
+    assert!(after.iter().all(|ok| !ok), "still connecting: {after:?}");
 
     // Admins and single agents in JSON too.
     let a = json(&state, &["agent", "get", "acme", "a2"]);
