@@ -29,6 +29,9 @@ pub enum RejectReason {
     WaitTimeout,
     /// Too many concurrent holders (agents, tasks).
     Concurrency,
+    /// The shared admission state (the rate ledger in JetStream KV) could not be
+    /// reached: an outage, not the tenant's quota. Retry after the hint.
+    Unavailable,
 }
 
 crate::kind_display!(RejectReason {
@@ -38,6 +41,7 @@ crate::kind_display!(RejectReason {
     Suspended => "tenant is suspended",
     QueueFull => "admission queue is full",
     WaitTimeout => "timed out waiting for admission",
+    Unavailable => "admission state unavailable (an outage, not the tenant's quota)",
     Concurrency => "concurrency limit reached",
 });
 

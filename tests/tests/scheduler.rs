@@ -476,3 +476,37 @@ async fn refusals_are_typed() {
     let e = sched.tenant(&tenant("slow"), &long).unwrap_err();
     assert_eq!(e.kind(), SchedulerErrorKind::InvalidConfig);
 }
+
+/// A live `window_ms` update gets the same check against the rate ledger's key
+/// expiry as a new tenant: a window that would outlive its counters is refused
+/// (the old window stays), a shorter one applies.
+#[tokio::test]
+async fn a_live_window_update_is_checked_against_the_ledger_expiry() {
+    let server = Server::jetstream();
+    let js = jetstream::new(server.raw_client().await);
+    let rate = RateBucket {
+        max_age: Duration::from_secs(2),
+        ..RateBucket::default()
+    };
+    let sched = Scheduler::connect(
+        &js,
+        SchedulerConfig::default(),
+        &rate,
+        &slots(Duration::from_secs(5)),
+    )
+    .await
+    .unwrap();
+    let mut q = Quotas::for_tier(Tier::Free);
+    let t = sched.tenant(&TenantId::new("w").unwrap(), &q).unwrap();
+    assert_eq!(t.window_ms(), 1_000);
+    q.window_ms = 5_000; // longer than the 2 s expiry
+    t.set_quotas(&q);
+    assert_eq!(
+        t.window_ms(),
+        1_000,
+        "a window past the ledger expiry was applied"
+    );
+    q.window_ms = 1_500;
+    t.set_quotas(&q);
+    assert_eq!(t.window_ms(), 1_500);
+}

@@ -113,13 +113,14 @@ macro_rules! quotas {
             pub fn set(&mut self, key: &str, value: &str) -> Result<(), QuotaError> {
                 match key {
                     $( stringify!($field) => {
-                        self.$field = value.trim().replace('_', "").parse::<$ty>().map_err(|e| {
-                            Error::with_source(
+                        let v = parse_quota_number(value).ok_or_else(|| {
+                            Error::new(
                                 QuotaErrorKind::InvalidValue,
-                                format!("{key}={value:?}"),
-                                e,
+                                format!("{key}={value:?}: expected digits, optionally grouped with single underscores (1_000)"),
                             )
                         })?;
+                        check_field(key, v)?;
+                        self.$field = v;
                         Ok(())
                     } )+
                     other => Err(Error::new(
@@ -138,6 +139,36 @@ macro_rules! quotas {
             }
         }
     };
+}
+
+/// The longest rate window: well under the rate ledger's default key expiry
+/// (10 minutes), so a window's counter never expires while the window is open.
+pub const MAX_WINDOW_MS: u64 = 300_000;
+
+/// A quota number: ASCII digits, optionally grouped by single underscores
+/// between digits (`1_000`). No sign, no leading, trailing or doubled
+/// underscore, no whitespace inside.
+fn parse_quota_number(text: &str) -> Option<u64> {
+    let t = text.trim();
+    if t.is_empty() || t.starts_with('_') || t.ends_with('_') || t.contains("__") {
+        return None;
+    }
+    if !t.bytes().all(|b| b.is_ascii_digit() || b == b'_') {
+        return None;
+    }
+    t.replace('_', "").parse().ok()
+}
+
+/// Bounds of single fields beyond "a number".
+fn check_field(key: &str, v: u64) -> Result<(), QuotaError> {
+    let bad = |why: String| Err(Error::new(QuotaErrorKind::InvalidValue, why));
+    match key {
+        "window_ms" if v == 0 || v > MAX_WINDOW_MS => {
+            bad(format!("window_ms={v}: must be 1 to {MAX_WINDOW_MS}"))
+        }
+        "weight" if v == 0 => bad("weight=0: must be at least 1".to_string()),
+        _ => Ok(()),
+    }
 }
 
 quotas! {
@@ -205,5 +236,27 @@ mod tests {
             QuotaErrorKind::InvalidValue
         );
         assert_eq!(q.max_agents, 20, "a failed set changes nothing");
+    }
+
+    #[test]
+    fn numbers_are_strict_and_windows_bounded() {
+        let mut q = Quotas::for_tier(Tier::Free);
+        for bad in [
+            "+5", "1_000_", "_1", "1__0", "1 0", "0x10", "", " ", "1e3", "-0",
+        ] {
+            assert_eq!(
+                q.set("max_agents", bad).unwrap_err().kind(),
+                QuotaErrorKind::InvalidValue,
+                "{bad:?}"
+            );
+        }
+        for bad in ["0", "3600000", "300001"] {
+            assert!(q.set("window_ms", bad).is_err(), "window_ms={bad}");
+        }
+        assert!(q.set("weight", "0").is_err());
+        q.set("window_ms", "300_000").unwrap();
+        assert_eq!(q.window_ms, MAX_WINDOW_MS);
+        q.set("max_agents", " 12 ").unwrap();
+        assert_eq!(q.max_agents, 12);
     }
 }

@@ -441,9 +441,10 @@ impl RateWindow {
         let lease = match self.cold.ledger.lease(request, &mut hint).await {
             Ok(lease) => lease,
             Err(e) => {
-                // Fail closed: an unreachable ledger must not lift the quota.
+                // Fail closed: an unreachable ledger must not lift the quota. But
+                // say so: an outage is not the tenant being over its quota.
                 tracing::warn!(tenant = %self.cold.tenant, scope, error = %e, "rate lease failed");
-                return Err(Rejection::new(reason, Some(STORE_RETRY)));
+                return Err(Rejection::new(RejectReason::Unavailable, Some(STORE_RETRY)));
             }
         };
         self.deposit(epoch, lease.granted, lease.left == 0);
@@ -828,5 +829,7 @@ mod tests {
         ));
         let r = w.refill(cost).await.unwrap_err();
         assert_eq!(r.retry_after, Some(STORE_RETRY));
+        // Refused, but as an outage, never as "quota exhausted".
+        assert_eq!(r.reason, RejectReason::Unavailable);
     }
 }

@@ -166,6 +166,9 @@ pub struct TenantScheduler {
     tasks: ConcurrencyLimit,
     agents: TenantSlots,
     weight: AtomicU64,
+    // Windows must stay shorter than the rate ledger's key expiry, or a counter
+    // expires mid-window and the cap is admitted twice; set at creation.
+    max_window: Option<Duration>,
 }
 
 impl TenantScheduler {
@@ -176,6 +179,7 @@ impl TenantScheduler {
         config: &SchedulerConfig,
         ledger: &Arc<dyn TokenLedger>,
         slots: &SlotBackend,
+        max_window: Option<Duration>,
     ) -> Self {
         let window = Duration::from_millis(quotas.window_ms.max(1));
         let layers = Chain(
@@ -226,6 +230,7 @@ impl TenantScheduler {
             admission,
             agents,
             weight: AtomicU64::new(quotas.weight.max(1)),
+            max_window,
             id,
         }
     }
@@ -363,15 +368,34 @@ impl TenantScheduler {
         }
     }
 
+    /// The current rate window, in milliseconds.
+    pub fn window_ms(&self) -> u64 {
+        self.gate.layers().1 .1 .0.window_ms()
+    }
+
     /// Applies changed quotas in place (holders keep what they hold).
+    ///
+    /// A `window_ms` not shorter than the rate ledger's key expiry is refused
+    /// here as on creation (the window keeps its old length, and a warning is
+    /// logged): live updates get the same check as new tenants.
     pub fn set_quotas(&self, quotas: &Quotas) {
         let layers = self.gate.layers();
         layers.1 .0.set(quotas.max_message_bytes);
         let window = Duration::from_millis(quotas.window_ms.max(1));
+        let window_ok = self.max_window.is_none_or(|max| window < max);
+        if !window_ok {
+            tracing::warn!(
+                tenant = %self.id,
+                window_ms = quotas.window_ms,
+                "window_ms not shorter than the rate ledger's expiry; keeping the old window"
+            );
+        }
         layers.1 .1 .0.set_cap(quotas.messages_per_window);
-        layers.1 .1 .0.set_window(window);
         layers.1 .1 .1.set_cap(quotas.bytes_per_window);
-        layers.1 .1 .1.set_window(window);
+        if window_ok {
+            layers.1 .1 .0.set_window(window);
+            layers.1 .1 .1.set_window(window);
+        }
         self.tasks.set_limit(usize_of(quotas.max_concurrent_tasks));
         match &self.agents {
             TenantSlots::Cluster(slots) => slots.set_max(quotas.max_agents),
@@ -493,6 +517,7 @@ impl Scheduler {
                 &self.config,
                 &self.ledger,
                 &self.slots,
+                self.rate_max_age,
             ))
         });
         Ok(t.clone())
