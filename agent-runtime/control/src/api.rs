@@ -121,12 +121,14 @@ pub fn role_publish_allow(role: Role, tenant: Option<&TenantId>) -> Vec<String> 
             format!("{p}.tenant.{t}.update"),
             format!("{p}.tenant.{t}.rotate-key"),
             format!("{p}.agent.{t}.>"),
+            format!("{p}.audit.{t}.>"),
         ],
         (Role::Viewer, Some(t)) => vec![
             format!("{p}.status"),
             format!("{p}.tenant.{t}.get"),
             format!("{p}.agent.{t}.list"),
             format!("{p}.agent.{t}.get"),
+            format!("{p}.audit.{t}.>"),
         ],
         (Role::Viewer, None) => vec![
             format!("{p}.status"),
@@ -135,6 +137,7 @@ pub fn role_publish_allow(role: Role, tenant: Option<&TenantId>) -> Vec<String> 
             format!("{p}.agent.*.list"),
             format!("{p}.agent.*.get"),
             format!("{p}.admins.list"),
+            format!("{p}.audit.*.>"),
         ],
         // A tenant-admin always has a tenant (checked on create).
         (Role::TenantAdmin, None) => vec![],
@@ -379,6 +382,9 @@ mod tests {
         assert!(!ta(&tenant_subject("acme", "delete")));
         assert!(!ta(&tenant_subject("acme", "suspend")));
         assert!(!ta(&format!("{ADMIN_PREFIX}.tenants.list")));
+        assert!(ta(&format!("{ADMIN_PREFIX}.audit.acme.list")));
+        assert!(!ta(&format!("{ADMIN_PREFIX}.audit.globex.list")));
+        assert!(!ta(&format!("{ADMIN_PREFIX}.audit._platform.list")));
         let v = |s: &str| role_allows(Role::Viewer, None, s);
         assert!(v(&tenant_subject("globex", "get")));
         assert!(!v(&tenant_subject("globex", "update")));

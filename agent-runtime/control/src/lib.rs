@@ -10,6 +10,7 @@
 //!
 //! # Layout
 //! - [`api`]: the wire API: subjects, roles, requests, responses, error codes.
+//! - [`audit`]: the tamper-evident audit log (RFC 6962, signed checkpoints).
 //! - [`client`]: the typed admin client.
 //! - [`controller`]: the service, its operations, authentication and reconcile.
 //! - [`store`]: the KV buckets and their records.
@@ -25,6 +26,7 @@
 
 pub mod accounts;
 pub mod api;
+pub mod audit;
 pub mod client;
 pub mod controller;
 pub mod error;

@@ -48,6 +48,8 @@ pub mod secret_name {
     pub const PLATFORM_SIGNING: &str = "platform.signing";
     /// The system account's identity seed.
     pub const SYSTEM_ACCOUNT: &str = "system.account";
+    /// The Ed25519 seed that signs audit checkpoints ([`crate::audit`]).
+    pub const AUDIT_CHECKPOINT: &str = "audit.checkpoint";
 
     /// A tenant's account identity seed.
     pub fn tenant_account(tenant: &str) -> String {

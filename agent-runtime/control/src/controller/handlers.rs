@@ -161,6 +161,7 @@ impl Controller {
             ["admins", "create"] => json(&self.create_admin(parse(body)?).await?),
             ["admins", "list"] => json(&self.store.admins().await?),
             ["admins", "revoke"] => json(&self.revoke_admin(parse(body)?).await?),
+            ["audit", log, verb] => self.audit_api(log, verb, body).await,
             _ => Err(bad(format!("unknown subject {subject}"))),
         }
     }

@@ -20,6 +20,7 @@
 //! - [`claims`]: pushing, listing and deleting accounts on the server.
 //! - [`handlers`]: the operations.
 
+mod audit_api;
 pub mod auth;
 pub mod claims;
 pub mod handlers;
@@ -48,6 +49,7 @@ pub struct ControllerConfig {
     reconcile_every: Duration,
     max_in_flight: usize,
     fault: Option<String>,
+    audit: crate::audit::AuditConfig,
 }
 
 impl ControllerConfig {
@@ -60,6 +62,7 @@ impl ControllerConfig {
             reconcile_every: Duration::from_secs(60),
             max_in_flight: 64,
             fault: std::env::var("AGENTBUS_FAULT").ok(),
+            audit: crate::audit::AuditConfig::default(),
         }
     }
 
@@ -89,6 +92,12 @@ impl ControllerConfig {
         self
     }
 
+    /// When audit checkpoints are signed and how long an append may wait.
+    pub fn audit(mut self, audit: crate::audit::AuditConfig) -> Self {
+        self.audit = audit;
+        self
+    }
+
     /// Test hook: `exit-after-kv-write` makes the process exit between a
     /// tenant's KV record and its claim push (the crash the reconcile repairs).
     /// Also read from `AGENTBUS_FAULT`.
@@ -113,6 +122,7 @@ pub struct Controller {
     pub(crate) id: String,
     pub(crate) locks: handlers::Stripes,
     pub(crate) platform_iat: std::sync::Mutex<i64>,
+    pub(crate) audit: Arc<crate::audit::AuditLog>,
 }
 
 impl std::fmt::Debug for Controller {
@@ -232,6 +242,16 @@ impl Controller {
             ));
         }
         let id = format!("{:016x}", rand_u64());
+        let audit = crate::audit::AuditLog::open(
+            &store,
+            &kek,
+            config.replicas,
+            &install.facts().platform_account,
+            &id,
+            config.audit.clone(),
+        )
+        .await
+        .map_err(from_api)?;
         Ok(Arc::new(Self {
             store,
             client,
@@ -246,12 +266,18 @@ impl Controller {
             id,
             locks: handlers::Stripes::new(),
             platform_iat: std::sync::Mutex::new(install.facts().created_at),
+            audit: Arc::new(audit),
         }))
     }
 
     /// The buckets.
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// The audit log this instance appends to and checkpoints.
+    pub fn audit(&self) -> &Arc<crate::audit::AuditLog> {
+        &self.audit
     }
 
     /// Reconciles, then serves until the connection closes or `shutdown` fires;
@@ -277,6 +303,7 @@ impl Controller {
             ("tenant", format!("{}.tenant.*.*", api::ADMIN_PREFIX)),
             ("agent", format!("{}.agent.*.*", api::ADMIN_PREFIX)),
             ("admins", format!("{}.admins.*", api::ADMIN_PREFIX)),
+            ("audit", format!("{}.audit.*.*", api::ADMIN_PREFIX)),
             ("keys", format!("{}.*", api::KEYS_PREFIX)),
         ] {
             let endpoint = service
@@ -289,6 +316,7 @@ impl Controller {
                 })?;
             endpoints.push(endpoint);
         }
+        tokio::spawn(self.audit.clone().run(shutdown.clone()));
         let limit = Arc::new(Semaphore::new(self.config.max_in_flight));
         let mut merged = futures::stream::select_all(endpoints);
         let mut tick = tokio::time::interval(self.config.reconcile_every);
@@ -336,13 +364,18 @@ impl Controller {
         } else if subject.starts_with(api::KEYS_PREFIX) {
             self.keys(&subject, &request.message.payload).await
         } else {
-            match auth::authenticate(&self.store, &request.message).await {
+            let caller = auth::authenticate(&self.store, &request.message).await;
+            let result = match &caller {
                 Ok(caller) => {
-                    self.dispatch(&caller, &subject, &request.message.payload)
+                    self.dispatch(caller, &subject, &request.message.payload)
                         .await
                 }
-                Err(e) => Err(e),
-            }
+                Err(e) => Err(e.clone()),
+            };
+            // One audit event per mutation and per refusal (docs/audit.md).
+            self.audit_request(&request.message, caller.as_ref().ok(), &result)
+                .await;
+            result
         };
         let bytes = match body {
             Ok(value) => serde_json::to_vec(&api::Response::Ok(value)),

@@ -1,0 +1,983 @@
+//! The tamper-evident audit log: every control-plane decision, per tenant, in an
+//! RFC 6962 Merkle log with signed checkpoints (see `docs/audit.md`).
+//!
+//! # Storage
+//! One JetStream stream, [`STREAM`] (`AUDIT`), in the platform account, with the
+//! controller's replica count. Each log has two subjects:
+//!
+//! ```text
+//! agentbus.audit.v1.log.<tenant|_platform>          events (leaves), in index order
+//! agentbus.audit.v1.checkpoint.<tenant|_platform>   signed checkpoints (C2SP notes)
+//! ```
+//!
+//! Only the controller appends: admins' NATS users may publish only on their
+//! `agentbus.admin.v1.…` subjects, and tenants' users live in other accounts. An
+//! append carries `Nats-Expected-Last-Subject-Sequence` (the stream sequence of
+//! the log's previous entry) and `Nats-Msg-Id` (the event id), so two controller
+//! instances can never give two events the same index: the loser reloads the
+//! log's head and retries.
+//!
+//! # Layout
+//! - [`event`]: the v1 event and its canonical bytes.
+//! - [`merkle`]: RFC 6962 hashing, the compact range, proofs.
+//! - [`note`]: C2SP signed-note checkpoints (Ed25519).
+//! - [`verify`]: offline verification of a log and of an inclusion proof.
+
+pub mod event;
+pub mod merkle;
+pub mod note;
+pub mod verify;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, stream};
+use base64::Engine as _;
+use futures::StreamExt as _;
+use serde::{Deserialize, Serialize};
+
+use crate::api::{ApiError, ErrorCode};
+use crate::client::AdminClient;
+use crate::kek::Kek;
+use crate::store::{secret_name, unavailable, Store};
+use event::{AuditEvent, PLATFORM_LOG};
+use merkle::{CompactRange, Hash};
+use note::{Checkpoint, Signer, Verifier};
+use verify::{InclusionBundle, StoredCheckpoint, StoredEntry, VerifyFailure, VerifyReport};
+
+/// The stream holding every log.
+pub const STREAM: &str = "AUDIT";
+/// The subject prefix of the stream.
+pub const SUBJECT_PREFIX: &str = "agentbus.audit.v1";
+/// The largest stored event or checkpoint, bytes.
+pub const MAX_ENTRY_BYTES: usize = 16 * 1024;
+/// Logs whose append head or checkpoint state a controller caches.
+pub const MAX_CACHED_LOGS: usize = 10_000;
+/// Bytes of stored entries one `verify-data` page carries at most.
+pub const PAGE_BYTES: usize = 256 * 1024;
+/// The most events one `list` answers with.
+pub const MAX_LIST: usize = 10_000;
+
+/// `agentbus.audit.v1.log.<log>`.
+pub fn log_subject(log: &str) -> String {
+    format!("{SUBJECT_PREFIX}.log.{log}")
+}
+
+/// `agentbus.audit.v1.checkpoint.<log>`.
+pub fn checkpoint_subject(log: &str) -> String {
+    format!("{SUBJECT_PREFIX}.checkpoint.{log}")
+}
+
+/// The admin API subject `agentbus.admin.v1.audit.<log>.<verb>` (`list`,
+/// `proof`, `verify-data`).
+pub fn audit_subject(log: &str, verb: &str) -> String {
+    format!("{}.audit.{log}.{verb}", crate::api::ADMIN_PREFIX)
+}
+
+/// A log token: a valid tenant id, or [`PLATFORM_LOG`].
+pub fn check_log(log: &str) -> Result<(), ApiError> {
+    if log == PLATFORM_LOG || tenant_bus::TenantId::new(log).is_ok() {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            ErrorCode::InvalidInput,
+            format!("{log:?} is neither a tenant id nor {PLATFORM_LOG}"),
+        ))
+    }
+}
+
+/// When checkpoints are signed, and how long an append may take.
+#[derive(Debug, Clone)]
+pub struct AuditConfig {
+    /// Sign a checkpoint once a log has this many unsigned events. Default 100.
+    pub checkpoint_every: u64,
+    /// Sign checkpoints of every log with unsigned events this often. Default 10 s.
+    pub checkpoint_interval: Duration,
+    /// The longest an append waits for the stream before it is counted as
+    /// failed. Default 2 s.
+    pub append_timeout: Duration,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self {
+            checkpoint_every: 100,
+            checkpoint_interval: Duration::from_secs(10),
+            append_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+/// What the audit log of one controller instance has done.
+#[derive(Debug, Default)]
+pub struct AuditCounters {
+    appended: AtomicU64,
+    append_failed: AtomicU64,
+    checkpoints: AtomicU64,
+    checkpoint_failed: AtomicU64,
+    tamper_detected: AtomicU64,
+}
+
+/// A snapshot of [`AuditCounters`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditCountersSnapshot {
+    /// Events appended.
+    pub appended: u64,
+    /// Events that could not be appended within the timeout (logged at error).
+    pub append_failed: u64,
+    /// Checkpoints signed and stored.
+    pub checkpoints: u64,
+    /// Checkpoint passes that failed (outage, or tampering: see below).
+    pub checkpoint_failed: u64,
+    /// Logs found altered by the appender or the checkpointer (logged at error;
+    /// such a log gets no further checkpoint until repaired).
+    pub tamper_detected: u64,
+}
+
+impl AuditCounters {
+    /// The current values.
+    pub fn snapshot(&self) -> AuditCountersSnapshot {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        AuditCountersSnapshot {
+            appended: g(&self.appended),
+            append_failed: g(&self.append_failed),
+            checkpoints: g(&self.checkpoints),
+            checkpoint_failed: g(&self.checkpoint_failed),
+            tamper_detected: g(&self.tamper_detected),
+        }
+    }
+}
+
+fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+/// The append position of one log.
+#[derive(Debug, Clone, Copy)]
+struct Head {
+    seq: u64,
+    next_index: u64,
+    prev: Option<Hash>,
+}
+
+/// What the checkpointer knows of one log.
+#[derive(Debug, Clone, Default)]
+struct RangeState {
+    range: CompactRange,
+    last_seq: u64,
+    prev: Option<Hash>,
+    verified_cp_size: u64,
+}
+
+/// One stored message of the stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RawItem {
+    /// Its stream sequence.
+    pub seq: u64,
+    /// Its bytes, standard base64.
+    pub data: String,
+}
+
+/// `audit.<log>.verify-data` request: one page of a log's entries or checkpoints.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct VerifyDataRequest {
+    /// `log` or `checkpoint`.
+    pub kind: String,
+    /// Stream sequence to read after (0: from the start).
+    #[serde(default)]
+    pub after: u64,
+}
+
+/// `audit.<log>.verify-data` answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VerifyDataPage {
+    /// The messages, in stream order.
+    pub items: Vec<RawItem>,
+    /// Whether more follow (ask again after the last item's `seq`).
+    pub more: bool,
+    /// The checkpoint signer's verifier key.
+    pub verifier_key: String,
+}
+
+/// `audit.<log>.list` request: filters, all optional.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ListRequest {
+    /// Events at or after this time, Unix ms.
+    #[serde(default)]
+    pub since_ms: Option<u64>,
+    /// Events before this time, Unix ms.
+    #[serde(default)]
+    pub until_ms: Option<u64>,
+    /// Only this action (`tenant.create`), or a prefix ending in `.` (`tenant.`).
+    #[serde(default)]
+    pub action: Option<String>,
+    /// Only this actor id.
+    #[serde(default)]
+    pub actor: Option<String>,
+    /// At most this many (the newest), default and maximum [`MAX_LIST`].
+    #[serde(default)]
+    pub limit: Option<usize>,
+}
+
+impl ListRequest {
+    /// Whether `e` passes the filters.
+    pub fn matches(&self, e: &AuditEvent) -> bool {
+        self.since_ms.is_none_or(|t| e.time_ms >= t)
+            && self.until_ms.is_none_or(|t| e.time_ms < t)
+            && self
+                .action
+                .as_deref()
+                .is_none_or(|a| e.action == a || (a.ends_with('.') && e.action.starts_with(a)))
+            && self.actor.as_deref().is_none_or(|a| e.actor.id == a)
+    }
+}
+
+/// `audit.<log>.proof` request.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProofRequest {
+    /// The event's id.
+    pub event_id: String,
+}
+
+/// Striped locks: appends to one log from this instance queue up.
+struct Stripes(Vec<tokio::sync::Mutex<()>>);
+
+impl Stripes {
+    fn new() -> Self {
+        Self((0..64).map(|_| tokio::sync::Mutex::new(())).collect())
+    }
+
+    async fn lock(&self, key: &str) -> tokio::sync::MutexGuard<'_, ()> {
+        let h = key.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+        });
+        self.0[(h % 64) as usize].lock().await
+    }
+}
+
+fn lock_err<T>(_: T) -> ApiError {
+    ApiError::new(ErrorCode::Internal, "audit state lock poisoned")
+}
+
+/// The audit log as one controller instance writes and reads it.
+pub struct AuditLog {
+    js: jetstream::Context,
+    stream: stream::Stream,
+    signer: Signer,
+    key_name: String,
+    instance: String,
+    config: AuditConfig,
+    heads: std::sync::Mutex<HashMap<String, Head>>,
+    ranges: tokio::sync::Mutex<HashMap<String, RangeState>>,
+    dirty: std::sync::Mutex<HashMap<String, u64>>,
+    wake: tokio::sync::Notify,
+    locks: Stripes,
+    counters: AuditCounters,
+}
+
+impl std::fmt::Debug for AuditLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditLog")
+            .field("key", &self.key_name)
+            .finish()
+    }
+}
+
+impl AuditLog {
+    /// Opens (creating if missing) the [`STREAM`] with `replicas`, and loads the
+    /// checkpoint key from the secrets bucket (creating it on first use, one
+    /// winner across instances).
+    pub async fn open(
+        store: &Store,
+        kek: &Kek,
+        replicas: usize,
+        platform_account: &str,
+        instance: &str,
+        config: AuditConfig,
+    ) -> Result<Self, ApiError> {
+        let js = store.jetstream().clone();
+        let stream = js
+            .get_or_create_stream(stream::Config {
+                name: STREAM.to_string(),
+                description: Some(
+                    "agentbus audit logs (RFC 6962 leaves and signed checkpoints)".into(),
+                ),
+                subjects: vec![format!("{SUBJECT_PREFIX}.>")],
+                storage: stream::StorageType::File,
+                num_replicas: replicas,
+                max_message_size: MAX_ENTRY_BYTES as i32,
+                allow_direct: true,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| unavailable("opening the AUDIT stream", e))?;
+        let mut seed = [0u8; 32];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut seed)
+            .map_err(|_| ApiError::new(ErrorCode::Internal, "no randomness"))?;
+        store
+            .put_secret_if_absent(kek, secret_name::AUDIT_CHECKPOINT, &seed)
+            .await?;
+        let seed = store
+            .secret(kek, secret_name::AUDIT_CHECKPOINT)
+            .await?
+            .ok_or_else(|| ApiError::new(ErrorCode::Internal, "checkpoint key vanished"))?;
+        let key_name = format!("agentbus/{platform_account}/audit");
+        let signer = Signer::from_seed(&key_name, &seed)
+            .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?;
+        Ok(Self {
+            js,
+            stream,
+            signer,
+            key_name,
+            instance: instance.to_string(),
+            config,
+            heads: std::sync::Mutex::new(HashMap::new()),
+            ranges: tokio::sync::Mutex::new(HashMap::new()),
+            dirty: std::sync::Mutex::new(HashMap::new()),
+            wake: tokio::sync::Notify::new(),
+            locks: Stripes::new(),
+            counters: AuditCounters::default(),
+        })
+    }
+
+    /// The checkpoint signer's verifier key (`name+keyid+key`).
+    pub fn verifier_key(&self) -> String {
+        self.signer.verifier_key()
+    }
+
+    /// The origin line of `log`'s checkpoints.
+    pub fn origin(&self, log: &str) -> String {
+        format!("{}/{log}", self.key_name)
+    }
+
+    /// This instance's counters.
+    pub fn counters(&self) -> &AuditCounters {
+        &self.counters
+    }
+
+    /// The controller instance id events are stamped with.
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    /// Appends `event` to its log (its `index`, `prev`, `controller` and
+    /// `version` are set here), waiting at most the append timeout. A failure is
+    /// logged at error level with the event and counted; it never fails the
+    /// caller. Returns the index, or `None` if it was not appended.
+    pub async fn record(&self, mut event: AuditEvent) -> Option<u64> {
+        event.controller = self.instance.clone();
+        event.version = event::SCHEMA_VERSION;
+        match tokio::time::timeout(self.config.append_timeout, self.append(&mut event)).await {
+            Ok(Ok(index)) => {
+                bump(&self.counters.appended);
+                self.mark_dirty(&event.tenant);
+                Some(index)
+            }
+            outcome => {
+                let reason = match outcome {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => "timed out".to_string(),
+                };
+                bump(&self.counters.append_failed);
+                // Dropping the cached head makes the next append re-read it.
+                if let Ok(mut heads) = self.heads.lock() {
+                    heads.remove(&event.tenant);
+                }
+                tracing::error!(
+                    log = %event.tenant, action = %event.action, actor = %event.actor.id,
+                    outcome = %event.outcome, request_id = %event.request_id, error = %reason,
+                    "audit event NOT appended"
+                );
+                None
+            }
+        }
+    }
+
+    fn mark_dirty(&self, log: &str) {
+        let Ok(mut dirty) = self.dirty.lock() else {
+            return;
+        };
+        let n = dirty.entry(log.to_string()).or_insert(0);
+        *n += 1;
+        if *n >= self.config.checkpoint_every || dirty.len() >= MAX_CACHED_LOGS {
+            self.wake.notify_one();
+        }
+    }
+
+    async fn load_head(&self, log: &str) -> Result<Head, ApiError> {
+        match self
+            .stream
+            .get_last_raw_message_by_subject(&log_subject(log))
+            .await
+        {
+            Ok(msg) => {
+                let index = match AuditEvent::decode(&msg.payload) {
+                    Ok(e) => e.index,
+                    Err(e) => {
+                        bump(&self.counters.tamper_detected);
+                        tracing::error!(%log, seq = msg.sequence, error = %e, "the last audit entry is altered");
+                        serde_json::from_slice::<serde_json::Value>(&msg.payload)
+                            .ok()
+                            .and_then(|v| v.get("index").and_then(serde_json::Value::as_u64))
+                            .ok_or_else(|| {
+                                ApiError::new(
+                                    ErrorCode::Internal,
+                                    "the last audit entry is unreadable",
+                                )
+                            })?
+                    }
+                };
+                Ok(Head {
+                    seq: msg.sequence,
+                    next_index: index + 1,
+                    prev: Some(merkle::leaf_hash(&msg.payload)),
+                })
+            }
+            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(Head {
+                seq: 0,
+                next_index: 0,
+                prev: None,
+            }),
+            Err(e) => Err(unavailable("reading the audit log head", e)),
+        }
+    }
+
+    async fn append(&self, event: &mut AuditEvent) -> Result<u64, ApiError> {
+        let log = event.tenant.clone();
+        check_log(&log)?;
+        let subject = log_subject(&log);
+        let _guard = self.locks.lock(&log).await;
+        let cached = self.heads.lock().map_err(lock_err)?.get(&log).copied();
+        let mut head = match cached {
+            Some(h) => h,
+            None => self.load_head(&log).await?,
+        };
+        for _attempt in 0..8 {
+            event.index = head.next_index;
+            event.prev = head.prev.map(|h| merkle::hex(&h)).unwrap_or_default();
+            let bytes = event.canonical();
+            let publish = jetstream::message::PublishMessage::build()
+                .payload(bytes.clone().into())
+                .message_id(&event.id)
+                .expected_last_subject_sequence(head.seq);
+            let ack = self
+                .js
+                .send_publish(subject.clone(), publish)
+                .await
+                .map_err(|e| unavailable("appending to the audit log", e))?
+                .await;
+            match ack {
+                Ok(ack) => {
+                    let mut heads = self.heads.lock().map_err(lock_err)?;
+                    if heads.len() >= MAX_CACHED_LOGS {
+                        heads.clear();
+                    }
+                    heads.insert(
+                        log.clone(),
+                        Head {
+                            seq: ack.sequence,
+                            next_index: event.index + 1,
+                            prev: Some(merkle::leaf_hash(&bytes)),
+                        },
+                    );
+                    return Ok(event.index);
+                }
+                Err(e) if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => {
+                    // Another instance appended (or the log was altered): re-read.
+                    let fresh = self.load_head(&log).await?;
+                    if fresh.next_index < head.next_index {
+                        bump(&self.counters.tamper_detected);
+                        tracing::error!(%log, had = head.next_index, now = fresh.next_index,
+                            "the audit log lost entries since this controller appended (tampering?)");
+                    }
+                    head = fresh;
+                }
+                Err(e) => return Err(unavailable("appending to the audit log", e)),
+            }
+        }
+        Err(ApiError::new(
+            ErrorCode::Conflict,
+            "concurrent audit appends kept winning",
+        ))
+    }
+
+    /// Reads `subject` after stream sequence `after`, up to about `max_bytes`
+    /// of payload. Returns the messages and whether more follow.
+    pub async fn read(
+        &self,
+        subject: &str,
+        after: u64,
+        max_bytes: usize,
+    ) -> Result<(Vec<StoredEntry>, bool), ApiError> {
+        let mut consumer = self
+            .stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                filter_subject: subject.to_string(),
+                deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: after + 1,
+                },
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| unavailable("reading the audit log", e))?;
+        let pending = consumer
+            .info()
+            .await
+            .map_err(|e| unavailable("reading the audit log", e))?
+            .num_pending;
+        let mut out = Vec::new();
+        if pending == 0 {
+            return Ok((out, false));
+        }
+        let mut messages = consumer
+            .messages()
+            .await
+            .map_err(|e| unavailable("reading the audit log", e))?;
+        let mut bytes = 0usize;
+        // Bounded: each message within 5 s, until nothing is pending or the
+        // byte budget is spent.
+        loop {
+            let next = tokio::time::timeout(Duration::from_secs(5), messages.next())
+                .await
+                .map_err(|_| unavailable("reading the audit log", "timed out"))?;
+            let Some(msg) = next else {
+                return Ok((out, false));
+            };
+            let msg = msg.map_err(|e| unavailable("reading the audit log", e))?;
+            let info = msg
+                .info()
+                .map_err(|e| unavailable("reading the audit log", e))?;
+            let (seq, left) = (info.stream_sequence, info.pending);
+            bytes += msg.payload.len();
+            out.push(StoredEntry {
+                seq,
+                data: msg.payload.to_vec(),
+            });
+            if left == 0 {
+                return Ok((out, false));
+            }
+            if bytes >= max_bytes {
+                return Ok((out, true));
+            }
+        }
+    }
+
+    /// Every stored entry of `log`.
+    pub async fn entries(&self, log: &str) -> Result<Vec<StoredEntry>, ApiError> {
+        Ok(self.read(&log_subject(log), 0, usize::MAX).await?.0)
+    }
+
+    /// Every stored checkpoint of `log`.
+    pub async fn checkpoints(&self, log: &str) -> Result<Vec<StoredCheckpoint>, ApiError> {
+        let (items, _) = self.read(&checkpoint_subject(log), 0, usize::MAX).await?;
+        Ok(items
+            .into_iter()
+            .map(|e| StoredCheckpoint {
+                seq: e.seq,
+                note: String::from_utf8_lossy(&e.data).into_owned(),
+            })
+            .collect())
+    }
+
+    async fn last_checkpoint(&self, log: &str) -> Result<Option<(u64, Checkpoint)>, ApiError> {
+        match self
+            .stream
+            .get_last_raw_message_by_subject(&checkpoint_subject(log))
+            .await
+        {
+            Ok(msg) => {
+                let verifier: Verifier = self
+                    .signer
+                    .verifier_key()
+                    .parse()
+                    .map_err(|e: note::NoteError| ApiError::new(ErrorCode::Internal, e.0))?;
+                let cp = verifier
+                    .verify(&String::from_utf8_lossy(&msg.payload))
+                    .map_err(|e| {
+                        ApiError::new(
+                            ErrorCode::Internal,
+                            format!("the last checkpoint of {log} is not ours: {e}"),
+                        )
+                    })?;
+                Ok(Some((msg.sequence, cp)))
+            }
+            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
+            Err(e) => Err(unavailable("reading the last checkpoint", e)),
+        }
+    }
+
+    fn tampered(&self, log: &str, message: String) -> ApiError {
+        bump(&self.counters.tamper_detected);
+        tracing::error!(%log, %message, "audit log altered: no checkpoint signed");
+        ApiError::new(ErrorCode::Internal, format!("audit log {log}: {message}"))
+    }
+
+    /// Signs and stores a checkpoint of `log` if it has entries no checkpoint
+    /// covers. The entries since the last one this instance saw are checked
+    /// (canonical, contiguous, chained, and the previous checkpoint's root):
+    /// an altered log is refused and counted, never signed. Returns the new
+    /// checkpoint, or `None` if there was nothing to sign (or another instance
+    /// signed it first).
+    pub async fn checkpoint(&self, log: &str) -> Result<Option<Checkpoint>, ApiError> {
+        check_log(log)?;
+        let result = self.checkpoint_inner(log).await;
+        if result.is_err() {
+            bump(&self.counters.checkpoint_failed);
+        }
+        result
+    }
+
+    async fn checkpoint_inner(&self, log: &str) -> Result<Option<Checkpoint>, ApiError> {
+        let mut ranges = self.ranges.lock().await;
+        let last = self.last_checkpoint(log).await?;
+        let mut st = ranges.remove(log).unwrap_or_default();
+        if let Some((_, cp)) = &last {
+            if cp.size != st.verified_cp_size && cp.size < st.range.size() {
+                // Signed elsewhere at a size this state passed unchecked: start over.
+                st = RangeState::default();
+            }
+        }
+        let (entries, _) = self
+            .read(&log_subject(log), st.last_seq, usize::MAX)
+            .await?;
+        for e in entries {
+            let i = st.range.size();
+            let event = AuditEvent::decode(&e.data).map_err(|err| {
+                self.tampered(log, format!("entry {i} (stream seq {}): {err}", e.seq))
+            })?;
+            if event.index != i {
+                return Err(self.tampered(
+                    log,
+                    format!(
+                        "stream seq {} holds entry {} where entry {i} belongs",
+                        e.seq, event.index
+                    ),
+                ));
+            }
+            if event.prev != st.prev.map(|h| merkle::hex(&h)).unwrap_or_default() {
+                return Err(self.tampered(
+                    log,
+                    format!("entry {i} does not chain to entry {}", i.saturating_sub(1)),
+                ));
+            }
+            let leaf = merkle::leaf_hash(&e.data);
+            st.range.push_leaf_hash(leaf);
+            st.prev = Some(leaf);
+            st.last_seq = e.seq;
+            if let Some((_, cp)) = &last {
+                if cp.size == st.range.size() {
+                    if cp.root != st.range.root() {
+                        return Err(self.tampered(
+                            log,
+                            format!(
+                                "entries up to {i} do not match the checkpoint of size {}",
+                                cp.size
+                            ),
+                        ));
+                    }
+                    st.verified_cp_size = cp.size;
+                }
+            }
+        }
+        let size = st.range.size();
+        let last_seq = match &last {
+            Some((seq, cp)) => {
+                if cp.size > size {
+                    return Err(self.tampered(
+                        log,
+                        format!("entries {size} to {} are missing (truncated)", cp.size - 1),
+                    ));
+                }
+                if cp.size == size {
+                    ranges.insert(log.to_string(), st);
+                    return Ok(None);
+                }
+                *seq
+            }
+            None if size == 0 => return Ok(None),
+            None => 0,
+        };
+        let cp = Checkpoint {
+            origin: self.origin(log),
+            size,
+            root: st.range.root(),
+            time_ms: tenant_bus::envelope::now_ms(),
+        };
+        let note = self.signer.sign(&cp);
+        let publish = jetstream::message::PublishMessage::build()
+            .payload(note.into_bytes().into())
+            .expected_last_subject_sequence(last_seq);
+        let ack = self
+            .js
+            .send_publish(checkpoint_subject(log), publish)
+            .await
+            .map_err(|e| unavailable("storing a checkpoint", e))?
+            .await;
+        let signed = match ack {
+            Ok(_) => {
+                st.verified_cp_size = size;
+                bump(&self.counters.checkpoints);
+                Some(cp)
+            }
+            Err(e) if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => None,
+            Err(e) => return Err(unavailable("storing a checkpoint", e)),
+        };
+        if ranges.len() >= MAX_CACHED_LOGS {
+            ranges.clear();
+        }
+        ranges.insert(log.to_string(), st);
+        Ok(signed)
+    }
+
+    /// Signs checkpoints of every log with events appended here since the last
+    /// pass, every [`AuditConfig::checkpoint_interval`] or as soon as one log has
+    /// [`AuditConfig::checkpoint_every`] unsigned events, until `shutdown`.
+    pub async fn run(self: Arc<Self>, shutdown: crate::controller::shutdown::Shutdown) {
+        let mut tick = tokio::time::interval(self.config.checkpoint_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.wait() => return,
+                _ = tick.tick() => {}
+                _ = self.wake.notified() => {}
+            }
+            let logs: Vec<String> = match self.dirty.lock() {
+                Ok(mut d) => d.drain().map(|(k, _)| k).collect(),
+                Err(_) => return,
+            };
+            for log in logs {
+                if let Err(e) = self.checkpoint(&log).await {
+                    tracing::warn!(%log, error = %e, "audit checkpoint failed");
+                }
+            }
+        }
+    }
+
+    /// One page of raw entries or checkpoints (`verify-data`).
+    pub async fn verify_data(
+        &self,
+        log: &str,
+        req: &VerifyDataRequest,
+    ) -> Result<VerifyDataPage, ApiError> {
+        let subject = match req.kind.as_str() {
+            "log" => log_subject(log),
+            "checkpoint" => checkpoint_subject(log),
+            other => {
+                return Err(ApiError::new(
+                    ErrorCode::InvalidInput,
+                    format!("kind {other:?} (log or checkpoint)"),
+                ))
+            }
+        };
+        let (items, more) = self.read(&subject, req.after, PAGE_BYTES).await?;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        Ok(VerifyDataPage {
+            items: items
+                .into_iter()
+                .map(|e| RawItem {
+                    seq: e.seq,
+                    data: b64.encode(&e.data),
+                })
+                .collect(),
+            more,
+            verifier_key: self.verifier_key(),
+        })
+    }
+
+    /// The events of `log` passing `req`'s filters (the newest `limit`).
+    /// Entries that do not decode are skipped here (`verify` names them).
+    pub async fn list(&self, log: &str, req: &ListRequest) -> Result<Vec<AuditEvent>, ApiError> {
+        let limit = req.limit.unwrap_or(MAX_LIST).clamp(1, MAX_LIST);
+        let mut out = std::collections::VecDeque::new();
+        for e in self.entries(log).await? {
+            if let Ok(event) = AuditEvent::decode(&e.data) {
+                if req.matches(&event) {
+                    if out.len() == limit {
+                        out.pop_front();
+                    }
+                    out.push_back(event);
+                }
+            }
+        }
+        Ok(out.into())
+    }
+
+    /// An inclusion proof of event `event_id` against the newest checkpoint,
+    /// signing one first if the event is not covered yet.
+    pub async fn proof(&self, log: &str, event_id: &str) -> Result<InclusionBundle, ApiError> {
+        if let Err(e) = self.checkpoint(log).await {
+            tracing::warn!(%log, error = %e, "checkpoint before a proof failed");
+        }
+        let Some((_, cp)) = self.last_checkpoint(log).await? else {
+            return Err(ApiError::new(
+                ErrorCode::NotFound,
+                format!("log {log} has no checkpoint"),
+            ));
+        };
+        let entries = self.entries(log).await?;
+        let mut tree = merkle::Tree::new();
+        let mut found = None;
+        for e in entries.iter().take(cp.size as usize) {
+            if found.is_none() {
+                if let Ok(ev) = AuditEvent::decode(&e.data) {
+                    if ev.id == event_id {
+                        found = Some((tree.len(), e.data.clone()));
+                    }
+                }
+            }
+            tree.push(e.data.clone());
+        }
+        let Some((index, data)) = found else {
+            return Err(ApiError::new(
+                ErrorCode::NotFound,
+                format!("event {event_id} is not in a checkpoint of log {log}"),
+            ));
+        };
+        if tree.len() != cp.size || tree.root() != cp.root {
+            return Err(ApiError::new(
+                ErrorCode::Internal,
+                format!("log {log} does not match its checkpoint (run audit verify)"),
+            ));
+        }
+        let path = tree
+            .inclusion_proof(index)
+            .map_err(|e| ApiError::new(ErrorCode::Internal, e.0))?;
+        let event = String::from_utf8(data)
+            .map_err(|_| ApiError::new(ErrorCode::Internal, "event is not UTF-8"))?;
+        let checkpoint = self.signer.sign(&cp);
+        Ok(InclusionBundle {
+            log: log.to_string(),
+            event_id: event_id.to_string(),
+            index,
+            leaf_hash: merkle::hex(&merkle::leaf_hash(event.as_bytes())),
+            event,
+            tree_size: cp.size,
+            path: path.iter().map(|h| merkle::hex(h)).collect(),
+            checkpoint,
+            verifier_key: self.verifier_key(),
+        })
+    }
+}
+
+// ----- client side: through the controller -------------------------------------
+
+/// The events of `log` passing the filters (`audit.<log>.list`).
+pub async fn list(
+    admin: &AdminClient,
+    log: &str,
+    req: &ListRequest,
+) -> Result<Vec<AuditEvent>, ApiError> {
+    admin.call(&audit_subject(log, "list"), req).await
+}
+
+/// An inclusion proof of one event (`audit.<log>.proof`).
+pub async fn proof(
+    admin: &AdminClient,
+    log: &str,
+    event_id: &str,
+) -> Result<InclusionBundle, ApiError> {
+    let req = ProofRequest {
+        event_id: event_id.to_string(),
+    };
+    admin.call(&audit_subject(log, "proof"), &req).await
+}
+
+async fn fetch_pages(
+    admin: &AdminClient,
+    log: &str,
+    kind: &str,
+) -> Result<(Vec<StoredEntry>, String), ApiError> {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mut out = Vec::new();
+    let mut after = 0;
+    // Bounded by the log: every page advances `after` (checked).
+    loop {
+        let req = VerifyDataRequest {
+            kind: kind.to_string(),
+            after,
+        };
+        let page: VerifyDataPage = admin.call(&audit_subject(log, "verify-data"), &req).await?;
+        for item in page.items {
+            let data = b64
+                .decode(item.data.as_bytes())
+                .map_err(|_| ApiError::new(ErrorCode::Internal, "controller sent bad base64"))?;
+            if item.seq <= after {
+                return Err(ApiError::new(
+                    ErrorCode::Internal,
+                    "controller sent pages out of order",
+                ));
+            }
+            after = item.seq;
+            out.push(StoredEntry {
+                seq: item.seq,
+                data,
+            });
+        }
+        if !page.more {
+            return Ok((out, page.verifier_key));
+        }
+    }
+}
+
+/// Everything stored for `log`: entries, checkpoints, and the verifier key the
+/// controller reports.
+pub async fn fetch(
+    admin: &AdminClient,
+    log: &str,
+) -> Result<(Vec<StoredEntry>, Vec<StoredCheckpoint>, String), ApiError> {
+    let (entries, _) = fetch_pages(admin, log, "log").await?;
+    let (cps, key) = fetch_pages(admin, log, "checkpoint").await?;
+    let cps = cps
+        .into_iter()
+        .map(|e| StoredCheckpoint {
+            seq: e.seq,
+            note: String::from_utf8_lossy(&e.data).into_owned(),
+        })
+        .collect();
+    Ok((entries, cps, key))
+}
+
+/// Why `audit verify` failed: the log could not be read, or it does not verify.
+#[derive(Debug, Clone)]
+pub enum VerifyError {
+    /// Reading through the controller failed.
+    Api(ApiError),
+    /// The pinned or reported verifier key is malformed.
+    Key(String),
+    /// The log does not verify: the first bad entry or checkpoint.
+    Bad(VerifyFailure),
+}
+
+impl std::fmt::Display for VerifyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Api(e) => write!(f, "{}", e.message),
+            Self::Key(e) => write!(f, "verifier key: {e}"),
+            Self::Bad(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl std::error::Error for VerifyError {}
+
+/// Fetches `log` through the controller and verifies it locally, against
+/// `pinned` if given (else the key the controller reports). Returns the report
+/// and the verifier key used.
+pub async fn verify_remote(
+    admin: &AdminClient,
+    log: &str,
+    pinned: Option<&str>,
+) -> Result<(VerifyReport, String), VerifyError> {
+    check_log(log).map_err(VerifyError::Api)?;
+    let (entries, cps, reported) = fetch(admin, log).await.map_err(VerifyError::Api)?;
+    let key = pinned.map(str::to_string).unwrap_or(reported);
+    let verifier: Verifier = key
+        .parse()
+        .map_err(|e: note::NoteError| VerifyError::Key(e.0))?;
+    let origin = format!("{}/{log}", verifier.name());
+    let report =
+        verify::verify_log(log, &origin, &verifier, &entries, &cps).map_err(VerifyError::Bad)?;
+    Ok((report, key))
+}
