@@ -1,0 +1,421 @@
+//! The audit log against a real nats-server: each controller action is one event
+//! with the right actor, log and outcome; refusals are recorded; tampering
+//! through the raw JetStream API with the platform's credentials makes
+//! verification fail and name the entry; an untouched log verifies; a forged
+//! checkpoint is refused; proofs verify offline; a tenant-admin reads only its
+//! own tenant's log (the server refuses the rest).
+
+// Test code: a failed set-up step should abort the test with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use agentbus_control::api::{self, ErrorCode, Role, UpdateTenant};
+use agentbus_control::audit::event::{AuditEvent, Outcome, PLATFORM_LOG};
+use agentbus_control::audit::verify::{self, VerifyFailure};
+use agentbus_control::audit::{self, ListRequest, VerifyError};
+use agentbus_control::tiers::Tier;
+use nats_harness::{platform, Platform};
+
+async fn events(p: &Platform, log: &str) -> Vec<AuditEvent> {
+    audit::list(&p.cp, log, &ListRequest::default())
+        .await
+        .unwrap()
+}
+
+async fn verify_fails(p: &Platform, log: &str) -> VerifyFailure {
+    match audit::verify_remote(&p.cp, log, None).await {
+        Err(VerifyError::Bad(f)) => f,
+        other => panic!("{log}: expected a verification failure, got {other:?}"),
+    }
+}
+
+/// A raw JetStream context with the controller's credentials (the platform
+/// account): what an insider with those credentials could do.
+async fn raw_js(p: &Platform) -> async_nats::jetstream::Context {
+    let creds = p.install.creds("controller.creds").unwrap();
+    let client = async_nats::ConnectOptions::with_credentials(&creds)
+        .unwrap()
+        .connect(p.server.url())
+        .await
+        .unwrap();
+    async_nats::jetstream::new(client)
+}
+
+fn set(k: &str, v: &str) -> UpdateTenant {
+    UpdateTenant {
+        set: vec![(k.to_string(), v.to_string())],
+        unset: vec![],
+    }
+}
+
+#[tokio::test]
+async fn each_action_is_one_event_with_its_actor_log_and_outcome() {
+    let p = platform().await;
+    p.cp.create_tenant("acme", Tier::Pro).await.unwrap();
+    p.cp.update_tenant("acme", &set("name", "Acme Corp"))
+        .await
+        .unwrap();
+    p.cp.suspend_tenant("acme").await.unwrap();
+    p.cp.activate_tenant("acme").await.unwrap();
+    p.cp.rotate_key("acme", None).await.unwrap();
+    p.cp.create_agent("acme", "planner", "default")
+        .await
+        .unwrap();
+    p.cp.revoke_agent("acme", "planner").await.unwrap();
+    let ta =
+        p.cp.create_admin("acme-ops", Role::TenantAdmin, Some("acme"))
+            .await
+            .unwrap();
+    // Reads are not recorded.
+    p.cp.tenant("acme").await.unwrap();
+    p.cp.agents("acme").await.unwrap();
+
+    // The tenant-admin: allowed within its role, refused (by the controller)
+    // beyond its tier, and refused by the server for another tenant (that never
+    // reaches the controller, so it is not the controller's to record).
+    let ta_client = p
+        .admin_client(&ta.creds)
+        .await
+        .with_timeout(Duration::from_secs(3));
+    ta_client
+        .create_agent("acme", "worker", "default")
+        .await
+        .unwrap();
+    let refused = ta_client
+        .update_tenant("acme", &set("tier", "enterprise"))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code, ErrorCode::Refused);
+    p.cp.revoke_admin("acme-ops").await.unwrap();
+    // A failure: an agent of a tenant that does not exist.
+    let missing = p.cp.create_agent("nope", "x", "default").await.unwrap_err();
+    assert_eq!(missing.code, ErrorCode::NotFound);
+    // A tenant created and deleted: its log outlives it.
+    p.cp.create_tenant("tmp", Tier::Free).await.unwrap();
+    p.cp.delete_tenant("tmp").await.unwrap();
+
+    let acme = events(&p, "acme").await;
+    let got: Vec<(String, String, String, Outcome)> = acme
+        .iter()
+        .map(|e| {
+            (
+                e.action.clone(),
+                e.actor.id.clone(),
+                e.resource.clone(),
+                e.outcome,
+            )
+        })
+        .collect();
+    let want = [
+        ("tenant.create", "admin", "tenant/acme", Outcome::Allowed),
+        ("tenant.update", "admin", "tenant/acme", Outcome::Allowed),
+        ("tenant.suspend", "admin", "tenant/acme", Outcome::Allowed),
+        ("tenant.activate", "admin", "tenant/acme", Outcome::Allowed),
+        (
+            "tenant.rotate-key",
+            "admin",
+            "tenant/acme",
+            Outcome::Allowed,
+        ),
+        (
+            "agent.create",
+            "admin",
+            "agent/acme/planner",
+            Outcome::Allowed,
+        ),
+        (
+            "agent.revoke",
+            "admin",
+            "agent/acme/planner",
+            Outcome::Allowed,
+        ),
+        ("admin.create", "admin", "admin/acme-ops", Outcome::Allowed),
+        (
+            "agent.create",
+            "acme-ops",
+            "agent/acme/worker",
+            Outcome::Allowed,
+        ),
+        ("tenant.update", "acme-ops", "tenant/acme", Outcome::Denied),
+        ("admin.revoke", "admin", "admin/acme-ops", Outcome::Allowed),
+    ];
+    let want: Vec<(String, String, String, Outcome)> = want
+        .iter()
+        .map(|(a, b, c, d)| (a.to_string(), b.to_string(), c.to_string(), *d))
+        .collect();
+    assert_eq!(got, want);
+    for (i, e) in acme.iter().enumerate() {
+        assert_eq!(e.index, i as u64);
+        assert_eq!(e.tenant, "acme");
+        assert_eq!(e.actor.kind, "admin");
+        assert!(!e.request_id.is_empty());
+        assert_eq!(e.id.len(), 32);
+    }
+    assert_eq!(acme[0].actor.role, "platform-admin");
+    assert_eq!(acme[8].actor.role, "tenant-admin");
+    assert!(acme[9].reason.contains("platform-admin"), "{:?}", acme[9]);
+    // Distinct request ids: one event per request.
+    let ids: std::collections::BTreeSet<&str> =
+        acme.iter().map(|e| e.request_id.as_str()).collect();
+    assert_eq!(ids.len(), acme.len());
+
+    let nope = events(&p, "nope").await;
+    assert_eq!(nope.len(), 1);
+    assert_eq!(
+        (nope[0].action.as_str(), nope[0].outcome),
+        ("agent.create", Outcome::Failed)
+    );
+    let tmp = events(&p, "tmp").await;
+    assert_eq!(
+        tmp.iter().map(|e| e.action.as_str()).collect::<Vec<_>>(),
+        ["tenant.create", "tenant.delete"]
+    );
+
+    // An unauthenticated request (a bad signature) is one denied event in the
+    // platform log, with the claimed name and no key.
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(api::HDR_ADMIN, "admin");
+    headers.insert(api::HDR_REQUEST_ID, "forged-1");
+    headers.insert(
+        api::HDR_TIME,
+        tenant_bus::envelope::now_ms().to_string().as_str(),
+    );
+    headers.insert(api::HDR_SIG, "AAAA");
+    let reply =
+        p.cp.nats()
+            .request_with_headers(api::tenant_subject("acme", "delete"), headers, "".into())
+            .await
+            .unwrap();
+    assert!(String::from_utf8_lossy(&reply.payload).contains("forbidden"));
+    let acme = events(&p, "acme").await;
+    let forged = acme.last().unwrap();
+    assert_eq!(
+        (
+            forged.action.as_str(),
+            forged.outcome,
+            forged.request_id.as_str()
+        ),
+        ("tenant.delete", Outcome::Denied, "forged-1")
+    );
+    assert!(forged.actor.key.is_empty());
+    assert!(forged.reason.contains("signature"), "{}", forged.reason);
+
+    // Filters.
+    let only = audit::list(
+        &p.cp,
+        "acme",
+        &ListRequest {
+            action: Some("agent.".into()),
+            actor: Some("admin".into()),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(only.len(), 2);
+
+    // Everything verifies, before and after checkpoints.
+    for log in ["acme", "nope", "tmp"] {
+        let (r, _) = audit::verify_remote(&p.cp, log, None).await.unwrap();
+        assert_eq!(r.signed_size, 0);
+        p.controller.audit().checkpoint(log).await.unwrap().unwrap();
+        let (r, _) = audit::verify_remote(&p.cp, log, None).await.unwrap();
+        assert_eq!((r.signed_size, r.unsigned_tail), (r.entries, 0));
+    }
+    assert_eq!(p.controller.audit().counters().snapshot().append_failed, 0);
+    let _ = PLATFORM_LOG;
+}
+
+/// Six events in `log`, then a checkpoint.
+async fn seeded(p: &Platform, log: &str) {
+    p.cp.create_tenant(log, Tier::Free).await.unwrap();
+    for i in 0..4 {
+        p.cp.update_tenant(log, &set("name", &format!("n{i}")))
+            .await
+            .unwrap();
+    }
+    p.cp.create_agent(log, "a", "default").await.unwrap();
+    p.controller.audit().checkpoint(log).await.unwrap().unwrap();
+    let (r, _) = audit::verify_remote(&p.cp, log, None).await.unwrap();
+    assert_eq!((r.entries, r.signed_size, r.checkpoints), (6, 6, 1));
+}
+
+async fn seqs(js: &async_nats::jetstream::Context, log: &str) -> Vec<(u64, Vec<u8>)> {
+    let stream = js.get_stream(audit::STREAM).await.unwrap();
+    let mut out = Vec::new();
+    // The log's entries, read one by one (a short log: bounded).
+    let last = stream
+        .get_last_raw_message_by_subject(&audit::log_subject(log))
+        .await
+        .unwrap()
+        .sequence;
+    for seq in 1..=last {
+        if let Ok(m) = stream.get_raw_message(seq).await {
+            if m.subject.as_str() == audit::log_subject(log) {
+                out.push((seq, m.payload.to_vec()));
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn tampering_through_the_raw_jetstream_api_is_named_and_an_untouched_log_verifies() {
+    let p = platform().await;
+    for log in ["del", "rew", "cut", "cut2", "fake", "calm"] {
+        seeded(&p, log).await;
+    }
+    let js = raw_js(&p).await;
+    let stream = js.get_stream(audit::STREAM).await.unwrap();
+
+    // Delete entry 2.
+    let del = seqs(&js, "del").await;
+    assert!(stream.delete_message(del[2].0).await.unwrap());
+    let f = verify_fails(&p, "del").await;
+    assert_eq!(f.index, Some(2), "{f}");
+    assert!(f.message.contains("entry 2 is missing"), "{f}");
+
+    // Rewrite entry 3: delete it and publish a different event in its place
+    // (with its index and chain, as a forger would).
+    let rew = seqs(&js, "rew").await;
+    let mut forged = AuditEvent::decode(&rew[3].1).unwrap();
+    forged.actor.id = "nobody".into();
+    assert!(stream.delete_message(rew[3].0).await.unwrap());
+    js.publish(audit::log_subject("rew"), forged.canonical().into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let f = verify_fails(&p, "rew").await;
+    assert_eq!(f.index, Some(3), "{f}");
+
+    // Purge a suffix: entries 4 and 5 deleted.
+    let cut = seqs(&js, "cut").await;
+    for (seq, _) in &cut[4..] {
+        assert!(stream.delete_message(*seq).await.unwrap());
+    }
+    let f = verify_fails(&p, "cut").await;
+    assert_eq!(f.index, Some(4), "{f}");
+    assert!(f.message.contains("truncated"), "{f}");
+
+    // Purge the whole log subject and re-publish only its first three entries.
+    let cut2 = seqs(&js, "cut2").await;
+    stream
+        .purge()
+        .filter(audit::log_subject("cut2"))
+        .await
+        .unwrap();
+    for (_, data) in &cut2[..3] {
+        js.publish(audit::log_subject("cut2"), data.clone().into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    let f = verify_fails(&p, "cut2").await;
+    assert_eq!(f.index, Some(3), "{f}");
+
+    // A forged checkpoint: a valid note signed by another key.
+    let other = agentbus_control::audit::note::Signer::from_seed(
+        &format!("agentbus/{}/audit", p.install.facts().platform_account),
+        &[7u8; 32],
+    )
+    .unwrap();
+    let fake_root = {
+        let mut t = agentbus_control::audit::merkle::Tree::new();
+        for (_, d) in seqs(&js, "fake").await {
+            t.push(d);
+        }
+        t.root()
+    };
+    let note = other.sign(&agentbus_control::audit::note::Checkpoint {
+        origin: p.controller.audit().origin("fake"),
+        size: 6,
+        root: fake_root,
+        time_ms: 1,
+    });
+    js.publish(audit::checkpoint_subject("fake"), note.into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let f = verify_fails(&p, "fake").await;
+    assert!(f.message.contains("no signature by key"), "{f}");
+
+    // A controller that reads the altered log afresh refuses to sign it.
+    p.cp.update_tenant("del", &set("name", "after"))
+        .await
+        .unwrap();
+    let (second, stop) = p.another_controller().await;
+    let refused = second.audit().checkpoint("del").await.unwrap_err();
+    assert!(refused.message.contains("entry 2"), "{refused}");
+    assert_eq!(second.audit().counters().snapshot().tamper_detected, 1);
+    stop.fire();
+
+    // The untouched log still verifies, after more events and a second
+    // checkpoint (a consistency proof between the two).
+    p.cp.update_tenant("calm", &set("name", "later"))
+        .await
+        .unwrap();
+    p.controller
+        .audit()
+        .checkpoint("calm")
+        .await
+        .unwrap()
+        .unwrap();
+    let (r, key) = audit::verify_remote(&p.cp, "calm", None).await.unwrap();
+    assert_eq!((r.entries, r.checkpoints, r.consistency_proofs), (7, 2, 1));
+    assert_eq!(key, p.controller.audit().verifier_key());
+    // Pinned to another key: refused.
+    match audit::verify_remote(&p.cp, "calm", Some(&other.verifier_key())).await {
+        Err(VerifyError::Bad(f)) => assert!(f.message.contains("no signature"), "{f}"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn proofs_verify_offline_and_a_tenant_admin_reads_only_its_own_log() {
+    let p = platform().await;
+    p.cp.create_tenant("acme", Tier::Free).await.unwrap();
+    p.cp.create_tenant("globex", Tier::Free).await.unwrap();
+    let ta =
+        p.cp.create_admin("acme-ops", Role::TenantAdmin, Some("acme"))
+            .await
+            .unwrap();
+    let ta_client = p
+        .admin_client(&ta.creds)
+        .await
+        .with_timeout(Duration::from_secs(3));
+
+    // A proof of an event not yet checkpointed: the controller signs one first.
+    let acme = audit::list(&ta_client, "acme", &ListRequest::default())
+        .await
+        .unwrap();
+    let target = &acme[0];
+    let bundle = audit::proof(&ta_client, "acme", &target.id).await.unwrap();
+    let text = serde_json::to_string_pretty(&bundle).unwrap();
+    let back: verify::InclusionBundle = serde_json::from_str(&text).unwrap();
+    let pinned: agentbus_control::audit::note::Verifier =
+        p.controller.audit().verifier_key().parse().unwrap();
+    let cp = verify::verify_bundle(&back, Some(&pinned)).unwrap();
+    assert_eq!(cp.size, bundle.tree_size);
+    assert_eq!(back.index, target.index);
+
+    // globex and the platform log: the server refuses the tenant-admin's publish.
+    for log in ["globex", PLATFORM_LOG] {
+        let err = audit::list(&ta_client, log, &ListRequest::default())
+            .await
+            .unwrap_err();
+        assert_eq!(err.code, ErrorCode::Forbidden, "{log}: {err}");
+        let err = audit::verify_remote(&ta_client, log, None)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, VerifyError::Api(e) if e.code == ErrorCode::Forbidden),
+            "{err:?}"
+        );
+    }
+    // The platform-admin reads both.
+    assert!(!events(&p, "globex").await.is_empty());
+}
