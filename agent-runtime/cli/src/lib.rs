@@ -10,10 +10,12 @@
 //! - [`up`]: `agentbus up` (server + embedded controller) and `agentbus controller`.
 //! - [`tenant`]: `agentbus tenant ...`.
 //! - [`agent`]: `agentbus agent ...`, `agentbus admin ...`, `agentbus status`.
+//! - [`audit`]: `agentbus audit list | verify | proof | check-proof`.
 //! - [`msg`]: `agentbus pub | sub | request`.
 //! - [`output`], [`remote`]: rendering, exit codes, reaching the controller.
 
 pub mod agent;
+pub mod audit;
 pub mod msg;
 pub mod output;
 pub mod remote;
@@ -58,6 +60,8 @@ pub enum Command {
     Agent(agent::AgentArgs),
     /// Create, list and revoke admin identities.
     Admin(agent::AdminArgs),
+    /// Read, verify and prove the tamper-evident audit log.
+    Audit(audit::AuditArgs),
     /// Print a shell completion script.
     Completions {
         /// bash, zsh, fish, elvish or powershell.
@@ -125,6 +129,7 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Tenant(args) => tenant::run(output, args).await,
         Command::Agent(args) => agent::run(output, args).await,
         Command::Admin(args) => agent::run_admin(output, args).await,
+        Command::Audit(args) => audit::run(output, args).await,
         Command::Completions { shell } => {
             use clap::CommandFactory as _;
             let mut cmd = Cli::command();

@@ -289,7 +289,7 @@ pub async fn publish(args: PubArgs, output: Output) -> Result<(), Failure> {
         )
     })?;
     match output {
-        Output::Json => write_stdout(
+        Output::Json | Output::Csv => write_stdout(
             &serde_json::json!({ "msg_id": id.to_string(), "subject": args.subject }).to_string(),
         ),
         Output::Table => write_stdout(&format!("published {id} to {}", args.subject)),
@@ -391,7 +391,7 @@ pub async fn subscribe(args: SubArgs, output: Output) -> Result<(), Failure> {
                 // A closed stdout (`| head`) ends the process quietly, exit 0.
                 match output {
                     // One JSON object per line.
-                    Output::Json => write_stdout(&message_json(&msg).to_string()),
+                    Output::Json | Output::Csv => write_stdout(&message_json(&msg).to_string()),
                     Output::Table => write_stdout(&format!(
                         "[{}] {} from {}: {}",
                         seen,
@@ -452,7 +452,7 @@ pub async fn request(args: RequestArgs, output: Output) -> Result<(), Failure> {
             fail(EXIT_USAGE, e.to_string())
         })?;
     match output {
-        Output::Json => write_stdout(&message_json(&reply).to_string()),
+        Output::Json | Output::Csv => write_stdout(&message_json(&reply).to_string()),
         Output::Table => write_stdout(&String::from_utf8_lossy(&reply.payload)),
     }
     Ok(())

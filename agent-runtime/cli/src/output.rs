@@ -26,6 +26,8 @@ pub enum Output {
     Table,
     /// JSON: one object, or an array for lists.
     Json,
+    /// CSV with a header line (`audit list`; other commands print JSON).
+    Csv,
 }
 
 /// Exit code for success.
@@ -120,7 +122,7 @@ pub fn print<T: Serialize>(
     table: impl FnOnce() -> String,
 ) -> Result<(), Failure> {
     let text = match output {
-        Output::Json => serde_json::to_string_pretty(value).map_err(|e| Failure {
+        Output::Json | Output::Csv => serde_json::to_string_pretty(value).map_err(|e| Failure {
             message: format!("encoding JSON: {e}"),
             code: EXIT_INTERNAL,
         })?,
