@@ -42,6 +42,15 @@ pub struct UpArgs {
     /// Replicas of every bucket (default: 1 on one node, 3 on three or more).
     #[arg(long)]
     pub replicas: Option<usize>,
+    /// With --cluster: TLS for routes, this certificate (PEM; valid for 127.0.0.1).
+    #[arg(long, requires_all = ["route_key", "route_ca"])]
+    pub route_cert: Option<std::path::PathBuf>,
+    /// With --cluster: the route certificate's private key (PEM).
+    #[arg(long, requires = "route_cert")]
+    pub route_key: Option<std::path::PathBuf>,
+    /// With --cluster: the CA that route peers' certificates must chain to.
+    #[arg(long, requires = "route_cert")]
+    pub route_ca: Option<std::path::PathBuf>,
 }
 
 /// Arguments of `agentbus controller`.
@@ -197,7 +206,15 @@ pub async fn run(args: UpArgs) -> Result<(), Failure> {
         let snippet =
             agentbus_control::server_config::render_operator_snippet(&install.operator_facts());
         let root = state.join("cluster");
-        let options = ClusterOptions::new()
+        let mut options = ClusterOptions::new();
+        if let (Some(cert), Some(key)) = (&args.route_cert, &args.route_key) {
+            options = options.route_tls(agentbus_control::server_config::RouteTls::new(
+                cert,
+                key,
+                args.route_ca.clone(),
+            ));
+        }
+        let options = options
             .nodes(nodes)
             .config(snippet)
             .node_config(|_, dir| {

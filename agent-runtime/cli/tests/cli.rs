@@ -479,6 +479,122 @@ fn up_restarts_a_nats_server_that_dies_and_the_controller_serves_again() {
 }
 
 #[test]
+fn up_cluster_3_with_tls_routes() {
+    if Command::new("openssl").arg("version").output().is_err() {
+        eprintln!("skipped: openssl is not installed (needed to make a test certificate)");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    // A CA and a route certificate for 127.0.0.1, signed by it.
+    let sh = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(d)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    sh(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=agentbus test CA",
+    ]);
+    sh(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "route.key",
+        "-out",
+        "route.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    std::fs::write(
+        d.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n",
+    )
+    .unwrap();
+    sh(&[
+        "x509",
+        "-req",
+        "-in",
+        "route.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "route.pem",
+        "-days",
+        "1",
+        "-extfile",
+        "ext.cnf",
+    ]);
+    let state = d.join("state");
+    let mut child = Command::new(BIN)
+        .args([
+            "up",
+            "--state",
+            state.to_str().unwrap(),
+            "--port",
+            "0",
+            "--cluster",
+            "3",
+        ])
+        .arg("--route-cert")
+        .arg(d.join("route.pem"))
+        .arg("--route-key")
+        .arg(d.join("route.key"))
+        .arg("--route-ca")
+        .arg(d.join("ca.pem"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut line = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("read urls");
+    let server = Up { child };
+    assert_eq!(line.trim().split(',').count(), 3, "url line: {line:?}");
+    // The routes carry traffic (R3 buckets need them): the control plane works.
+    json(&state, &["tenant", "create", "acme"]);
+    let status = json(&state, &["status"]);
+    assert!(status["buckets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|b| b["replicas"] == 3));
+    let conf = std::fs::read_dir(state.join("cluster"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .find_map(|e| std::fs::read_to_string(e.path().join("server.conf")).ok());
+    let conf = conf.expect("a node's server.conf");
+    assert!(conf.contains("tls"), "no tls block in the node config");
+    drop(server);
+}
+
+#[test]
 fn every_command_has_help() {
     for args in [
         vec!["--help"],
