@@ -40,6 +40,9 @@ use crate::kek::Kek;
 use crate::store::{secret_name, Store};
 use tenant_bus::error::Error;
 
+/// How long [`Controller::connect`] waits for JetStream to accept the buckets.
+pub const STORE_OPEN_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// How a controller instance runs.
 #[derive(Debug, Clone)]
 pub struct ControllerConfig {
@@ -199,9 +202,22 @@ impl Controller {
             "agentbus-controller-sys",
         )
         .await?;
-        let store = Store::open(client.clone(), config.replicas)
-            .await
-            .map_err(from_api)?;
+        // JetStream may still be electing its leaders (a cluster just started, a
+        // node restarting): retry for a bounded time before giving up.
+        let deadline = tokio::time::Instant::now() + STORE_OPEN_TIMEOUT;
+        let store = loop {
+            match Store::open(client.clone(), config.replicas).await {
+                Ok(store) => break store,
+                Err(e)
+                    if e.code == ErrorCode::Unavailable
+                        && tokio::time::Instant::now() < deadline =>
+                {
+                    tracing::info!(error = %e, "JetStream not ready; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => return Err(from_api(e)),
+            }
+        };
         let bootstrap_path = install.path("bootstrap.sealed");
         if bootstrap_path.is_file() {
             let sealed = std::fs::read(&bootstrap_path)
