@@ -271,16 +271,11 @@ mod tests {
         assert_eq!(hex(&Tree::new().root()), EMPTY);
         let mut range = CompactRange::new();
         let mut tree = Tree::new();
-        for i in 0..8 {
+        for (i, want) in ROOTS.iter().enumerate() {
             range.push_leaf_hash(leaf_hash(&leaf(i)));
             tree.push(leaf(i));
-            assert_eq!(
-                hex(&range.root()),
-                ROOTS[i],
-                "compact range, size {}",
-                i + 1
-            );
-            assert_eq!(hex(&tree.root()), ROOTS[i], "tree, size {}", i + 1);
+            assert_eq!(hex(&range.root()), *want, "compact range, size {}", i + 1);
+            assert_eq!(hex(&tree.root()), *want, "tree, size {}", i + 1);
         }
     }
 
