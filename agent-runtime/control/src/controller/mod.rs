@@ -258,16 +258,29 @@ impl Controller {
             ));
         }
         let id = format!("{:016x}", rand_u64());
-        let audit = crate::audit::AuditLog::open(
-            &store,
-            &kek,
-            config.replicas,
-            &install.facts().platform_account,
-            &id,
-            config.audit.clone(),
-        )
-        .await
-        .map_err(from_api)?;
+        // The AUDIT stream: the same bounded wait as the buckets.
+        let audit = loop {
+            match crate::audit::AuditLog::open(
+                &store,
+                &kek,
+                config.replicas,
+                &install.facts().platform_account,
+                &id,
+                config.audit.clone(),
+            )
+            .await
+            {
+                Ok(audit) => break audit,
+                Err(e)
+                    if e.code == ErrorCode::Unavailable
+                        && tokio::time::Instant::now() < deadline =>
+                {
+                    tracing::info!(error = %e, "JetStream not ready for the audit log; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => return Err(from_api(e)),
+            }
+        };
         Ok(Arc::new(Self {
             store,
             client,
