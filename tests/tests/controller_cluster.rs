@@ -84,3 +84,85 @@ async fn stopping_the_bucket_leader_recovers_within_5s_and_every_bucket_is_r3() 
     eprintln!("control plane recovered {took:?} after stopping the bucket leader {leader}");
     shutdown.fire();
 }
+
+/// One deployment setting governs every replica count: the runtime reads it from
+/// the registry bucket and creates the scheduler buckets and a tenant's task
+/// stream and done bucket with it.
+#[tokio::test]
+async fn the_runtime_creates_scheduler_buckets_and_task_streams_with_the_deployments_replicas() {
+    use agent_runtime::dispatch::{DispatchOptions, Dispatcher};
+    use agent_runtime::scheduler::{
+        RateBucket, Scheduler, SchedulerConfig, SlotBucket, RATE_BUCKET, SLOT_BUCKET,
+    };
+    use agentbus_control::registry::Registry;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let mut install = Installation::init(tmp.path().join("state")).unwrap();
+    let options = ClusterOptions::new()
+        .nodes(3)
+        .config(render_operator_snippet(&install.operator_facts()))
+        .node_config(|_, dir| render_resolver_block(&dir.join("resolver")))
+        .probe_creds(install.creds("sys.creds").unwrap())
+        .dir(tmp.path().join("cluster"));
+    let _cluster = LocalCluster::start(options).await.unwrap();
+    let urls = _cluster.urls();
+    install
+        .set_urls(urls.split(',').map(str::to_string).collect(), 3)
+        .unwrap();
+    let controller = Controller::connect(&install, ControllerConfig::new(&urls).replicas(3))
+        .await
+        .unwrap();
+    let shutdown = agentbus_control::controller::shutdown::Shutdown::new();
+    tokio::spawn(controller.clone().serve(shutdown.clone()));
+    let cp = AdminClient::connect(&urls, &install.creds("admin.creds").unwrap())
+        .await
+        .unwrap();
+    cp.create_tenant("acme", Tier::Free).await.unwrap();
+    let bundle = cp.issue_agent("acme", "worker", "default").await.unwrap();
+
+    // A runtime instance (platform account) reads the setting from the registry.
+    let platform = agentbus_control::controller::connect(
+        &urls,
+        &install.creds("controller.creds").unwrap(),
+        "runtime",
+    )
+    .await
+    .unwrap();
+    let replicas = Registry::open(platform.clone())
+        .await
+        .unwrap()
+        .replicas()
+        .await
+        .unwrap();
+    assert_eq!(replicas, 3);
+    let pjs = async_nats::jetstream::new(platform);
+    let _sched = Scheduler::connect(
+        &pjs,
+        SchedulerConfig::default(),
+        &RateBucket {
+            replicas,
+            ..RateBucket::default()
+        },
+        &SlotBucket {
+            replicas,
+            ..SlotBucket::default()
+        },
+    )
+    .await
+    .unwrap();
+    for bucket in [RATE_BUCKET, SLOT_BUCKET] {
+        let mut s = pjs.get_stream(format!("KV_{bucket}")).await.unwrap();
+        assert_eq!(s.info().await.unwrap().config.num_replicas, 3, "{bucket}");
+    }
+    // The tenant's task stream and done bucket, in the tenant's own account.
+    let ns = tenant_bus::TenantNamespace::connect(&bundle).await.unwrap();
+    let _d = Dispatcher::new(&ns, DispatchOptions::new().replicas(replicas))
+        .await
+        .unwrap();
+    let tjs = async_nats::jetstream::new(ns.nats().clone());
+    for stream in ["TASKS", "KV_TASKS_DONE"] {
+        let mut s = tjs.get_stream(stream).await.unwrap();
+        assert_eq!(s.info().await.unwrap().config.num_replicas, 3, "{stream}");
+    }
+    shutdown.fire();
+}

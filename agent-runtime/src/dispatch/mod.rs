@@ -225,6 +225,7 @@ pub struct DispatchOptions {
     pub(crate) result_poll: Duration,
     pub(crate) gate: Option<TenantGate>,
     pub(crate) scheduler: Option<Arc<TenantScheduler>>,
+    pub(crate) replicas: usize,
 }
 
 impl Default for DispatchOptions {
@@ -247,6 +248,7 @@ impl Default for DispatchOptions {
             result_poll: Duration::from_secs(1),
             gate: None,
             scheduler: None,
+            replicas: 1,
         }
     }
 }
@@ -255,6 +257,15 @@ impl DispatchOptions {
     /// The defaults (each documented on its setter).
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Replicas of the stream and the done bucket when they are created (1 to
+    /// 5). Default 1; on a cluster pass the deployment's setting, which the
+    /// runtime reads from the registry bucket
+    /// ([`Registry::replicas`](crate::registry::Registry::replicas)).
+    pub fn replicas(mut self, replicas: usize) -> Self {
+        self.replicas = replicas.clamp(1, 5);
+        self
     }
 
     /// Stream name. Default [`DEFAULT_STREAM`].
@@ -470,6 +481,7 @@ impl Dispatcher {
                 retention: stream::RetentionPolicy::WorkQueue,
                 storage: stream::StorageType::File,
                 duplicate_window: options.duplicate_window,
+                num_replicas: options.replicas,
                 ..Default::default()
             })
             .await
@@ -490,6 +502,7 @@ impl Dispatcher {
                     history: 1,
                     max_age: options.done_retention,
                     storage: stream::StorageType::File,
+                    num_replicas: options.replicas,
                     ..Default::default()
                 })
                 .await

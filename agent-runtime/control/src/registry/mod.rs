@@ -585,6 +585,19 @@ impl Registry {
         Ok(Self { kv })
     }
 
+    /// The deployment's replica count: the registry bucket's own, which the
+    /// controller created from the installation's setting (1 on one node, 3 on a
+    /// cluster). Runtime instances use it for every stream and bucket they create
+    /// (scheduler buckets, task streams), so one setting governs them all.
+    pub async fn replicas(&self) -> Result<usize, RegistryError> {
+        let mut kv = self.kv.clone();
+        let status = kv
+            .status()
+            .await
+            .map_err(|e| unavailable("reading the registry's replicas")(Box::new(e)))?;
+        Ok(status.info.config.num_replicas.max(1))
+    }
+
     /// The underlying bucket (for the watcher).
     pub fn store(&self) -> &kv::Store {
         &self.kv
