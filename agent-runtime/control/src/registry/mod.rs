@@ -590,8 +590,8 @@ impl Registry {
     /// cluster). Runtime instances use it for every stream and bucket they create
     /// (scheduler buckets, task streams), so one setting governs them all.
     pub async fn replicas(&self) -> Result<usize, RegistryError> {
-        let mut kv = self.kv.clone();
-        let status = kv
+        let status = self
+            .kv
             .status()
             .await
             .map_err(|e| unavailable("reading the registry's replicas")(Box::new(e)))?;
