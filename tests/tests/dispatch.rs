@@ -452,3 +452,68 @@ async fn a_suspended_tenants_workers_hold_its_tasks_until_activation() {
     assert_eq!(worker.stats().runs(), 1);
     worker.shutdown(Duration::from_secs(5)).await;
 }
+
+/// An outage of the done bucket is not the task's failure: with the bucket gone
+/// for longer than the worker's whole delivery budget, the queued task is held
+/// (progress acks), never dead-lettered unrun, and runs exactly once when the
+/// bucket is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_done_bucket_outage_neither_counts_as_a_delivery_nor_dead_letters() {
+    let server = Server::jetstream();
+    let master = MasterSecret::generate().unwrap();
+    let ns = connect(&server, &master, "acme", "planner").await;
+    let d = Dispatcher::new(&ns, options().max_deliveries(2))
+        .await
+        .unwrap();
+    let bucket = d.done_bucket().to_string();
+    let js = async_nats::jetstream::new(server.raw_client().await);
+    let config = js
+        .get_stream(format!("KV_{bucket}"))
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .config
+        .clone();
+    // The outage: the done bucket's stream is gone.
+    js.delete_stream(format!("KV_{bucket}")).await.unwrap();
+    let runs = Arc::new(AtomicU64::new(0));
+    let r = runs.clone();
+    let worker = d
+        .worker(
+            "resize",
+            move |_task: Task| {
+                let r = r.clone();
+                async move {
+                    r.fetch_add(1, Ordering::SeqCst);
+                    Ok(Bytes::from_static(b"done"))
+                }
+            },
+            WorkerOptions::new(),
+        )
+        .await
+        .unwrap();
+    let mut handle = d.dispatch("resize", b"img").await.unwrap();
+    // Longer than max_deliveries x ack_wait (2 x 2 s) and than any retry budget
+    // inside one delivery (the worker used to give a lookup about 26 s).
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        0,
+        "ran without its done lookup"
+    );
+    assert_eq!(
+        worker.stats().dead_lettered(),
+        0,
+        "dead-lettered by an outage"
+    );
+    assert!(worker.stats().outage_waits() > 0);
+    // The bucket is back: the task runs once and completes.
+    js.create_stream(config).await.unwrap();
+    let outcome = handle.wait(WAIT).await.unwrap();
+    assert_eq!(outcome, TaskOutcome::Completed(Bytes::from_static(b"done")));
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    assert_eq!(worker.stats().dead_lettered(), 0);
+    worker.shutdown(Duration::from_secs(5)).await;
+}

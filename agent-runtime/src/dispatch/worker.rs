@@ -129,6 +129,7 @@ pub struct WorkerStats {
     dead_lettered: AtomicU64,
     duplicates: AtomicU64,
     rejected: AtomicU64,
+    outage_waits: AtomicU64,
 }
 
 impl WorkerStats {
@@ -147,6 +148,11 @@ impl WorkerStats {
     /// Tasks dead-lettered.
     pub fn dead_lettered(&self) -> u64 {
         self.dead_lettered.load(Ordering::Relaxed)
+    }
+    /// Failed JetStream operations a task was held through (an outage, not the
+    /// task's failure).
+    pub fn outage_waits(&self) -> u64 {
+        self.outage_waits.load(Ordering::Relaxed)
     }
     /// Deliveries of already finished task ids (not run again).
     pub fn duplicates(&self) -> u64 {
@@ -407,6 +413,57 @@ async fn run(
 
 /// Retries `f` with a growing pause, for about 30 s in all: long enough to ride
 /// out a nats-server restart.
+/// Runs `f` until it succeeds, holding `msg` with progress acks meanwhile (an
+/// infrastructure outage is waited out, not blamed on the task). `None` if the
+/// worker is told to stop first: the message is then handed back (Nak), which a
+/// later delivery resumes. Pauses grow from 100 ms to 2 s; the first failure is
+/// logged at warn, the rest at debug.
+async fn hold_until_ok<T, E, F, Fut>(
+    ctx: &Ctx,
+    msg: &Message,
+    progress_every: Duration,
+    what: &str,
+    mut f: F,
+) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+    E: std::fmt::Display,
+{
+    let mut pause = Duration::from_millis(100);
+    let mut last_progress = tokio::time::Instant::now();
+    let mut failures: u64 = 0;
+    loop {
+        match f().await {
+            Ok(v) => {
+                if failures > 0 {
+                    tracing::info!(what, failures, "JetStream reachable again; task resumed");
+                }
+                return Some(v);
+            }
+            Err(e) => {
+                if failures == 0 {
+                    tracing::warn!(what, error = %e, "JetStream unavailable; holding the task and retrying");
+                } else {
+                    tracing::debug!(what, error = %e, failures, "still unavailable");
+                }
+                failures += 1;
+                ctx.stats.outage_waits.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        if *ctx.abandon.borrow() {
+            settle(msg, AckKind::Nak(None)).await;
+            return None;
+        }
+        if last_progress.elapsed() >= progress_every {
+            settle(msg, AckKind::Progress).await;
+            last_progress = tokio::time::Instant::now();
+        }
+        tokio::time::sleep(pause.min(progress_every)).await;
+        pause = (pause * 2).min(Duration::from_secs(2));
+    }
+}
+
 async fn retry<T, E, F, Fut>(what: &str, mut f: F) -> Result<T, E>
 where
     F: FnMut() -> Fut,
@@ -492,29 +549,31 @@ async fn process(ctx: &Ctx, msg: Message) {
     }
     let _guard = InFlight { ctx, id };
 
-    let done = retry("done lookup", || d.shared.done.get(hex.clone())).await;
-    match done {
-        Ok(Some(result)) => {
-            ctx.stats.duplicates.fetch_add(1, Ordering::Relaxed);
-            let _ = d
-                .shared
-                .ns
-                .nats()
-                .publish(d.result_subject(&id), result)
-                .await;
-            settle(&msg, AckKind::Ack).await;
-            return;
-        }
-        Ok(None) => {}
-        Err(e) => {
-            tracing::warn!(task = %id, error = %e, "cannot read the done bucket; retrying later");
-            settle(&msg, AckKind::Nak(Some(opts.backoff_for(1)))).await;
-            return;
-        }
+    // An outage (the done bucket, its leader, the server) is not the task's
+    // failure: the task is held with progress acks while the lookup is retried, so
+    // the outage neither counts as a delivery nor dead-letters a task that never ran.
+    let progress_every = (opts.ack_wait / 3).max(Duration::from_millis(100));
+    let done = match hold_until_ok(ctx, &msg, progress_every, "done lookup", || {
+        d.shared.done.get(hex.clone())
+    })
+    .await
+    {
+        Some(v) => v,
+        None => return, // abandoned (the worker is stopping): handed back
+    };
+    if let Some(result) = done {
+        ctx.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+        let _ = d
+            .shared
+            .ns
+            .nats()
+            .publish(d.result_subject(&id), result)
+            .await;
+        settle(&msg, AckKind::Ack).await;
+        return;
     }
 
     // A suspended tenant's tasks are held, not failed: keep the ack timer alive.
-    let progress_every = (opts.ack_wait / 3).max(Duration::from_millis(100));
     let mut last_progress = tokio::time::Instant::now();
     while !gate_active(d) {
         if *ctx.abandon.borrow() {
@@ -614,13 +673,15 @@ async fn finish(ctx: &Ctx, msg: &Message, id: &MessageId, outcome: &TaskOutcome)
         }
     };
     let hex = id.to_hex();
-    if let Err(e) = retry("done record", || {
+    // Hold the task (progress acks) until the outcome is durable: an outage must
+    // not turn a task that ran into a redelivery that counts against its limit.
+    let progress_every = (d.shared.options.ack_wait / 3).max(Duration::from_millis(100));
+    let recorded = hold_until_ok(ctx, msg, progress_every, "done record", || {
         d.shared.done.put(hex.clone(), sealed.clone())
     })
-    .await
-    {
-        tracing::warn!(task = %id, error = %e, "cannot record the task outcome; handing it back");
-        settle(msg, AckKind::Nak(Some(Duration::from_secs(1)))).await;
+    .await;
+    if recorded.is_none() {
+        tracing::warn!(task = %id, "worker stopping before the outcome was recorded; handed back");
         return false;
     }
     // Best effort: a requester that misses it reads the done bucket.
