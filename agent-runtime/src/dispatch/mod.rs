@@ -33,6 +33,11 @@
 //!   so a task whose worker died mid-run is redelivered, and one that reaches
 //!   `max_deliveries` without any outcome is dead-lettered as such: never stuck,
 //!   never looping.
+//! - **Outages are not failures.** When the done bucket (or JetStream) cannot be
+//!   read or written, the worker holds the task with progress acks and retries
+//!   until it answers: the outage neither counts as a delivery nor dead-letters a
+//!   task that never ran (`WorkerStats::outage_waits` counts the waits). Only a
+//!   handler's own failure, or a worker that dies mid-task, uses up deliveries.
 //! - **Completion** is recorded before the ack: the sealed result is stored in
 //!   the done bucket under the task id, then published to the requester, then the
 //!   message is acked. A task delivered again whose id is in the done bucket (a
