@@ -419,3 +419,126 @@ async fn proofs_verify_offline_and_a_tenant_admin_reads_only_its_own_log() {
     // The platform-admin reads both.
     assert!(!events(&p, "globex").await.is_empty());
 }
+
+#[tokio::test]
+async fn retention_prunes_and_the_retained_range_still_verifies() {
+    let p = platform().await;
+    let audit_log = p.controller.audit();
+    p.cp.create_tenant("keep", Tier::Free).await.unwrap();
+    for i in 0..4 {
+        p.cp.update_tenant("keep", &set("name", &format!("a{i}")))
+            .await
+            .unwrap();
+    }
+    audit_log.checkpoint("keep").await.unwrap().unwrap(); // size 5
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let cutoff = tenant_bus::envelope::now_ms();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    for i in 0..3 {
+        p.cp.update_tenant("keep", &set("name", &format!("b{i}")))
+            .await
+            .unwrap();
+    }
+    audit_log.checkpoint("keep").await.unwrap().unwrap(); // size 8
+    p.cp.update_tenant("keep", &set("name", "tail"))
+        .await
+        .unwrap(); // entry 8, unsigned
+
+    // Entries 0..5 are older than the cutoff and covered by the checkpoint of
+    // size 5: they go; the rest stays.
+    let report = audit_log.prune("keep", cutoff).await.unwrap().unwrap();
+    assert_eq!((report.pruned_before, report.removed), (5, 5));
+    assert_eq!(audit_log.counters().snapshot().pruned, 5);
+    let left = events(&p, "keep").await;
+    assert_eq!(left.first().map(|e| e.index), Some(5));
+    let (r, _) = audit::verify_remote(&p.cp, "keep", None).await.unwrap();
+    assert_eq!((r.first_index, r.entries, r.signed_size), (5, 4, 8));
+    assert_eq!(r.unsigned_tail, 1);
+    assert!(r.pruned_at_ms.is_some() && r.anchor_time_ms.is_some());
+    assert_eq!(r.consistency_proofs, 1, "anchor -> checkpoint of size 8");
+    // Nothing more is old enough: a second pass prunes nothing.
+    assert!(audit_log.prune("keep", cutoff).await.unwrap().is_none());
+
+    // Appends, checkpoints and proofs go on from the anchor, also on a fresh
+    // controller (which starts from the anchor, not from entry 0).
+    p.cp.update_tenant("keep", &set("name", "more"))
+        .await
+        .unwrap();
+    let (second, stop) = p.another_controller().await;
+    let cp = second.audit().checkpoint("keep").await.unwrap().unwrap();
+    assert_eq!(cp.size, 10);
+    let last = events(&p, "keep").await.pop().unwrap();
+    let bundle = audit::proof(&p.cp, "keep", &last.id).await.unwrap();
+    verify::verify_bundle(&bundle, None).unwrap();
+    stop.fire();
+    let (r, _) = audit::verify_remote(&p.cp, "keep", None).await.unwrap();
+    assert_eq!((r.first_index, r.entries, r.signed_size), (5, 5, 10));
+
+    // The tenant setting: 1 day, applied a little over a day later, prunes up
+    // to the newest checkpoint short of the head.
+    p.cp.update_tenant("keep", &set("audit_retention_days", "1"))
+        .await
+        .unwrap(); // entry 10
+    p.controller.audit().checkpoint("keep").await.unwrap(); // size 11
+    p.cp.update_tenant("keep", &set("name", "head"))
+        .await
+        .unwrap(); // entry 11, the head
+    let later = tenant_bus::envelope::now_ms() + audit::DAY_MS + 60_000;
+    assert!(p.controller.apply_audit_retention(later).await >= 1);
+    let (r, _) = audit::verify_remote(&p.cp, "keep", None).await.unwrap();
+    assert_eq!((r.first_index, r.entries), (11, 1), "{r:?}");
+
+    // Tampering in the retained range still fails, naming the entry.
+    p.cp.create_tenant("tamp", Tier::Free).await.unwrap();
+    for i in 0..5 {
+        p.cp.update_tenant("tamp", &set("name", &format!("t{i}")))
+            .await
+            .unwrap();
+    }
+    audit_log.checkpoint("tamp").await.unwrap().unwrap(); // size 6
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let cutoff = tenant_bus::envelope::now_ms();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    for i in 0..4 {
+        p.cp.update_tenant("tamp", &set("name", &format!("u{i}")))
+            .await
+            .unwrap();
+    }
+    audit_log.checkpoint("tamp").await.unwrap().unwrap(); // size 10
+    let report = audit_log.prune("tamp", cutoff).await.unwrap().unwrap();
+    assert_eq!(report.pruned_before, 6);
+    let js = raw_js(&p).await;
+    let stream = js.get_stream(audit::STREAM).await.unwrap();
+    let kept = seqs(&js, "tamp").await;
+    assert_eq!(kept.len(), 4);
+    // Rewrite entry 7: delete it and publish another in its place.
+    let mut forged = AuditEvent::decode(&kept[1].1).unwrap();
+    assert_eq!(forged.index, 7);
+    forged.actor.id = "nobody".into();
+    assert!(stream.delete_message(kept[1].0).await.unwrap());
+    js.publish(audit::log_subject("tamp"), forged.canonical().into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let f = verify_fails(&p, "tamp").await;
+    assert_eq!(f.index, Some(7), "{f}");
+    // A pruned log whose anchor is removed: its missing prefix is named.
+    p.cp.create_tenant("noanchor", Tier::Free).await.unwrap();
+    p.cp.update_tenant("noanchor", &set("name", "x"))
+        .await
+        .unwrap();
+    audit_log.checkpoint("noanchor").await.unwrap().unwrap();
+    p.cp.update_tenant("noanchor", &set("name", "y"))
+        .await
+        .unwrap();
+    let far = tenant_bus::envelope::now_ms() + 1;
+    assert!(audit_log.prune("noanchor", far).await.unwrap().is_some());
+    stream
+        .purge()
+        .filter(audit::anchor_subject("noanchor"))
+        .await
+        .unwrap();
+    let f = verify_fails(&p, "noanchor").await;
+    assert_eq!(f.index, Some(0), "{f}");
+}

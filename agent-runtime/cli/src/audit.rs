@@ -248,12 +248,24 @@ pub async fn run(output: Output, args: AuditArgs) -> Result<(), Failure> {
                     let value =
                         serde_json::json!({ "ok": true, "report": report, "verifier_key": key });
                     print(output, &value, || {
+                        let first = report.first_index;
+                        let end = first + report.entries;
                         let signed = match report.signed_size {
                             0 => "none signed yet".to_string(),
-                            n => format!("entries 0 to {} signed", n - 1),
+                            n => format!("entries {first} to {} signed", n - 1),
+                        };
+                        let range = match (end, report.pruned_at_ms) {
+                            (0, _) => "no entries".to_string(),
+                            (_, None) => format!("entries 0 to {} (the whole log)", end - 1),
+                            (_, Some(at)) => format!(
+                                "entries {first} to {} (entries 0 to {} pruned by retention at {}; their tree is the anchor checkpoint of size {first})",
+                                end.saturating_sub(1),
+                                first.saturating_sub(1),
+                                iso_time(at)
+                            ),
                         };
                         format!(
-                            "audit log {} verifies: {} entries, {} checkpoints ({signed}, {} after the last checkpoint), {} inclusion and {} consistency proofs checked\nroot  {}\nkey   {key}",
+                            "audit log {} verifies: covered {range}\n{} entries, {} checkpoints ({signed}, {} after the last checkpoint), {} inclusion and {} consistency proofs checked\nroot  {}\nkey   {key}",
                             report.log,
                             report.entries,
                             report.checkpoints,

@@ -17,6 +17,7 @@
 //! | `max_message_bytes`     | 64 KiB | 1 MiB   | 8 MiB      | runtime scheduler |
 //! | `max_tool_calls_per_task` | 8    | 32      | 128        | runtime tools |
 //! | `weight`                | 1      | 4       | 16         | fair queueing share |
+//! | `audit_retention_days`  | 30     | 90      | 365        | controller (audit log pruning) |
 //!
 //! Every field can be overridden per tenant (`agentbus tenant update ID --set
 //! max_agents=20`); [`Quotas::set`] validates the key and value.
@@ -145,6 +146,9 @@ macro_rules! quotas {
 /// (10 minutes), so a window's counter never expires while the window is open.
 pub const MAX_WINDOW_MS: u64 = 300_000;
 
+/// The longest audit retention, days (100 years).
+pub const MAX_AUDIT_RETENTION_DAYS: u64 = 36_500;
+
 /// A quota number: ASCII digits, optionally grouped by single underscores
 /// between digits (`1_000`). No sign, no leading, trailing or doubled
 /// underscore, no whitespace inside.
@@ -167,6 +171,9 @@ fn check_field(key: &str, v: u64) -> Result<(), QuotaError> {
             bad(format!("window_ms={v}: must be 1 to {MAX_WINDOW_MS}"))
         }
         "weight" if v == 0 => bad("weight=0: must be at least 1".to_string()),
+        "audit_retention_days" if v == 0 || v > MAX_AUDIT_RETENTION_DAYS => bad(format!(
+            "audit_retention_days={v}: must be 1 to {MAX_AUDIT_RETENTION_DAYS}"
+        )),
         _ => Ok(()),
     }
 }
@@ -202,6 +209,9 @@ quotas! {
     max_tool_calls_per_task: u64 = [8, 32, 128],
     /// Weight in fair queueing over shared workers.
     weight: u64 = [1, 4, 16],
+    /// Days the tenant's audit log keeps entries (older ones are pruned, with
+    /// a signed checkpoint kept so that the rest still verifies).
+    audit_retention_days: u64 = [30, 90, 365],
 }
 
 #[cfg(test)]
@@ -254,6 +264,10 @@ mod tests {
             assert!(q.set("window_ms", bad).is_err(), "window_ms={bad}");
         }
         assert!(q.set("weight", "0").is_err());
+        assert!(q.set("audit_retention_days", "0").is_err());
+        assert!(q.set("audit_retention_days", "36501").is_err());
+        q.set("audit_retention_days", "7").unwrap();
+        assert_eq!(q.audit_retention_days, 7);
         q.set("window_ms", "300_000").unwrap();
         assert_eq!(q.window_ms, MAX_WINDOW_MS);
         q.set("max_agents", " 12 ").unwrap();

@@ -88,6 +88,234 @@ impl CompactRange {
     }
 }
 
+impl CompactRange {
+    /// The right edge of a tree of `size` leaves from its perfect subtree roots,
+    /// largest first (one per set bit of `size`, as [`CompactRange::frontier`]
+    /// gives them). Fails if the count does not match `size`.
+    pub fn from_frontier(size: u64, frontier: &[Hash]) -> Result<Self, ProofError> {
+        let heights: Vec<u32> = (0..64u32).rev().filter(|h| size >> h & 1 == 1).collect();
+        if heights.len() != frontier.len() {
+            return Err(ProofError(format!(
+                "a tree of {size} leaves has {} frontier hashes, not {}",
+                heights.len(),
+                frontier.len()
+            )));
+        }
+        Ok(Self {
+            size,
+            peaks: heights.into_iter().zip(frontier.iter().copied()).collect(),
+        })
+    }
+
+    /// The roots of the perfect subtrees, largest (leftmost) first: with the
+    /// size, everything needed to extend the tree and compute its roots.
+    pub fn frontier(&self) -> Vec<Hash> {
+        self.peaks.iter().map(|(_, h)| *h).collect()
+    }
+}
+
+/// A tree whose first leaves may be pruned: the pruned prefix is represented by
+/// its right edge (the [`CompactRange`] frontier at the prune point), the rest
+/// by its leaves. Roots, inclusion proofs of retained leaves and consistency
+/// proofs from sizes at or after the prune point need nothing else (each node
+/// RFC 6962 needs left of the prune point is one of the frontier's subtrees).
+/// Without a pruned prefix it is an ordinary tree; it agrees with [`Tree`]
+/// (tested for every size and prune point up to 40).
+#[derive(Debug, Clone, Default)]
+pub struct PartialTree {
+    pruned: u64,
+    // (start, end, hash) of the pruned prefix's perfect subtrees.
+    peaks: Vec<(u64, u64, Hash)>,
+    // levels[h] = (first node index, hashes of the perfect subtrees of 2^h
+    // retained leaves from that index on).
+    levels: Vec<(u64, Vec<Hash>)>,
+    size: u64,
+}
+
+impl PartialTree {
+    /// An empty tree.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A tree whose first `size` leaves are pruned, known by their frontier.
+    pub fn from_frontier(size: u64, frontier: &[Hash]) -> Result<Self, ProofError> {
+        let range = CompactRange::from_frontier(size, frontier)?;
+        let mut start = 0u64;
+        let mut peaks = Vec::with_capacity(range.peaks.len());
+        for (h, hash) in &range.peaks {
+            let end = start + (1u64 << h);
+            peaks.push((start, end, *hash));
+            start = end;
+        }
+        Ok(Self {
+            pruned: size,
+            peaks,
+            levels: Vec::new(),
+            size,
+        })
+    }
+
+    /// Leaves so far, pruned ones included.
+    pub fn len(&self) -> u64 {
+        self.size
+    }
+
+    /// Whether it has no leaf.
+    pub fn is_empty(&self) -> bool {
+        self.size == 0
+    }
+
+    /// The first retained leaf index (the prune point).
+    pub fn first(&self) -> u64 {
+        self.pruned
+    }
+
+    /// Appends a leaf (its canonical bytes).
+    pub fn push(&mut self, leaf: &[u8]) {
+        self.push_leaf_hash(leaf_hash(leaf));
+    }
+
+    /// Appends a leaf by its leaf hash.
+    pub fn push_leaf_hash(&mut self, leaf: Hash) {
+        let mut index = self.size;
+        let mut node = leaf;
+        let mut h = 0usize;
+        loop {
+            if self.levels.len() <= h {
+                // The first node of a level: the first one wholly after the prune point.
+                let first = self.pruned.div_ceil(1u64 << h);
+                self.levels.push((first, Vec::new()));
+            }
+            let (first, nodes) = &mut self.levels[h];
+            if index != *first + nodes.len() as u64 {
+                break;
+            }
+            nodes.push(node);
+            if index.is_multiple_of(2) || index - 1 < *first {
+                break;
+            }
+            let left = nodes[(index - 1 - *first) as usize];
+            node = node_hash(&left, &node);
+            index /= 2;
+            h += 1;
+        }
+        self.size += 1;
+    }
+
+    fn perfect(&self, a: u64, b: u64) -> Option<Hash> {
+        if let Some((_, _, h)) = self.peaks.iter().find(|(s, e, _)| *s == a && *e == b) {
+            return Some(*h);
+        }
+        let width = b - a;
+        if a < self.pruned || !width.is_power_of_two() || !a.is_multiple_of(width) {
+            return None;
+        }
+        let (first, nodes) = self.levels.get(width.trailing_zeros() as usize)?;
+        let i = (a / width).checked_sub(*first)?;
+        nodes.get(usize::try_from(i).ok()?).copied()
+    }
+
+    /// MTH(D[a:b]), RFC 6962 §2.1.
+    fn mth(&self, a: u64, b: u64) -> Result<Hash, ProofError> {
+        if a >= b {
+            return Ok(empty_root());
+        }
+        if let Some(h) = self.perfect(a, b) {
+            return Ok(h);
+        }
+        if b - a == 1 {
+            return Err(ProofError(format!("leaf {a} is pruned")));
+        }
+        let k = split_point(b - a);
+        Ok(node_hash(&self.mth(a, a + k)?, &self.mth(a + k, b)?))
+    }
+
+    /// The root of the first `size` leaves (at least the prune point).
+    pub fn root_at(&self, size: u64) -> Result<Hash, ProofError> {
+        if size > self.size || (size < self.pruned && size > 0) {
+            return Err(ProofError(format!("no root of size {size}")));
+        }
+        self.mth(0, size)
+    }
+
+    /// The root of the whole tree.
+    pub fn root(&self) -> Hash {
+        self.mth(0, self.size).unwrap_or_else(|_| empty_root())
+    }
+
+    /// The inclusion proof of retained leaf `index` in the tree of the first
+    /// `size` leaves (audit path, leaf side first; RFC 6962 §2.1.1).
+    pub fn inclusion_proof_at(&self, index: u64, size: u64) -> Result<Vec<Hash>, ProofError> {
+        if index < self.pruned || index >= size || size > self.size {
+            return Err(ProofError(format!(
+                "no inclusion proof of leaf {index} in a tree of {size} (retained from {})",
+                self.pruned
+            )));
+        }
+        let mut path = Vec::new();
+        let (mut a, mut b) = (0u64, size);
+        // From the root down; the path is leaf side first, so reverse at the end.
+        while b - a > 1 {
+            let k = split_point(b - a);
+            if index < a + k {
+                path.push(self.mth(a + k, b)?);
+                b = a + k;
+            } else {
+                path.push(self.mth(a, a + k)?);
+                a += k;
+            }
+        }
+        path.reverse();
+        Ok(path)
+    }
+
+    /// The inclusion proof of retained leaf `index` in the whole tree.
+    pub fn inclusion_proof(&self, index: u64) -> Result<Vec<Hash>, ProofError> {
+        self.inclusion_proof_at(index, self.size)
+    }
+
+    /// The consistency proof from the first `old_size` leaves (at least the
+    /// prune point) to the whole tree (RFC 6962 §2.1.2).
+    pub fn consistency_proof(&self, old_size: u64) -> Result<Vec<Hash>, ProofError> {
+        if old_size == 0 || old_size > self.size || old_size < self.pruned {
+            return Err(ProofError(format!(
+                "no consistency proof from size {old_size} to {}",
+                self.size
+            )));
+        }
+        let mut path = Vec::new();
+        let (mut a, mut b, mut m, mut whole) = (0u64, self.size, old_size, true);
+        while m != b - a {
+            let k = split_point(b - a);
+            if m <= k {
+                path.push(self.mth(a + k, b)?);
+                b = a + k;
+            } else {
+                path.push(self.mth(a, a + k)?);
+                a += k;
+                m -= k;
+                whole = false;
+            }
+        }
+        if !whole {
+            path.push(self.mth(a, b)?);
+        }
+        path.reverse();
+        Ok(path)
+    }
+}
+
+/// The largest power of two smaller than `n` (n > 1).
+fn split_point(n: u64) -> u64 {
+    let p = 1u64 << (63 - (n - 1).leading_zeros());
+    if p == n {
+        p / 2
+    } else {
+        p
+    }
+}
+
 /// A whole tree in memory (verification and proofs), over canonical event bytes.
 #[derive(Debug, Default)]
 pub struct Tree(MemoryBackedTree<Sha256, Vec<u8>>);
@@ -350,6 +578,67 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn partial_trees_agree_with_the_full_tree_for_every_prune_point() {
+        let data = |i: u64| i.to_be_bytes().to_vec();
+        for n in 0u64..=40 {
+            let mut tree = Tree::new();
+            let mut range = CompactRange::new();
+            for i in 0..n {
+                tree.push(data(i));
+            }
+            for p in 0..=n {
+                if p > 0 {
+                    range = CompactRange::new();
+                    for i in 0..p {
+                        range.push_leaf_hash(leaf_hash(&data(i)));
+                    }
+                }
+                let back = CompactRange::from_frontier(p, &range.frontier()).unwrap();
+                assert_eq!(back.root(), range.root());
+                let mut part = if p == 0 {
+                    PartialTree::new()
+                } else {
+                    PartialTree::from_frontier(p, &range.frontier()).unwrap()
+                };
+                for i in p..n {
+                    part.push(&data(i));
+                }
+                assert_eq!(part.len(), n);
+                assert_eq!(part.root(), tree.root(), "n {n} p {p}");
+                for j in p..n {
+                    assert_eq!(
+                        part.inclusion_proof(j).unwrap(),
+                        tree.inclusion_proof(j).unwrap(),
+                        "inclusion n {n} p {p} j {j}"
+                    );
+                }
+                for m in p.max(1)..=n {
+                    assert_eq!(
+                        part.consistency_proof(m).unwrap(),
+                        tree.consistency_proof(m).unwrap(),
+                        "consistency n {n} p {p} m {m}"
+                    );
+                    let mut t = Tree::new();
+                    for i in 0..m {
+                        t.push(data(i));
+                    }
+                    assert_eq!(part.root_at(m).unwrap(), t.root());
+                    if m > p {
+                        assert_eq!(
+                            part.inclusion_proof_at(m - 1, m).unwrap(),
+                            t.inclusion_proof(m - 1).unwrap()
+                        );
+                    }
+                }
+                if p > 0 {
+                    assert!(part.inclusion_proof(p - 1).is_err());
+                }
+            }
+        }
+        assert!(CompactRange::from_frontier(3, &[[0u8; 32]]).is_err());
     }
 
     #[test]

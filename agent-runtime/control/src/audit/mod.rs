@@ -8,6 +8,7 @@
 //! ```text
 //! agentbus.audit.v1.log.<tenant|_platform>          events (leaves), in index order
 //! agentbus.audit.v1.checkpoint.<tenant|_platform>   signed checkpoints (C2SP notes)
+//! agentbus.audit.v1.anchor.<tenant|_platform>       retention anchor (after a prune)
 //! ```
 //!
 //! Only the controller appends: admins' NATS users may publish only on their
@@ -45,7 +46,7 @@ use crate::store::{secret_name, unavailable, Store};
 use event::{AuditEvent, PLATFORM_LOG};
 use merkle::{CompactRange, Hash};
 use note::{Checkpoint, Signer, Verifier};
-use verify::{InclusionBundle, StoredCheckpoint, StoredEntry, VerifyFailure, VerifyReport};
+use verify::{Anchor, InclusionBundle, StoredCheckpoint, StoredEntry, VerifyFailure, VerifyReport};
 
 /// The stream holding every log.
 pub const STREAM: &str = "AUDIT";
@@ -69,6 +70,14 @@ pub fn log_subject(log: &str) -> String {
 pub fn checkpoint_subject(log: &str) -> String {
     format!("{SUBJECT_PREFIX}.checkpoint.{log}")
 }
+
+/// `agentbus.audit.v1.anchor.<log>`: the retention anchor of a pruned log.
+pub fn anchor_subject(log: &str) -> String {
+    format!("{SUBJECT_PREFIX}.anchor.{log}")
+}
+
+/// One day in milliseconds.
+pub const DAY_MS: u64 = 86_400_000;
 
 /// The admin API subject `agentbus.admin.v1.audit.<log>.<verb>` (`list`,
 /// `proof`, `verify-data`).
@@ -98,6 +107,10 @@ pub struct AuditConfig {
     /// The longest an append waits for the stream before it is counted as
     /// failed. Default 2 s.
     pub append_timeout: Duration,
+    /// How often the controller applies retention (prunes old entries). Default 1 h.
+    pub retention_every: Duration,
+    /// Retention of the platform-wide log (`_platform`), days. Default 365.
+    pub platform_retention_days: u64,
 }
 
 impl Default for AuditConfig {
@@ -106,6 +119,8 @@ impl Default for AuditConfig {
             checkpoint_every: 100,
             checkpoint_interval: Duration::from_secs(10),
             append_timeout: Duration::from_secs(2),
+            retention_every: Duration::from_secs(3600),
+            platform_retention_days: 365,
         }
     }
 }
@@ -118,6 +133,7 @@ pub struct AuditCounters {
     checkpoints: AtomicU64,
     checkpoint_failed: AtomicU64,
     tamper_detected: AtomicU64,
+    pruned: AtomicU64,
 }
 
 /// A snapshot of [`AuditCounters`].
@@ -134,6 +150,9 @@ pub struct AuditCountersSnapshot {
     /// Logs found altered by the appender or the checkpointer (logged at error;
     /// such a log gets no further checkpoint until repaired).
     pub tamper_detected: u64,
+    /// Entries removed by retention.
+    #[serde(default)]
+    pub pruned: u64,
 }
 
 impl AuditCounters {
@@ -146,6 +165,7 @@ impl AuditCounters {
             checkpoints: g(&self.checkpoints),
             checkpoint_failed: g(&self.checkpoint_failed),
             tamper_detected: g(&self.tamper_detected),
+            pruned: g(&self.pruned),
         }
     }
 }
@@ -169,6 +189,21 @@ struct RangeState {
     last_seq: u64,
     prev: Option<Hash>,
     verified_cp_size: u64,
+    // The prune point of the anchor this state started from (0: none).
+    anchored: u64,
+}
+
+/// What one prune did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PruneReport {
+    /// The log.
+    pub log: String,
+    /// Entries below this index are gone; the anchor's checkpoint has this size.
+    pub pruned_before: u64,
+    /// Entries removed by this prune.
+    pub removed: u64,
+    /// The cutoff applied, Unix ms.
+    pub cutoff_ms: u64,
 }
 
 /// One stored message of the stream.
@@ -639,6 +674,9 @@ impl AuditLog {
                 st = RangeState::default();
             }
         }
+        if st.last_seq == 0 && st.range.size() == 0 {
+            st = self.fresh_state(log).await?;
+        }
         let (entries, _) = self
             .read(&log_subject(log), st.last_seq, usize::MAX)
             .await?;
@@ -647,6 +685,11 @@ impl AuditLog {
             let event = AuditEvent::decode(&e.data).map_err(|err| {
                 self.tampered(log, format!("entry {i} (stream seq {}): {err}", e.seq))
             })?;
+            if event.index < st.anchored && i == st.anchored {
+                // Below the prune point (a prune interrupted before its purge).
+                st.last_seq = e.seq;
+                continue;
+            }
             if event.index != i {
                 return Err(self.tampered(
                     log,
@@ -656,7 +699,8 @@ impl AuditLog {
                     ),
                 ));
             }
-            if event.prev != st.prev.map(|h| merkle::hex(&h)).unwrap_or_default() {
+            let first_kept = st.anchored > 0 && i == st.anchored;
+            if !first_kept && event.prev != st.prev.map(|h| merkle::hex(&h)).unwrap_or_default() {
                 return Err(self.tampered(
                     log,
                     format!("entry {i} does not chain to entry {}", i.saturating_sub(1)),
@@ -755,6 +799,207 @@ impl AuditLog {
         }
     }
 
+    fn verifier(&self) -> Result<Verifier, ApiError> {
+        self.signer
+            .verifier_key()
+            .parse()
+            .map_err(|e: note::NoteError| ApiError::new(ErrorCode::Internal, e.0))
+    }
+
+    /// The newest retention anchor of `log`, checked (our signature, the
+    /// frontier hashing to the signed root): its stream sequence, the anchor,
+    /// its checkpoint and the tree of the pruned prefix.
+    pub async fn load_anchor(
+        &self,
+        log: &str,
+    ) -> Result<Option<(u64, Anchor, Checkpoint, merkle::PartialTree)>, ApiError> {
+        match self
+            .stream
+            .get_last_raw_message_by_subject(&anchor_subject(log))
+            .await
+        {
+            Ok(msg) => {
+                let stored = StoredEntry {
+                    seq: msg.sequence,
+                    data: msg.payload.to_vec(),
+                };
+                let (anchor, cp, tree) =
+                    verify::check_anchor(&stored, &self.origin(log), &self.verifier()?)
+                        .map_err(|f| self.tampered(log, f.message))?;
+                Ok(Some((msg.sequence, anchor, cp, tree)))
+            }
+            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
+            Err(e) => Err(unavailable("reading the retention anchor", e)),
+        }
+    }
+
+    /// The checkpointer's starting state: empty, or the anchor's pruned prefix.
+    async fn fresh_state(&self, log: &str) -> Result<RangeState, ApiError> {
+        let Some((_, anchor, cp, _)) = self.load_anchor(log).await? else {
+            return Ok(RangeState::default());
+        };
+        let frontier = verify::parse_hashes(&anchor.frontier)
+            .ok_or_else(|| self.tampered(log, "retention anchor: bad frontier".into()))?;
+        let range = CompactRange::from_frontier(cp.size, &frontier)
+            .map_err(|e| self.tampered(log, format!("retention anchor: {e}")))?;
+        Ok(RangeState {
+            range,
+            last_seq: 0,
+            prev: None,
+            verified_cp_size: cp.size,
+            anchored: cp.size,
+        })
+    }
+
+    /// Applies retention to `log`: prunes the entries older than `cutoff_ms`
+    /// up to the largest signed checkpoint that covers only such entries (and
+    /// never the newest entry, the append head). First the log is checked
+    /// (every retained entry canonical, contiguous and chained, the chosen
+    /// checkpoint's root recomputed): an altered log is never pruned. Then the
+    /// anchor (that checkpoint and the frontier of its tree) is stored on
+    /// [`anchor_subject`], and the entries below it, the checkpoints before it
+    /// and older anchors are purged. Returns `None` if there was nothing to
+    /// prune (or another instance pruned first).
+    pub async fn prune(&self, log: &str, cutoff_ms: u64) -> Result<Option<PruneReport>, ApiError> {
+        check_log(log)?;
+        // One prune or checkpoint of a log at a time on this instance.
+        let _ranges = self.ranges.lock().await;
+        let prior = self.load_anchor(log).await?;
+        let (prior_seq, first) = match &prior {
+            Some((seq, _, cp, _)) => (*seq, cp.size),
+            None => (0, 0),
+        };
+        let verifier = self.verifier()?;
+        let origin = self.origin(log);
+        let (raw_cps, _) = self.read(&checkpoint_subject(log), 0, usize::MAX).await?;
+        let mut cps = Vec::with_capacity(raw_cps.len());
+        for c in &raw_cps {
+            let text = String::from_utf8_lossy(&c.data).into_owned();
+            let cp = verifier.verify(&text).map_err(|e| {
+                self.tampered(log, format!("checkpoint at stream seq {}: {e}", c.seq))
+            })?;
+            if cp.origin != origin {
+                return Err(self.tampered(log, format!("checkpoint at seq {} is foreign", c.seq)));
+            }
+            cps.push((c.seq, cp, text));
+        }
+        let (entries, _) = self.read(&log_subject(log), 0, usize::MAX).await?;
+        let mut leaves: Vec<(u64, Hash)> = Vec::with_capacity(entries.len());
+        let mut eligible = first;
+        let mut prev: Option<Hash> = None;
+        for e in &entries {
+            let i = first + leaves.len() as u64;
+            let event = AuditEvent::decode(&e.data).map_err(|err| {
+                self.tampered(log, format!("entry {i} (stream seq {}): {err}", e.seq))
+            })?;
+            if event.index < first && leaves.is_empty() {
+                continue;
+            }
+            if event.index != i {
+                return Err(self.tampered(
+                    log,
+                    format!(
+                        "stream seq {} holds entry {} where entry {i} belongs",
+                        e.seq, event.index
+                    ),
+                ));
+            }
+            let first_kept = first > 0 && i == first;
+            if !first_kept && event.prev != prev.map(|h| merkle::hex(&h)).unwrap_or_default() {
+                return Err(self.tampered(
+                    log,
+                    format!("entry {i} does not chain to entry {}", i.saturating_sub(1)),
+                ));
+            }
+            let leaf = merkle::leaf_hash(&e.data);
+            prev = Some(leaf);
+            if event.time_ms < cutoff_ms && eligible == i {
+                eligible = i + 1;
+            }
+            leaves.push((e.seq, leaf));
+        }
+        let size = first + leaves.len() as u64;
+        // The newest entry stays: it is the append head.
+        let limit = eligible.min(size.saturating_sub(1));
+        let Some((cp_seq, cp, note)) = cps
+            .iter()
+            .filter(|(_, cp, _)| cp.size > first && cp.size <= limit)
+            .max_by_key(|(_, cp, _)| cp.size)
+            .map(|(seq, cp, note)| (*seq, cp.clone(), note.clone()))
+        else {
+            return Ok(None);
+        };
+        let mut range = match &prior {
+            Some((_, anchor, cp0, _)) => verify::parse_hashes(&anchor.frontier)
+                .and_then(|f| CompactRange::from_frontier(cp0.size, &f).ok())
+                .ok_or_else(|| self.tampered(log, "retention anchor: bad frontier".into()))?,
+            None => CompactRange::new(),
+        };
+        for (_, leaf) in &leaves[..(cp.size - first) as usize] {
+            range.push_leaf_hash(*leaf);
+        }
+        if range.root() != cp.root {
+            return Err(self.tampered(
+                log,
+                format!(
+                    "entries up to {} do not match the checkpoint of size {}",
+                    cp.size - 1,
+                    cp.size
+                ),
+            ));
+        }
+        let now = tenant_bus::envelope::now_ms();
+        let anchor = Anchor {
+            checkpoint: note,
+            frontier: range.frontier().iter().map(|h| merkle::hex(h)).collect(),
+            cutoff_ms,
+            pruned_at_ms: now,
+        };
+        let body = serde_json::to_vec(&anchor)
+            .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?;
+        let publish = jetstream::message::PublishMessage::build()
+            .payload(body.into())
+            .expected_last_subject_sequence(prior_seq);
+        let ack = self
+            .js
+            .send_publish(anchor_subject(log), publish)
+            .await
+            .map_err(|e| unavailable("storing a retention anchor", e))?
+            .await;
+        let anchor_seq = match ack {
+            Ok(ack) => ack.sequence,
+            Err(e) if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => {
+                return Ok(None)
+            }
+            Err(e) => return Err(unavailable("storing a retention anchor", e)),
+        };
+        let keep_from = leaves
+            .get((cp.size - first) as usize)
+            .map(|(seq, _)| *seq)
+            .ok_or_else(|| ApiError::new(ErrorCode::Internal, "prune point past the head"))?;
+        for (subject, seq) in [
+            (log_subject(log), keep_from),
+            (checkpoint_subject(log), cp_seq),
+            (anchor_subject(log), anchor_seq),
+        ] {
+            self.stream
+                .purge()
+                .filter(subject)
+                .sequence(seq)
+                .await
+                .map_err(|e| unavailable("purging pruned audit entries", e))?;
+        }
+        let removed = cp.size - first;
+        self.counters.pruned.fetch_add(removed, Ordering::Relaxed);
+        tracing::info!(%log, pruned_before = cp.size, removed, cutoff_ms, "audit log pruned");
+        Ok(Some(PruneReport {
+            log: log.to_string(),
+            pruned_before: cp.size,
+            removed,
+            cutoff_ms,
+        }))
+    }
+
     /// One page of raw entries or checkpoints (`verify-data`).
     pub async fn verify_data(
         &self,
@@ -764,10 +1009,11 @@ impl AuditLog {
         let subject = match req.kind.as_str() {
             "log" => log_subject(log),
             "checkpoint" => checkpoint_subject(log),
+            "anchor" => anchor_subject(log),
             other => {
                 return Err(ApiError::new(
                     ErrorCode::InvalidInput,
-                    format!("kind {other:?} (log or checkpoint)"),
+                    format!("kind {other:?} (log, checkpoint or anchor)"),
                 ))
             }
         };
@@ -817,17 +1063,23 @@ impl AuditLog {
             ));
         };
         let entries = self.entries(log).await?;
-        let mut tree = merkle::Tree::new();
+        let mut tree = match self.load_anchor(log).await? {
+            Some((_, _, _, tree)) => tree,
+            None => merkle::PartialTree::new(),
+        };
         let mut found = None;
-        for e in entries.iter().take(cp.size as usize) {
-            if found.is_none() {
-                if let Ok(ev) = AuditEvent::decode(&e.data) {
-                    if ev.id == event_id {
-                        found = Some((tree.len(), e.data.clone()));
-                    }
-                }
+        for e in &entries {
+            if tree.len() >= cp.size {
+                break;
             }
-            tree.push(e.data.clone());
+            let decoded = AuditEvent::decode(&e.data).ok();
+            if decoded.as_ref().is_some_and(|ev| ev.index < tree.first()) {
+                continue;
+            }
+            if found.is_none() && decoded.is_some_and(|ev| ev.id == event_id) {
+                found = Some((tree.len(), e.data.clone()));
+            }
+            tree.push(&e.data);
         }
         let Some((index, data)) = found else {
             return Err(ApiError::new(
@@ -939,6 +1191,12 @@ pub async fn fetch(
     Ok((entries, cps, key))
 }
 
+/// The newest retention anchor of `log`, as stored, if it was pruned.
+pub async fn fetch_anchor(admin: &AdminClient, log: &str) -> Result<Option<StoredEntry>, ApiError> {
+    let (mut anchors, _) = fetch_pages(admin, log, "anchor").await?;
+    Ok(anchors.pop())
+}
+
 /// Why `audit verify` failed: the log could not be read, or it does not verify.
 #[derive(Debug, Clone)]
 pub enum VerifyError {
@@ -971,13 +1229,16 @@ pub async fn verify_remote(
     pinned: Option<&str>,
 ) -> Result<(VerifyReport, String), VerifyError> {
     check_log(log).map_err(VerifyError::Api)?;
+    // The anchor last: a prune between the reads leaves entries and checkpoints
+    // below its prune point, which verification skips.
     let (entries, cps, reported) = fetch(admin, log).await.map_err(VerifyError::Api)?;
+    let anchor = fetch_anchor(admin, log).await.map_err(VerifyError::Api)?;
     let key = pinned.map(str::to_string).unwrap_or(reported);
     let verifier: Verifier = key
         .parse()
         .map_err(|e: note::NoteError| VerifyError::Key(e.0))?;
     let origin = format!("{}/{log}", verifier.name());
-    let report =
-        verify::verify_log(log, &origin, &verifier, &entries, &cps).map_err(VerifyError::Bad)?;
+    let report = verify::verify_retained(log, &origin, &verifier, anchor.as_ref(), &entries, &cps)
+        .map_err(VerifyError::Bad)?;
     Ok((report, key))
 }

@@ -5,7 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::event::AuditEvent;
-use super::merkle::{self, Hash, Tree};
+use super::merkle::{self, Hash, PartialTree};
 use super::note::{Checkpoint, Verifier};
 
 /// One stored entry: its stream sequence and its bytes as stored.
@@ -26,13 +26,90 @@ pub struct StoredCheckpoint {
     pub note: String,
 }
 
+/// The retention anchor of a pruned log: the signed checkpoint at the prune
+/// point and the right edge (frontier) of its tree, from which the retained
+/// entries' tree is recomputed. Stored as JSON on
+/// `agentbus.audit.v1.anchor.<log>`; only the newest one counts. The frontier
+/// needs no signature: it must hash to the signed root.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Anchor {
+    /// The signed checkpoint (C2SP note) whose size is the prune point: entries
+    /// below it are pruned.
+    pub checkpoint: String,
+    /// The roots of the perfect subtrees of that tree, hex, largest first.
+    pub frontier: Vec<String>,
+    /// The retention cutoff applied, Unix ms (entries older were eligible).
+    pub cutoff_ms: u64,
+    /// When the prune was done, Unix ms.
+    pub pruned_at_ms: u64,
+}
+
+/// Hashes from hex, each 32 bytes.
+pub fn parse_hashes(hexes: &[String]) -> Option<Vec<Hash>> {
+    hexes
+        .iter()
+        .map(|h| {
+            data_encoding::HEXLOWER
+                .decode(h.as_bytes())
+                .ok()
+                .and_then(|v| <Hash>::try_from(v).ok())
+        })
+        .collect()
+}
+
+/// An anchor checked against `verifier` and `origin`: its checkpoint and the
+/// tree of the pruned prefix.
+pub fn check_anchor(
+    anchor: &StoredEntry,
+    origin: &str,
+    verifier: &Verifier,
+) -> Result<(Anchor, Checkpoint, PartialTree), VerifyFailure> {
+    let bad = |why: String| {
+        fail(
+            None,
+            Some(anchor.seq),
+            format!("retention anchor at stream seq {}: {why}", anchor.seq),
+        )
+    };
+    let parsed: Anchor =
+        serde_json::from_slice(&anchor.data).map_err(|e| bad(format!("not an anchor: {e}")))?;
+    let cp = verifier
+        .verify(&parsed.checkpoint)
+        .map_err(|e| bad(e.to_string()))?;
+    if cp.origin != origin {
+        return Err(bad(format!("is for {:?}, not {origin:?}", cp.origin)));
+    }
+    let frontier =
+        parse_hashes(&parsed.frontier).ok_or_else(|| bad("frontier is not hex hashes".into()))?;
+    let tree = PartialTree::from_frontier(cp.size, &frontier).map_err(|e| bad(e.0))?;
+    if tree.root() != cp.root {
+        return Err(bad(format!(
+            "its frontier does not hash to the signed root of size {}",
+            cp.size
+        )));
+    }
+    Ok((parsed, cp, tree))
+}
+
 /// What a successful verification covered.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VerifyReport {
     /// The log (tenant id or `_platform`).
     pub log: String,
-    /// Entries checked (indexes `0..entries`).
+    /// The first entry checked: 0, or the prune point of a pruned log (entries
+    /// below it were removed by retention; their tree is the anchor's signed
+    /// checkpoint).
+    #[serde(default)]
+    pub first_index: u64,
+    /// Entries checked (indexes `first_index..first_index + entries`).
     pub entries: u64,
+    /// The signing time of the retention anchor's checkpoint, Unix ms, if the
+    /// log was pruned.
+    #[serde(default)]
+    pub anchor_time_ms: Option<u64>,
+    /// When the log was last pruned, Unix ms, if it was.
+    #[serde(default)]
+    pub pruned_at_ms: Option<u64>,
     /// Checkpoints checked (signature, root, consistency with the previous one).
     pub checkpoints: u64,
     /// The largest checkpointed size: entries below it are covered by a signature.
@@ -86,6 +163,39 @@ pub fn verify_log(
     entries: &[StoredEntry],
     checkpoints: &[StoredCheckpoint],
 ) -> Result<VerifyReport, VerifyFailure> {
+    verify_retained(log, origin, verifier, None, entries, checkpoints)
+}
+
+/// [`verify_log`] of a log that may have been pruned: with an `anchor` (the
+/// newest stored on the log's anchor subject), verification starts from the
+/// anchor's signed checkpoint and frontier; entries below the prune point
+/// still stored (a prune interrupted) and checkpoints smaller than it are
+/// skipped, a checkpoint of exactly its size must carry its root, and the
+/// first retained entry's `prev` (the hash of a pruned entry) is covered by the
+/// consistency proof from the anchor to the next checkpoint instead.
+pub fn verify_retained(
+    log: &str,
+    origin: &str,
+    verifier: &Verifier,
+    anchor: Option<&StoredEntry>,
+    entries: &[StoredEntry],
+    checkpoints: &[StoredCheckpoint],
+) -> Result<VerifyReport, VerifyFailure> {
+    let (mut tree, anchored, anchor_info) = match anchor {
+        Some(a) => {
+            let (parsed, cp, tree) = check_anchor(a, origin, verifier)?;
+            let info = (cp.time_ms, parsed.pruned_at_ms);
+            (tree, Some((cp.size, cp.root)), Some(info))
+        }
+        None => (PartialTree::new(), None, None),
+    };
+    let first = tree.first();
+    // Entries below the prune point still stored (an interrupted prune).
+    let skip = entries
+        .iter()
+        .take_while(|e| AuditEvent::decode(&e.data).is_ok_and(|ev| ev.index < first))
+        .count();
+    let entries = &entries[skip..];
     // Checkpoints first: every one must carry our signature and name this log,
     // and sizes never go back.
     let mut signed: Vec<(u64, Checkpoint)> = Vec::with_capacity(checkpoints.len());
@@ -121,14 +231,30 @@ pub fn verify_log(
         }
         signed.push((c.seq, cp));
     }
-    let mut tree = Tree::new();
+    // Checkpoints of the pruned prefix: superseded by the anchor, except that
+    // one of its very size must agree with it.
     let mut next_cp = 0usize;
+    while let Some((cp_seq, cp)) = signed.get(next_cp) {
+        if cp.size > first {
+            break;
+        }
+        if cp.size == first && anchored.is_some_and(|(_, root)| root != cp.root) {
+            return Err(fail(
+                None,
+                Some(*cp_seq),
+                format!(
+                    "checkpoint at stream seq {cp_seq} (size {first}) does not match the retention anchor"
+                ),
+            ));
+        }
+        next_cp += 1;
+    }
     let mut prev: Option<Hash> = None;
-    let mut last_matched: Option<(u64, Hash)> = None;
+    let mut last_matched: Option<(u64, Hash)> = anchored;
     let mut inclusion_proofs = 0u64;
     let mut consistency_proofs = 0u64;
-    for (i, entry) in entries.iter().enumerate() {
-        let i = i as u64;
+    for (pos, entry) in entries.iter().enumerate() {
+        let i = first + pos as u64;
         let event = AuditEvent::decode(&entry.data).map_err(|e| {
             fail(
                 Some(i),
@@ -167,7 +293,8 @@ pub fn verify_log(
             ));
         }
         let want_prev = prev.map(|h| merkle::hex(&h)).unwrap_or_default();
-        if event.prev != want_prev {
+        // The first retained entry of a pruned log chains to a pruned one.
+        if !(i == first && first > 0) && event.prev != want_prev {
             let bad = i.saturating_sub(1);
             return Err(fail(
                 Some(bad),
@@ -179,7 +306,7 @@ pub fn verify_log(
             ));
         }
         prev = Some(merkle::leaf_hash(&entry.data));
-        tree.push(entry.data.clone());
+        tree.push(&entry.data);
         let size = i + 1;
         while let Some((cp_seq, cp)) = signed.get(next_cp) {
             if cp.size != size {
@@ -202,7 +329,7 @@ pub fn verify_log(
                 let path = tree
                     .inclusion_proof(j)
                     .map_err(|e| fail(Some(j), None, e.0))?;
-                let leaf = &entries[j as usize].data;
+                let leaf = &entries[(j - first) as usize].data;
                 merkle::verify_inclusion(&cp.root, size, j, leaf, &path)
                     .map_err(|e| fail(Some(j), None, format!("entry {j}: {e}")))?;
                 inclusion_proofs += 1;
@@ -226,7 +353,7 @@ pub fn verify_log(
             next_cp += 1;
         }
     }
-    let n = entries.len() as u64;
+    let n = first + entries.len() as u64;
     if let Some((cp_seq, cp)) = signed.get(next_cp) {
         let message = if cp.size > n {
             format!(
@@ -245,7 +372,10 @@ pub fn verify_log(
     let signed_size = last_matched.map(|(s, _)| s).unwrap_or(0);
     Ok(VerifyReport {
         log: log.to_string(),
-        entries: n,
+        first_index: first,
+        entries: n - first,
+        anchor_time_ms: anchor_info.map(|(t, _)| t),
+        pruned_at_ms: anchor_info.map(|(_, t)| t),
         checkpoints: signed.len() as u64,
         signed_size,
         unsigned_tail: n - signed_size,
@@ -336,6 +466,7 @@ pub fn verify_bundle(
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::super::event::{Actor, Outcome, SCHEMA_VERSION};
+    use super::super::merkle::{CompactRange, Tree};
     use super::super::note::Signer;
     use super::*;
 
@@ -454,6 +585,80 @@ mod tests {
         let mut g = cps.clone();
         g.insert(1, checkpoint(&s, &alt, 5, 100));
         assert!(verify_log("acme", ORIGIN, &v, &entries, &g).is_err());
+    }
+
+    fn anchor_of(s: &Signer, entries: &[StoredEntry], size: u64, seq: u64) -> StoredEntry {
+        let mut r = CompactRange::new();
+        for e in &entries[..size as usize] {
+            r.push_leaf_hash(merkle::leaf_hash(&e.data));
+        }
+        let a = Anchor {
+            checkpoint: checkpoint(s, entries, size, 0).note,
+            frontier: r.frontier().iter().map(|h| merkle::hex(h)).collect(),
+            cutoff_ms: 5,
+            pruned_at_ms: 6,
+        };
+        StoredEntry {
+            seq,
+            data: serde_json::to_vec(&a).unwrap(),
+        }
+    }
+
+    #[test]
+    fn a_pruned_log_verifies_from_its_anchor_and_tampering_is_still_named() {
+        let s = Signer::from_seed("agentbus/A/audit", &[9u8; 32]).unwrap();
+        let v: Verifier = s.verifier_key().parse().unwrap();
+        let entries = log_of(20);
+        let cps = vec![
+            checkpoint(&s, &entries, 5, 100),
+            checkpoint(&s, &entries, 12, 101),
+            checkpoint(&s, &entries, 20, 102),
+        ];
+        let anchor = anchor_of(&s, &entries, 12, 200);
+        let kept = &entries[12..];
+        let r = verify_retained("acme", ORIGIN, &v, Some(&anchor), kept, &cps[1..]).unwrap();
+        assert_eq!((r.first_index, r.entries, r.signed_size), (12, 8, 20));
+        assert_eq!((r.inclusion_proofs, r.consistency_proofs), (8, 1));
+        assert_eq!(r.pruned_at_ms, Some(6));
+        let full = verify_log("acme", ORIGIN, &v, &entries, &cps).unwrap();
+        assert_eq!(r.root, full.root);
+        // An interrupted prune: old entries and checkpoints still there.
+        let r = verify_retained("acme", ORIGIN, &v, Some(&anchor), &entries[3..], &cps).unwrap();
+        assert_eq!((r.first_index, r.entries), (12, 8));
+        // Without its anchor the pruned log is missing its prefix.
+        assert!(verify_log("acme", ORIGIN, &v, kept, &cps[1..]).is_err());
+        // An entry of the retained range edited: named.
+        let mut x = kept.to_vec();
+        let mut e = AuditEvent::decode(&x[3].data).unwrap();
+        e.reason = "edited".into();
+        x[3].data = e.canonical();
+        let f = verify_retained("acme", ORIGIN, &v, Some(&anchor), &x, &cps[1..]).unwrap_err();
+        assert_eq!(f.index, Some(15), "{f}");
+        // The first retained entry edited: the next checkpoint's root names it.
+        let mut y = kept.to_vec();
+        let mut e = AuditEvent::decode(&y[0].data).unwrap();
+        e.reason = "edited".into();
+        y[0].data = e.canonical();
+        let f = verify_retained("acme", ORIGIN, &v, Some(&anchor), &y, &cps[1..]).unwrap_err();
+        assert_eq!(f.index, Some(12), "{f}");
+        // A retained entry deleted.
+        let mut d = kept.to_vec();
+        d.remove(2);
+        let f = verify_retained("acme", ORIGIN, &v, Some(&anchor), &d, &cps[1..]).unwrap_err();
+        assert_eq!(f.index, Some(14), "{f}");
+        // A forged frontier, or an anchor signed by another key.
+        let mut bad: Anchor = serde_json::from_slice(&anchor.data).unwrap();
+        bad.frontier.reverse();
+        let bad = StoredEntry {
+            seq: 201,
+            data: serde_json::to_vec(&bad).unwrap(),
+        };
+        let f = verify_retained("acme", ORIGIN, &v, Some(&bad), kept, &cps[1..]).unwrap_err();
+        assert!(f.message.contains("frontier"), "{f}");
+        let other = Signer::from_seed("agentbus/A/audit", &[8u8; 32]).unwrap();
+        let forged = anchor_of(&other, &entries, 12, 202);
+        let f = verify_retained("acme", ORIGIN, &v, Some(&forged), kept, &cps[1..]).unwrap_err();
+        assert!(f.message.contains("no signature"), "{f}");
     }
 
     #[test]

@@ -346,6 +346,9 @@ impl Controller {
             endpoints.push(endpoint);
         }
         tokio::spawn(self.audit.clone().run(shutdown.clone()));
+        let mut retention = tokio::time::interval(self.config.audit.retention_every);
+        retention.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        retention.tick().await;
         let limit = Arc::new(Semaphore::new(self.config.max_in_flight));
         let mut merged = futures::stream::select_all(endpoints);
         let mut tick = tokio::time::interval(self.config.reconcile_every);
@@ -353,6 +356,13 @@ impl Controller {
         loop {
             tokio::select! {
                 _ = shutdown.wait() => break,
+                _ = retention.tick() => {
+                    let me = self.clone();
+                    tokio::spawn(async move {
+                        let pruned = me.apply_audit_retention(tenant_bus::envelope::now_ms()).await;
+                        tracing::debug!(pruned, "audit retention applied");
+                    });
+                }
                 _ = tick.tick() => {
                     let me = self.clone();
                     tokio::spawn(async move {
@@ -416,6 +426,39 @@ impl Controller {
         if let Err(e) = request.respond(Ok(bytes.into())).await {
             tracing::warn!(error = %e, %subject, "could not answer a request");
         }
+    }
+
+    /// Applies audit retention as of `now_ms`: each tenant's log keeps its
+    /// `audit_retention_days` (the tier default or the tenant's override), the
+    /// platform log [`crate::audit::AuditConfig::platform_retention_days`]; logs
+    /// of deleted tenants are kept. Pruning stops at the newest signed
+    /// checkpoint covering only older entries (see
+    /// [`crate::audit::AuditLog::prune`]). Failures are logged per log. Returns
+    /// how many logs were pruned.
+    pub async fn apply_audit_retention(&self, now_ms: u64) -> usize {
+        let mut logs = vec![(
+            crate::audit::event::PLATFORM_LOG.to_string(),
+            self.config.audit.platform_retention_days,
+        )];
+        match self.store.registry.list().await {
+            Ok(tenants) => logs.extend(
+                tenants
+                    .into_iter()
+                    .filter(|r| !r.deleting)
+                    .map(|r| (r.id.to_string(), r.quotas().audit_retention_days)),
+            ),
+            Err(e) => tracing::warn!(error = %e, "audit retention: listing tenants failed"),
+        }
+        let mut pruned = 0;
+        for (log, days) in logs {
+            let cutoff = now_ms.saturating_sub(days.saturating_mul(crate::audit::DAY_MS));
+            match self.audit.prune(&log, cutoff).await {
+                Ok(Some(_)) => pruned += 1,
+                Ok(None) => {}
+                Err(e) => tracing::warn!(%log, error = %e, "audit retention failed"),
+            }
+        }
+        pruned
     }
 
     /// Brings the server in line with the records: finishes interrupted deletes,
