@@ -418,6 +418,26 @@ async fn proofs_verify_offline_and_a_tenant_admin_reads_only_its_own_log() {
     }
     // The platform-admin reads both.
     assert!(!events(&p, "globex").await.is_empty());
+
+    // Export: the tenant-admin exports its own log (every format), never
+    // globex's (server refusal); JSON lines and CSV parse back to the events.
+    use agentbus_control::audit::export::{self, Format};
+    let (own, skipped) = audit::fetch_events(&ta_client, "acme").await.unwrap();
+    assert_eq!(skipped, 0);
+    assert_eq!(own, events(&p, "acme").await);
+    let back = export::parse_jsonl(&export::export(&own, Format::Jsonl)).unwrap();
+    assert_eq!(back, own);
+    assert_eq!(
+        export::parse_csv(&export::export(&own, Format::Csv)).unwrap(),
+        own
+    );
+    for line in export::export(&own, Format::Ocsf).lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(v["metadata"]["tenant_uid"], "acme");
+    }
+    assert_eq!(export::export(&own, Format::Cef).lines().count(), own.len());
+    let err = audit::fetch_events(&ta_client, "globex").await.unwrap_err();
+    assert_eq!(err.code, ErrorCode::Forbidden, "{err}");
 }
 
 #[tokio::test]

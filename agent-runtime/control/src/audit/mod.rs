@@ -23,8 +23,10 @@
 //! - [`merkle`]: RFC 6962 hashing, the compact range, proofs.
 //! - [`note`]: C2SP signed-note checkpoints (Ed25519).
 //! - [`verify`]: offline verification of a log and of an inclusion proof.
+//! - [`export`]: JSON lines, CSV, OCSF and CEF (RFC 5424) exports.
 
 pub mod event;
+pub mod export;
 pub mod merkle;
 pub mod note;
 pub mod verify;
@@ -1189,6 +1191,23 @@ pub async fn fetch(
         })
         .collect();
     Ok((entries, cps, key))
+}
+
+/// Every stored event of `log` (through `verify-data`, so not capped like
+/// `list`), oldest first, and how many stored entries did not decode (skipped:
+/// `verify` names them).
+pub async fn fetch_events(
+    admin: &AdminClient,
+    log: &str,
+) -> Result<(Vec<AuditEvent>, usize), ApiError> {
+    let (entries, _) = fetch_pages(admin, log, "log").await?;
+    let total = entries.len();
+    let events: Vec<AuditEvent> = entries
+        .iter()
+        .filter_map(|e| AuditEvent::decode(&e.data).ok())
+        .collect();
+    let skipped = total - events.len();
+    Ok((events, skipped))
 }
 
 /// The newest retention anchor of `log`, as stored, if it was pruned.
