@@ -20,6 +20,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod audit;
 pub mod report;
 pub mod stats;
 pub mod worker;
@@ -89,6 +90,8 @@ struct Plan {
     tenant_counts: Vec<usize>,
     checks: u64,
     onboard: usize,
+    audit_appends: u64,
+    audit_verify: u64,
 }
 
 impl Plan {
@@ -103,6 +106,8 @@ impl Plan {
                 tenant_counts: vec![10, 1_000],
                 checks: 100_000,
                 onboard: 1,
+                audit_appends: 640,
+                audit_verify: 2_000,
             }
         } else {
             Plan {
@@ -114,6 +119,8 @@ impl Plan {
                 tenant_counts: vec![10, 1_000, 100_000],
                 checks: 1_000_000,
                 onboard: 5,
+                audit_appends: 64_000,
+                audit_verify: 100_000,
             }
         }
     }
@@ -309,6 +316,28 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
     // Onboarding on an operator-mode server.
     progress(&started, "tenant onboarding (operator mode)");
     report.onboarding_ms = Some(Summary::of(&onboarding(plan.onboard).await?));
+
+    // The audit log: appends with checkpoints, and verification.
+    progress(
+        &started,
+        &format!(
+            "audit: {} appends over {} logs",
+            plan.audit_appends,
+            audit::LOGS
+        ),
+    );
+    let appends = audit::appends(plan.audit_appends, plan.repeats).await?;
+    progress(
+        &started,
+        &format!("audit: verify {} events", plan.audit_verify),
+    );
+    let verify = audit::verify_secs(plan.audit_verify, plan.repeats)?;
+    report.audit = Some(report::AuditFigures {
+        appended: plan.audit_appends,
+        appends_per_sec: Summary::of(&appends),
+        verified: plan.audit_verify,
+        verify_secs: Summary::of(&verify),
+    });
 
     drop(server);
     progress(&started, "done");

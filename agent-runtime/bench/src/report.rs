@@ -173,6 +173,21 @@ pub struct Report {
     pub tenants: Vec<TenantRow>,
     /// Tenant onboarding, ms.
     pub onboarding_ms: Option<Summary>,
+    /// Audit log figures.
+    pub audit: Option<AuditFigures>,
+}
+
+/// Audit log figures (see `crate::audit`).
+#[derive(Debug, Clone)]
+pub struct AuditFigures {
+    /// Events appended per run.
+    pub appended: u64,
+    /// Events appended per second, checkpoints included.
+    pub appends_per_sec: Summary,
+    /// Events in the verified log.
+    pub verified: u64,
+    /// Seconds to verify it.
+    pub verify_secs: Summary,
 }
 
 /// `128 B`, `1 KiB`, `16 KiB`.
@@ -227,6 +242,7 @@ impl Report {
             soak: None,
             tenants: Vec::new(),
             onboarding_ms: None,
+            audit: None,
         }
     }
 
@@ -295,6 +311,28 @@ impl Report {
                     if met { "met" } else { "MISSED" }
                 );
             }
+        }
+        if let Some(a) = &self.audit {
+            let _ = writeln!(s, "\n| audit log | median (min..max) | target |");
+            let _ = writeln!(s, "|---|---|---|");
+            let _ = writeln!(
+                s,
+                "| events appended/s ({} events over {} logs, checkpoint every 100) | {} | >= 20,000/s: {} |",
+                a.appended,
+                crate::audit::LOGS,
+                fmt_summary(&a.appends_per_sec),
+                if a.appends_per_sec.median >= 20_000.0 { "met" } else { "MISSED" }
+            );
+            let scaled = a.verify_secs.median * 100_000.0 / a.verified.max(1) as f64;
+            let _ = writeln!(
+                s,
+                "| verify {} events offline (s) | {:.3} ({:.3}..{:.3}) | 100,000 in <= 2 s: {} |",
+                a.verified,
+                a.verify_secs.median,
+                a.verify_secs.min,
+                a.verify_secs.max,
+                if scaled <= 2.0 { "met" } else { "MISSED" }
+            );
         }
         if let Some(o) = &self.onboarding_ms {
             let _ = writeln!(

@@ -1,0 +1,162 @@
+//! Audit log figures: events appended per second through a serving
+//! controller's [`agentbus_control::audit::AuditLog`] (with its checkpointer
+//! signing every 100 events per log), and the time to verify a log offline
+//! (every entry, every checkpoint, an inclusion proof per entry, a consistency
+//! proof per checkpoint).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use agentbus_control::audit::event::{new_event_id, Actor, AuditEvent, Outcome, SCHEMA_VERSION};
+use agentbus_control::audit::merkle::{self, CompactRange};
+use agentbus_control::audit::note::{Checkpoint, Signer, Verifier};
+use agentbus_control::audit::verify::{verify_log, StoredCheckpoint, StoredEntry};
+use agentbus_control::local_server::{LocalServer, ServerOptions};
+
+use crate::BenchError;
+
+/// Logs the appends are spread over, and appenders running at once.
+pub const LOGS: usize = 64;
+
+fn event(log: &str, i: u64) -> AuditEvent {
+    AuditEvent {
+        action: "tenant.update".into(),
+        actor: Actor {
+            id: "bench".into(),
+            key: "UBENCH".into(),
+            kind: "admin".into(),
+            role: "platform-admin".into(),
+        },
+        controller: String::new(),
+        id: new_event_id(),
+        index: 0,
+        outcome: Outcome::Allowed,
+        prev: String::new(),
+        reason: String::new(),
+        request_id: format!("bench-{i}"),
+        resource: format!("tenant/{log}"),
+        tenant: log.to_string(),
+        time_ms: tenant_bus::envelope::now_ms(),
+        version: SCHEMA_VERSION,
+    }
+}
+
+/// Appends `count` events over [`LOGS`] logs ([`LOGS`] appenders, one per
+/// log) to the AUDIT stream of a fresh operator-mode server through a serving
+/// controller, then signs the last checkpoints; returns events per second
+/// (checkpoints included) for each of `repeats` runs.
+pub async fn appends(count: u64, repeats: usize) -> Result<Vec<f64>, BenchError> {
+    let dir = tempfile::tempdir().map_err(|e| BenchError(format!("temp dir: {e}")))?;
+    let mut install = agentbus_control::Installation::init(dir.path().join("state"))?;
+    let config = install.server_config(&install.default_server_options());
+    let server = LocalServer::start(ServerOptions::new().config(config))
+        .map_err(|e| BenchError(crate::one_line(&e.to_string())))?;
+    install.set_urls(vec![server.url()], 1)?;
+    let controller = agentbus_control::Controller::connect(
+        &install,
+        agentbus_control::ControllerConfig::new(server.url()),
+    )
+    .await?;
+    let shutdown = agentbus_control::controller::shutdown::Shutdown::new();
+    tokio::spawn(controller.clone().serve(shutdown.clone()));
+    let audit = controller.audit().clone();
+    let per_log = (count / LOGS as u64).max(1);
+    let mut rates = Vec::new();
+    for r in 0..repeats.max(1) {
+        let before = audit.counters().snapshot();
+        let t = Instant::now();
+        let mut tasks = Vec::new();
+        for l in 0..LOGS {
+            let audit = Arc::clone(&audit);
+            let log = format!("bench{r}x{l}");
+            tasks.push(tokio::spawn(async move {
+                let mut ok = 0u64;
+                for i in 0..per_log {
+                    if audit.record(event(&log, i)).await.is_some() {
+                        ok += 1;
+                    }
+                }
+                if let Err(e) = audit.checkpoint(&log).await {
+                    return Err(BenchError(format!("checkpoint of {log}: {e}")));
+                }
+                Ok(ok)
+            }));
+        }
+        let mut appended = 0u64;
+        for task in tasks {
+            appended += task
+                .await
+                .map_err(|e| BenchError(format!("appender: {e}")))??;
+        }
+        let secs = t.elapsed().as_secs_f64();
+        let after = audit.counters().snapshot();
+        if appended != per_log * LOGS as u64 || after.append_failed != before.append_failed {
+            return Err(BenchError(format!(
+                "audit appends failed: {appended} of {}",
+                per_log * LOGS as u64
+            )));
+        }
+        rates.push(appended as f64 / secs);
+    }
+    shutdown.fire();
+    Ok(rates)
+}
+
+/// A log of `count` events with a signed checkpoint every 100 entries (and at
+/// the end), as stored: entries, checkpoints, verifier, origin.
+pub fn synthetic_log(
+    count: u64,
+) -> Result<(Vec<StoredEntry>, Vec<StoredCheckpoint>, Verifier, String), BenchError> {
+    let signer = Signer::from_seed("agentbus/BENCH/audit", &[5u8; 32])
+        .map_err(|e| BenchError(e.to_string()))?;
+    let verifier: Verifier = signer
+        .verifier_key()
+        .parse()
+        .map_err(|e: agentbus_control::audit::note::NoteError| BenchError(e.0))?;
+    let origin = "agentbus/BENCH/audit/acme".to_string();
+    let mut entries = Vec::with_capacity(count as usize);
+    let mut cps = Vec::new();
+    let mut range = CompactRange::new();
+    let mut prev = String::new();
+    for i in 0..count {
+        let mut e = event("acme", i);
+        e.controller = "bench".into();
+        e.index = i;
+        e.prev = prev;
+        let data = e.canonical();
+        let leaf = merkle::leaf_hash(&data);
+        prev = merkle::hex(&leaf);
+        range.push_leaf_hash(leaf);
+        entries.push(StoredEntry { seq: i + 1, data });
+        if (i + 1) % 100 == 0 || i + 1 == count {
+            let note = signer.sign(&Checkpoint {
+                origin: origin.clone(),
+                size: i + 1,
+                root: range.root(),
+                time_ms: 1,
+            });
+            cps.push(StoredCheckpoint {
+                seq: count + cps.len() as u64 + 1,
+                note,
+            });
+        }
+    }
+    Ok((entries, cps, verifier, origin))
+}
+
+/// Seconds to verify a synthetic log of `count` events (see [`synthetic_log`])
+/// offline, for each of `repeats` runs.
+pub fn verify_secs(count: u64, repeats: usize) -> Result<Vec<f64>, BenchError> {
+    let (entries, cps, verifier, origin) = synthetic_log(count)?;
+    let mut out = Vec::new();
+    for _ in 0..repeats.max(1) {
+        let t = Instant::now();
+        let report = verify_log("acme", &origin, &verifier, &entries, &cps)
+            .map_err(|f| BenchError(format!("synthetic log does not verify: {f}")))?;
+        out.push(t.elapsed().as_secs_f64());
+        if report.entries != count {
+            return Err(BenchError("verified the wrong number of entries".into()));
+        }
+    }
+    Ok(out)
+}
