@@ -34,10 +34,27 @@ pub enum BusEvent {
     LameDuck,
     /// The connection is closed for good.
     Closed,
-    /// A subscription's buffer overflowed; async-nats dropped messages for it.
+    /// A subscription's buffer overflowed and messages for it were dropped:
+    /// either async-nats' channel in front of the subscription's pump (`sid` is
+    /// async-nats' subscription id), or the subscription's own queue at
+    /// [`NamespaceOptions::subscription_capacity`](crate::NamespaceOptions::subscription_capacity)
+    /// messages (`sid` is [`Subscription::id`](crate::Subscription::id), always
+    /// at least 2^48). Sent once per episode: again only after the queue took a
+    /// message; every dropped message is counted in
+    /// [`Counters::slow_consumer`](crate::verify::Counters::slow_consumer).
     SlowConsumer {
         /// The subscription id.
         sid: u64,
+    },
+    /// A subscription dropped messages on arrival because its receive byte
+    /// budget was used up (see [`crate::budget`]). Sent once per episode: again
+    /// only after the subscription's queue took a message; every dropped message
+    /// is counted under [`DropReason::ReceiveBudget`](crate::DropReason::ReceiveBudget).
+    ReceiveBudgetExhausted {
+        /// The subscription id ([`Subscription::id`](crate::Subscription::id)).
+        sid: u64,
+        /// The budget's limit in bytes.
+        limit: u64,
     },
     /// The server refused a publish or subscribe.
     PermissionViolation {

@@ -35,11 +35,13 @@
 //! - [`message`]: [`TenantMessage`] and its opaque reply inbox.
 //! - [`options`]: [`NamespaceOptions`], the connection builder.
 //! - [`namespace`]: [`TenantNamespace`] (publish, subscribe, request, respond).
-//! - [`subscription`]: the verified message stream.
+//! - [`subscription`]: the verified message stream, bounded in messages and bytes.
+//! - [`budget`]: [`ByteBudget`], the receive byte bound shared by subscriptions.
 //! - [`events`]: slow-consumer and permission-violation events.
 //! - [`admission`]: the hook through which a scheduler admits each message.
 
 pub mod admission;
+pub mod budget;
 pub mod bundle;
 pub mod connect;
 pub mod envelope;
@@ -55,6 +57,7 @@ pub mod subject;
 pub mod subscription;
 pub mod verify;
 
+pub use budget::ByteBudget;
 pub use bundle::CredentialBundle;
 pub use envelope::MessageId;
 pub use error::Error;

@@ -14,6 +14,7 @@ use futures::StreamExt as _;
 use tokio::sync::{broadcast, oneshot, OnceCell};
 
 use crate::admission::{Admit, Rejection};
+use crate::budget::ByteBudget;
 use crate::bundle::CredentialBundle;
 use crate::envelope::{MessageId, Sealer};
 use crate::error::Error;
@@ -23,7 +24,7 @@ use crate::keys::TenantKeySet;
 use crate::message::TenantMessage;
 use crate::options::NamespaceOptions;
 use crate::subject::{inbox_prefix, scope, IntoPattern, IntoSubject, Subject, SubjectError};
-use crate::subscription::Subscription;
+use crate::subscription::{Subscription, SubscriptionConfig};
 use crate::verify::{Counters, Verifier};
 
 /// What went wrong connecting.
@@ -162,6 +163,7 @@ struct Inner {
     sealer: Sealer,
     verifier: Verifier,
     options: NamespaceOptions,
+    receive_budget: Arc<ByteBudget>,
     events: broadcast::Sender<BusEvent>,
     muxer: OnceCell<Arc<Muxer>>,
     probes: AtomicU64,
@@ -243,6 +245,7 @@ impl TenantNamespace {
             .instance();
         let sealer = Sealer::with_cell(cell.clone(), Some(bundle.agent.clone()), instance);
         let verifier = Verifier::with_cell(cell, options.freshness, counters);
+        let receive_budget = options.resolve_receive_budget();
         Ok(Self {
             inner: Arc::new(Inner {
                 client,
@@ -251,6 +254,7 @@ impl TenantNamespace {
                 sealer,
                 verifier,
                 options,
+                receive_budget,
                 events,
                 muxer: OnceCell::new(),
                 probes: AtomicU64::new(0),
@@ -286,6 +290,15 @@ impl TenantNamespace {
     /// Delivery and drop counters, and connection-event counts.
     pub fn counters(&self) -> &Arc<Counters> {
         self.inner.verifier.counters()
+    }
+
+    /// The byte budget every subscription of this namespace charges for the
+    /// messages it holds (shared with other namespaces if the options said so,
+    /// see [`NamespaceOptions::receive_budget`]). Responses to requests are not
+    /// queued: the request muxer verifies each on arrival and hands it to its
+    /// waiter (at most `max_pending_requests`), or ignores it unopened.
+    pub fn receive_budget(&self) -> &Arc<ByteBudget> {
+        &self.inner.receive_budget
     }
 
     /// A receiver of connection events (slow consumer, permission violation, ...).
@@ -458,7 +471,16 @@ impl TenantNamespace {
             .inner
             .verifier
             .replay_guard(self.inner.options.max_replay_senders);
-        Subscription::new(inner, self.inner.verifier.clone(), guard)
+        Subscription::new(
+            inner,
+            SubscriptionConfig {
+                verifier: self.inner.verifier.clone(),
+                guard,
+                capacity: self.inner.options.subscription_capacity,
+                budget: self.inner.receive_budget.clone(),
+                events: self.inner.events.clone(),
+            },
+        )
     }
 
     /// Sends a sealed request to the relative `subject` and waits for a verified,

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::admission::Admission;
+use crate::budget::{ByteBudget, DEFAULT_RECEIVE_BYTES};
 use crate::bundle::CredentialBundle;
 use crate::namespace::{ConnectError, TenantNamespace};
 use crate::verify::Freshness;
@@ -19,6 +20,8 @@ pub struct NamespaceOptions {
     pub(crate) request_timeout: Duration,
     pub(crate) connect_timeout: Duration,
     pub(crate) admission: Option<Arc<dyn Admission>>,
+    pub(crate) receive_budget: Option<Arc<ByteBudget>>,
+    pub(crate) receive_bytes: u64,
 }
 
 impl std::fmt::Debug for NamespaceOptions {
@@ -31,6 +34,8 @@ impl std::fmt::Debug for NamespaceOptions {
             .field("request_timeout", &self.request_timeout)
             .field("connect_timeout", &self.connect_timeout)
             .field("admission", &self.admission.is_some())
+            .field("receive_budget", &self.receive_budget)
+            .field("receive_bytes", &self.receive_bytes)
             .finish()
     }
 }
@@ -45,6 +50,8 @@ impl Default for NamespaceOptions {
             request_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(5),
             admission: None,
+            receive_budget: None,
+            receive_bytes: DEFAULT_RECEIVE_BYTES,
         }
     }
 }
@@ -67,9 +74,15 @@ impl NamespaceOptions {
         self
     }
 
-    /// Messages buffered per subscription before async-nats drops them and reports
-    /// a slow consumer (surfaced as [`BusEvent::SlowConsumer`](crate::BusEvent)).
-    /// Default: 65,536. Memory held is at most this many messages per subscription.
+    /// Messages buffered per subscription before further ones are dropped and a
+    /// slow consumer is reported (surfaced as
+    /// [`BusEvent::SlowConsumer`](crate::BusEvent), counted in
+    /// [`Counters::slow_consumer`](crate::verify::Counters::slow_consumer)).
+    /// Default: 65,536. Both the subscription's queue of verified messages and
+    /// async-nats' channel in front of it hold at most this many messages; the
+    /// bytes the queue holds are bounded by the receive budget
+    /// ([`receive_bytes`](Self::receive_bytes), [`receive_budget`](Self::receive_budget);
+    /// see [`crate::subscription`] for the exact bound).
     pub fn subscription_capacity(mut self, capacity: usize) -> Self {
         self.subscription_capacity = capacity.max(1);
         self
@@ -107,6 +120,39 @@ impl NamespaceOptions {
     pub fn admission(mut self, admission: Arc<dyn Admission>) -> Self {
         self.admission = Some(admission);
         self
+    }
+
+    /// The limit of the namespace's own receive budget, shared by all its
+    /// subscriptions, used when no budget is shared with it through
+    /// [`receive_budget`](Self::receive_budget). A received message that does not
+    /// fit is dropped on arrival (counted under
+    /// [`DropReason::ReceiveBudget`](crate::DropReason::ReceiveBudget), reported
+    /// as [`BusEvent::ReceiveBudgetExhausted`](crate::BusEvent)). It must be at
+    /// least the largest message expected (the server's `max_payload` plus
+    /// [`PER_MESSAGE_OVERHEAD`](crate::budget::PER_MESSAGE_OVERHEAD) and the
+    /// subject): a message whose charge exceeds the limit never fits.
+    /// Default: [`DEFAULT_RECEIVE_BYTES`] (64 MiB), a fresh budget per connect.
+    pub fn receive_bytes(mut self, limit: u64) -> Self {
+        self.receive_bytes = limit;
+        self
+    }
+
+    /// A receive budget shared with other namespaces: every subscription of every
+    /// namespace connected with a clone of it charges the same budget, so their
+    /// queued messages together hold at most its limit. A runtime host shares
+    /// one per tenant. Overrides [`receive_bytes`](Self::receive_bytes).
+    /// Default: none (a budget of its own per namespace).
+    pub fn receive_budget(mut self, budget: Arc<ByteBudget>) -> Self {
+        self.receive_budget = Some(budget);
+        self
+    }
+
+    /// The shared budget, or a fresh one of `receive_bytes`.
+    pub(crate) fn resolve_receive_budget(&self) -> Arc<ByteBudget> {
+        match &self.receive_budget {
+            Some(b) => b.clone(),
+            None => Arc::new(ByteBudget::new(self.receive_bytes)),
+        }
     }
 
     /// Connects with these options.

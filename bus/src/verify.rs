@@ -38,11 +38,15 @@ pub enum DropReason {
     Replay,
     /// The anti-replay table is at its sender cap.
     ReplayStateFull,
+    /// The receive byte budget (the namespace's, or the tenant's on a runtime
+    /// host) was used up: the message was dropped on arrival, before being
+    /// opened, rather than buffered (see [`crate::budget`]).
+    ReceiveBudget,
 }
 
 impl DropReason {
     /// Every reason, in declaration order.
-    pub const ALL: [DropReason; 10] = [
+    pub const ALL: [DropReason; 11] = [
         DropReason::Malformed,
         DropReason::UnsupportedVersion,
         DropReason::WrongTenant,
@@ -53,6 +57,7 @@ impl DropReason {
         DropReason::Future,
         DropReason::Replay,
         DropReason::ReplayStateFull,
+        DropReason::ReceiveBudget,
     ];
 
     /// A short stable name (for metrics labels).
@@ -68,6 +73,7 @@ impl DropReason {
             DropReason::Future => "future",
             DropReason::Replay => "replay",
             DropReason::ReplayStateFull => "replay_state_full",
+            DropReason::ReceiveBudget => "receive_budget",
         }
     }
 
@@ -139,7 +145,8 @@ pub struct CountersSnapshot {
     pub delivered: u64,
     /// Messages dropped, per reason (every reason present, zeros included).
     pub dropped: Vec<(DropReason, u64)>,
-    /// Slow-consumer events (async-nats dropped messages client-side).
+    /// Slow-consumer drops: messages dropped because a subscription's queue was
+    /// at its message capacity, plus async-nats' slow-consumer events.
     pub slow_consumer: u64,
     /// Permission violations reported by the server.
     pub permission_violation: u64,
@@ -176,7 +183,8 @@ impl Counters {
         self.delivered.load(Ordering::Relaxed)
     }
 
-    /// Slow-consumer events so far.
+    /// Slow-consumer drops so far (a subscription's queue at its message
+    /// capacity, one per message; async-nats' own slow-consumer events).
     pub fn slow_consumer(&self) -> u64 {
         self.slow_consumer.load(Ordering::Relaxed)
     }
@@ -207,8 +215,8 @@ impl Counters {
     pub(crate) fn count_delivered(&self) {
         self.delivered.fetch_add(1, Ordering::Relaxed);
     }
-    pub(crate) fn count_slow_consumer(&self) {
-        self.slow_consumer.fetch_add(1, Ordering::Relaxed);
+    pub(crate) fn count_slow_consumer(&self) -> u64 {
+        self.slow_consumer.fetch_add(1, Ordering::Relaxed) + 1
     }
     pub(crate) fn count_permission_violation(&self) {
         self.permission_violation.fetch_add(1, Ordering::Relaxed);
@@ -219,6 +227,12 @@ impl Counters {
     pub(crate) fn count_admission_rejection(&self) {
         self.rejected_by_admission.fetch_add(1, Ordering::Relaxed);
     }
+}
+
+/// Whether the `n`th event of a kind is logged: the first 10, then every power of
+/// two, so a flood cannot flood the log (the counters stay exact).
+pub(crate) fn should_log(n: u64) -> bool {
+    n <= 10 || n.is_power_of_two()
 }
 
 /// Verifies received bodies for one tenant and counts the outcome.
@@ -353,7 +367,7 @@ impl Verifier {
             Err(reason) => {
                 self.counters.count_drop(reason);
                 let n = self.counters.dropped(reason);
-                if n <= 10 || n.is_power_of_two() {
+                if should_log(n) {
                     tracing::warn!(
                         tenant = %self.tenant,
                         subject = %subject.escape_debug(),

@@ -14,6 +14,15 @@
 //! watcher's cache (not only the host's last event), so there is no window after a
 //! suspension is seen in which an operation slips through.
 //!
+//! Receive memory is bounded per tenant: every namespace [`AgentHost::connect`]
+//! connects charges the tenant's one [`ByteBudget`] on this host
+//! ([`AgentHost::receive_budget`], limit [`AgentHost::receive_bytes_per_tenant`],
+//! 64 MiB by default) for the verified messages its subscriptions hold, so a
+//! flood into one tenant's subjects (even from a raw client with the tenant's
+//! credentials, into handlers that are busy) is dropped at that bound, counted
+//! under `receive_budget`, instead of growing the host (see
+//! `tenant_bus::subscription` and docs/bounds.md).
+//!
 //! Handlers run one message at a time per subscription; [`Agent::shutdown`] stops
 //! accepting messages, lets each handler finish the message it is on (up to the
 //! timeout), then deregisters the agent.
@@ -44,7 +53,8 @@ pub mod tools;
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -53,7 +63,7 @@ use tenant_bus::error::Error;
 use tenant_bus::ids::validate_slug;
 use tenant_bus::subject::{IntoPattern, IntoSubject};
 use tenant_bus::{
-    AgentId, CredentialBundle, MessageId, NamespaceOptions, TenantId, TenantMessage,
+    AgentId, ByteBudget, CredentialBundle, MessageId, NamespaceOptions, TenantId, TenantMessage,
     TenantNamespace,
 };
 use tokio::sync::{broadcast, watch};
@@ -150,7 +160,17 @@ struct HostShared {
     scheduler: Option<Arc<Scheduler>>,
     agents: Mutex<HashMap<AgentKey, Arc<AgentShared>>>,
     tools: Mutex<HashMap<TenantId, Arc<ToolRegistry>>>,
+    /// One receive budget per tenant, shared by every namespace of that tenant
+    /// this host connects; held weakly, so a tenant with no namespace left costs
+    /// an entry only until the next budget is created.
+    receive_budgets: Mutex<HashMap<TenantId, Weak<ByteBudget>>>,
+    /// The limit of budgets created from now on.
+    receive_bytes_per_tenant: AtomicU64,
 }
+
+/// Default receive budget of one tenant on one host, across all its agents'
+/// subscriptions: 64 MiB (see [`AgentHost::receive_bytes_per_tenant`]).
+pub const DEFAULT_RECEIVE_BYTES_PER_TENANT: u64 = tenant_bus::budget::DEFAULT_RECEIVE_BYTES;
 
 /// Runs agents on one runtime instance and applies registry changes to them.
 pub struct AgentHost {
@@ -194,6 +214,8 @@ impl AgentHost {
             scheduler,
             agents: Mutex::new(HashMap::new()),
             tools: Mutex::new(HashMap::new()),
+            receive_budgets: Mutex::new(HashMap::new()),
+            receive_bytes_per_tenant: AtomicU64::new(DEFAULT_RECEIVE_BYTES_PER_TENANT),
         });
         let events = watcher.subscribe();
         let task = tokio::spawn(follow(Arc::downgrade(&shared), events));
@@ -202,6 +224,42 @@ impl AgentHost {
             task,
             _follower: follower,
         }
+    }
+
+    /// Sets the receive byte limit per tenant on this host (all subscriptions of
+    /// all the tenant's namespaces this host connects, together) for budgets
+    /// created from now on: set it before connecting agents. Default:
+    /// [`DEFAULT_RECEIVE_BYTES_PER_TENANT`] (64 MiB). It must be at least the
+    /// largest message a tenant's agent must receive (the server's
+    /// `max_payload` plus subject and
+    /// [`PER_MESSAGE_OVERHEAD`](tenant_bus::budget::PER_MESSAGE_OVERHEAD)).
+    pub fn receive_bytes_per_tenant(self, limit: u64) -> Self {
+        self.shared
+            .receive_bytes_per_tenant
+            .store(limit, Ordering::Relaxed);
+        self
+    }
+
+    /// The receive budget of `tenant` on this host, shared by every namespace of
+    /// the tenant that [`connect`](Self::connect) connects: the messages queued
+    /// in all their subscriptions together hold at most its limit; past it,
+    /// received messages are dropped (counted under
+    /// [`DropReason::ReceiveBudget`](tenant_bus::DropReason::ReceiveBudget)).
+    /// Created on first use; the same `Arc` while any namespace holds it.
+    pub fn receive_budget(&self, tenant: &TenantId) -> Arc<ByteBudget> {
+        let limit = self.shared.receive_bytes_per_tenant.load(Ordering::Relaxed);
+        let Ok(mut map) = self.shared.receive_budgets.lock() else {
+            return Arc::new(ByteBudget::new(limit));
+        };
+        if let Some(budget) = map.get(tenant).and_then(Weak::upgrade) {
+            return budget;
+        }
+        // Forget tenants whose namespaces are all gone, so the map is bounded by
+        // the tenants connected here.
+        map.retain(|_, b| b.strong_count() > 0);
+        let budget = Arc::new(ByteBudget::new(limit));
+        map.insert(tenant.clone(), Arc::downgrade(&budget));
+        budget
     }
 
     /// The scheduler this host feeds, if any.
@@ -225,10 +283,12 @@ impl AgentHost {
             .map_err(|e| Error::with_source(AgentErrorKind::Invalid, "tenant quotas", e))
     }
 
-    /// Connects an agent's namespace from its bundle, with `options` plus, if this
-    /// host has a scheduler, the tenant's message admission: every publish,
-    /// request and response of the agent then counts against the tenant's
-    /// windows. Refused for an unknown or suspended tenant.
+    /// Connects an agent's namespace from its bundle, with `options` plus the
+    /// tenant's receive budget on this host ([`receive_budget`](Self::receive_budget),
+    /// replacing any budget in `options`) and, if this host has a scheduler, the
+    /// tenant's message admission: every publish, request and response of the
+    /// agent then counts against the tenant's windows. Refused for an unknown or
+    /// suspended tenant.
     pub async fn connect(
         &self,
         bundle: &CredentialBundle,
@@ -244,7 +304,8 @@ impl AgentHost {
         let options = match self.tenant_scheduler(&bundle.tenant).await? {
             Some(t) => t.namespace_options(options),
             None => options,
-        };
+        }
+        .receive_budget(self.receive_budget(&bundle.tenant));
         options.connect(bundle).await.map_err(bus_err)
     }
 

@@ -185,6 +185,10 @@ class DropReason(enum.Enum):
     FUTURE = "future"
     REPLAY = "replay"
     REPLAY_STATE_FULL = "replay_state_full"
+    #: The receive byte budget was used up: the message was dropped on arrival,
+    #: unopened, rather than buffered. Counted by the Rust subscriptions (see
+    #: ``bus/src/budget.rs``); the Python verifier never raises it.
+    RECEIVE_BUDGET = "receive_budget"
 
 
 class EnvelopeError(TenantBusError[DropReason]):
