@@ -355,6 +355,9 @@ async fn spawn_reader(
     }
 }
 
+/// How long the publisher waits for a subscriber that stopped advancing.
+const STALL_LIMIT: Duration = Duration::from_secs(20);
+
 /// Publishes `payload` until `count` messages or `stop`, never more than `window`
 /// messages ahead of the subscriber.
 async fn publish_loop(
@@ -366,10 +369,30 @@ async fn publish_loop(
 ) -> Result<u64, BenchError> {
     let mut sent = 0u64;
     while sent < count && !progress.stop.load(Ordering::Relaxed) {
+        let mut last = progress.received.load(Ordering::Relaxed);
+        let mut since = std::time::Instant::now();
         while sent.saturating_sub(progress.received.load(Ordering::Relaxed)) > window {
             // Bounded wait: a missed notification costs at most 5 ms, never a hang.
             let _ =
                 tokio::time::timeout(Duration::from_millis(5), progress.advanced.notified()).await;
+            // A subscriber that stops advancing (messages lost or dropped) ends the
+            // run with an error instead of a hang.
+            if progress.stop.load(Ordering::Relaxed) {
+                break;
+            }
+            let now = progress.received.load(Ordering::Relaxed);
+            if now != last {
+                last = now;
+                since = std::time::Instant::now();
+            } else if since.elapsed() > STALL_LIMIT {
+                return Err(BenchError(format!(
+                    "the subscriber stopped advancing: {} of {sent} messages received after {STALL_LIMIT:?}",
+                    now
+                )));
+            }
+        }
+        if progress.stop.load(Ordering::Relaxed) {
+            break;
         }
         publisher.publish(payload).await?;
         sent += 1;
