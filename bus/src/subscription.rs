@@ -18,7 +18,7 @@
 //! 3. takes its [`charge`](crate::budget::charge) (wire body + subject + reply +
 //!    [`PER_MESSAGE_OVERHEAD`](crate::budget::PER_MESSAGE_OVERHEAD)) from the
 //!    receive [`ByteBudget`], or drops it unopened if that does not fit
-//!    ([`DropReason::ReceiveBudget`](crate::DropReason::ReceiveBudget),
+//!    ([`DropReason::ReceiveBudget`],
 //!    [`BusEvent::ReceiveBudgetExhausted`] once per episode, logged at `warn`
 //!    for the first 10 drops and then every power of two);
 //! 4. verifies it (a message failing verification gives its charge back at once)
