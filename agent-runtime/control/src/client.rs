@@ -26,6 +26,8 @@ use crate::tiers::{Quotas, Tier};
 
 /// How long a call waits for the controller.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long one attempt of a call waits before asking again (same request id).
+pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a call keeps retrying while no controller answers.
 pub const NO_RESPONDERS_RETRY: Duration = Duration::from_secs(5);
 
@@ -155,6 +157,8 @@ impl AdminClient {
         // No responders: no controller is subscribed right now (starting, or a
         // failover in progress). Retry the same request id for a few seconds.
         let deadline = tokio::time::Instant::now() + NO_RESPONDERS_RETRY;
+        let overall = tokio::time::Instant::now() + self.timeout;
+        let attempt_timeout = self.timeout.min(ATTEMPT_TIMEOUT);
         let mut violations = self.violations.clone();
         violations.mark_unchanged();
         let refused = async move {
@@ -176,7 +180,7 @@ impl AdminClient {
                 payload.clone().into(),
             );
             let answer = tokio::select! {
-                a = tokio::time::timeout(self.timeout, request) => a,
+                a = tokio::time::timeout(attempt_timeout, request) => a,
                 text = &mut refused => {
                     return Err(ApiError::new(
                         ErrorCode::Forbidden,
@@ -185,6 +189,13 @@ impl AdminClient {
                 }
             };
             match answer {
+                // No answer within one attempt: the request may have reached an
+                // instance that was stopping. Ask again with the same request id
+                // (the controller recognises a retried mutation) until the overall
+                // timeout.
+                Err(_) if tokio::time::Instant::now() + attempt_timeout <= overall => {
+                    tracing::debug!(subject, "no answer; retrying the same request");
+                }
                 Err(_) => return Err(unavailable("the controller did not answer in time")),
                 Ok(Err(e)) => {
                     use async_nats::RequestErrorKind as K;

@@ -40,6 +40,9 @@ use crate::kek::Kek;
 use crate::store::{secret_name, Store};
 use tenant_bus::error::Error;
 
+/// How long a stopping controller answers requests already delivered to it.
+pub const SHUTDOWN_DRAIN: Duration = Duration::from_secs(5);
+
 /// How long [`Controller::connect`] waits for JetStream to accept the buckets.
 pub const STORE_OPEN_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -382,7 +385,28 @@ impl Controller {
                 }
             }
         }
+        // Graceful stop: unsubscribe first, so the server routes new requests to
+        // the other instances, then answer what was already delivered here and
+        // let the running handlers finish (bounded), so no caller waits out its
+        // timeout on a request this instance swallowed.
         let _ = service.stop().await;
+        let drain = async {
+            while let Some(request) = merged.next().await {
+                let Ok(permit) = limit.clone().acquire_owned().await else {
+                    break;
+                };
+                let me = self.clone();
+                tokio::spawn(async move {
+                    me.handle(request).await;
+                    drop(permit);
+                });
+            }
+            let all = u32::try_from(self.config.max_in_flight).unwrap_or(u32::MAX);
+            let _ = limit.acquire_many(all).await;
+        };
+        if tokio::time::timeout(SHUTDOWN_DRAIN, drain).await.is_err() {
+            tracing::warn!("requests still running at shutdown after {SHUTDOWN_DRAIN:?}");
+        }
         Ok(())
     }
 
