@@ -12,8 +12,16 @@ use agentbus_control::server_config::{render_operator_snippet, render_resolver_b
 use agentbus_control::tiers::Tier;
 use agentbus_control::{AdminClient, Controller, ControllerConfig, Installation};
 
-#[tokio::test]
-async fn stopping_the_bucket_leader_recovers_within_5s_and_every_bucket_is_r3() {
+/// A three-node operator-mode cluster with a controller serving, every bucket R3.
+struct Deployment {
+    _tmp: tempfile::TempDir,
+    install: Installation,
+    cluster: LocalCluster,
+    urls: String,
+    shutdown: agentbus_control::controller::shutdown::Shutdown,
+}
+
+async fn deployment() -> Deployment {
     let tmp = tempfile::tempdir().unwrap();
     let mut install = Installation::init(tmp.path().join("state")).unwrap();
     let options = ClusterOptions::new()
@@ -22,7 +30,7 @@ async fn stopping_the_bucket_leader_recovers_within_5s_and_every_bucket_is_r3() 
         .node_config(|_, dir| render_resolver_block(&dir.join("resolver")))
         .probe_creds(install.creds("sys.creds").unwrap())
         .dir(tmp.path().join("cluster"));
-    let mut cluster = LocalCluster::start(options).await.unwrap();
+    let cluster = LocalCluster::start(options).await.unwrap();
     let urls = cluster.urls();
     install
         .set_urls(urls.split(',').map(str::to_string).collect(), 3)
@@ -31,7 +39,25 @@ async fn stopping_the_bucket_leader_recovers_within_5s_and_every_bucket_is_r3() 
         .await
         .unwrap();
     let shutdown = agentbus_control::controller::shutdown::Shutdown::new();
-    tokio::spawn(controller.clone().serve(shutdown.clone()));
+    tokio::spawn(controller.serve(shutdown.clone()));
+    Deployment {
+        _tmp: tmp,
+        install,
+        cluster,
+        urls,
+        shutdown,
+    }
+}
+
+#[tokio::test]
+async fn stopping_the_bucket_leader_recovers_within_5s_and_every_bucket_is_r3() {
+    let Deployment {
+        _tmp,
+        install,
+        mut cluster,
+        urls,
+        shutdown,
+    } = deployment().await;
     let cp = AdminClient::connect(&urls, &install.creds("admin.creds").unwrap())
         .await
         .unwrap()
@@ -96,24 +122,13 @@ async fn the_runtime_creates_scheduler_buckets_and_task_streams_with_the_deploym
     };
     use agentbus_control::registry::Registry;
 
-    let tmp = tempfile::tempdir().unwrap();
-    let mut install = Installation::init(tmp.path().join("state")).unwrap();
-    let options = ClusterOptions::new()
-        .nodes(3)
-        .config(render_operator_snippet(&install.operator_facts()))
-        .node_config(|_, dir| render_resolver_block(&dir.join("resolver")))
-        .probe_creds(install.creds("sys.creds").unwrap())
-        .dir(tmp.path().join("cluster"));
-    let _cluster = LocalCluster::start(options).await.unwrap();
-    let urls = _cluster.urls();
-    install
-        .set_urls(urls.split(',').map(str::to_string).collect(), 3)
-        .unwrap();
-    let controller = Controller::connect(&install, ControllerConfig::new(&urls).replicas(3))
-        .await
-        .unwrap();
-    let shutdown = agentbus_control::controller::shutdown::Shutdown::new();
-    tokio::spawn(controller.clone().serve(shutdown.clone()));
+    let Deployment {
+        _tmp,
+        install,
+        cluster: _cluster,
+        urls,
+        shutdown,
+    } = deployment().await;
     let cp = AdminClient::connect(&urls, &install.creds("admin.creds").unwrap())
         .await
         .unwrap();
