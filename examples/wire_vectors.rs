@@ -11,7 +11,8 @@
 //!   the delivered message, or the drop reason.
 //!
 //! Run: `cargo run -p agentbus-examples --example wire_vectors`. Only public APIs
-//! of `tenant_bus` are used.
+//! of `tenant_bus` are used, plus `Sealer::with_test_instance` (fixed instance
+//! ids), which exists only with its `test-vectors` feature.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -60,11 +61,13 @@ fn keys(m: &MasterSecret, tenant: &str, versions: &[u32], current: u32) -> Resul
 
 fn sealer(keys: &TenantKeySet, sender: Option<&str>, instance: u64) -> Result<Sealer> {
     let sender = sender.map(AgentId::new).transpose()?;
-    Ok(Sealer::with_instance(
+    // Fixed instance ids, so the vectors are reproducible: only through the
+    // `test-vectors` feature, and each id at most once per process.
+    Ok(Sealer::with_test_instance(
         Arc::new(keys.clone()),
         sender,
         instance,
-    ))
+    )?)
 }
 
 /// A small deterministic generator (as in the attack tests).
@@ -270,8 +273,8 @@ fn verify_run(
         "name": name,
         "keys": serde_json::to_value(keys)?,
         "now_ms": NOW,
-        "replay_window_ms": freshness.replay_window.as_millis() as u64,
-        "clock_skew_ms": freshness.clock_skew.as_millis() as u64,
+        "replay_window_ms": freshness.replay_window().as_millis() as u64,
+        "clock_skew_ms": freshness.clock_skew().as_millis() as u64,
         "max_senders": max_senders,
         "steps": out,
     }))
@@ -595,10 +598,7 @@ fn verify_runs() -> Result<Value> {
     };
 
     let default = Freshness::default();
-    let short = Freshness {
-        replay_window: Duration::from_secs(2),
-        clock_skew: Duration::from_millis(500),
-    };
+    let short = Freshness::new(Duration::from_secs(2), Duration::from_millis(500))?;
     let short_steps = [
         NOW - 5_000,
         NOW + 3_000,

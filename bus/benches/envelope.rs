@@ -89,7 +89,8 @@ fn keys(c: &mut Criterion) {
     group.bench_function("derive_and_first_seal", |b| {
         b.iter(|| {
             let keys = master.key_set(&tenant, [1], 1).unwrap();
-            Sealer::with_instance(Arc::new(keys), None, 1)
+            Sealer::new(Arc::new(keys), None)
+                .unwrap()
                 .seal(SUBJECT, None, b"x")
                 .unwrap()
         })

@@ -29,6 +29,35 @@
 //! `s / 2^32 + 1` of each other: for `n` sealers of at most `2^32` messages each the
 //! probability is below `n^2 / 2^63`, e.g. 2^-23 for a million sealers per key
 //! version. Rotate the tenant key (a new version) long before 2^20 sealers.
+//!
+//! # Instance ids are never chosen by the caller
+//!
+//! Everything above rests on each sealer's instance id being drawn at random:
+//! two sealers with the same instance id under one key issue the same nonces,
+//! and AES-GCM with a repeated nonce leaks the XOR of the two plaintexts (and
+//! lets the GHASH key be recovered, so messages can be forged). So the public
+//! constructors ([`Sealer::new`], [`Sealer::with_cell`]) always draw one; there is
+//! no way to pass an instance id in a normal build. Test vectors need fixed ids:
+//! `Sealer::with_test_instance` exists only with the crate feature
+//! `test-vectors` (never enable it in a deployment), and refuses, with
+//! [`SealErrorKind::InstanceReused`], an id already issued in this process.
+//!
+//! # `fork()`, snapshots and restores
+//!
+//! A sealer is its instance id plus a counter in memory. Whatever copies that
+//! memory copies the nonce state:
+//! - **`fork()`**: the child starts with the parent's sealer, same instance id
+//!   and same counter, so the first message either sends repeats the other's
+//!   nonce. A sealer remembers the process id it was created in and refuses to
+//!   seal in any other process ([`SealErrorKind::Forked`]): create a new sealer
+//!   (a new namespace) in the child.
+//! - **A restored VM snapshot or process checkpoint** (CRIU, a suspended VM
+//!   resumed twice, a cloned VM): the process id is unchanged, so this cannot be
+//!   detected from inside the process without platform support (Linux's
+//!   `vmgenid` is not exposed to safe Rust). Do not snapshot a process that
+//!   holds a sealer and resume it more than once; if it happened, rotate the
+//!   tenant key (a new key version makes the repeated nonces harmless from then
+//!   on, not retroactively).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -138,12 +167,21 @@ pub enum SealErrorKind {
     TooLong,
     /// The AEAD refused (payload over the GCM limit).
     Crypto,
+    /// The sealer was created in another process: this is a `fork()` child that
+    /// inherited the parent's sealer, whose nonces the parent keeps issuing.
+    /// Create a new sealer (a new namespace) in this process.
+    Forked,
+    /// A fixed instance id (test vectors only) was already issued in this
+    /// process: a second sealer with it would repeat the first one's nonces.
+    InstanceReused,
 }
 
 crate::kind_display!(SealErrorKind {
     Exhausted => "sealer sequence exhausted",
     TooLong => "subject and reply too long to authenticate",
     Crypto => "AES-GCM seal failed",
+    Forked => "sealer inherited across fork(): it would repeat the parent's nonces",
+    InstanceReused => "sealer instance id already issued in this process",
 });
 
 /// A sealing error.
@@ -173,12 +211,17 @@ pub fn now_ms() -> u64 {
 }
 
 /// Seals messages for one tenant; cheap to share (`Arc`), lock-free.
+///
+/// Not `Clone`: a copy would share the instance id and restart or fork the
+/// counter, repeating nonces (see the [module docs](self)).
 pub struct Sealer {
     keys: crate::keys::KeyCell,
     tenant: crate::ids::TenantId,
     sender: Option<AgentId>,
     instance: u64,
     seq: AtomicU64,
+    /// The process the sealer was created in (see [`SealErrorKind::Forked`]).
+    pid: u32,
 }
 
 impl std::fmt::Debug for Sealer {
@@ -194,32 +237,65 @@ impl std::fmt::Debug for Sealer {
 impl Sealer {
     /// A sealer with a fresh random instance id.
     pub fn new(keys: Arc<TenantKeySet>, sender: Option<AgentId>) -> Result<Self, KeyError> {
-        let mut buf = [0u8; 8];
-        SystemRandom::new()
-            .fill(&mut buf)
-            .map_err(|_| Error::new(KeyErrorKind::Random, "drawing a sealer instance id"))?;
-        Ok(Self::with_cell(
-            crate::keys::key_cell(keys),
-            sender,
-            u64::from_be_bytes(buf),
-        ))
+        Self::with_cell(crate::keys::key_cell(keys), sender)
     }
 
-    /// A sealer with a given instance id (test vectors only: reusing an instance id
-    /// under the same key repeats nonces).
+    /// A sealer with a fresh random instance id on a shared, replaceable key set
+    /// (see [`crate::keys::KeyCell`]).
+    pub fn with_cell(
+        keys: crate::keys::KeyCell,
+        sender: Option<AgentId>,
+    ) -> Result<Self, KeyError> {
+        Ok(Self::build(keys, sender, random_instance()?))
+    }
+
+    /// A sealer with a fixed instance id, for test vectors only (crate feature
+    /// `test-vectors`; never enable it in a deployment). Refused with
+    /// [`SealErrorKind::InstanceReused`] if this process already issued the id,
+    /// so two sealers with it cannot coexist or follow one another in one
+    /// process. Across processes nothing can check it: a fixed id is only safe
+    /// with keys that protect nothing (the published test master secrets).
+    #[cfg(feature = "test-vectors")]
     #[doc(hidden)]
-    pub fn with_instance(keys: Arc<TenantKeySet>, sender: Option<AgentId>, instance: u64) -> Self {
-        Self::with_cell(crate::keys::key_cell(keys), sender, instance)
+    pub fn with_test_instance(
+        keys: Arc<TenantKeySet>,
+        sender: Option<AgentId>,
+        instance: u64,
+    ) -> Result<Self, SealError> {
+        Self::with_fixed_instance(keys, sender, instance)
     }
 
-    /// A sealer on a shared, replaceable key set (see [`crate::keys::KeyCell`]).
-    pub fn with_cell(keys: crate::keys::KeyCell, sender: Option<AgentId>, instance: u64) -> Self {
+    /// See [`Sealer::with_test_instance`]; also used by this crate's unit tests.
+    #[cfg(any(test, feature = "test-vectors"))]
+    pub(crate) fn with_fixed_instance(
+        keys: Arc<TenantKeySet>,
+        sender: Option<AgentId>,
+        instance: u64,
+    ) -> Result<Self, SealError> {
+        // Every fixed id ever issued in this process, never removed: a sealer
+        // dropped and made again with the same id would restart its counter at
+        // 1 and repeat every nonce. Only test vectors come here (a handful of
+        // ids), so the set stays small.
+        static ISSUED: std::sync::Mutex<std::collections::BTreeSet<u64>> =
+            std::sync::Mutex::new(std::collections::BTreeSet::new());
+        let mut issued = ISSUED.lock().unwrap_or_else(|e| e.into_inner());
+        if !issued.insert(instance) {
+            return Err(Error::new(
+                SealErrorKind::InstanceReused,
+                format!("{instance:016x}"),
+            ));
+        }
+        Ok(Self::build(crate::keys::key_cell(keys), sender, instance))
+    }
+
+    fn build(keys: crate::keys::KeyCell, sender: Option<AgentId>, instance: u64) -> Self {
         Self {
             tenant: keys.load().tenant().clone(),
             keys,
             sender,
             instance,
             seq: AtomicU64::new(0),
+            pid: std::process::id(),
         }
     }
 
@@ -257,6 +333,24 @@ impl Sealer {
         payload: &[u8],
         timestamp_ms: u64,
     ) -> Result<(MessageId, Bytes), SealError> {
+        // A fork() child holds a byte-for-byte copy of this sealer; the parent
+        // keeps counting from the same value, so the child's next nonce is the
+        // parent's next nonce. Compare the process id on *every* seal, before a
+        // sequence is taken: the child's first message is already a repeat, so
+        // a check every N messages would let up to N - 1 repeats through, and a
+        // cached copy of the pid (per thread or per sealer) is forked along with
+        // the sealer. Safe Rust has no fork hook (`pthread_atfork` needs
+        // `unsafe`, which this workspace forbids), so this is one getpid system
+        // call per seal: measured at about 140 ns on the 2-vCPU VM of
+        // BENCHMARKS.md (seal of 128 B: 197 ns before, 334 ns with it), tens of
+        // ns on bare metal. Against the publish path around it (microseconds)
+        // that is the price of never repeating a nonce after a fork.
+        if std::process::id() != self.pid {
+            return Err(Error::new(
+                SealErrorKind::Forked,
+                format!("created in process {}", self.pid),
+            ));
+        }
         let seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
         if seq >= MAX_SEQUENCE {
             return Err(Error::new(SealErrorKind::Exhausted, "create a new sealer"));
@@ -306,6 +400,15 @@ impl Sealer {
         out.extend_from_slice(tag.as_ref());
         Ok((MessageId(msg_id), out.freeze()))
     }
+}
+
+/// A random 64-bit instance id from the system's CSPRNG (one system call).
+fn random_instance() -> Result<u64, KeyError> {
+    let mut buf = [0u8; 8];
+    SystemRandom::new()
+        .fill(&mut buf)
+        .map_err(|_| Error::new(KeyErrorKind::Random, "drawing a sealer instance id"))?;
+    Ok(u64::from_be_bytes(buf))
 }
 
 /// A decoded (not yet authenticated) envelope.
@@ -481,4 +584,103 @@ pub fn open(
         },
         plain,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::keys::MasterSecret;
+
+    /// The master secret, tenant and instance of `docs/wire-format.md`'s vector.
+    const INSTANCE: u64 = 0x0102_0304_0506_0708;
+    const VECTOR_HEX: &str = "010000000001010203040506070800000000000000010000018bcfe568000102030405060708000000010461636d6507706c616e6e65723392ef3d3591c4ad4c390683d6fb4734011a6c6786";
+
+    fn keys(tenant: &str) -> Arc<TenantKeySet> {
+        let master: Vec<u8> = (0..32u8).collect();
+        let tenant = TenantId::new(tenant).unwrap();
+        Arc::new(
+            MasterSecret::from_bytes(&master)
+                .unwrap()
+                .key_set(&tenant, [1], 1)
+                .unwrap(),
+        )
+    }
+
+    fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    #[test]
+    fn sealing_reproduces_the_documented_vector() {
+        let s = Sealer::with_fixed_instance(
+            keys("acme"),
+            Some(AgentId::new("planner").unwrap()),
+            INSTANCE,
+        )
+        .unwrap();
+        let (id, body) = s
+            .seal_at(
+                "tenant.acme.orders.created",
+                None,
+                b"hello",
+                1_700_000_000_000,
+            )
+            .unwrap();
+        assert_eq!(id.to_hex(), "01020304050607080000000000000001");
+        assert_eq!(
+            hex(&body),
+            VECTOR_HEX,
+            "envelope bytes changed: update docs/wire-format.md only if the format version changes"
+        );
+    }
+
+    /// A fixed instance id is issued once per process: a second sealer with it,
+    /// at the same time or after the first is gone, would start its counter at 1
+    /// again and repeat every nonce (the XOR of two ciphertexts would be the XOR
+    /// of their plaintexts).
+    #[test]
+    fn a_fixed_instance_id_is_issued_once_per_process() {
+        const ID: u64 = 0x7e57_0000_0000_0001;
+        let first = Sealer::with_fixed_instance(keys("acme"), None, ID).unwrap();
+        let again = Sealer::with_fixed_instance(keys("acme"), None, ID);
+        assert_eq!(
+            again.map(|_| ()).unwrap_err().kind(),
+            SealErrorKind::InstanceReused
+        );
+        drop(first);
+        let after = Sealer::with_fixed_instance(keys("globex"), None, ID);
+        assert_eq!(
+            after.map(|_| ()).unwrap_err().kind(),
+            SealErrorKind::InstanceReused
+        );
+    }
+
+    /// Random instance ids: every sealer gets its own.
+    #[test]
+    fn public_constructors_draw_distinct_instance_ids() {
+        let k = keys("acme");
+        let ids: std::collections::BTreeSet<u64> = (0..64)
+            .map(|_| Sealer::new(k.clone(), None).unwrap().instance())
+            .collect();
+        assert_eq!(ids.len(), 64);
+    }
+
+    /// A sealer copied into a `fork()` child: simulated by changing the process
+    /// id it remembers (safe Rust cannot fork). The child must not seal, and
+    /// must not consume a sequence either.
+    #[test]
+    fn a_sealer_refuses_to_seal_in_another_process() {
+        let mut s = Sealer::new(keys("acme"), None).unwrap();
+        s.pid = s.pid.wrapping_add(1);
+        let err = s
+            .seal("tenant.acme.orders.created", None, b"x")
+            .map(|_| ())
+            .unwrap_err();
+        assert_eq!(err.kind(), SealErrorKind::Forked);
+        s.pid = std::process::id();
+        let (id, _) = s.seal("tenant.acme.orders.created", None, b"x").unwrap();
+        assert_eq!(id.sequence(), 1);
+    }
 }

@@ -23,6 +23,7 @@ use crate::ids::{AgentId, TenantId};
 use crate::keys::TenantKeySet;
 use crate::message::TenantMessage;
 use crate::options::NamespaceOptions;
+use crate::replay::SharedReplay;
 use crate::subject::{inbox_prefix, scope, IntoPattern, IntoSubject, Subject, SubjectError};
 use crate::subscription::{Subscription, SubscriptionConfig};
 use crate::verify::{Counters, Verifier};
@@ -41,6 +42,10 @@ pub enum ConnectErrorKind {
     Authorization,
     /// The bundle's server URL (list) is not valid (see [`crate::connect::server_addrs`]).
     InvalidUrl,
+    /// An option is out of its documented range (e.g. a replay window longer
+    /// than [`MAX_REPLAY_WINDOW`](crate::verify::MAX_REPLAY_WINDOW)); nothing was
+    /// connected.
+    InvalidOptions,
 }
 
 crate::kind_display!(ConnectErrorKind {
@@ -49,6 +54,7 @@ crate::kind_display!(ConnectErrorKind {
     Connection => "cannot connect to the NATS server",
     Authorization => "the server refused the credentials",
     InvalidUrl => "invalid NATS server URL",
+    InvalidOptions => "invalid namespace options",
 });
 
 /// A connect error.
@@ -162,6 +168,8 @@ struct Inner {
     agent: AgentId,
     sealer: Sealer,
     verifier: Verifier,
+    /// What every subscription of this namespace accepted (see `crate::replay`).
+    replay: Arc<SharedReplay>,
     options: NamespaceOptions,
     receive_budget: Arc<ByteBudget>,
     events: broadcast::Sender<BusEvent>,
@@ -190,6 +198,9 @@ impl TenantNamespace {
         options: NamespaceOptions,
     ) -> Result<Self, ConnectError> {
         let tenant = bundle.tenant.clone();
+        let freshness = options
+            .freshness()
+            .map_err(|e| Error::with_source(ConnectErrorKind::InvalidOptions, "freshness", e))?;
         bundle
             .keys
             .ensure_tenant(&tenant)
@@ -239,12 +250,14 @@ impl TenantNamespace {
             };
             Error::with_source(kind, bundle.url.clone(), e)
         })?;
-        let cell = crate::keys::key_cell(keys.clone());
-        let instance = Sealer::new(keys, None)
-            .map_err(|e| Error::with_source(ConnectErrorKind::Keys, "sealer", e))?
-            .instance();
-        let sealer = Sealer::with_cell(cell.clone(), Some(bundle.agent.clone()), instance);
-        let verifier = Verifier::with_cell(cell, options.freshness, counters);
+        let cell = crate::keys::key_cell(keys);
+        let sealer = Sealer::with_cell(cell.clone(), Some(bundle.agent.clone()))
+            .map_err(|e| Error::with_source(ConnectErrorKind::Keys, "sealer", e))?;
+        let verifier = Verifier::with_cell(cell, freshness, counters);
+        // One replay record for every subscription of this namespace (see
+        // `crate::replay`: a new subscription starts from what the namespace
+        // already accepted).
+        let replay = verifier.shared_replay(options.max_replay_senders);
         let receive_budget = options.resolve_receive_budget();
         Ok(Self {
             inner: Arc::new(Inner {
@@ -253,6 +266,7 @@ impl TenantNamespace {
                 agent: bundle.agent.clone(),
                 sealer,
                 verifier,
+                replay,
                 options,
                 receive_budget,
                 events,
@@ -466,11 +480,14 @@ impl TenantNamespace {
         }
     }
 
+    /// Wraps a subscription that is live at the server (`sync` returned).
     fn wrap(&self, inner: async_nats::Subscriber) -> Subscription {
-        let guard = self
-            .inner
-            .verifier
-            .replay_guard(self.inner.options.max_replay_senders);
+        // Taken only now, after the server confirmed the subscription: every
+        // message the namespace accepted before this point was published before
+        // the subscription was live (NATS promises such a message to no new
+        // subscription), so the new subscription may refuse it as a replay;
+        // what the namespace accepts from now on, it may deliver once.
+        let guard = self.inner.replay.guard();
         Subscription::new(
             inner,
             SubscriptionConfig {

@@ -8,12 +8,16 @@ use crate::admission::Admission;
 use crate::budget::{ByteBudget, DEFAULT_RECEIVE_BYTES};
 use crate::bundle::CredentialBundle;
 use crate::namespace::{ConnectError, TenantNamespace};
-use crate::verify::Freshness;
+use crate::verify::{Freshness, FreshnessError};
 
 /// Options of a namespace connection.
 #[derive(Clone)]
 pub struct NamespaceOptions {
-    pub(crate) freshness: Freshness,
+    /// Kept as given and validated by [`Freshness::new`] on connect, so an
+    /// out-of-range value is a typed error there rather than a panic or a
+    /// silently truncated window.
+    pub(crate) replay_window: Duration,
+    pub(crate) clock_skew: Duration,
     pub(crate) subscription_capacity: usize,
     pub(crate) max_replay_senders: usize,
     pub(crate) max_pending_requests: usize,
@@ -27,7 +31,8 @@ pub struct NamespaceOptions {
 impl std::fmt::Debug for NamespaceOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("NamespaceOptions")
-            .field("freshness", &self.freshness)
+            .field("replay_window", &self.replay_window)
+            .field("clock_skew", &self.clock_skew)
             .field("subscription_capacity", &self.subscription_capacity)
             .field("max_replay_senders", &self.max_replay_senders)
             .field("max_pending_requests", &self.max_pending_requests)
@@ -43,7 +48,8 @@ impl std::fmt::Debug for NamespaceOptions {
 impl Default for NamespaceOptions {
     fn default() -> Self {
         Self {
-            freshness: Freshness::default(),
+            replay_window: Freshness::default().replay_window(),
+            clock_skew: Freshness::default().clock_skew(),
             subscription_capacity: 65_536,
             max_replay_senders: 100_000,
             max_pending_requests: 65_536,
@@ -62,16 +68,29 @@ impl NamespaceOptions {
         Self::default()
     }
 
-    /// Messages older than this are dropped as stale. Default: 5 minutes.
+    /// Messages older than this are dropped as stale. Default: 5 minutes. At
+    /// least 1 ms and at most [`MAX_REPLAY_WINDOW`](crate::verify::MAX_REPLAY_WINDOW)
+    /// (24 h), in whole milliseconds; outside that range connecting fails with
+    /// [`ConnectErrorKind::InvalidOptions`](crate::ConnectErrorKind::InvalidOptions)
+    /// (see [`freshness`](Self::freshness)).
     pub fn replay_window(mut self, window: Duration) -> Self {
-        self.freshness.replay_window = window;
+        self.replay_window = window;
         self
     }
 
-    /// Messages stamped further in the future than this are dropped. Default: 30 s.
+    /// Messages stamped further in the future than this are dropped. Default:
+    /// 30 s. At most [`MAX_CLOCK_SKEW`](crate::verify::MAX_CLOCK_SKEW) (1 h);
+    /// beyond it connecting fails with
+    /// [`ConnectErrorKind::InvalidOptions`](crate::ConnectErrorKind::InvalidOptions).
     pub fn clock_skew(mut self, skew: Duration) -> Self {
-        self.freshness.clock_skew = skew;
+        self.clock_skew = skew;
         self
+    }
+
+    /// The validated freshness settings, or why the replay window or clock
+    /// skew is out of range (what connecting would fail with).
+    pub fn freshness(&self) -> Result<Freshness, FreshnessError> {
+        Freshness::new(self.replay_window, self.clock_skew)
     }
 
     /// Messages buffered per subscription before further ones are dropped and a
@@ -88,8 +107,9 @@ impl NamespaceOptions {
         self
     }
 
-    /// The most sender instances one subscription's anti-replay state tracks
-    /// (about 56 bytes each). Default: 100,000.
+    /// The most sender instances the namespace's anti-replay record tracks, and
+    /// each of its subscriptions' anti-replay state (about 64 bytes each, see
+    /// [`crate::replay`]). Default: 100,000.
     pub fn max_replay_senders(mut self, max: usize) -> Self {
         self.max_replay_senders = max.max(1);
         self

@@ -30,13 +30,19 @@ pub enum DropReason {
     UnknownKey,
     /// The tag did not verify: altered bytes, another subject, another key.
     Authentication,
-    /// Older than the replay window.
+    /// Older than the replay window; or, from a sender the anti-replay state no
+    /// longer tracks, stamped no later than the newest message of a sender it
+    /// evicted (this happens only after the receiver's clock stepped back; see
+    /// [`crate::replay`]).
     Stale,
     /// Further in the future than the clock-skew allowance.
     Future,
-    /// A message id already delivered on this subscription.
+    /// A message id already delivered on this subscription, or accepted by the
+    /// namespace before this subscription was made (see [`crate::replay`]), or
+    /// more than 128 sequences behind its sender's newest.
     Replay,
-    /// The anti-replay table is at its sender cap.
+    /// The anti-replay state (the subscription's, or the namespace's record) is
+    /// at its sender cap.
     ReplayStateFull,
     /// The receive byte budget (the namespace's, or the tenant's on a runtime
     /// host) was used up: the message was dropped on arrival, before being
@@ -88,41 +94,107 @@ impl std::fmt::Display for DropReason {
     }
 }
 
-/// Freshness settings of verification.
+/// The longest replay window [`Freshness::new`] accepts: 24 hours.
+///
+/// The anti-replay state remembers a sender for the window plus the skew after
+/// its last message, so the window is how long a departed sender costs memory;
+/// a day covers any bus message (queued tasks wait longer, and do not use this
+/// window: see `agent-runtime`'s dispatch). The bound also keeps every sum of
+/// timestamps and windows far from `u64` overflow.
+pub const MAX_REPLAY_WINDOW: Duration = Duration::from_secs(24 * 3600);
+
+/// The largest clock-skew allowance [`Freshness::new`] accepts: 1 hour. A
+/// larger allowance would accept messages stamped that far in the future, which
+/// then stay fresh (replayable across a restart) that much longer.
+pub const MAX_CLOCK_SKEW: Duration = Duration::from_secs(3600);
+
+/// What is wrong with freshness settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum FreshnessErrorKind {
+    /// The replay window is zero or longer than [`MAX_REPLAY_WINDOW`].
+    ReplayWindow,
+    /// The clock skew is longer than [`MAX_CLOCK_SKEW`].
+    ClockSkew,
+}
+
+crate::kind_display!(FreshnessErrorKind {
+    ReplayWindow => "replay window out of range (1 ms to 24 h)",
+    ClockSkew => "clock skew out of range (0 to 1 h)",
+});
+
+/// An error in freshness settings.
+pub type FreshnessError = crate::error::Error<FreshnessErrorKind>;
+
+/// Freshness settings of verification: how old (the replay window) and how far
+/// in the future (the clock skew) a message's timestamp may be. Validated on
+/// construction ([`Freshness::new`]); kept in whole milliseconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Freshness {
-    /// Messages older than this are stale. Default 5 minutes.
-    pub replay_window: Duration,
-    /// Messages stamped further ahead than this are refused. Default 30 s.
-    pub clock_skew: Duration,
+    /// Messages older than this (ms) are stale. Default 5 minutes.
+    window_ms: u64,
+    /// Messages stamped further ahead than this (ms) are refused. Default 30 s.
+    skew_ms: u64,
 }
 
 impl Default for Freshness {
     fn default() -> Self {
         Self {
-            replay_window: Duration::from_secs(300),
-            clock_skew: Duration::from_secs(30),
+            window_ms: 300_000,
+            skew_ms: 30_000,
         }
     }
 }
 
 impl Freshness {
+    /// Settings with `replay_window` (1 ms to [`MAX_REPLAY_WINDOW`]) and
+    /// `clock_skew` (0 to [`MAX_CLOCK_SKEW`]), each truncated to whole
+    /// milliseconds (the resolution of envelope timestamps).
+    pub fn new(replay_window: Duration, clock_skew: Duration) -> Result<Self, FreshnessError> {
+        if replay_window > MAX_REPLAY_WINDOW || replay_window.as_millis() == 0 {
+            return Err(crate::error::Error::new(
+                FreshnessErrorKind::ReplayWindow,
+                format!("{replay_window:?}"),
+            ));
+        }
+        if clock_skew > MAX_CLOCK_SKEW {
+            return Err(crate::error::Error::new(
+                FreshnessErrorKind::ClockSkew,
+                format!("{clock_skew:?}"),
+            ));
+        }
+        // Both are bounded above, so the conversions are exact.
+        Ok(Self {
+            window_ms: replay_window.as_millis() as u64,
+            skew_ms: clock_skew.as_millis() as u64,
+        })
+    }
+
+    /// The replay window.
+    pub fn replay_window(&self) -> Duration {
+        Duration::from_millis(self.window_ms)
+    }
+
+    /// The clock-skew allowance.
+    pub fn clock_skew(&self) -> Duration {
+        Duration::from_millis(self.skew_ms)
+    }
+
     /// Checks `timestamp_ms` against `now_ms`.
     pub fn check(&self, timestamp_ms: u64, now_ms: u64) -> Result<(), DropReason> {
-        let window = self.replay_window.as_millis() as u64;
-        let skew = self.clock_skew.as_millis() as u64;
-        if timestamp_ms.saturating_add(window) < now_ms {
+        if timestamp_ms.saturating_add(self.window_ms) < now_ms {
             return Err(DropReason::Stale);
         }
-        if timestamp_ms > now_ms.saturating_add(skew) {
+        if timestamp_ms > now_ms.saturating_add(self.skew_ms) {
             return Err(DropReason::Future);
         }
         Ok(())
     }
 
-    /// How long the anti-replay state must remember a sender (window + skew).
+    /// How long the anti-replay state must remember a sender (window + skew),
+    /// in ms; at most 25 hours.
     pub fn retain_ms(&self) -> u64 {
-        (self.replay_window + self.clock_skew).as_millis() as u64
+        self.window_ms + self.skew_ms
     }
 }
 
@@ -283,12 +355,24 @@ impl Verifier {
         &self.counters
     }
 
-    /// A fresh anti-replay state sized for these settings.
+    /// A fresh, standalone anti-replay state sized for these settings (one
+    /// stream of messages; a namespace's subscriptions use
+    /// [`shared_replay`](Self::shared_replay) instead).
     pub fn replay_guard(&self, max_senders: usize) -> crate::replay::ReplayGuard {
-        crate::replay::ReplayGuard::new(crate::replay::ReplayOptions {
+        crate::replay::ReplayGuard::new(self.replay_options(max_senders))
+    }
+
+    /// A replay record to share among several subscriptions of one namespace
+    /// (see [`crate::replay::SharedReplay`]), sized for these settings.
+    pub fn shared_replay(&self, max_senders: usize) -> std::sync::Arc<crate::replay::SharedReplay> {
+        crate::replay::SharedReplay::new(self.replay_options(max_senders))
+    }
+
+    fn replay_options(&self, max_senders: usize) -> crate::replay::ReplayOptions {
+        crate::replay::ReplayOptions {
             retain_ms: self.freshness.retain_ms(),
             max_senders,
-        })
+        }
     }
 
     /// Verifies one message received on the full `subject`, whose `reply` (if any)
@@ -324,7 +408,12 @@ impl Verifier {
             None => None,
         };
         self.freshness.check(header.timestamp_ms, now_ms)?;
-        guard.check(header.msg_id.instance(), header.msg_id.sequence(), now_ms)?;
+        guard.check(
+            header.msg_id.instance(),
+            header.msg_id.sequence(),
+            header.timestamp_ms,
+            now_ms,
+        )?;
         let sender = match header.sender {
             Some(s) => Some(guard.sender(s)?),
             None => None,
@@ -379,5 +468,68 @@ impl Verifier {
                 None
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn kind(r: Result<Freshness, FreshnessError>) -> FreshnessErrorKind {
+        r.map(|_| ()).unwrap_err().kind()
+    }
+
+    /// `Duration::MAX` used to panic in `retain_ms` (Duration overflow) and a
+    /// window of 2^64 ms and more was truncated by `as u64`: both are now refused
+    /// on construction.
+    #[test]
+    fn freshness_refuses_windows_out_of_range() {
+        let skew = Duration::from_secs(30);
+        for window in [
+            Duration::MAX,
+            Duration::from_millis(u64::MAX),
+            Duration::from_secs(u64::MAX / 999),
+            MAX_REPLAY_WINDOW + Duration::from_millis(1),
+            Duration::ZERO,
+            Duration::from_micros(999),
+        ] {
+            assert_eq!(
+                kind(Freshness::new(window, skew)),
+                FreshnessErrorKind::ReplayWindow,
+                "{window:?}"
+            );
+        }
+        for skew in [Duration::MAX, MAX_CLOCK_SKEW + Duration::from_millis(1)] {
+            assert_eq!(
+                kind(Freshness::new(Duration::from_secs(1), skew)),
+                FreshnessErrorKind::ClockSkew,
+                "{skew:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn freshness_at_its_maximum_is_exact() {
+        let f = Freshness::new(MAX_REPLAY_WINDOW, MAX_CLOCK_SKEW).unwrap();
+        assert_eq!(f.retain_ms(), 25 * 3_600_000);
+        assert_eq!(f.replay_window(), MAX_REPLAY_WINDOW);
+        let now = 1_750_000_000_000;
+        assert_eq!(f.check(now - 24 * 3_600_000, now), Ok(()));
+        assert_eq!(
+            f.check(now - 24 * 3_600_000 - 1, now),
+            Err(DropReason::Stale)
+        );
+        assert_eq!(f.check(now + 3_600_000, now), Ok(()));
+        assert_eq!(f.check(now + 3_600_001, now), Err(DropReason::Future));
+        // Extreme timestamps saturate instead of wrapping.
+        assert_eq!(f.check(u64::MAX, u64::MAX), Ok(()));
+        assert_eq!(f.check(0, u64::MAX), Err(DropReason::Stale));
+        assert_eq!(f.check(u64::MAX, 0), Err(DropReason::Future));
+        assert_eq!(
+            Freshness::default(),
+            Freshness::new(Duration::from_secs(300), Duration::from_secs(30)).unwrap()
+        );
     }
 }

@@ -769,3 +769,47 @@ async fn a_shorter_replay_window_makes_older_messages_stale() {
     assert_eq!(snap.dropped(DropReason::Stale), 1, "{snap:?}");
     assert_eq!(snap.dropped(DropReason::Future), 1, "{snap:?}");
 }
+
+/// Replay state is shared per namespace: a captured message replayed onto a
+/// subscription made after the namespace delivered it (an agent re-subscribing)
+/// is refused, while one message matching two live subscriptions (`orders.>` and
+/// `orders.created`) is delivered once on each, and its replay on neither.
+/// With guards per subscription alone, the re-made subscription's window was
+/// empty and the replay was delivered.
+#[tokio::test]
+async fn a_replay_onto_a_later_subscription_of_the_namespace_is_refused() {
+    let mut t = Target::new().await;
+    let (id, captured) = t.valid(b"delivered once");
+    t.inject(SUBJECT, captured.clone()).await;
+    assert_eq!(recv(&mut t.sub).await.msg_id, id);
+
+    // The agent subscribes again (the first subscription dropped, as a handler
+    // loop does after a suspension), and a narrower one beside it.
+    let again = t.ns.subscribe("orders.>").await.unwrap();
+    drop(std::mem::replace(&mut t.sub, again));
+    let mut narrow = t.ns.subscribe("orders.created").await.unwrap();
+    t.inject(SUBJECT, captured.clone()).await;
+    // Two subscriptions match: the replay is refused on each.
+    let (id2, fresh) = t.valid(b"to both");
+    t.inject(SUBJECT, fresh.clone()).await;
+    t.raw.flush().await.unwrap();
+    for (name, s) in [("wide", &mut t.sub), ("narrow", &mut narrow)] {
+        let m = recv(s).await;
+        assert_eq!(
+            (m.msg_id, &m.payload[..]),
+            (id2, &b"to both"[..]),
+            "{name}: the replayed message was delivered"
+        );
+    }
+    // The fresh message, replayed, is refused on both as well.
+    t.inject(SUBJECT, fresh).await;
+    let (id3, last) = t.valid(b"after");
+    t.inject(SUBJECT, last).await;
+    t.raw.flush().await.unwrap();
+    for s in [&mut t.sub, &mut narrow] {
+        assert_eq!(recv(s).await.msg_id, id3);
+    }
+    let snap = t.ns.counters().snapshot();
+    assert_eq!(snap.dropped(DropReason::Replay), 4, "{snap:?}");
+    assert_eq!(snap.dropped_total(), 4, "{snap:?}");
+}

@@ -351,3 +351,60 @@ async fn bad_input_to_the_namespace_api_returns_typed_errors_and_sends_nothing()
     let mut q = ns.queue_subscribe("jobs.*", &"q".repeat(64)).await.unwrap();
     echo_barrier(&ns, &mut q, "jobs.probe").await;
 }
+
+/// Freshness options out of range are a typed error when connecting. Before,
+/// `replay_window(Duration::MAX)` connected and the first subscription panicked
+/// (Duration overflow in the anti-replay retention), and a window of 2^64 ms or
+/// more was silently truncated.
+#[tokio::test]
+async fn freshness_options_out_of_range_are_refused_on_connect() {
+    use std::time::Duration;
+    use tenant_bus::verify::{FreshnessErrorKind, MAX_CLOCK_SKEW, MAX_REPLAY_WINDOW};
+    use tenant_bus::{ConnectErrorKind, NamespaceOptions};
+
+    let server = Server::new();
+    let master = MasterSecret::generate().unwrap();
+    let b = bundle(&server, keys(&master, "acme"), "agent");
+    let cases = [
+        (
+            NamespaceOptions::new().replay_window(Duration::MAX),
+            FreshnessErrorKind::ReplayWindow,
+        ),
+        (
+            NamespaceOptions::new().replay_window(Duration::from_millis(u64::MAX)),
+            FreshnessErrorKind::ReplayWindow,
+        ),
+        (
+            NamespaceOptions::new().replay_window(MAX_REPLAY_WINDOW + Duration::from_millis(1)),
+            FreshnessErrorKind::ReplayWindow,
+        ),
+        (
+            NamespaceOptions::new().replay_window(Duration::ZERO),
+            FreshnessErrorKind::ReplayWindow,
+        ),
+        (
+            NamespaceOptions::new().clock_skew(Duration::MAX),
+            FreshnessErrorKind::ClockSkew,
+        ),
+        (
+            NamespaceOptions::new().clock_skew(MAX_CLOCK_SKEW + Duration::from_secs(1)),
+            FreshnessErrorKind::ClockSkew,
+        ),
+    ];
+    for (options, want) in cases {
+        assert_eq!(options.freshness().unwrap_err().kind(), want);
+        let e = options.connect(&b).await.unwrap_err();
+        assert_eq!(e.kind(), ConnectErrorKind::InvalidOptions, "{e}");
+        let source = std::error::Error::source(&e).unwrap().to_string();
+        assert!(source.contains("out of range"), "{source}");
+    }
+    // The documented maxima themselves work end to end.
+    let ns = NamespaceOptions::new()
+        .replay_window(MAX_REPLAY_WINDOW)
+        .clock_skew(MAX_CLOCK_SKEW)
+        .connect(&b)
+        .await
+        .unwrap();
+    let mut sub = ns.subscribe("jobs.>").await.unwrap();
+    echo_barrier(&ns, &mut sub, "jobs.probe").await;
+}

@@ -528,7 +528,7 @@ async fn process(ctx: &Ctx, msg: Message) {
         }
     };
     let now = now_ms();
-    let skew = d.shared.ns.verifier().freshness().clock_skew.as_millis() as u64;
+    let skew = d.shared.ns.verifier().freshness().clock_skew().as_millis() as u64;
     if stamp.timestamp_ms > now.saturating_add(skew) {
         ctx.stats.rejected.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(task = %stamp.msg_id, "terminating a task stamped in the future");
