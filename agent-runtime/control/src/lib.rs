@@ -15,6 +15,7 @@
 //! - [`controller`]: the service, its operations, authentication and reconcile.
 //! - [`store`]: the KV buckets and their records.
 //! - [`kek`]: the key-encryption key and sealed secrets.
+//! - [`identity`]: API keys, platform JWTs and the NATS auth callout.
 //! - [`install`]: the state directory of an installation.
 //! - [`keys`]: key-set refresh for running agents (the key service client).
 //! - [`registry`]: tenant records and the watcher every runtime instance keeps.
@@ -30,6 +31,7 @@ pub mod audit;
 pub mod client;
 pub mod controller;
 pub mod error;
+pub mod identity;
 pub mod install;
 pub mod jwt;
 pub mod kek;
