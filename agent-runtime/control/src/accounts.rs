@@ -18,13 +18,17 @@
 //!   `STATE` (stream `KV_STATE`) and `TASKS_DONE` (stream `KV_TASKS_DONE`, where
 //!   task dispatch records finished task ids), their ack and flow-control
 //!   subjects, `$KV.STATE.>`, `$KV.TASKS_DONE.>` and `$JS.API.INFO` (the client
-//!   reads its account limits before creating a bucket).
+//!   reads its account limits before creating a bucket);
+//! - publish only: `$SYS.REQ.USER.INFO` ([`USER_INFO_SUBJECT`]), where the
+//!   server tells a connection its own user and account; the runtime asks it to
+//!   learn an agent's tenant from the server (agents issued before it was
+//!   allowed must be issued again to run on a runtime host).
 //!
 //! Not allowed: subscribing to anything outside `tenant.<id>.>` (`>`, `_INBOX.>`,
 //! `$JS.API.>`, `$KV.>`, `$SYS.>`, ...), any other stream or bucket name, listing
 //! streams (`STREAM.NAMES`/`STREAM.LIST`), deleting or purging streams, raw
 //! `STREAM.MSG.GET` on `TASKS`, snapshots/restores, JetStream domains (`$JS.<d>.API`)
-//! and `$SYS`.
+//! and the rest of `$SYS`.
 
 use std::collections::BTreeMap;
 
@@ -94,6 +98,10 @@ fn stream_api_subjects(stream: &str, out: &mut Vec<String>) {
     out.push(format!("$JS.FC.{stream}.>"));
 }
 
+/// The server's "who am I" service: it answers any connection with its own
+/// user, account and permissions (nats-server's `userInfoReqSubj`).
+pub const USER_INFO_SUBJECT: &str = "$SYS.REQ.USER.INFO";
+
 /// The publish allow-list of an agent of `tenant` (see the module docs).
 pub fn agent_publish_allow(
     tenant: &TenantId,
@@ -105,6 +113,12 @@ pub fn agent_publish_allow(
         "$JS.API.INFO".to_string(),
         // The key service imported from the platform account (its own account only).
         crate::api::keys_subject(account),
+        // The server's answer to "who am I": this connection's own user, account
+        // and permissions, nothing about anyone else. The runtime asks it before
+        // it gives an agent its tenant's resources, so the tenant comes from the
+        // account the server placed the connection in, not from the bundle's
+        // label (agent-runtime's `agent::identity`).
+        USER_INFO_SUBJECT.to_string(),
     ];
     for stream in &scope.streams {
         stream_api_subjects(stream, &mut allow);
@@ -381,6 +395,10 @@ mod tests {
         let t = TenantId::new("acme").unwrap();
         let allow = agent_publish_allow(&t, "ATENANTACCOUNT", &JetStreamScope::default());
         assert!(allow.contains(&"tenant.acme.>".to_string()));
+        assert!(allow.contains(&USER_INFO_SUBJECT.to_string()));
+        assert!(!allow
+            .iter()
+            .any(|s| s.starts_with("$SYS.") && s != USER_INFO_SUBJECT));
         assert!(allow.contains(&"$JS.API.STREAM.CREATE.TASKS".to_string()));
         assert!(allow.contains(&"$KV.STATE.>".to_string()));
         // Task dispatch's done bucket, narrowly: its stream's API and its keys.

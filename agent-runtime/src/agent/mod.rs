@@ -3,8 +3,10 @@
 //!
 //! An [`AgentHost`] runs on every runtime instance beside a [`RegistryWatcher`].
 //! [`AgentHost::register`] admits an agent only if its tenant is known and active,
-//! its type is among the tenant's `allowed_agent_types`, and the tenant has fewer
-//! than `max_agents` agents on this host. The host follows the registry's change events: when a
+//! its connection is in the tenant's NATS account as the server reports it (not
+//! as the bundle's label says; see [`identity`]), its type is among the tenant's
+//! `allowed_agent_types`, and the tenant has fewer than `max_agents` agents on
+//! this host. The host follows the registry's change events: when a
 //! tenant is suspended, every running agent of it stops (its handler loops drop
 //! their subscriptions) and every operation of it is refused with
 //! [`AgentErrorKind::Suspended`]; on activation the handlers subscribe again.
@@ -45,9 +47,11 @@
 //! - the registry's suspensions, activations and quota changes reach the
 //!   scheduler (a [`RegistryFollower`] runs with the host).
 //!
+//! - [`identity`]: the tenant of a connection, from the server.
 //! - [`permissions`]: `resource:action` grants, evaluated only inside the tenant.
 //! - [`tools`]: per-tenant tool implementations, rate limits, per-task budgets.
 
+pub mod identity;
 pub mod permissions;
 pub mod tools;
 
@@ -114,6 +118,13 @@ pub enum AgentErrorKind {
     Bus,
     /// The scheduler's shared state (the agent-slot bucket) could not be reached.
     SchedulerUnavailable,
+    /// The server placed the connection in another NATS account than the one
+    /// the registry names for the bundle's tenant (or refused it that tenant's
+    /// subjects): the bundle's tenant label is not its own (see [`identity`]).
+    WrongAccount,
+    /// The server did not confirm which account the connection is in (no
+    /// answer, or credentials not allowed to ask; see [`identity`]).
+    IdentityUnverified,
 }
 
 tenant_bus::kind_display!(AgentErrorKind {
@@ -133,6 +144,8 @@ tenant_bus::kind_display!(AgentErrorKind {
     ToolFailed => "tool failed",
     Bus => "bus operation failed",
     SchedulerUnavailable => "scheduler state unavailable",
+    WrongAccount => "the connection is not in the tenant's NATS account",
+    IdentityUnverified => "the server did not confirm the connection's account",
 });
 
 /// An agent error.
@@ -288,7 +301,11 @@ impl AgentHost {
     /// replacing any budget in `options`) and, if this host has a scheduler, the
     /// tenant's message admission: every publish, request and response of the
     /// agent then counts against the tenant's windows. Refused for an unknown or
-    /// suspended tenant.
+    /// suspended tenant, and for a connection the server did not place in the
+    /// account the registry names for the bundle's tenant
+    /// ([`AgentErrorKind::WrongAccount`], [`AgentErrorKind::IdentityUnverified`];
+    /// see [`identity`]): the namespace is closed before anything of the tenant
+    /// was spent.
     pub async fn connect(
         &self,
         bundle: &CredentialBundle,
@@ -306,7 +323,19 @@ impl AgentHost {
             None => options,
         }
         .receive_budget(self.receive_budget(&bundle.tenant));
-        options.connect(bundle).await.map_err(bus_err)
+        let ns = options.connect(bundle).await.map_err(bus_err)?;
+        // Nothing was sent through the admission yet: the check comes first.
+        if let Err(e) = identity::verify_account(&ns, &record).await {
+            tracing::warn!(
+                tenant = %bundle.tenant,
+                agent = %bundle.agent,
+                error = %e,
+                "refused a connection outside the tenant's account"
+            );
+            let _ = ns.close().await;
+            return Err(e);
+        }
+        Ok(ns)
     }
 
     /// Connects (see [`connect`](Self::connect)) and registers (see
@@ -319,7 +348,10 @@ impl AgentHost {
         permissions: impl IntoIterator<Item = S>,
     ) -> Result<Agent, AgentError> {
         let ns = self.connect(bundle, options).await?;
-        let agent = self.register(ns, agent_type, permissions).await?;
+        // `connect` just checked the connection's account.
+        let agent = self
+            .register_checked(ns, agent_type, permissions, AccountChecked::Yes)
+            .await?;
         // Key rotations reach the agent without a restart: it asks the
         // controller's key service (its account's import) every
         // KEY_REFRESH_EVERY, and at a staged rotation's promotion time.
@@ -367,12 +399,27 @@ impl AgentHost {
     }
 
     /// Registers the agent connected through `ns`, of `agent_type`, holding the
-    /// `permissions` grants (`resource:action`).
+    /// `permissions` grants (`resource:action`). The tenant is `ns`'s, confirmed
+    /// by the server: a connection outside the account the registry names for
+    /// it is refused ([`AgentErrorKind::WrongAccount`],
+    /// [`AgentErrorKind::IdentityUnverified`]; see [`identity`]) before a slot is
+    /// taken.
     pub async fn register<S: AsRef<str>>(
         &self,
         ns: TenantNamespace,
         agent_type: &str,
         permissions: impl IntoIterator<Item = S>,
+    ) -> Result<Agent, AgentError> {
+        self.register_checked(ns, agent_type, permissions, AccountChecked::No)
+            .await
+    }
+
+    async fn register_checked<S: AsRef<str>>(
+        &self,
+        ns: TenantNamespace,
+        agent_type: &str,
+        permissions: impl IntoIterator<Item = S>,
+        checked: AccountChecked,
     ) -> Result<Agent, AgentError> {
         validate_slug(agent_type).map_err(|k| {
             Error::new(
@@ -386,6 +433,9 @@ impl AgentHost {
         let record = tenant_record(&self.shared.watcher, &tenant).await?;
         if record.status == Status::Suspended {
             return Err(Error::new(AgentErrorKind::Suspended, tenant.to_string()));
+        }
+        if checked == AccountChecked::No {
+            identity::verify_account(&ns, &record).await?;
         }
         if !record.allows_agent_type(agent_type) {
             return Err(Error::new(
@@ -460,6 +510,14 @@ impl AgentHost {
         }
         Ok(Agent { shared })
     }
+}
+
+/// Whether a namespace's account was already checked against the registry (by
+/// [`AgentHost::connect`], moments before).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AccountChecked {
+    Yes,
+    No,
 }
 
 /// How often a started agent asks the key service for its tenant's key set (the

@@ -253,7 +253,11 @@ impl TenantScheduler {
     }
 
     /// Connects `bundle` (which must be this tenant's) with this tenant's message
-    /// admission.
+    /// admission. Only the bundle's tenant label is compared here; that the
+    /// connection really is in this tenant's NATS account is checked by
+    /// [`AgentHost::connect`](crate::agent::AgentHost::connect) (see
+    /// [`agent::identity`](crate::agent::identity)), which callers handing
+    /// bundles they did not issue should use instead.
     pub async fn connect(
         &self,
         bundle: &CredentialBundle,
