@@ -16,6 +16,7 @@
 
 pub mod agent;
 pub mod audit;
+pub mod key;
 pub mod msg;
 pub mod output;
 pub mod remote;
@@ -60,6 +61,8 @@ pub enum Command {
     Agent(agent::AgentArgs),
     /// Create, list and revoke admin identities.
     Admin(agent::AdminArgs),
+    /// Create, list, revoke and rotate API keys (agents log in with one as their token).
+    Key(key::KeyArgs),
     /// Read, verify and prove the tamper-evident audit log.
     Audit(audit::AuditArgs),
     /// Print a shell completion script.
@@ -129,6 +132,7 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Tenant(args) => tenant::run(output, args).await,
         Command::Agent(args) => agent::run(output, args).await,
         Command::Admin(args) => agent::run_admin(output, args).await,
+        Command::Key(args) => key::run(output, args).await,
         Command::Audit(args) => audit::run(output, args).await,
         Command::Completions { shell } => {
             use clap::CommandFactory as _;

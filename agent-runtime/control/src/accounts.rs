@@ -13,22 +13,34 @@
 //!
 //! - publish and subscribe: `tenant.<id>.>` (the library's inbox prefix is
 //!   `tenant.<id>._INBOX`, so replies need no `_INBOX.>`);
-//! - publish only, for the tenant's own JetStream (see [`JetStreamScope`]): the
-//!   JetStream API subjects of exactly the stream `TASKS` and the KV buckets
-//!   `STATE` (stream `KV_STATE`) and `TASKS_DONE` (stream `KV_TASKS_DONE`, where
-//!   task dispatch records finished task ids), their ack and flow-control
-//!   subjects, `$KV.STATE.>`, `$KV.TASKS_DONE.>` and `$JS.API.INFO` (the client
-//!   reads its account limits before creating a bucket);
+//! - publish only, for the tenant's own JetStream (see [`JetStreamScope`]):
+//!   exactly the API calls task dispatch and the tenant state store make
+//!   ([`agent_publish_allow`] lists them; `docs/control-plane.md` explains each),
+//!   and `$JS.API.INFO` (the client reads its account limits before creating a
+//!   bucket);
 //! - publish only: `$SYS.REQ.USER.INFO` ([`USER_INFO_SUBJECT`]), where the
 //!   server tells a connection its own user and account; the runtime asks it to
 //!   learn an agent's tenant from the server (agents issued before it was
 //!   allowed must be issued again to run on a runtime host).
 //!
 //! Not allowed: subscribing to anything outside `tenant.<id>.>` (`>`, `_INBOX.>`,
-//! `$JS.API.>`, `$KV.>`, `$SYS.>`, ...), any other stream or bucket name, listing
-//! streams (`STREAM.NAMES`/`STREAM.LIST`), deleting or purging streams, raw
-//! `STREAM.MSG.GET` on `TASKS`, snapshots/restores, JetStream domains (`$JS.<d>.API`)
-//! and the rest of `$SYS`.
+//! `$JS.API.>`, `$KV.>`, `$SYS.>`, ...), any other stream or bucket name,
+//! changing, purging or deleting a stream (`STREAM.UPDATE`, `STREAM.PURGE`,
+//! `STREAM.DELETE`, `STREAM.MSG.DELETE`), deleting, pausing or resetting a
+//! consumer of `TASKS`, a consumer of `TASKS` that is not a worker's
+//! (`CONSUMER.CREATE.TASKS.<name>.tenant.<id>.tasks.queue.<type>`) or the
+//! dead-letter reader's, any consumer of `TASKS_DONE`, listing streams or
+//! consumers, raw reads of `TASKS`, snapshots/restores, JetStream domains
+//! (`$JS.<d>.API`) and the rest of `$SYS`.
+//!
+//! What a subject cannot say: the consumer create subject carries the stream,
+//! the consumer's name and its filter, not its deliver subject, so the server
+//! cannot tell a push consumer from a pull consumer by permission. `STATE`
+//! watchers are push (ordered) consumers, so `STATE` allows them; a `TASKS`
+//! consumer with an allowed name and filter may be created as a push consumer
+//! for a task type no worker has claimed yet. JetStream delivers a push
+//! consumer's messages only to subscriptions inside the tenant's own account,
+//! all of them the tenant's (docs/control-plane.md, "Residual risk").
 
 use std::collections::BTreeMap;
 
@@ -50,51 +62,86 @@ pub const STATE_BUCKET: &str = "STATE";
 /// The bucket of finished task ids task dispatch keeps in the tenant's account
 /// (stream `KV_TASKS_DONE`; the default of `dispatch::DEFAULT_DONE_BUCKET`).
 pub const TASKS_DONE_BUCKET: &str = "TASKS_DONE";
+/// The durable consumer that reads a task stream's dead letters (the default
+/// of `dispatch::DEAD_LETTER_CONSUMER`).
+pub const DEAD_LETTER_CONSUMER: &str = "dead-letters";
 
-/// The JetStream resources a tenant's agents may create and use.
+/// The JetStream resources a tenant's agents may create and use, each with
+/// only the API calls its use needs (see [`agent_publish_allow`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JetStreamScope {
-    /// Stream names (work queues, event logs).
+    /// Work-queue streams of task dispatch, with its subject layout
+    /// (`tenant.<id>.tasks.queue.<type>`, `tenant.<id>.tasks.dead.<type>`):
+    /// created, read through worker and dead-letter pull consumers, acked.
     pub streams: Vec<String>,
-    /// KV bucket names.
+    /// KV buckets agents read, write and watch (the tenant state store).
     pub kv_buckets: Vec<String>,
+    /// KV buckets agents only read and write, never consume (task dispatch's
+    /// done records).
+    pub record_buckets: Vec<String>,
 }
 
 impl Default for JetStreamScope {
-    /// `TASKS` and the buckets `STATE` and `TASKS_DONE`.
+    /// The stream `TASKS`, the bucket `STATE` and the records `TASKS_DONE`.
     fn default() -> Self {
         Self {
             streams: vec![TASKS_STREAM.to_string()],
-            kv_buckets: vec![STATE_BUCKET.to_string(), TASKS_DONE_BUCKET.to_string()],
+            kv_buckets: vec![STATE_BUCKET.to_string()],
+            record_buckets: vec![TASKS_DONE_BUCKET.to_string()],
         }
     }
 }
 
-/// The subjects of the JetStream API, ack and flow control for one stream.
-fn stream_api_subjects(stream: &str, out: &mut Vec<String>) {
-    for api in [
-        "STREAM.CREATE",
-        "STREAM.UPDATE",
-        "STREAM.INFO",
-        "CONSUMER.CREATE",
-    ] {
-        out.push(format!("$JS.API.{api}.{stream}"));
-    }
-    // `CONSUMER.CREATE.<stream>.<consumer>[.<filter>]`, the named-consumer form.
-    out.push(format!("$JS.API.CONSUMER.CREATE.{stream}.>"));
-    for api in [
-        "CONSUMER.DURABLE.CREATE",
-        "CONSUMER.INFO",
-        "CONSUMER.DELETE",
-        "CONSUMER.MSG.NEXT",
-    ] {
-        out.push(format!("$JS.API.{api}.{stream}.*"));
-    }
+/// A task stream: created (an existing stream is never changed by a create),
+/// read, and consumed only through a worker's consumer of one task type or the
+/// dead-letter reader. No update, purge, delete, message delete, raw read,
+/// consumer delete, legacy or unfiltered consumer create: each of those could
+/// drop queued tasks or read around the workers.
+fn task_stream_subjects(tenant: &TenantId, stream: &str, out: &mut Vec<String>) {
+    out.push(format!("$JS.API.STREAM.CREATE.{stream}"));
+    out.push(format!("$JS.API.STREAM.INFO.{stream}"));
+    // `CONSUMER.CREATE.<stream>.<name>.<filter>`: the server checks that the
+    // filter in the subject is the consumer's filter, so the filter is pinned to
+    // one task type (or the dead letters). Names are free (a NATS wildcard is a
+    // whole token, so `work-*` cannot be said); a work-queue stream refuses a
+    // second consumer whose filter overlaps a worker's.
+    out.push(format!(
+        "$JS.API.CONSUMER.CREATE.{stream}.*.tenant.{tenant}.tasks.queue.*"
+    ));
+    out.push(format!(
+        "$JS.API.CONSUMER.CREATE.{stream}.{DEAD_LETTER_CONSUMER}.tenant.{tenant}.tasks.dead.>"
+    ));
+    out.push(format!("$JS.API.CONSUMER.INFO.{stream}.*"));
+    out.push(format!("$JS.API.CONSUMER.MSG.NEXT.{stream}.*"));
     // Acks: `$JS.ACK.<stream>.<consumer>...` (v1) and
     // `$JS.ACK.<domain>.<account hash>.<stream>...` (v2).
     out.push(format!("$JS.ACK.{stream}.>"));
     out.push(format!("$JS.ACK.*.*.{stream}.>"));
-    // Flow-control replies of push/ordered consumers (KV watchers).
+}
+
+/// Reads and writes of a KV bucket: create, info, direct and message gets, and
+/// its keys (put, delete and purge markers are publishes on `$KV.<bucket>.<key>`).
+fn bucket_subjects(bucket: &str, out: &mut Vec<String>) {
+    let stream = format!("KV_{bucket}");
+    out.push(format!("$JS.API.STREAM.CREATE.{stream}"));
+    out.push(format!("$JS.API.STREAM.INFO.{stream}"));
+    out.push(format!("$JS.API.DIRECT.GET.{stream}"));
+    out.push(format!("$JS.API.DIRECT.GET.{stream}.>"));
+    out.push(format!("$JS.API.STREAM.MSG.GET.{stream}"));
+    out.push(format!("$KV.{bucket}.>"));
+}
+
+/// Watches of a KV bucket: ordered push consumers, created without a name
+/// (async-nats, nats-py) or, when re-created after a gap, with a generated name
+/// and a filter under `$KV.<bucket>.`; the replaced one is deleted; flow control
+/// is answered. The bucket's content is readable through gets anyway.
+fn watch_subjects(bucket: &str, out: &mut Vec<String>) {
+    let stream = format!("KV_{bucket}");
+    out.push(format!("$JS.API.CONSUMER.CREATE.{stream}"));
+    out.push(format!("$JS.API.CONSUMER.CREATE.{stream}.*"));
+    out.push(format!("$JS.API.CONSUMER.CREATE.{stream}.*.$KV.{bucket}.>"));
+    out.push(format!("$JS.API.CONSUMER.INFO.{stream}.*"));
+    out.push(format!("$JS.API.CONSUMER.DELETE.{stream}.*"));
     out.push(format!("$JS.FC.{stream}.>"));
 }
 
@@ -102,7 +149,35 @@ fn stream_api_subjects(stream: &str, out: &mut Vec<String>) {
 /// user, account and permissions (nats-server's `userInfoReqSubj`).
 pub const USER_INFO_SUBJECT: &str = "$SYS.REQ.USER.INFO";
 
-/// The publish allow-list of an agent of `tenant` (see the module docs).
+/// The publish allow-list of an agent of `tenant` (see the module docs), for
+/// the default scope:
+///
+/// ```text
+/// tenant.<id>.>
+/// $JS.API.INFO
+/// agentbus.keys.v1.<account>
+/// $SYS.REQ.USER.INFO
+/// $JS.API.STREAM.CREATE.TASKS
+/// $JS.API.STREAM.INFO.TASKS
+/// $JS.API.CONSUMER.CREATE.TASKS.*.tenant.<id>.tasks.queue.*
+/// $JS.API.CONSUMER.CREATE.TASKS.dead-letters.tenant.<id>.tasks.dead.>
+/// $JS.API.CONSUMER.INFO.TASKS.*
+/// $JS.API.CONSUMER.MSG.NEXT.TASKS.*
+/// $JS.ACK.TASKS.>
+/// $JS.ACK.*.*.TASKS.>
+/// $JS.API.STREAM.CREATE.KV_STATE            (and the same six for KV_TASKS_DONE)
+/// $JS.API.STREAM.INFO.KV_STATE
+/// $JS.API.DIRECT.GET.KV_STATE
+/// $JS.API.DIRECT.GET.KV_STATE.>
+/// $JS.API.STREAM.MSG.GET.KV_STATE
+/// $KV.STATE.>
+/// $JS.API.CONSUMER.CREATE.KV_STATE          (watchers: STATE only)
+/// $JS.API.CONSUMER.CREATE.KV_STATE.*
+/// $JS.API.CONSUMER.CREATE.KV_STATE.*.$KV.STATE.>
+/// $JS.API.CONSUMER.INFO.KV_STATE.*
+/// $JS.API.CONSUMER.DELETE.KV_STATE.*
+/// $JS.FC.KV_STATE.>
+/// ```
 pub fn agent_publish_allow(
     tenant: &TenantId,
     account: &str,
@@ -121,15 +196,14 @@ pub fn agent_publish_allow(
         USER_INFO_SUBJECT.to_string(),
     ];
     for stream in &scope.streams {
-        stream_api_subjects(stream, &mut allow);
+        task_stream_subjects(tenant, stream, &mut allow);
     }
     for bucket in &scope.kv_buckets {
-        let stream = format!("KV_{bucket}");
-        stream_api_subjects(&stream, &mut allow);
-        allow.push(format!("$JS.API.DIRECT.GET.{stream}"));
-        allow.push(format!("$JS.API.DIRECT.GET.{stream}.>"));
-        allow.push(format!("$JS.API.STREAM.MSG.GET.{stream}"));
-        allow.push(format!("$KV.{bucket}.>"));
+        bucket_subjects(bucket, &mut allow);
+        watch_subjects(bucket, &mut allow);
+    }
+    for bucket in &scope.record_buckets {
+        bucket_subjects(bucket, &mut allow);
     }
     allow
 }
@@ -186,6 +260,7 @@ fn account_nats(
         imports: vec![],
         exports: vec![],
         tags,
+        authorization: None,
         kind: "account".to_string(),
         version: 2,
     }
@@ -360,6 +435,7 @@ pub fn user_jwt(
             data: NO_LIMIT,
             payload: NO_LIMIT,
             issuer_account: issuer_account.map(str::to_string),
+            bearer_token: false,
             tags,
             kind: "user".to_string(),
             version: 2,
@@ -394,22 +470,87 @@ mod tests {
     fn allow_list_is_scoped() {
         let t = TenantId::new("acme").unwrap();
         let allow = agent_publish_allow(&t, "ATENANTACCOUNT", &JetStreamScope::default());
-        assert!(allow.contains(&"tenant.acme.>".to_string()));
-        assert!(allow.contains(&USER_INFO_SUBJECT.to_string()));
+        // The exact list: anything added here widens what every agent may do.
+        let mut expected = vec![
+            "tenant.acme.>".to_string(),
+            "$JS.API.INFO".to_string(),
+            crate::api::keys_subject("ATENANTACCOUNT"),
+            USER_INFO_SUBJECT.to_string(),
+            "$JS.API.STREAM.CREATE.TASKS".to_string(),
+            "$JS.API.STREAM.INFO.TASKS".to_string(),
+            "$JS.API.CONSUMER.CREATE.TASKS.*.tenant.acme.tasks.queue.*".to_string(),
+            "$JS.API.CONSUMER.CREATE.TASKS.dead-letters.tenant.acme.tasks.dead.>".to_string(),
+            "$JS.API.CONSUMER.INFO.TASKS.*".to_string(),
+            "$JS.API.CONSUMER.MSG.NEXT.TASKS.*".to_string(),
+            "$JS.ACK.TASKS.>".to_string(),
+            "$JS.ACK.*.*.TASKS.>".to_string(),
+        ];
+        for bucket in ["STATE", "TASKS_DONE"] {
+            let stream = format!("KV_{bucket}");
+            expected.extend([
+                format!("$JS.API.STREAM.CREATE.{stream}"),
+                format!("$JS.API.STREAM.INFO.{stream}"),
+                format!("$JS.API.DIRECT.GET.{stream}"),
+                format!("$JS.API.DIRECT.GET.{stream}.>"),
+                format!("$JS.API.STREAM.MSG.GET.{stream}"),
+                format!("$KV.{bucket}.>"),
+            ]);
+            if bucket == "STATE" {
+                expected.extend([
+                    "$JS.API.CONSUMER.CREATE.KV_STATE".to_string(),
+                    "$JS.API.CONSUMER.CREATE.KV_STATE.*".to_string(),
+                    "$JS.API.CONSUMER.CREATE.KV_STATE.*.$KV.STATE.>".to_string(),
+                    "$JS.API.CONSUMER.INFO.KV_STATE.*".to_string(),
+                    "$JS.API.CONSUMER.DELETE.KV_STATE.*".to_string(),
+                    "$JS.FC.KV_STATE.>".to_string(),
+                ]);
+            }
+        }
+        assert_eq!(allow, expected);
+
+        // What is refused, spelled out: nothing changes, empties or deletes a
+        // stream, nothing deletes a task consumer, no consumer of the done
+        // records, no unfiltered or legacy consumer create on TASKS.
+        for api in [
+            "STREAM.UPDATE",
+            "STREAM.PURGE",
+            "STREAM.DELETE",
+            "STREAM.MSG.DELETE",
+            "STREAM.SNAPSHOT",
+            "STREAM.RESTORE",
+            "STREAM.NAMES",
+            "STREAM.LIST",
+            "CONSUMER.DURABLE.CREATE",
+            "CONSUMER.PAUSE",
+            "CONSUMER.RESET",
+            "CONSUMER.UNPIN",
+            "CONSUMER.LIST",
+            "CONSUMER.NAMES",
+        ] {
+            assert!(!allow.iter().any(|s| s.contains(api)), "{api}");
+        }
+        assert!(!allow.iter().any(|s| s.contains("CONSUMER.DELETE.TASKS")));
+        assert!(!allow.iter().any(|s| s.contains("KV_TASKS_DONE")
+            && (s.contains("CONSUMER.") || s.starts_with("$JS.FC") || s.starts_with("$JS.ACK"))));
+        assert!(!allow.contains(&"$JS.API.CONSUMER.CREATE.TASKS".to_string()));
+        assert!(!allow.contains(&"$JS.API.CONSUMER.CREATE.TASKS.>".to_string()));
+        assert!(!allow.iter().any(|s| s.starts_with("$JS.FC.TASKS")));
+        assert!(!allow
+            .iter()
+            .any(|s| s.starts_with("$JS.API.DIRECT.GET.TASKS") || s.contains("MSG.GET.TASKS")));
         assert!(!allow
             .iter()
             .any(|s| s.starts_with("$SYS.") && s != USER_INFO_SUBJECT));
-        assert!(allow.contains(&"$JS.API.STREAM.CREATE.TASKS".to_string()));
-        assert!(allow.contains(&"$KV.STATE.>".to_string()));
-        // Task dispatch's done bucket, narrowly: its stream's API and its keys.
-        assert!(allow.contains(&"$KV.TASKS_DONE.>".to_string()));
-        assert!(allow.contains(&"$JS.API.STREAM.CREATE.KV_TASKS_DONE".to_string()));
-        assert!(allow.contains(&"$JS.API.DIRECT.GET.KV_TASKS_DONE.>".to_string()));
-        assert!(!allow.iter().any(|s| s.contains("TASKS_DONE")
-            && (s.contains("PURGE") || s.contains("STREAM.DELETE") || s.contains("SNAPSHOT"))));
         assert!(!allow.iter().any(|s| s.starts_with("$KV.*") || s == "$KV.>"));
         assert!(!allow
             .iter()
             .any(|s| s == ">" || s == "$JS.API.>" || s.starts_with("_INBOX")));
+        // Every consumer create on TASKS pins the filter to this tenant's tasks.
+        for s in allow
+            .iter()
+            .filter(|s| s.starts_with("$JS.API.CONSUMER.CREATE.TASKS"))
+        {
+            assert!(s.contains(".tenant.acme.tasks."), "{s}");
+        }
     }
 }

@@ -72,6 +72,11 @@ pub fn admins_subject(verb: &str) -> String {
     format!("{ADMIN_PREFIX}.admins.{verb}")
 }
 
+/// `agentbus.admin.v1.apikey.<tenant>.<verb>` (create, list, revoke, rotate).
+pub fn apikey_subject(tenant: &str, verb: &str) -> String {
+    format!("{ADMIN_PREFIX}.apikey.{tenant}.{verb}")
+}
+
 /// `agentbus.keys.v1.<account>`.
 pub fn keys_subject(account: &str) -> String {
     format!("{KEYS_PREFIX}.{account}")
@@ -121,6 +126,7 @@ pub fn role_publish_allow(role: Role, tenant: Option<&TenantId>) -> Vec<String> 
             format!("{p}.tenant.{t}.update"),
             format!("{p}.tenant.{t}.rotate-key"),
             format!("{p}.agent.{t}.>"),
+            format!("{p}.apikey.{t}.>"),
             format!("{p}.audit.{t}.>"),
         ],
         (Role::Viewer, Some(t)) => vec![
@@ -128,6 +134,7 @@ pub fn role_publish_allow(role: Role, tenant: Option<&TenantId>) -> Vec<String> 
             format!("{p}.tenant.{t}.get"),
             format!("{p}.agent.{t}.list"),
             format!("{p}.agent.{t}.get"),
+            format!("{p}.apikey.{t}.list"),
             format!("{p}.audit.{t}.>"),
         ],
         (Role::Viewer, None) => vec![
@@ -136,6 +143,7 @@ pub fn role_publish_allow(role: Role, tenant: Option<&TenantId>) -> Vec<String> 
             format!("{p}.tenant.*.get"),
             format!("{p}.agent.*.list"),
             format!("{p}.agent.*.get"),
+            format!("{p}.apikey.*.list"),
             format!("{p}.admins.list"),
             format!("{p}.audit.*.>"),
         ],
@@ -280,6 +288,50 @@ pub struct CreateAgent {
 pub struct AgentRef {
     /// The agent id.
     pub agent: String,
+}
+
+/// `apikey.<tenant>.create`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct CreateApiKey {
+    /// A label (a slug).
+    pub name: String,
+    /// The agent type its logins act as (default `default`).
+    #[serde(default)]
+    pub agent_type: Option<String>,
+    /// Scopes narrower than the tenant ([`crate::identity::scopes`]).
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    /// Lifetime in seconds (none: until revoked).
+    #[serde(default)]
+    pub expires_in_secs: Option<u64>,
+}
+
+/// `apikey.<tenant>.revoke`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ApiKeyRef {
+    /// The key id.
+    pub id: String,
+}
+
+/// `apikey.<tenant>.rotate`: a new key with the old one's settings; the old
+/// key keeps working for `grace_secs`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RotateApiKey {
+    /// The key id to replace.
+    pub id: String,
+    /// How long the old key keeps working, seconds.
+    pub grace_secs: u64,
+}
+
+/// A created (or rotated-in) key: `key` is shown only here, once.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct IssuedApiKey {
+    /// The key id.
+    pub id: String,
+    /// The key.
+    pub key: String,
+    /// The stored record (its hash, not the key).
+    pub record: crate::store::ApiKeyRecord,
 }
 
 /// `admins.create`.

@@ -340,6 +340,47 @@ impl AdminClient {
             .await
     }
 
+    /// Creates an API key for `tenant`; the answer holds the key, once.
+    pub async fn create_apikey(
+        &self,
+        tenant: &str,
+        req: &api::CreateApiKey,
+    ) -> Result<api::IssuedApiKey, ApiError> {
+        self.call(&api::apikey_subject(tenant, "create"), req).await
+    }
+
+    /// The API keys of `tenant` (records, never keys).
+    pub async fn apikeys(&self, tenant: &str) -> Result<Vec<crate::store::ApiKeyRecord>, ApiError> {
+        self.call(&api::apikey_subject(tenant, "list"), &serde_json::json!({}))
+            .await
+    }
+
+    /// Revokes an API key; its live connections are closed.
+    pub async fn revoke_apikey(
+        &self,
+        tenant: &str,
+        id: &str,
+    ) -> Result<crate::store::ApiKeyRecord, ApiError> {
+        let req = api::ApiKeyRef { id: id.to_string() };
+        self.call(&api::apikey_subject(tenant, "revoke"), &req)
+            .await
+    }
+
+    /// Replaces an API key; the old one works for `grace` more.
+    pub async fn rotate_apikey(
+        &self,
+        tenant: &str,
+        id: &str,
+        grace: std::time::Duration,
+    ) -> Result<api::IssuedApiKey, ApiError> {
+        let req = api::RotateApiKey {
+            id: id.to_string(),
+            grace_secs: grace.as_secs(),
+        };
+        self.call(&api::apikey_subject(tenant, "rotate"), &req)
+            .await
+    }
+
     /// Issues an agent's credentials (the full answer: record and bundle).
     pub async fn create_agent(
         &self,

@@ -9,6 +9,8 @@
 //!   sys.creds        0600  the system user (claim pushes); controller hosts only
 //!   controller.creds 0600  the controller's user of the platform account
 //!   admin.creds      0600  the first platform-admin (the local CLI's default)
+//!   callout.creds    0600  the auth callout service's user of the auth account;
+//!                          controller hosts only
 //!   bootstrap.sealed 0600  the secrets, sealed under the KEK, until the first
 //!                          controller stores them in NATS (then removed)
 //!   server.conf            the rendered single-node config (no secret)
@@ -72,6 +74,17 @@ pub struct InstallFacts {
     pub replicas: usize,
     /// When it was created, Unix seconds.
     pub created_at: i64,
+    /// The auth account's public key (empty in installations made before the
+    /// auth callout: no logins by key or token there).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub auth_account: String,
+    /// The auth account JWT (it names the callout user and xkey).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub auth_account_jwt: String,
+    /// The servers' `default_sentinel`: a bearer user of the auth account that
+    /// may do nothing; clients that send no JWT get it, and with it the callout.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub sentinel_jwt: String,
 }
 
 /// The secrets a new installation hands to its first controller.
@@ -251,6 +264,9 @@ impl Installation {
         let sys_user = KeyPair::new_user();
         let controller_user = KeyPair::new_user();
         let admin_user = KeyPair::new_user();
+        let auth = KeyPair::new_account();
+        let callout_user = KeyPair::new_user();
+        let auth_xkey = nkeys::XKey::new();
 
         let operator_jwt = accounts::operator_jwt(&operator, &sys.public_key(), now)?;
         let sys_jwt = accounts::system_account_jwt(&operator, &sys.public_key(), now)?;
@@ -280,6 +296,24 @@ impl Installation {
             vec!["service:controller".to_string()],
             now,
         )?;
+        let callout_err =
+            |e: crate::identity::callout::CalloutError| err(ControlErrorKind::Jwt, e.to_string());
+        let auth_jwt = crate::identity::callout::auth_account_jwt(
+            &operator,
+            &auth.public_key(),
+            &callout_user.public_key(),
+            &auth_xkey.public_key(),
+            now,
+        )
+        .map_err(callout_err)?;
+        let sentinel_jwt =
+            crate::identity::callout::sentinel_jwt(&auth, now).map_err(callout_err)?;
+        let callout_jwt =
+            crate::identity::callout::callout_user_jwt(&auth, &callout_user.public_key(), now)
+                .map_err(callout_err)?;
+        let auth_xkey_seed = auth_xkey
+            .seed()
+            .map_err(|e| Error::with_source(ControlErrorKind::Crypto, "reading a seed", e))?;
         let admin = AdminRecord {
             name: BOOTSTRAP_ADMIN.to_string(),
             role: Role::PlatformAdmin,
@@ -303,6 +337,8 @@ impl Installation {
                     secret_name::PLATFORM_SIGNING.to_string(),
                     seed(&platform_signing)?,
                 ),
+                (secret_name::AUTH_ACCOUNT.to_string(), seed(&auth)?),
+                (secret_name::AUTH_XKEY.to_string(), auth_xkey_seed),
             ],
             admin,
         };
@@ -320,6 +356,10 @@ impl Installation {
             jwt::format_creds(&controller_jwt, &seed(&controller_user)?).as_bytes(),
         )?;
         write_new_private(&root.join("admin.creds"), admin_creds.as_bytes())?;
+        write_new_private(
+            &root.join("callout.creds"),
+            jwt::format_creds(&callout_jwt, &seed(&callout_user)?).as_bytes(),
+        )?;
         write_new_private(&root.join("bootstrap.sealed"), &sealed)?;
         let facts = InstallFacts {
             format: FORMAT,
@@ -332,6 +372,9 @@ impl Installation {
             urls: vec![DEFAULT_URL.to_string()],
             replicas: 1,
             created_at: now,
+            auth_account: auth.public_key(),
+            auth_account_jwt: auth_jwt,
+            sentinel_jwt,
         };
         let text = serde_json::to_vec_pretty(&facts)
             .map_err(|e| Error::with_source(ControlErrorKind::InvalidState, "install.json", e))?;
@@ -387,20 +430,35 @@ impl Installation {
 
     /// The operator facts for server configs.
     pub fn operator_facts(&self) -> crate::server_config::OperatorFacts {
+        let mut preload = vec![
+            (
+                self.facts.system_account.clone(),
+                self.facts.system_account_jwt.clone(),
+            ),
+            (
+                self.facts.platform_account.clone(),
+                self.facts.platform_account_jwt.clone(),
+            ),
+        ];
+        let mut default_sentinel = None;
+        if !self.facts.auth_account.is_empty() {
+            preload.push((
+                self.facts.auth_account.clone(),
+                self.facts.auth_account_jwt.clone(),
+            ));
+            default_sentinel = Some(self.facts.sentinel_jwt.clone());
+        }
         crate::server_config::OperatorFacts {
             operator_jwt: self.facts.operator_jwt.clone(),
             system_account: self.facts.system_account.clone(),
-            preload: vec![
-                (
-                    self.facts.system_account.clone(),
-                    self.facts.system_account_jwt.clone(),
-                ),
-                (
-                    self.facts.platform_account.clone(),
-                    self.facts.platform_account_jwt.clone(),
-                ),
-            ],
+            preload,
+            default_sentinel,
         }
+    }
+
+    /// Whether this installation has the auth account (logins by key or token).
+    pub fn has_callout(&self) -> bool {
+        !self.facts.auth_account.is_empty() && self.path("callout.creds").is_file()
     }
 
     /// Config options with this state's `jetstream/` and `resolver/` dirs.

@@ -234,11 +234,30 @@ pub struct AccountNats {
     /// Tags.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tags: Vec<String>,
+    /// Auth callout: the account's users are authorized by an external service
+    /// (only the auth account has it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authorization: Option<ExternalAuthorization>,
     /// Always `account`.
     #[serde(rename = "type")]
     pub kind: String,
     /// Always 2.
     pub version: u32,
+}
+
+/// The `authorization` block of an account JWT (`ExternalAuthorization` in
+/// `nats-io/jwt` v2): users of this account are sent to the auth callout
+/// service, which connects as one of `auth_users`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExternalAuthorization {
+    /// The callout service's users (they bypass the callout).
+    pub auth_users: Vec<String>,
+    /// Accounts the callout may place users in (`*`: any).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_accounts: Vec<String>,
+    /// The service's public xkey: requests are sealed to it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub xkey: String,
 }
 
 /// An import of another account's service or stream.
@@ -273,6 +292,10 @@ pub struct Export {
     pub account_token_position: u32,
 }
 
+fn is_false(v: &bool) -> bool {
+    !*v
+}
+
 fn is_zero_u32(v: &u32) -> bool {
     *v == 0
 }
@@ -302,6 +325,10 @@ pub struct UserNats {
     /// The account a signing key signed this user for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub issuer_account: Option<String>,
+    /// A bearer JWT: the server accepts it without a signed nonce (the auth
+    /// callout's sentinel user).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub bearer_token: bool,
     /// Tags.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tags: Vec<String>,
@@ -467,6 +494,7 @@ mod tests {
                 imports: vec![],
                 exports: vec![],
                 tags: vec![],
+                authorization: None,
                 kind: "account".into(),
                 version: 2,
             },

@@ -53,6 +53,8 @@ pub use install::Installation;
 pub const SYSTEM_ACCOUNT: &str = "SYS";
 /// The platform account's name.
 pub const PLATFORM_ACCOUNT: &str = "PLATFORM";
+/// The auth account's name (clients logging in by key or token pass through it).
+pub const AUTH_ACCOUNT: &str = "AUTH";
 
 /// Parses a comma-separated server URL list.
 pub fn parse_urls(urls: &str) -> Result<Vec<async_nats::ServerAddr>, ControlError> {

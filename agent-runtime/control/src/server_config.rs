@@ -36,6 +36,8 @@ pub struct OperatorFacts {
     pub system_account: String,
     /// Accounts to preload: (public key, JWT).
     pub preload: Vec<(String, String)>,
+    /// The bearer JWT clients without one get (and with it the auth callout).
+    pub default_sentinel: Option<String>,
 }
 
 /// Options of the single-node config.
@@ -119,6 +121,13 @@ pub fn render_operator_snippet(facts: &OperatorFacts) -> String {
         let _ = writeln!(s, "  {}: {}", quote(key), quote(jwt));
     }
     let _ = writeln!(s, "}}");
+    if let Some(sentinel) = &facts.default_sentinel {
+        let _ = writeln!(
+            s,
+            "# Clients that send no JWT (a key or token only) go to the auth callout."
+        );
+        let _ = writeln!(s, "default_sentinel: {}", quote(sentinel));
+    }
     s
 }
 
@@ -474,6 +483,7 @@ mod tests {
             operator_jwt: "eyJop".into(),
             system_account: "ASYS".into(),
             preload: vec![("ASYS".into(), "eyJsys".into())],
+            default_sentinel: None,
         };
         let text = render_server_config(&facts, &ServerConfigOptions::new("/s/js", "/s/resolver"));
         for part in [

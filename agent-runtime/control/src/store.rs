@@ -28,12 +28,18 @@ pub const AGENTS_BUCKET: &str = "agentbus-agents";
 pub const ADMINS_BUCKET: &str = "agentbus-admins";
 /// Sealed secrets.
 pub const SECRETS_BUCKET: &str = "agentbus-secrets";
+/// API keys (their keyed hashes and metadata), by key id.
+pub const APIKEYS_BUCKET: &str = "agentbus-apikeys";
+/// Live connections of callout logins: `<tenant>.<slot>`, slot < `max_agents`.
+pub const SESSIONS_BUCKET: &str = "agentbus-sessions";
 /// Every bucket the controller owns (for `status`).
-pub const BUCKETS: [&str; 4] = [
+pub const BUCKETS: [&str; 6] = [
     REGISTRY_BUCKET,
     AGENTS_BUCKET,
     ADMINS_BUCKET,
     SECRETS_BUCKET,
+    APIKEYS_BUCKET,
+    SESSIONS_BUCKET,
 ];
 /// How many compare-and-set attempts a change makes before [`ErrorCode::Conflict`].
 pub const CAS_ATTEMPTS: usize = 64;
@@ -50,6 +56,12 @@ pub mod secret_name {
     pub const SYSTEM_ACCOUNT: &str = "system.account";
     /// The Ed25519 seed that signs audit checkpoints ([`crate::audit`]).
     pub const AUDIT_CHECKPOINT: &str = "audit.checkpoint";
+    /// The auth account's identity seed (signs callout answers).
+    pub const AUTH_ACCOUNT: &str = "auth.account";
+    /// The auth callout service's xkey seed (requests are sealed to it).
+    pub const AUTH_XKEY: &str = "auth.xkey";
+    /// The pepper of API key hashes ([`crate::identity::apikey::hash`]).
+    pub const APIKEY_PEPPER: &str = "apikey.pepper";
 
     /// A tenant's account identity seed.
     pub fn tenant_account(tenant: &str) -> String {
@@ -84,6 +96,72 @@ pub struct AgentRecord {
     /// The request id that issued it (a retried request is recognised).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub request: String,
+}
+
+/// An API key, stored under its key id in [`APIKEYS_BUCKET`]. The key itself
+/// is never stored: only `hash`, HMAC-SHA-256 under the controllers' pepper.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiKeyRecord {
+    /// The key id (public; the 12 characters after the prefix).
+    pub id: String,
+    /// The tenant its logins belong to.
+    pub tenant: TenantId,
+    /// A label.
+    pub name: String,
+    /// The agent type its connections act as.
+    pub agent_type: String,
+    /// Narrower permissions than the tenant's (`pub:<pattern>`, `sub:<pattern>`,
+    /// `js`), relative to `tenant.<id>.`; empty: an agent's full allow-list.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub scopes: Vec<String>,
+    /// HMAC-SHA-256(pepper, key), hex.
+    pub hash: String,
+    /// Created, Unix seconds.
+    pub created_at: i64,
+    /// Expires (also the end of a rotation's grace), Unix seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<i64>,
+    /// The last login, Unix seconds (updated at most once a minute).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_used_at: Option<i64>,
+    /// Revoked, Unix seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_at: Option<i64>,
+    /// The key id that replaced it (`key rotate`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotated_to: Option<String>,
+    /// The request that created it (a retried request is recognised).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub request: String,
+}
+
+impl ApiKeyRecord {
+    /// `active`, `revoked` or `expired` at `now` (Unix seconds).
+    pub fn status(&self, now: i64) -> &'static str {
+        if self.revoked_at.is_some() {
+            "revoked"
+        } else if self.expires_at.is_some_and(|e| e <= now) {
+            "expired"
+        } else {
+            "active"
+        }
+    }
+}
+
+/// One live connection of a callout login, stored under `<tenant>.<slot>` in
+/// [`SESSIONS_BUCKET`]; a tenant has at most `max_agents` slots.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionRecord {
+    /// The server the client connected to (its id).
+    pub server: String,
+    /// The server's connection id of the client.
+    pub client: u64,
+    /// The per-connection user key the callout issued to.
+    pub user: String,
+    /// What it logged in with: `key:<id>` or `jwt:<subject>`.
+    pub credential: String,
+    /// When, Unix milliseconds.
+    pub at_ms: u64,
 }
 
 /// An admin identity, stored under its name in [`ADMINS_BUCKET`].
@@ -126,6 +204,8 @@ pub struct Store {
     agents: kv::Store,
     admins: kv::Store,
     secrets: kv::Store,
+    apikeys: kv::Store,
+    sessions: kv::Store,
 }
 
 impl std::fmt::Debug for Store {
@@ -176,12 +256,30 @@ impl Store {
             1,
         )
         .await?;
+        let apikeys = open_bucket(
+            &js,
+            APIKEYS_BUCKET,
+            "agentbus API keys (hashes)",
+            replicas,
+            5,
+        )
+        .await?;
+        let sessions = open_bucket(
+            &js,
+            SESSIONS_BUCKET,
+            "agentbus connection slots of callout logins",
+            replicas,
+            1,
+        )
+        .await?;
         Ok(Self {
             js,
             registry,
             agents,
             admins,
             secrets,
+            apikeys,
+            sessions,
         })
     }
 
@@ -309,6 +407,81 @@ impl Store {
                 .map_err(|e| unavailable("purging an agent", e))?;
         }
         Ok(())
+    }
+
+    // ----- API keys -----------------------------------------------------------------
+
+    /// One API key record with its revision.
+    pub async fn apikey(&self, id: &str) -> Result<Option<(ApiKeyRecord, u64)>, ApiError> {
+        get_json(&self.apikeys, id, "API key").await
+    }
+
+    /// Creates an API key record; `Ok(None)` if the id exists.
+    pub async fn create_apikey(&self, record: &ApiKeyRecord) -> Result<Option<u64>, ApiError> {
+        create_json(&self.apikeys, &record.id, record).await
+    }
+
+    /// Replaces an API key record if it is still at `revision`.
+    pub async fn update_apikey(
+        &self,
+        record: &ApiKeyRecord,
+        revision: u64,
+    ) -> Result<Option<u64>, ApiError> {
+        update_json(&self.apikeys, &record.id, record, revision).await
+    }
+
+    /// Every API key of `tenant`, by creation time (a scan of the bucket: keys
+    /// are few next to messages, and listing is an admin action).
+    pub async fn apikeys(&self, tenant: &TenantId) -> Result<Vec<ApiKeyRecord>, ApiError> {
+        let filter = format!("$KV.{APIKEYS_BUCKET}.>");
+        let mut out: Vec<ApiKeyRecord> = list_json(&self.js, APIKEYS_BUCKET, &filter).await?;
+        out.retain(|k| &k.tenant == tenant);
+        out.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+        Ok(out)
+    }
+
+    // ----- sessions (connection slots) ----------------------------------------------
+
+    /// The KV key of a tenant's connection slot.
+    pub fn session_key(tenant: &TenantId, slot: u64) -> String {
+        format!("{tenant}.{slot}")
+    }
+
+    /// Takes slot `slot` of `tenant` for `record`; `Ok(None)` if it is held.
+    pub async fn take_slot(
+        &self,
+        tenant: &TenantId,
+        slot: u64,
+        record: &SessionRecord,
+    ) -> Result<Option<u64>, ApiError> {
+        create_json(&self.sessions, &Self::session_key(tenant, slot), record).await
+    }
+
+    /// A slot's holder and revision.
+    pub async fn slot(
+        &self,
+        tenant: &TenantId,
+        slot: u64,
+    ) -> Result<Option<(SessionRecord, u64)>, ApiError> {
+        get_json(&self.sessions, &Self::session_key(tenant, slot), "session").await
+    }
+
+    /// Frees a slot if it is still at `revision` (`Ok(false)` if it changed).
+    pub async fn free_slot(&self, key: &str, revision: u64) -> Result<bool, ApiError> {
+        match self
+            .sessions
+            .delete_expect_revision(key, Some(revision))
+            .await
+        {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == kv::DeleteErrorKind::WrongLastRevision => Ok(false),
+            Err(e) => Err(unavailable("freeing a connection slot", e)),
+        }
+    }
+
+    /// The sessions bucket (the callout's index watches it).
+    pub fn sessions(&self) -> &kv::Store {
+        &self.sessions
     }
 
     // ----- admins -------------------------------------------------------------------

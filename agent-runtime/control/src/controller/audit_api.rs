@@ -76,6 +76,26 @@ fn classify(subject: &str, body: &[u8], result: &Result<Value, ApiError>) -> Cla
             ),
             matches!(*verb, "create" | "revoke"),
         ),
+        ["apikey", t, verb] => {
+            // The key id: named in the request (revoke, rotate) or the answer
+            // (create); never the key itself.
+            let id = body_str(body, "id")
+                .or_else(|| {
+                    result
+                        .as_ref()
+                        .ok()
+                        .and_then(|v| v.get("id"))
+                        .and_then(Value::as_str)
+                        .map(clip)
+                })
+                .unwrap_or_else(|| "*".into());
+            c(
+                format!("key.{verb}"),
+                log_of(t),
+                format!("key/{t}/{id}"),
+                matches!(*verb, "create" | "revoke" | "rotate"),
+            )
+        }
         ["admins", verb] => {
             // An admin of one tenant is recorded in that tenant's log.
             let tenant = result

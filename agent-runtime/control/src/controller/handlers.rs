@@ -158,6 +158,10 @@ impl Controller {
                     other => Err(bad(format!("unknown agent verb {other:?}"))),
                 }
             }
+            ["apikey", tenant, verb] => {
+                let tenant = tenant_id(tenant)?;
+                self.apikey_api(caller, &tenant, verb, body).await
+            }
             ["admins", "create"] => json(&self.create_admin(parse(body)?).await?),
             ["admins", "list"] => json(&self.store.admins().await?),
             ["admins", "revoke"] => json(&self.revoke_admin(parse(body)?).await?),
@@ -166,7 +170,7 @@ impl Controller {
         }
     }
 
-    async fn tenant(&self, id: &TenantId) -> Result<TenantRecord> {
+    pub(super) async fn tenant(&self, id: &TenantId) -> Result<TenantRecord> {
         let r = self.store.registry.get(id).await.map_err(registry_error)?;
         if r.deleting {
             return Err(ApiError::new(
@@ -488,7 +492,7 @@ impl Controller {
         Ok(())
     }
 
-    async fn tenant_signing(&self, record: &TenantRecord) -> Result<Option<KeyPair>> {
+    pub(super) async fn tenant_signing(&self, record: &TenantRecord) -> Result<Option<KeyPair>> {
         let name = secret_name::tenant_signing(&record.account);
         match self.store.secret(&self.kek, &name).await? {
             Some(bytes) => {

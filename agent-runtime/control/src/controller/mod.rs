@@ -17,11 +17,14 @@
 //!
 //! # Layout
 //! - [`auth`]: request signatures and roles.
+//! - [`callout`]: the NATS auth callout (logins by API key).
 //! - [`claims`]: pushing, listing and deleting accounts on the server.
-//! - [`handlers`]: the operations.
+//! - [`handlers`]: the operations; `apikeys`: API key operations.
 
+mod apikeys;
 mod audit_api;
 pub mod auth;
+pub mod callout;
 pub mod claims;
 pub mod handlers;
 
@@ -123,12 +126,18 @@ pub struct Controller {
     pub(crate) platform_signing: Arc<KeyPair>,
     pub(crate) platform_account: String,
     pub(crate) system_account: String,
+    /// The auth account (empty before the callout): never an orphan.
+    pub(crate) auth_account: String,
     pub(crate) urls: String,
     pub(crate) config: ControllerConfig,
     pub(crate) id: String,
     pub(crate) locks: handlers::Stripes,
     pub(crate) platform_iat: std::sync::Mutex<i64>,
     pub(crate) audit: Arc<crate::audit::AuditLog>,
+    /// The pepper of API key hashes.
+    pub(crate) pepper: Vec<u8>,
+    /// The auth callout (installations with an auth account).
+    pub(crate) callout: Option<Arc<callout::CalloutState>>,
 }
 
 impl std::fmt::Debug for Controller {
@@ -260,6 +269,21 @@ impl Controller {
                 "the operator seed in NATS does not match install.json (another installation's KEK or server?)",
             ));
         }
+        // The API key pepper: the first controller makes it, everyone reads it.
+        let mut fresh = [0u8; 32];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut fresh)
+            .map_err(|_| cerr(ControlErrorKind::Crypto, "the OS random source failed"))?;
+        let fresh = data_encoding::HEXLOWER.encode(&fresh);
+        store
+            .put_secret_if_absent(&kek, secret_name::APIKEY_PEPPER, fresh.as_bytes())
+            .await
+            .map_err(from_api)?;
+        let pepper = store
+            .secret(&kek, secret_name::APIKEY_PEPPER)
+            .await
+            .map_err(from_api)?
+            .ok_or_else(|| cerr(ControlErrorKind::NotInitialized, "the API key pepper"))?;
+        let callout = callout::open(install, &config.urls, &store, &kek).await?;
         let id = format!("{:016x}", rand_u64());
         // The AUDIT stream: the same bounded wait as the buckets.
         let audit = loop {
@@ -293,18 +317,26 @@ impl Controller {
             platform_signing: Arc::new(platform_signing),
             platform_account: install.facts().platform_account.clone(),
             system_account: install.facts().system_account.clone(),
+            auth_account: install.facts().auth_account.clone(),
             urls: install.url_list(),
             config,
             id,
             locks: handlers::Stripes::new(),
             platform_iat: std::sync::Mutex::new(install.facts().created_at),
             audit: Arc::new(audit),
+            pepper,
+            callout,
         }))
     }
 
     /// The buckets.
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// The auth callout's counters (`None` without an auth account).
+    pub fn callout_counters(&self) -> Option<&callout::CalloutCounters> {
+        self.callout.as_ref().map(|c| c.counters())
     }
 
     /// The audit log this instance appends to and checkpoints.
@@ -334,6 +366,7 @@ impl Controller {
             ("tenants", format!("{}.tenants.*", api::ADMIN_PREFIX)),
             ("tenant", format!("{}.tenant.*.*", api::ADMIN_PREFIX)),
             ("agent", format!("{}.agent.*.*", api::ADMIN_PREFIX)),
+            ("apikey", format!("{}.apikey.*.*", api::ADMIN_PREFIX)),
             ("admins", format!("{}.admins.*", api::ADMIN_PREFIX)),
             ("audit", format!("{}.audit.*.*", api::ADMIN_PREFIX)),
             ("keys", format!("{}.*", api::KEYS_PREFIX)),
@@ -349,6 +382,9 @@ impl Controller {
             endpoints.push(endpoint);
         }
         tokio::spawn(self.audit.clone().run(shutdown.clone()));
+        if let Some(state) = self.callout.clone() {
+            tokio::spawn(self.clone().run_callout(state, shutdown.clone()));
+        }
         let mut retention = tokio::time::interval(self.config.audit.retention_every);
         retention.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         retention.tick().await;
@@ -499,6 +535,9 @@ impl Controller {
         let mut known = std::collections::BTreeSet::new();
         known.insert(self.system_account.clone());
         known.insert(self.platform_account.clone());
+        if !self.auth_account.is_empty() {
+            known.insert(self.auth_account.clone());
+        }
         for record in tenants {
             if record.account.is_empty() {
                 continue;

@@ -9,7 +9,14 @@
 //! with a short-lived user JWT in the tenant's account.
 //!
 //! # Layout
+//! - [`apikey`]: the key format, its offline checksum, and the keyed hash stored.
+//! - [`callout`]: the auth callout's claims on the wire, xkey sealing, and the
+//!   auth account and sentinel JWTs.
 //! - [`platform_jwt`]: the platform identity provider's JWTs, verified against
 //!   its JWKS and mapped to a tenant and an agent type.
+//! - [`scopes`]: API key scopes and the permissions they grant.
 
+pub mod apikey;
+pub mod callout;
 pub mod platform_jwt;
+pub mod scopes;
