@@ -312,7 +312,10 @@ async fn a_flood_of_large_messages_stays_within_the_tenants_receive_budget() {
             break;
         }
     }
-    assert!(received.is_some(), "the subscription took nothing after the flood");
+    assert!(
+        received.is_some(),
+        "the subscription took nothing after the flood"
+    );
     responder.abort();
 }
 
