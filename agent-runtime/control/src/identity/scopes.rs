@@ -8,8 +8,8 @@
 //!
 //! Patterns are relative subjects as the bus validates them (`*` for one token,
 //! a final `>` for the rest). A scoped key always keeps what request and reply
-//! need inside its own tenant (its inboxes `tenant.<id>._INBOX.>`, both ways)
-//! and the key service. No scopes at all: an agent's full allow-list. Every
+//! need inside its own tenant (its inboxes `tenant.<id>._INBOX.>`, both ways),
+//! the key service and `$SYS.REQ.USER.INFO` (the runtime's account check). No scopes at all: an agent's full allow-list. Every
 //! subject a scope can produce lies inside `tenant.<id>.`: the tenant is part
 //! of the subject, never of the scope.
 
@@ -69,7 +69,13 @@ pub fn permissions(tenant: &TenantId, account: &str, scopes: &[Scope]) -> (Permi
         );
     }
     let inbox = format!("{}.>", tenant_bus::subject::inbox_prefix(tenant));
-    let mut publish = vec![inbox.clone(), crate::api::keys_subject(account)];
+    // The key service, and the server's own answer to "which account am I in"
+    // (the runtime checks it before it runs an agent).
+    let mut publish = vec![
+        inbox.clone(),
+        crate::api::keys_subject(account),
+        accounts::USER_INFO_SUBJECT.to_string(),
+    ];
     let mut subscribe = vec![inbox];
     for scope in scopes {
         match scope {
@@ -119,7 +125,9 @@ mod tests {
         assert!(!p.allow.iter().any(|s| s.starts_with("$JS")));
         for s in p.allow.iter().chain(sub.allow.iter()) {
             assert!(
-                s.starts_with("tenant.acme.") || s.starts_with("agentbus.keys.v1."),
+                s.starts_with("tenant.acme.")
+                    || s.starts_with("agentbus.keys.v1.")
+                    || s == accounts::USER_INFO_SUBJECT,
                 "{s}"
             );
         }
