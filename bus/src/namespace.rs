@@ -215,7 +215,10 @@ impl TenantNamespace {
             Some(creds) => async_nats::ConnectOptions::with_credentials(creds).map_err(|e| {
                 Error::with_source(ConnectErrorKind::Credentials, "bundle creds", e)
             })?,
-            None => async_nats::ConnectOptions::new(),
+            None => match &options.auth_token {
+                Some(token) => async_nats::ConnectOptions::with_token(token.clone()),
+                None => async_nats::ConnectOptions::new(),
+            },
         };
         let cb_counters = counters.clone();
         let cb_events = events.clone();

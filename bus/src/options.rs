@@ -26,6 +26,7 @@ pub struct NamespaceOptions {
     pub(crate) admission: Option<Arc<dyn Admission>>,
     pub(crate) receive_budget: Option<Arc<ByteBudget>>,
     pub(crate) receive_bytes: u64,
+    pub(crate) auth_token: Option<String>,
 }
 
 impl std::fmt::Debug for NamespaceOptions {
@@ -41,6 +42,7 @@ impl std::fmt::Debug for NamespaceOptions {
             .field("admission", &self.admission.is_some())
             .field("receive_budget", &self.receive_budget)
             .field("receive_bytes", &self.receive_bytes)
+            .field("auth_token", &self.auth_token.is_some())
             .finish()
     }
 }
@@ -58,6 +60,7 @@ impl Default for NamespaceOptions {
             admission: None,
             receive_budget: None,
             receive_bytes: DEFAULT_RECEIVE_BYTES,
+            auth_token: None,
         }
     }
 }
@@ -173,6 +176,14 @@ impl NamespaceOptions {
             Some(b) => b.clone(),
             None => Arc::new(ByteBudget::new(self.receive_bytes)),
         }
+    }
+
+    /// A NATS token to log in with when the bundle carries no `.creds` (an
+    /// API key: the server's auth callout decides who it is). Ignored when the
+    /// bundle has credentials.
+    pub fn auth_token(mut self, token: impl Into<String>) -> Self {
+        self.auth_token = Some(token.into());
+        self
     }
 
     /// Connects with these options.

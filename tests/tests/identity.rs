@@ -323,3 +323,89 @@ async fn revoking_a_key_closes_its_connections_within_2s() {
         .load(Ordering::Relaxed);
     assert_eq!(kicked, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_create_refuses_past_max_agents_issued() {
+    let p = platform().await;
+    let mut req = agentbus_control::api::CreateTenant {
+        tier: Some("free".into()),
+        ..Default::default()
+    };
+    req.quotas.insert("max_agents".into(), "2".into());
+    p.cp.create_tenant_with("acme", &req).await.unwrap();
+    p.cp.create_agent("acme", "a1", "default").await.unwrap();
+    p.cp.create_agent("acme", "a2", "default").await.unwrap();
+    let err =
+        p.cp.create_agent("acme", "a3", "default")
+            .await
+            .unwrap_err();
+    assert_eq!(err.code, agentbus_control::ErrorCode::Refused, "{err:?}");
+    assert_eq!(
+        p.cp.agents("acme").await.unwrap().len(),
+        2,
+        "nothing changed"
+    );
+    p.cp.revoke_agent("acme", "a1").await.unwrap();
+    p.cp.create_agent("acme", "a3", "default").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_with_key_exchanges_sealed_messages_with_a_bundle_agent() {
+    let p = platform().await;
+    p.cp.create_tenant("acme", Tier::Free).await.unwrap();
+    p.cp.create_tenant("globex", Tier::Free).await.unwrap();
+    let (id, k) = key(&p, "acme", named("py")).await;
+    let url = p.server.url();
+
+    let (ns, _refresher) =
+        agentbus_control::keys::connect_with_key(&url, &k, tenant_bus::NamespaceOptions::new())
+            .await
+            .unwrap();
+    // The tenant came from the server.
+    assert_eq!(ns.tenant().as_str(), "acme");
+    assert_eq!(
+        ns.agent().as_str(),
+        format!("key-{}", id.to_ascii_lowercase())
+    );
+
+    let issued =
+        p.cp.create_agent("acme", "planner", "default")
+            .await
+            .unwrap();
+    let agent = tenant_bus::TenantNamespace::connect(&issued.bundle)
+        .await
+        .unwrap();
+    let mut from_key = agent.subscribe("jobs.>").await.unwrap();
+    let mut from_agent = ns.subscribe("results.>").await.unwrap();
+    agent.sync().await.unwrap();
+    ns.sync().await.unwrap();
+    let sent = ns.publish("jobs.created", b"from the key").await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(3), from_key.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.msg_id, sent);
+    assert_eq!(&got.payload[..], b"from the key");
+    agent
+        .publish("results.done", b"from the agent")
+        .await
+        .unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(3), from_agent.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&got.payload[..], b"from the agent");
+
+    // A malformed key fails offline; a revoked one is refused by the server.
+    let err = agentbus_control::keys::connect_with_key(&url, "abk_nope", Default::default())
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(err.code, agentbus_control::ErrorCode::InvalidInput);
+    p.cp.revoke_apikey("acme", &id).await.unwrap();
+    let err = agentbus_control::keys::connect_with_key(&url, &k, Default::default())
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(err.code, agentbus_control::ErrorCode::Forbidden, "{err:?}");
+}

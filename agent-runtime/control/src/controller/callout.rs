@@ -438,7 +438,18 @@ impl Controller {
                 key
             }
         };
-        let (publish, subscribe) = scopes::permissions(&login.tenant.id, account, &login.scopes);
+        let (publish, mut subscribe) =
+            scopes::permissions(&login.tenant.id, account, &login.scopes);
+        if let Some(id) = login.credential.strip_prefix("key:") {
+            // The bootstrap inbox of `keys::connect_with_key`: before a key
+            // client knows its tenant (and with it its inboxes) it asks the
+            // server who it is and fetches its key set with replies here. Only
+            // the server and the key service answer there: no agent may publish
+            // on `_INBOX.` subjects.
+            subscribe
+                .allow
+                .push(format!("{}.>", crate::keys::bootstrap_inbox(id)));
+        }
         let exp = login
             .expires_at
             .map_or(now + MAX_LOGIN_SECS, |e| e.min(now + MAX_LOGIN_SECS));

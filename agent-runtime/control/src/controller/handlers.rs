@@ -562,6 +562,26 @@ impl Controller {
                 ),
             ));
         }
+        // `max_agents` counts issued, unrevoked agents here (and live
+        // connections at the auth callout). Checked under this instance's
+        // tenant lock; two controllers creating at the same instant can both
+        // pass (documented in docs/control-plane.md).
+        let cap = record.quotas().max_agents;
+        let issued = self
+            .store
+            .agents(tenant)
+            .await?
+            .into_iter()
+            .filter(|a| a.revoked_at.is_none() && a.agent != aid)
+            .count() as u64;
+        if issued >= cap {
+            return Err(ApiError::new(
+                ErrorCode::Refused,
+                format!(
+                    "tenant {tenant} has {issued} issued agents, its max_agents is {cap}: revoke one or raise max_agents"
+                ),
+            ));
+        }
         let signing = self
             .tenant_signing(&record)
             .await?
