@@ -409,3 +409,125 @@ async fn connect_with_key_exchanges_sealed_messages_with_a_bundle_agent() {
         .unwrap();
     assert_eq!(err.code, agentbus_control::ErrorCode::Forbidden, "{err:?}");
 }
+
+mod platform_jwts {
+    use super::*;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+    use base64::Engine as _;
+    use ring::signature::{Ed25519KeyPair, KeyPair as _};
+
+    fn b64json(v: &serde_json::Value) -> String {
+        B64.encode(serde_json::to_vec(v).unwrap())
+    }
+
+    fn token(key: &Ed25519KeyPair, header: serde_json::Value, claims: serde_json::Value) -> String {
+        let input = format!("{}.{}", b64json(&header), b64json(&claims));
+        let sig = key.sign(input.as_bytes());
+        format!("{input}.{}", B64.encode(sig.as_ref()))
+    }
+
+    fn claims(tenant: &str, aud: &str, exp: i64) -> serde_json::Value {
+        let now = agentbus_control::install::now_unix();
+        serde_json::json!({
+            "iss": "https://id.example",
+            "aud": aud,
+            "sub": "user-42",
+            "exp": exp,
+            "iat": now,
+            "org_id": tenant,
+            "tenant": "globex",
+            "roles": ["agent"],
+        })
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn platform_jwts_log_in_to_the_verified_tenant_only() {
+        let p = platform().await;
+        p.cp.create_tenant("acme", Tier::Free).await.unwrap();
+        p.cp.create_tenant("globex", Tier::Free).await.unwrap();
+        let rng = ring::rand::SystemRandom::new();
+        let pkcs8 = Ed25519KeyPair::generate_pkcs8(&rng).unwrap();
+        let key = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap();
+        let other =
+            Ed25519KeyPair::from_pkcs8(Ed25519KeyPair::generate_pkcs8(&rng).unwrap().as_ref())
+                .unwrap();
+        let jwks = serde_json::json!({"keys": [{
+            "kty": "OKP", "crv": "Ed25519", "kid": "k1", "alg": "EdDSA", "use": "sig",
+            "x": B64.encode(key.public_key().as_ref()),
+        }]})
+        .to_string();
+        let config = agentbus_control::identity::platform_jwt::PlatformJwtConfig::from_json(
+            &serde_json::json!({
+                "issuer": "https://id.example",
+                "audience": "agentbus",
+                "tenant_claim": "org_id",
+                "roles_claim": "roles",
+                "role_map": [{"role": "agent", "agent_type": "default"}],
+            })
+            .to_string(),
+        )
+        .unwrap();
+        let verifier =
+            agentbus_control::identity::platform_jwt::JwksVerifier::from_jwks_json(&jwks, config)
+                .unwrap();
+        // This deployment's controller accepts platform JWTs: replace the
+        // harness's (one callout answerer, so no request lands on the old one).
+        p.shutdown.fire();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let url = p.server.url();
+        let controller = agentbus_control::Controller::connect(
+            &p.install,
+            agentbus_control::ControllerConfig::new(&url).platform_jwt(verifier),
+        )
+        .await
+        .unwrap();
+        let shutdown = agentbus_control::controller::shutdown::Shutdown::new();
+        tokio::spawn(controller.clone().serve(shutdown.clone()));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+
+        let now = agentbus_control::install::now_unix();
+        let header = serde_json::json!({"alg": "EdDSA", "typ": "JWT", "kid": "k1"});
+        // Valid: in acme (the verified claim), although `tenant` says globex.
+        let good = token(&key, header.clone(), claims("acme", "agentbus", now + 600));
+        let client = eventually(Duration::from_secs(5), || {
+            let (url, good) = (url.clone(), good.clone());
+            async move { connect_with(&url, &good).await.ok() }
+        })
+        .await
+        .expect("a valid platform JWT logs in");
+        assert!(can_publish(&client, "tenant.acme.jobs.x").await);
+        assert!(!can_publish(&client, "tenant.globex.jobs.x").await);
+
+        // Refused: wrong audience, expired, another key's signature, alg none,
+        // and a token whose claims were edited after signing.
+        let refused = [
+            token(&key, header.clone(), claims("acme", "other", now + 600)),
+            token(&key, header.clone(), claims("acme", "agentbus", now - 600)),
+            token(
+                &other,
+                header.clone(),
+                claims("acme", "agentbus", now + 600),
+            ),
+            format!(
+                "{}.{}.",
+                b64json(&serde_json::json!({"alg": "none", "typ": "JWT", "kid": "k1"})),
+                b64json(&claims("acme", "agentbus", now + 600))
+            ),
+            {
+                let parts: Vec<&str> = good.split('.').collect();
+                format!(
+                    "{}.{}.{}",
+                    parts[0],
+                    b64json(&claims("globex", "agentbus", now + 600)),
+                    parts[2]
+                )
+            },
+        ];
+        for t in &refused {
+            assert!(connect_with(&url, t).await.is_err());
+        }
+        let counters = controller.callout_counters().unwrap();
+        assert!(counters.refused_offline.load(Ordering::Relaxed) >= refused.len() as u64);
+        shutdown.fire();
+    }
+}

@@ -17,7 +17,7 @@ use agentbus_control::controller::shutdown::Shutdown;
 use agentbus_control::local_server::{ClusterOptions, LocalCluster, LocalServer, ServerOptions};
 use agentbus_control::{Controller, ControllerConfig, Installation};
 
-use crate::output::{Failure, EXIT_INTERNAL, EXIT_REFUSED, EXIT_UNAVAILABLE};
+use crate::output::{usage, Failure, EXIT_INTERNAL, EXIT_REFUSED, EXIT_UNAVAILABLE};
 
 /// Restarts of a failed server allowed within [`RESTART_WINDOW`].
 pub const MAX_RESTARTS: usize = 5;
@@ -51,6 +51,14 @@ pub struct UpArgs {
     /// With --cluster: the CA that route peers' certificates must chain to.
     #[arg(long, requires = "route_cert")]
     pub route_ca: Option<std::path::PathBuf>,
+    /// Accept logins with the platform identity provider's JWTs (as the NATS
+    /// token): this JSON file names the issuer, audience, tenant claim, roles
+    /// claim and role-to-agent-type map (docs/identity.md). Needs --jwks.
+    #[arg(long, requires = "jwks", value_name = "FILE")]
+    pub jwt_config: Option<std::path::PathBuf>,
+    /// The identity provider's public keys (a JWKS file) for --jwt-config.
+    #[arg(long, requires = "jwt_config", value_name = "FILE")]
+    pub jwks: Option<std::path::PathBuf>,
 }
 
 /// Arguments of `agentbus controller`.
@@ -65,6 +73,33 @@ pub struct ControllerArgs {
     /// Replicas of the buckets it creates (default: the installation's).
     #[arg(long)]
     pub replicas: Option<usize>,
+    /// Accept logins with the platform identity provider's JWTs (as the NATS
+    /// token): this JSON file names the issuer, audience, tenant claim, roles
+    /// claim and role-to-agent-type map (docs/identity.md). Needs --jwks.
+    #[arg(long, requires = "jwks", value_name = "FILE")]
+    pub jwt_config: Option<std::path::PathBuf>,
+    /// The identity provider's public keys (a JWKS file) for --jwt-config.
+    #[arg(long, requires = "jwt_config", value_name = "FILE")]
+    pub jwks: Option<std::path::PathBuf>,
+}
+
+/// Adds the platform-JWT verifier to `config` when both files are given.
+fn with_platform_jwt(
+    config: ControllerConfig,
+    jwt_config: Option<&Path>,
+    jwks: Option<&Path>,
+) -> Result<ControllerConfig, Failure> {
+    use agentbus_control::identity::platform_jwt::{JwksVerifier, PlatformJwtConfig};
+    let (Some(cfg), Some(jwks)) = (jwt_config, jwks) else {
+        return Ok(config);
+    };
+    let text = std::fs::read_to_string(cfg)
+        .map_err(|e| usage(format!("cannot read {}: {e}", cfg.display())))?;
+    let parsed = PlatformJwtConfig::from_json(&text)
+        .map_err(|e| usage(format!("{}: {e}", cfg.display())))?;
+    let verifier = JwksVerifier::from_file(jwks, parsed)
+        .map_err(|e| usage(format!("{}: {e}", jwks.display())))?;
+    Ok(config.platform_jwt(verifier))
 }
 
 fn fail(code: i32, message: impl Into<String>) -> Failure {
@@ -229,7 +264,11 @@ pub async fn run(args: UpArgs) -> Result<(), Failure> {
     };
     let urls = servers.urls();
     install.set_urls(urls.split(',').map(str::to_string).collect(), replicas)?;
-    let config = ControllerConfig::new(&urls).replicas(replicas);
+    let config = with_platform_jwt(
+        ControllerConfig::new(&urls).replicas(replicas),
+        args.jwt_config.as_deref(),
+        args.jwks.as_deref(),
+    )?;
     let controller = match Controller::connect(&install, config).await {
         Ok(c) => c,
         Err(e) => {
@@ -269,8 +308,12 @@ pub async fn controller(args: ControllerArgs) -> Result<(), Failure> {
     let install = Installation::open(state)?;
     let urls = args.url.unwrap_or_else(|| install.url_list());
     let replicas = args.replicas.unwrap_or(install.facts().replicas);
-    let controller =
-        Controller::connect(&install, ControllerConfig::new(&urls).replicas(replicas)).await?;
+    let config = with_platform_jwt(
+        ControllerConfig::new(&urls).replicas(replicas),
+        args.jwt_config.as_deref(),
+        args.jwks.as_deref(),
+    )?;
+    let controller = Controller::connect(&install, config).await?;
     let shutdown = Shutdown::new();
     let serving = tokio::spawn(controller.serve(shutdown.clone()));
     eprintln!("agentbus: controller serving on {urls}; Ctrl-C to stop");

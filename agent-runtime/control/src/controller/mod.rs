@@ -59,6 +59,7 @@ pub struct ControllerConfig {
     max_in_flight: usize,
     fault: Option<String>,
     audit: crate::audit::AuditConfig,
+    platform_jwt: Option<Arc<crate::identity::platform_jwt::JwksVerifier>>,
 }
 
 impl ControllerConfig {
@@ -72,7 +73,15 @@ impl ControllerConfig {
             max_in_flight: 64,
             fault: std::env::var("AGENTBUS_FAULT").ok(),
             audit: crate::audit::AuditConfig::default(),
+            platform_jwt: None,
         }
+    }
+
+    /// Accept logins by the platform identity provider's JWTs (as the NATS
+    /// token), verified with `verifier`. Default: none (API keys only).
+    pub fn platform_jwt(mut self, verifier: crate::identity::platform_jwt::JwksVerifier) -> Self {
+        self.platform_jwt = Some(Arc::new(verifier));
+        self
     }
 
     /// Replicas of the buckets it creates (1 to 5).
