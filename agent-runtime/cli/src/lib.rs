@@ -22,6 +22,7 @@ pub mod output;
 pub mod remote;
 pub mod tenant;
 pub mod up;
+pub mod usage;
 
 use clap::{Parser, Subcommand};
 
@@ -63,6 +64,8 @@ pub enum Command {
     Admin(agent::AdminArgs),
     /// Create, list, revoke and rotate API keys (agents log in with one as their token).
     Key(key::KeyArgs),
+    /// A tenant's usage per hour or day, as the NATS servers counted it.
+    Usage(usage::UsageArgs),
     /// Read, verify and prove the tamper-evident audit log.
     Audit(audit::AuditArgs),
     /// Print a shell completion script.
@@ -133,6 +136,7 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Agent(args) => agent::run(output, args).await,
         Command::Admin(args) => agent::run_admin(output, args).await,
         Command::Key(args) => key::run(output, args).await,
+        Command::Usage(args) => usage::run(output, args).await,
         Command::Audit(args) => audit::run(output, args).await,
         Command::Completions { shell } => {
             use clap::CommandFactory as _;

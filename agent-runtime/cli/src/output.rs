@@ -26,7 +26,7 @@ pub enum Output {
     Table,
     /// JSON: one object, or an array for lists.
     Json,
-    /// CSV with a header line (`audit list`; other commands print JSON).
+    /// CSV with a header line (`audit list`, `usage`; other commands print JSON).
     Csv,
 }
 

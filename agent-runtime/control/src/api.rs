@@ -77,6 +77,11 @@ pub fn apikey_subject(tenant: &str, verb: &str) -> String {
     format!("{ADMIN_PREFIX}.apikey.{tenant}.{verb}")
 }
 
+/// `agentbus.admin.v1.usage.<tenant>.<verb>` (get).
+pub fn usage_subject(tenant: &str, verb: &str) -> String {
+    format!("{ADMIN_PREFIX}.usage.{tenant}.{verb}")
+}
+
 /// `agentbus.keys.v1.<account>`.
 pub fn keys_subject(account: &str) -> String {
     format!("{KEYS_PREFIX}.{account}")
@@ -127,6 +132,7 @@ pub fn role_publish_allow(role: Role, tenant: Option<&TenantId>) -> Vec<String> 
             format!("{p}.tenant.{t}.rotate-key"),
             format!("{p}.agent.{t}.>"),
             format!("{p}.apikey.{t}.>"),
+            format!("{p}.usage.{t}.>"),
             format!("{p}.audit.{t}.>"),
         ],
         (Role::Viewer, Some(t)) => vec![
@@ -135,6 +141,7 @@ pub fn role_publish_allow(role: Role, tenant: Option<&TenantId>) -> Vec<String> 
             format!("{p}.agent.{t}.list"),
             format!("{p}.agent.{t}.get"),
             format!("{p}.apikey.{t}.list"),
+            format!("{p}.usage.{t}.get"),
             format!("{p}.audit.{t}.>"),
         ],
         (Role::Viewer, None) => vec![
@@ -144,6 +151,7 @@ pub fn role_publish_allow(role: Role, tenant: Option<&TenantId>) -> Vec<String> 
             format!("{p}.agent.*.list"),
             format!("{p}.agent.*.get"),
             format!("{p}.apikey.*.list"),
+            format!("{p}.usage.*.get"),
             format!("{p}.admins.list"),
             format!("{p}.audit.*.>"),
         ],

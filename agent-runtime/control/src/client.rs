@@ -340,6 +340,15 @@ impl AdminClient {
             .await
     }
 
+    /// A tenant's usage rows in `[from_ms, to_ms)`, per hour or day.
+    pub async fn usage(
+        &self,
+        tenant: &str,
+        req: &crate::usage::UsageRequest,
+    ) -> Result<Vec<crate::usage::UsageRow>, ApiError> {
+        self.call(&api::usage_subject(tenant, "get"), req).await
+    }
+
     /// Creates an API key for `tenant`; the answer holds the key, once.
     pub async fn create_apikey(
         &self,

@@ -20,6 +20,7 @@
 //! - [`keys`]: key-set refresh for running agents (the key service client).
 //! - [`registry`]: tenant records and the watcher every runtime instance keeps.
 //! - [`tiers`]: service tiers and the one table of per-tenant quotas.
+//! - [`usage`]: server-verified usage per tenant per hour.
 //! - [`accounts`], [`jwt`]: account and user claims, signed with nkeys.
 //! - [`server_config`], [`local_server`]: nats-server configs and local processes.
 //! - [`error`]: the control plane's local errors.
@@ -41,6 +42,7 @@ pub mod registry;
 pub mod server_config;
 pub mod store;
 pub mod tiers;
+pub mod usage;
 
 pub use accounts::{JetStreamScope, STATE_BUCKET, TASKS_DONE_BUCKET, TASKS_STREAM};
 pub use api::{ApiError, ErrorCode, Role};

@@ -33,13 +33,14 @@ pub const APIKEYS_BUCKET: &str = "agentbus-apikeys";
 /// Live connections of callout logins: `<tenant>.<slot>`, slot < `max_agents`.
 pub const SESSIONS_BUCKET: &str = "agentbus-sessions";
 /// Every bucket the controller owns (for `status`).
-pub const BUCKETS: [&str; 6] = [
+pub const BUCKETS: [&str; 7] = [
     REGISTRY_BUCKET,
     AGENTS_BUCKET,
     ADMINS_BUCKET,
     SECRETS_BUCKET,
     APIKEYS_BUCKET,
     SESSIONS_BUCKET,
+    crate::usage::USAGE_BUCKET,
 ];
 /// How many compare-and-set attempts a change makes before [`ErrorCode::Conflict`].
 pub const CAS_ATTEMPTS: usize = 64;
@@ -206,6 +207,7 @@ pub struct Store {
     secrets: kv::Store,
     apikeys: kv::Store,
     sessions: kv::Store,
+    usage: kv::Store,
 }
 
 impl std::fmt::Debug for Store {
@@ -272,6 +274,14 @@ impl Store {
             1,
         )
         .await?;
+        let usage = open_bucket(
+            &js,
+            crate::usage::USAGE_BUCKET,
+            "agentbus usage per tenant per hour, from the servers' counters",
+            replicas,
+            1,
+        )
+        .await?;
         Ok(Self {
             js,
             registry,
@@ -280,6 +290,7 @@ impl Store {
             secrets,
             apikeys,
             sessions,
+            usage,
         })
     }
 
@@ -482,6 +493,58 @@ impl Store {
     /// The sessions bucket (the callout's index watches it).
     pub fn sessions(&self) -> &kv::Store {
         &self.sessions
+    }
+
+    // ----- usage --------------------------------------------------------------------
+
+    /// A tenant's usage ledger and its revision.
+    pub async fn usage_ledger(
+        &self,
+        tenant: &TenantId,
+    ) -> Result<Option<(crate::usage::Ledger, u64)>, ApiError> {
+        get_json(&self.usage, tenant.as_str(), "usage ledger").await
+    }
+
+    /// Writes a ledger: created when `revision` is `None`, else compare-and-set.
+    /// `Ok(false)` when someone else wrote first.
+    pub async fn write_usage_ledger(
+        &self,
+        tenant: &TenantId,
+        ledger: &crate::usage::Ledger,
+        revision: Option<u64>,
+    ) -> Result<bool, ApiError> {
+        let done = match revision {
+            None => create_json(&self.usage, tenant.as_str(), ledger).await?,
+            Some(rev) => update_json(&self.usage, tenant.as_str(), ledger, rev).await?,
+        };
+        Ok(done.is_some())
+    }
+
+    /// Archives one closed hour (idempotent: the same values every time).
+    pub async fn archive_usage_hour(
+        &self,
+        tenant: &TenantId,
+        hour_ms: u64,
+        counters: &crate::usage::Counters,
+    ) -> Result<(), ApiError> {
+        let bytes = serde_json::to_vec(&(hour_ms, counters)).map_err(|e| corrupt("usage", e))?;
+        self.usage
+            .put(
+                crate::usage::archive_key(tenant, hour_ms),
+                Bytes::from(bytes),
+            )
+            .await
+            .map_err(|e| unavailable("archiving usage", e))?;
+        Ok(())
+    }
+
+    /// Every archived hour of `tenant`.
+    pub async fn archived_usage(
+        &self,
+        tenant: &TenantId,
+    ) -> Result<Vec<(u64, crate::usage::Counters)>, ApiError> {
+        let filter = format!("$KV.{}.{tenant}.h.*", crate::usage::USAGE_BUCKET);
+        list_json(&self.js, crate::usage::USAGE_BUCKET, &filter).await
     }
 
     // ----- admins -------------------------------------------------------------------

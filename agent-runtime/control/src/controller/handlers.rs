@@ -158,6 +158,10 @@ impl Controller {
                     other => Err(bad(format!("unknown agent verb {other:?}"))),
                 }
             }
+            ["usage", tenant, "get"] => {
+                let tenant = tenant_id(tenant)?;
+                json(&self.usage_rows(&tenant, parse(body)?).await?)
+            }
             ["apikey", tenant, verb] => {
                 let tenant = tenant_id(tenant)?;
                 self.apikey_api(caller, &tenant, verb, body).await

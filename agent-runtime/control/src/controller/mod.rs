@@ -27,6 +27,7 @@ pub mod auth;
 pub mod callout;
 pub mod claims;
 pub mod handlers;
+mod usage_poll;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -60,6 +61,7 @@ pub struct ControllerConfig {
     fault: Option<String>,
     audit: crate::audit::AuditConfig,
     platform_jwt: Option<Arc<crate::identity::platform_jwt::JwksVerifier>>,
+    usage_every: Duration,
 }
 
 impl ControllerConfig {
@@ -74,7 +76,15 @@ impl ControllerConfig {
             fault: std::env::var("AGENTBUS_FAULT").ok(),
             audit: crate::audit::AuditConfig::default(),
             platform_jwt: None,
+            usage_every: Duration::from_secs(10),
         }
+    }
+
+    /// How often usage is collected from the servers' counters (default 10 s;
+    /// the servers' own statistics cadence). See [`crate::usage`].
+    pub fn usage_every(mut self, every: Duration) -> Self {
+        self.usage_every = every.max(Duration::from_millis(100));
+        self
     }
 
     /// Accept logins by the platform identity provider's JWTs (as the NATS
@@ -376,6 +386,7 @@ impl Controller {
             ("tenant", format!("{}.tenant.*.*", api::ADMIN_PREFIX)),
             ("agent", format!("{}.agent.*.*", api::ADMIN_PREFIX)),
             ("apikey", format!("{}.apikey.*.*", api::ADMIN_PREFIX)),
+            ("usage", format!("{}.usage.*.*", api::ADMIN_PREFIX)),
             ("admins", format!("{}.admins.*", api::ADMIN_PREFIX)),
             ("audit", format!("{}.audit.*.*", api::ADMIN_PREFIX)),
             ("keys", format!("{}.*", api::KEYS_PREFIX)),
@@ -391,6 +402,10 @@ impl Controller {
             endpoints.push(endpoint);
         }
         tokio::spawn(self.audit.clone().run(shutdown.clone()));
+        tokio::spawn(
+            self.clone()
+                .run_usage(self.config.usage_every, shutdown.clone()),
+        );
         if let Some(state) = self.callout.clone() {
             tokio::spawn(self.clone().run_callout(state, shutdown.clone()));
         }

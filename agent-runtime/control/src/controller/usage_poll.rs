@@ -1,0 +1,192 @@
+//! Usage metering in the controller: polling the servers' account statistics
+//! into each tenant's ledger ([`crate::usage`]), and the
+//! `agentbus.admin.v1.usage.<tenant>.get` endpoint.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use futures::StreamExt as _;
+use serde_json::Value;
+use tenant_bus::TenantId;
+
+use super::Controller;
+use crate::api::{ApiError, ErrorCode};
+use crate::usage::{self, Counters, UsageRequest};
+
+/// How long a poll collects the servers' answers.
+pub(super) const POLL_WINDOW: Duration = Duration::from_millis(750);
+/// Compare-and-set attempts per tenant per poll.
+const CAS_ATTEMPTS: usize = 16;
+
+fn counters_of(stat: &Value) -> Counters {
+    let n = |path: &str| stat.pointer(path).and_then(Value::as_u64).unwrap_or(0);
+    Counters {
+        msgs_in: n("/received/msgs"),
+        bytes_in: n("/received/bytes"),
+        msgs_out: n("/sent/msgs"),
+        bytes_out: n("/sent/bytes"),
+    }
+}
+
+impl Controller {
+    /// One poll: asks every server for the tenants' account statistics and adds
+    /// each server's increase to the tenants' ledgers. Returns how many tenants
+    /// were updated.
+    pub async fn poll_usage(&self) -> Result<usize, ApiError> {
+        let tenants = self
+            .store
+            .registry
+            .list()
+            .await
+            .map_err(crate::store::registry_error)?;
+        let by_account: HashMap<String, TenantId> = tenants
+            .into_iter()
+            .filter(|r| !r.account.is_empty() && !r.deleting)
+            .map(|r| (r.account.clone(), r.id.clone()))
+            .collect();
+        if by_account.is_empty() {
+            return Ok(0);
+        }
+        // Every server answers for the accounts it has loaded; `include_unused`
+        // keeps an account whose clients just left.
+        let accounts: Vec<&String> = by_account.keys().collect();
+        let body = serde_json::json!({ "accounts": accounts, "include_unused": true }).to_string();
+        let inbox = self.sys.new_inbox();
+        let mut replies = self
+            .sys
+            .subscribe(inbox.clone())
+            .await
+            .map_err(|e| ApiError::new(ErrorCode::Unavailable, e.to_string()))?;
+        self.sys
+            .publish_with_reply("$SYS.REQ.ACCOUNT.PING.STATZ", inbox, body.into())
+            .await
+            .map_err(|e| ApiError::new(ErrorCode::Unavailable, e.to_string()))?;
+        // server id -> account -> counters
+        let mut seen: BTreeMap<String, HashMap<String, Counters>> = BTreeMap::new();
+        let deadline = tokio::time::Instant::now() + POLL_WINDOW;
+        while let Ok(Some(msg)) = tokio::time::timeout_at(deadline, replies.next()).await {
+            let Ok(v) = serde_json::from_slice::<Value>(&msg.payload) else {
+                continue;
+            };
+            let Some(server) = v
+                .pointer("/data/server_id")
+                .or_else(|| v.pointer("/server/id"))
+                .and_then(Value::as_str)
+            else {
+                continue;
+            };
+            let stats = seen.entry(server.to_string()).or_default();
+            for stat in v
+                .pointer("/data/account_statz")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                if let Some(acc) = stat.get("acc").and_then(Value::as_str) {
+                    stats.insert(acc.to_string(), counters_of(stat));
+                }
+            }
+        }
+        let _ = replies.unsubscribe().await;
+        // Per tenant: every server's counters, applied in one CAS.
+        let mut per_tenant: HashMap<&TenantId, Vec<(&String, Counters)>> = HashMap::new();
+        for (server, stats) in &seen {
+            for (acc, c) in stats {
+                if let Some(t) = by_account.get(acc) {
+                    per_tenant.entry(t).or_default().push((server, *c));
+                }
+            }
+        }
+        let now = tenant_bus::envelope::now_ms();
+        let mut updated = 0;
+        for (tenant, observations) in per_tenant {
+            match self.apply_usage(tenant, &observations, now).await {
+                Ok(true) => updated += 1,
+                Ok(false) => {}
+                Err(e) => tracing::warn!(%tenant, error = %e, "usage: ledger update failed"),
+            }
+        }
+        Ok(updated)
+    }
+
+    async fn apply_usage(
+        &self,
+        tenant: &TenantId,
+        observations: &[(&String, Counters)],
+        now: u64,
+    ) -> Result<bool, ApiError> {
+        for _ in 0..CAS_ATTEMPTS {
+            let (mut ledger, rev) = match self.store.usage_ledger(tenant).await? {
+                Some((l, r)) => (l, Some(r)),
+                None => (usage::Ledger::default(), None),
+            };
+            let before = ledger.clone();
+            for (server, c) in observations {
+                ledger.observe(server, *c, now);
+            }
+            // Closed hours leave the ledger only after their archive is written.
+            for (hour, c) in ledger.expired_hours(now) {
+                self.store.archive_usage_hour(tenant, hour, &c).await?;
+                ledger.hours.remove(&hour);
+            }
+            if ledger == before {
+                return Ok(false);
+            }
+            if self.store.write_usage_ledger(tenant, &ledger, rev).await? {
+                return Ok(true);
+            }
+        }
+        Err(ApiError::new(
+            ErrorCode::Conflict,
+            "usage ledger kept changing",
+        ))
+    }
+
+    /// Polls every `every` until `shutdown`.
+    pub(crate) async fn run_usage(
+        self: std::sync::Arc<Self>,
+        every: Duration,
+        shutdown: super::shutdown::Shutdown,
+    ) {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.wait() => return,
+                _ = tick.tick() => {
+                    if let Err(e) = self.poll_usage().await {
+                        tracing::warn!(error = %e, "usage poll failed");
+                    }
+                }
+            }
+        }
+    }
+
+    /// `usage.<tenant>.get`.
+    pub(super) async fn usage_rows(
+        &self,
+        tenant: &TenantId,
+        req: UsageRequest,
+    ) -> Result<Vec<usage::UsageRow>, ApiError> {
+        if req.to_ms <= req.from_ms {
+            return Err(ApiError::new(
+                ErrorCode::InvalidInput,
+                "the range is empty (from must be before to)",
+            ));
+        }
+        self.tenant(tenant).await?;
+        let mut hours: BTreeMap<u64, Counters> = BTreeMap::new();
+        if let Some((ledger, _)) = self.store.usage_ledger(tenant).await? {
+            hours.extend(ledger.hours);
+        }
+        let oldest_live = hours.keys().next().copied().unwrap_or(u64::MAX);
+        if req.from_ms < oldest_live {
+            for (hour, c) in self.store.archived_usage(tenant).await? {
+                // The ledger wins for an hour in both (archived, then not yet
+                // removed from the ledger).
+                hours.entry(hour).or_insert(c);
+            }
+        }
+        Ok(usage::rows(tenant, &hours, req.from_ms, req.to_ms, req.by))
+    }
+}
