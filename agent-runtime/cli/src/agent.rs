@@ -541,7 +541,7 @@ pub async fn status(output: Output, remote: Remote) -> Result<(), Failure> {
     let s = client.status().await?;
     print(output, &s, || {
         let mut out = format!(
-            "server       {}\nurls         {}\ncontrollers  {} (answered: {})\ntenants      {}\nnodes        {}\nbuckets",
+            "server       {}\nurls         {}\ncontrollers  {} (answered: {})\ntenants      {}\nnodes        {}\nstreams and buckets of the platform account",
             s.server,
             s.urls.join(","),
             s.controllers,
@@ -551,8 +551,9 @@ pub async fn status(output: Output, remote: Remote) -> Result<(), Failure> {
         );
         for b in &s.buckets {
             out.push_str(&format!(
-                "\n  {:<20} R{}  {} values  leader {}",
+                "\n  {:<24} {:<6}  R{}  {} values  leader {}",
                 b.bucket,
+                b.kind,
                 b.replicas,
                 b.values,
                 b.leader.as_deref().unwrap_or("-")

@@ -417,8 +417,11 @@ pub struct Status {
 /// One bucket in `status`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BucketStatus {
-    /// The bucket.
+    /// The bucket (a KV bucket's name) or stream.
     pub bucket: String,
+    /// `bucket` or `stream`.
+    #[serde(default)]
+    pub kind: String,
     /// Its replicas.
     pub replicas: usize,
     /// Entries (including history).

@@ -816,28 +816,37 @@ impl Controller {
     }
 
     async fn status(&self) -> Result<api::Status> {
+        use futures::TryStreamExt as _;
         let js = self.store.jetstream();
+        // Every stream of the platform account: the controller's buckets, the
+        // runtime's (registry, scheduler) and the audit log, each with its
+        // replicas. A missing controller bucket is an outage, not a fact.
+        let mut infos: Vec<async_nats::jetstream::stream::Info> =
+            js.streams().try_collect().await.map_err(|e| {
+                ApiError::new(ErrorCode::Unavailable, format!("listing streams: {e}"))
+            })?;
+        infos.sort_by(|a, b| a.config.name.cmp(&b.config.name));
         let mut buckets = Vec::new();
+        for info in &infos {
+            let name = &info.config.name;
+            let (bucket, kind) = match name.strip_prefix("KV_") {
+                Some(b) => (b.to_string(), "bucket"),
+                None => (name.clone(), "stream"),
+            };
+            buckets.push(api::BucketStatus {
+                bucket,
+                kind: kind.to_string(),
+                replicas: info.config.num_replicas,
+                values: info.state.messages,
+                leader: info.cluster.as_ref().and_then(|c| c.leader.clone()),
+            });
+        }
         for b in BUCKETS {
-            match js.get_stream(format!("KV_{b}")).await {
-                Ok(mut s) => {
-                    let info = s
-                        .info()
-                        .await
-                        .map_err(|e| ApiError::new(ErrorCode::Unavailable, e.to_string()))?;
-                    buckets.push(api::BucketStatus {
-                        bucket: b.to_string(),
-                        replicas: info.config.num_replicas,
-                        values: info.state.messages,
-                        leader: info.cluster.as_ref().and_then(|c| c.leader.clone()),
-                    });
-                }
-                Err(e) => {
-                    return Err(ApiError::new(
-                        ErrorCode::Unavailable,
-                        format!("bucket {b}: {e}"),
-                    ))
-                }
+            if !buckets.iter().any(|s| s.bucket == b) {
+                return Err(ApiError::new(
+                    ErrorCode::Unavailable,
+                    format!("bucket {b} is missing"),
+                ));
             }
         }
         let info = self.client.server_info();
