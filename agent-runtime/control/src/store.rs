@@ -538,6 +538,29 @@ impl Store {
         Ok(())
     }
 
+    /// Any JSON record of the usage bucket (policing state, leases).
+    pub async fn usage_get<T: DeserializeOwned>(
+        &self,
+        key: &str,
+    ) -> Result<Option<(T, u64)>, ApiError> {
+        get_json(&self.usage, key, "usage record").await
+    }
+
+    /// Writes a JSON record of the usage bucket: created when `revision` is
+    /// `None`, else compare-and-set; `Ok(false)` when someone else wrote first.
+    pub async fn usage_put<T: Serialize>(
+        &self,
+        key: &str,
+        value: &T,
+        revision: Option<u64>,
+    ) -> Result<bool, ApiError> {
+        let done = match revision {
+            None => create_json(&self.usage, key, value).await?,
+            Some(rev) => update_json(&self.usage, key, value, rev).await?,
+        };
+        Ok(done.is_some())
+    }
+
     /// Every archived hour of `tenant`.
     pub async fn archived_usage(
         &self,

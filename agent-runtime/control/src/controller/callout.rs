@@ -330,6 +330,11 @@ impl Controller {
             tenant: Some(tenant_id.clone()),
             credential: credential.clone(),
         };
+        if self.is_throttled(&tenant_id, &credential).await {
+            return Err(with(
+                "throttled: over the tenant's rate; retry after the backoff".to_string(),
+            ));
+        }
         let slot = self
             .take_slot(state, request, &login)
             .await
@@ -610,6 +615,15 @@ impl Controller {
             Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => Some(false),
             Err(_) => None,
         }
+    }
+
+    /// The credential (`key:<id>`, `jwt:<sub>`) a callout login on `server`
+    /// with connection id `cid` used, if it is one.
+    pub(crate) fn session_credential(&self, server: &str, cid: u64) -> Option<String> {
+        let state = self.callout.as_ref()?;
+        let index = state.index.lock().ok()?;
+        let key = index.by_conn.get(&(server.to_string(), cid))?;
+        index.by_key.get(key).map(|h| h.record.credential.clone())
     }
 
     /// Closes every live connection that logged in with `credential`

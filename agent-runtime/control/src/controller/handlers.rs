@@ -196,7 +196,7 @@ impl Controller {
     }
 
     /// Changes a record (CAS with retries) and pushes its account.
-    async fn change(
+    pub(super) async fn change(
         &self,
         caller: &Caller,
         id: &TenantId,
@@ -357,7 +357,7 @@ impl Controller {
         Ok(TenantView::of(record))
     }
 
-    async fn set_status(
+    pub(super) async fn set_status(
         &self,
         caller: &Caller,
         id: &TenantId,

@@ -18,6 +18,7 @@
 //! # Layout
 //! - [`auth`]: request signatures and roles.
 //! - [`callout`]: the NATS auth callout (logins by API key).
+//! - [`police`]: rate caps enforced from the servers' counters.
 //! - [`claims`]: pushing, listing and deleting accounts on the server.
 //! - [`handlers`]: the operations; `apikeys`: API key operations.
 
@@ -27,6 +28,7 @@ pub mod auth;
 pub mod callout;
 pub mod claims;
 pub mod handlers;
+pub mod police;
 mod usage_poll;
 
 use std::sync::Arc;
@@ -62,6 +64,7 @@ pub struct ControllerConfig {
     audit: crate::audit::AuditConfig,
     platform_jwt: Option<Arc<crate::identity::platform_jwt::JwksVerifier>>,
     usage_every: Duration,
+    police_every: Duration,
 }
 
 impl ControllerConfig {
@@ -77,7 +80,15 @@ impl ControllerConfig {
             audit: crate::audit::AuditConfig::default(),
             platform_jwt: None,
             usage_every: Duration::from_secs(10),
+            police_every: Duration::from_secs(1),
         }
+    }
+
+    /// How often the servers' counters are read for policing (default 1 s;
+    /// see `controller::police`): a flood is cut within two of these.
+    pub fn police_every(mut self, every: Duration) -> Self {
+        self.police_every = every.max(Duration::from_millis(100));
+        self
     }
 
     /// How often usage is collected from the servers' counters (default 10 s;
@@ -157,6 +168,10 @@ pub struct Controller {
     pub(crate) pepper: Vec<u8>,
     /// The auth callout (installations with an auth account).
     pub(crate) callout: Option<Arc<callout::CalloutState>>,
+    /// What policing remembers between polls.
+    pub(crate) police_memory: police::Memory,
+    /// How many servers answered the last statistics poll.
+    pub(crate) servers_answering: std::sync::atomic::AtomicUsize,
 }
 
 impl std::fmt::Debug for Controller {
@@ -345,6 +360,8 @@ impl Controller {
             audit: Arc::new(audit),
             pepper,
             callout,
+            police_memory: Default::default(),
+            servers_answering: Default::default(),
         }))
     }
 
@@ -402,10 +419,7 @@ impl Controller {
             endpoints.push(endpoint);
         }
         tokio::spawn(self.audit.clone().run(shutdown.clone()));
-        tokio::spawn(
-            self.clone()
-                .run_usage(self.config.usage_every, shutdown.clone()),
-        );
+        tokio::spawn(self.clone().run_usage(shutdown.clone()));
         if let Some(state) = self.callout.clone() {
             tokio::spawn(self.clone().run_callout(state, shutdown.clone()));
         }

@@ -15,6 +15,19 @@ use crate::usage::{self, Counters, UsageRequest};
 
 /// How long a poll collects the servers' answers.
 pub(super) const POLL_WINDOW: Duration = Duration::from_millis(750);
+/// After as many servers answered as last time, how long to wait for more.
+const STRAGGLER_WAIT: Duration = Duration::from_millis(30);
+
+/// One server's answer: when it arrived (Unix ms) and account -> counters.
+#[derive(Debug, Default)]
+pub(crate) struct ServerStats {
+    pub(crate) at_ms: u64,
+    pub(crate) accounts: HashMap<String, Counters>,
+}
+
+/// server id -> its answer.
+pub(crate) type Stats = BTreeMap<String, ServerStats>;
+
 /// Compare-and-set attempts per tenant per poll.
 const CAS_ATTEMPTS: usize = 16;
 
@@ -29,23 +42,25 @@ fn counters_of(stat: &Value) -> Counters {
 }
 
 impl Controller {
-    /// One poll: asks every server for the tenants' account statistics and adds
-    /// each server's increase to the tenants' ledgers. Returns how many tenants
-    /// were updated.
-    pub async fn poll_usage(&self) -> Result<usize, ApiError> {
+    /// Asks every server for the tenants' account statistics: server id ->
+    /// account -> counters, and the tenants by account.
+    async fn collect_stats(
+        &self,
+    ) -> Result<(Stats, HashMap<String, crate::registry::TenantRecord>), ApiError> {
         let tenants = self
             .store
             .registry
             .list()
             .await
             .map_err(crate::store::registry_error)?;
-        let by_account: HashMap<String, TenantId> = tenants
+        let by_account: HashMap<String, crate::registry::TenantRecord> = tenants
             .into_iter()
             .filter(|r| !r.account.is_empty() && !r.deleting)
-            .map(|r| (r.account.clone(), r.id.clone()))
+            .map(|r| (r.account.clone(), r))
             .collect();
+        let mut seen: Stats = BTreeMap::new();
         if by_account.is_empty() {
-            return Ok(0);
+            return Ok((seen, by_account));
         }
         // Every server answers for the accounts it has loaded; `include_unused`
         // keeps an account whose clients just left.
@@ -61,9 +76,12 @@ impl Controller {
             .publish_with_reply("$SYS.REQ.ACCOUNT.PING.STATZ", inbox, body.into())
             .await
             .map_err(|e| ApiError::new(ErrorCode::Unavailable, e.to_string()))?;
-        // server id -> account -> counters
-        let mut seen: BTreeMap<String, HashMap<String, Counters>> = BTreeMap::new();
-        let deadline = tokio::time::Instant::now() + POLL_WINDOW;
+        // Stop early once as many servers answered as last time (plus a short
+        // wait for one more); else at the window's end.
+        let expected = self
+            .servers_answering
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let mut deadline = tokio::time::Instant::now() + POLL_WINDOW;
         while let Ok(Some(msg)) = tokio::time::timeout_at(deadline, replies.next()).await {
             let Ok(v) = serde_json::from_slice::<Value>(&msg.payload) else {
                 continue;
@@ -76,6 +94,7 @@ impl Controller {
                 continue;
             };
             let stats = seen.entry(server.to_string()).or_default();
+            stats.at_ms = tenant_bus::envelope::now_ms();
             for stat in v
                 .pointer("/data/account_statz")
                 .and_then(Value::as_array)
@@ -83,17 +102,37 @@ impl Controller {
                 .flatten()
             {
                 if let Some(acc) = stat.get("acc").and_then(Value::as_str) {
-                    stats.insert(acc.to_string(), counters_of(stat));
+                    stats.accounts.insert(acc.to_string(), counters_of(stat));
                 }
             }
+            if expected > 0 && seen.len() >= expected {
+                deadline = deadline.min(tokio::time::Instant::now() + STRAGGLER_WAIT);
+            }
         }
+        self.servers_answering
+            .store(seen.len(), std::sync::atomic::Ordering::Relaxed);
         let _ = replies.unsubscribe().await;
+        Ok((seen, by_account))
+    }
+
+    /// One usage poll: asks every server and adds each server's increase to
+    /// the tenants' ledgers. Returns how many tenants were updated.
+    pub async fn poll_usage(&self) -> Result<usize, ApiError> {
+        let (seen, by_account) = self.collect_stats().await?;
+        Ok(self.record_usage(&seen, &by_account).await)
+    }
+
+    async fn record_usage(
+        &self,
+        seen: &Stats,
+        by_account: &HashMap<String, crate::registry::TenantRecord>,
+    ) -> usize {
         // Per tenant: every server's counters, applied in one CAS.
         let mut per_tenant: HashMap<&TenantId, Vec<(&String, Counters)>> = HashMap::new();
-        for (server, stats) in &seen {
-            for (acc, c) in stats {
+        for (server, stats) in seen {
+            for (acc, c) in &stats.accounts {
                 if let Some(t) = by_account.get(acc) {
-                    per_tenant.entry(t).or_default().push((server, *c));
+                    per_tenant.entry(&t.id).or_default().push((server, *c));
                 }
             }
         }
@@ -106,7 +145,7 @@ impl Controller {
                 Err(e) => tracing::warn!(%tenant, error = %e, "usage: ledger update failed"),
             }
         }
-        Ok(updated)
+        updated
     }
 
     async fn apply_usage(
@@ -142,22 +181,32 @@ impl Controller {
         ))
     }
 
-    /// Polls every `every` until `shutdown`.
-    pub(crate) async fn run_usage(
-        self: std::sync::Arc<Self>,
-        every: Duration,
-        shutdown: super::shutdown::Shutdown,
-    ) {
-        let mut tick = tokio::time::interval(every);
+    /// Reads the servers' counters every `police_every` (policing) and
+    /// records usage every `usage_every`, until `shutdown`.
+    pub(crate) async fn run_usage(self: std::sync::Arc<Self>, shutdown: super::shutdown::Shutdown) {
+        let mut tick = tokio::time::interval(self.config.police_every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_usage: Option<tokio::time::Instant> = None;
         loop {
             tokio::select! {
-                _ = shutdown.wait() => return,
-                _ = tick.tick() => {
-                    if let Err(e) = self.poll_usage().await {
-                        tracing::warn!(error = %e, "usage poll failed");
-                    }
+                _ = shutdown.wait() => {
+                    self.release_police_lease().await;
+                    return;
                 }
+                _ = tick.tick() => {}
+            }
+            let (seen, tenants) = match self.collect_stats().await {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading the servers' counters failed");
+                    continue;
+                }
+            };
+            let now = tenant_bus::envelope::now_ms();
+            self.police(&seen, &tenants, now).await;
+            if last_usage.is_none_or(|t| t.elapsed() >= self.config.usage_every) {
+                self.record_usage(&seen, &tenants).await;
+                last_usage = Some(tokio::time::Instant::now());
             }
         }
     }
