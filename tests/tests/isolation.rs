@@ -170,7 +170,7 @@ impl A {
             Control::JsPublish => {
                 let ack = self
                     .js
-                    .publish("tenant.a.tasks.new", format!("a-task-{n}").into())
+                    .publish(A_TASK, format!("a-task-{n}").into())
                     .await
                     .map_err(|e| e.to_string())?
                     .await
@@ -182,7 +182,7 @@ impl A {
             }
             Control::JsPull => {
                 self.js
-                    .publish("tenant.a.tasks.new", format!("a-task-{n}").into())
+                    .publish(A_TASK, format!("a-task-{n}").into())
                     .await
                     .map_err(|e| e.to_string())?
                     .await
@@ -223,7 +223,7 @@ impl A {
                     .get_or_create_stream(tasks_config("a"))
                     .await
                     .map_err(|e| e.to_string())?;
-                s.get_or_create_consumer::<pull::Config>("worker", worker_config())
+                s.get_or_create_consumer::<pull::Config>(A_WORKER, worker_config())
                     .await
                     .map_err(|e| e.to_string())?;
                 Ok(())
@@ -277,9 +277,16 @@ fn tasks_config(tenant: &str) -> stream::Config {
     }
 }
 
+/// The subject a's tasks are published on, and the worker consumer that reads
+/// them: the shape task dispatch uses (`tasks.queue.<type>`, a consumer filtered
+/// to one type), the only consumer of `TASKS` the agent allow-list permits.
+const A_TASK: &str = "tenant.a.tasks.queue.new";
+const A_WORKER: &str = "work-new";
+
 fn worker_config() -> pull::Config {
     pull::Config {
-        durable_name: Some("worker".into()),
+        durable_name: Some(A_WORKER.into()),
+        filter_subject: A_TASK.into(),
         ..Default::default()
     }
 }
@@ -568,7 +575,7 @@ async fn escape_suite() {
     let js = jetstream::new(client.clone());
     let tasks = js.create_stream(tasks_config("a")).await.unwrap();
     let consumer = tasks
-        .get_or_create_consumer::<pull::Config>("worker", worker_config())
+        .get_or_create_consumer::<pull::Config>(A_WORKER, worker_config())
         .await
         .unwrap();
     let kv = js

@@ -15,8 +15,14 @@
 //! names are the same for every tenant and the server keeps them apart. On a
 //! server where tenants share one account (a development server without auth),
 //! use [`DispatchOptions::per_tenant_names`] (`TASKS_<id>`, `TASKS_DONE_<id>`).
-//! A dispatcher refuses a stream whose subjects are not its tenant's
-//! ([`DispatchErrorKind::StreamConflict`]).
+//! A dispatcher refuses a stream whose subjects are not exactly its tenant's
+//! task subjects, one whose configuration would lose, move or copy queued tasks
+//! (not a work queue; a message, byte or age limit; a subject transform,
+//! republish, mirror or sources; sealed), and a done bucket that forgets sooner
+//! than the task max age ([`DispatchErrorKind::StreamConflict`]). In operator
+//! mode agents may create these but never change them (no `STREAM.UPDATE` in
+//! the control plane's allow-list), so the first creator fixes the
+//! configuration, and a stream set up to lose tasks is refused, not used.
 //!
 //! # Delivery: at least once, idempotent by message id
 //!
@@ -42,7 +48,12 @@
 //!   the done bucket under the task id, then published to the requester, then the
 //!   message is acked. A task delivered again whose id is in the done bucket (a
 //!   lost ack, a server restart, a second copy outside the duplicate window) is
-//!   not run again: its stored result is re-published and it is acked. So
+//!   not run again: its stored result is re-published and it is acked. The
+//!   stored result must open as this task's sealed outcome (sealed under the
+//!   tenant's key for `tasks.results.<this id>`): a record that does not (written
+//!   without the key, or another task's outcome copied under this id) is
+//!   ignored and counted (`WorkerStats::unverified_done`), and the task runs and
+//!   overwrites it. So
 //!   side effects run once per message id except when a worker dies between the
 //!   handler's end and the done record (inherent to at-least-once).
 //! - **Durability**: the stream and bucket use file storage and consumers are
@@ -125,7 +136,10 @@ pub enum DispatchErrorKind {
     /// The tenant is suspended (or unknown to the registry).
     Suspended,
     /// A stream or bucket with our name exists with other subjects (another
-    /// tenant's, on a shared account): use [`DispatchOptions::per_tenant_names`].
+    /// tenant's, on a shared account: use [`DispatchOptions::per_tenant_names`]),
+    /// or with a configuration that would lose or leak tasks (limits, a
+    /// transform, republishing; a done bucket that forgets before the task max
+    /// age). Agents cannot change a stream, so an administrator must replace it.
     StreamConflict,
     /// JetStream refused or could not be reached.
     Unavailable,
@@ -165,7 +179,9 @@ impl std::fmt::Display for DispatchErrorKind {
         f.write_str(match self {
             Self::InvalidTaskType => "invalid task type",
             Self::Suspended => "tenant is suspended",
-            Self::StreamConflict => "task stream belongs to another tenant",
+            Self::StreamConflict => {
+                "task stream or done bucket belongs to another tenant or would lose tasks"
+            }
             Self::Unavailable => "JetStream unavailable",
             Self::Seal => "sealing failed",
             Self::TimedOut => "timed out waiting for the task outcome",
@@ -491,15 +507,42 @@ impl Dispatcher {
             })
             .await
             .map_err(|e| unavailable(format!("stream {stream_name}"), e))?;
-        let have = &stream.cached_info().config.subjects;
-        if subjects.iter().any(|s| !have.contains(s)) {
+        // Agents may create the stream but never change it afterwards (the
+        // control plane's allow-list has no STREAM.UPDATE), so whoever creates it
+        // first fixes its configuration. One that would drop, move or copy queued
+        // tasks is refused here instead of used.
+        let config = &stream.cached_info().config;
+        if let Some(why) = unusable_task_stream(config, &subjects) {
             return Err(Error::new(
                 DispatchErrorKind::StreamConflict,
-                format!("stream {stream_name} has subjects {have:?}"),
+                format!("stream {stream_name}: {why}"),
             ));
         }
         let done = match js.get_key_value(&bucket).await {
-            Ok(kv) => kv,
+            Ok(kv) => {
+                // Someone else created it. A done record must outlive the task's
+                // maximum age, or a replayed copy of a finished task would be
+                // neither recognised as done nor refused as expired (see the
+                // module docs); agents cannot change a bucket, so one that
+                // forgets sooner is refused. (One created below has our
+                // retention, which is never shorter than the maximum age.)
+                let kept = kv
+                    .status()
+                    .await
+                    .map_err(|e| unavailable(format!("bucket {bucket}"), e))?
+                    .max_age();
+                if !kept.is_zero() && kept < options.task_max_age {
+                    return Err(Error::new(
+                        DispatchErrorKind::StreamConflict,
+                        format!(
+                            "bucket {bucket} keeps records {} s, less than the task max age of {} s",
+                            kept.as_secs(),
+                            options.task_max_age.as_secs()
+                        ),
+                    ));
+                }
+                kv
+            }
             Err(_) => js
                 .create_key_value(kv::Config {
                     bucket: bucket.clone(),
@@ -730,6 +773,50 @@ impl Dispatcher {
             dispatcher: self.clone(),
         })
     }
+}
+
+/// Why an existing task stream cannot be used, if it cannot: its subjects are
+/// not exactly the tenant's task subjects (another tenant's stream, or one that
+/// would also capture other traffic), or its configuration would lose or leak
+/// queued tasks (not a work queue, a message, byte or age limit, a subject
+/// transform that breaks the seals' subject binding, republishing, a mirror or
+/// sources, sealed).
+fn unusable_task_stream(config: &stream::Config, subjects: &[String]) -> Option<String> {
+    let have = &config.subjects;
+    if have.len() != subjects.len() || subjects.iter().any(|s| !have.contains(s)) {
+        return Some(format!("has subjects {have:?}"));
+    }
+    if config.retention != stream::RetentionPolicy::WorkQueue {
+        return Some(format!(
+            "retention {:?}, not a work queue",
+            config.retention
+        ));
+    }
+    if config.max_messages > 0
+        || config.max_bytes > 0
+        || config.max_messages_per_subject > 0
+        || !config.max_age.is_zero()
+    {
+        return Some(format!(
+            "limits would drop queued tasks (max_msgs {}, max_bytes {}, max_msgs_per_subject {}, max_age {} s)",
+            config.max_messages,
+            config.max_bytes,
+            config.max_messages_per_subject,
+            config.max_age.as_secs()
+        ));
+    }
+    if config.subject_transform.is_some()
+        || config.republish.is_some()
+        || config.mirror.is_some()
+        || config.sources.as_ref().is_some_and(|s| !s.is_empty())
+        || config.sealed
+    {
+        return Some(
+            "a subject transform, republish, mirror, sources or seal would move, copy or stop tasks"
+                .to_string(),
+        );
+    }
+    None
 }
 
 /// Awaits one task's outcome.

@@ -130,6 +130,7 @@ pub struct WorkerStats {
     duplicates: AtomicU64,
     rejected: AtomicU64,
     outage_waits: AtomicU64,
+    unverified_done: AtomicU64,
 }
 
 impl WorkerStats {
@@ -161,6 +162,11 @@ impl WorkerStats {
     /// Messages that failed verification (terminated).
     pub fn rejected(&self) -> u64 {
         self.rejected.load(Ordering::Relaxed)
+    }
+    /// Done records that did not open as the task's sealed outcome (ignored:
+    /// the task ran as if there were none).
+    pub fn unverified_done(&self) -> u64 {
+        self.unverified_done.load(Ordering::Relaxed)
     }
 }
 
@@ -562,15 +568,28 @@ async fn process(ctx: &Ctx, msg: Message) {
         None => return, // abandoned (the worker is stopping): handed back
     };
     if let Some(result) = done {
-        ctx.stats.duplicates.fetch_add(1, Ordering::Relaxed);
-        let _ = d
-            .shared
-            .ns
-            .nats()
-            .publish(d.result_subject(&id), result)
-            .await;
-        settle(&msg, AckKind::Ack).await;
-        return;
+        // Any agent of the tenant may write the done bucket (workers are agents),
+        // so a record is trusted only if it opens as this task's sealed outcome:
+        // sealed under the tenant's key for this task's result subject. Garbage,
+        // or another task's outcome copied under this id, would otherwise make
+        // the task look finished without ever running.
+        match d.open_result(&d.result_subject(&id), &result) {
+            Ok(_) => {
+                ctx.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                let _ = d
+                    .shared
+                    .ns
+                    .nats()
+                    .publish(d.result_subject(&id), result)
+                    .await;
+                settle(&msg, AckKind::Ack).await;
+                return;
+            }
+            Err(e) => {
+                ctx.stats.unverified_done.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(task = %id, error = %e, "ignoring a done record that fails verification; running the task");
+            }
+        }
     }
 
     // A suspended tenant's tasks are held, not failed: keep the ack timer alive.

@@ -64,6 +64,55 @@ async def test_python_dispatcher_and_worker(nats_server) -> None:
         await ns.close()
 
 
+async def test_forged_done_records_and_crippled_streams_are_refused(nats_server) -> None:
+    """Agents may write the done bucket and create (never change) the stream: a
+    done record that is not the task's sealed outcome is ignored, and a stream
+    or bucket set up to lose tasks is refused, as in the Rust dispatcher."""
+    import nats
+    from nats.js import api
+
+    t = unique_tenant("fg")
+    ns = await tb.connect(make_bundle(nats_server.url, t, "py"))
+    raw = await nats.connect(nats_server.url)
+    try:
+        d = await Dispatcher.create(ns, opts())
+        worker = await d.worker("resize", lambda task: b"ok:" + task.payload, fetch_expires=0.5)
+        first = await d.dispatch("resize", b"first")
+        assert (await first.wait(20)).output == b"ok:first"
+        # Garbage, then the first task's genuine record copied under another id:
+        # neither makes the task look done.
+        for n, forged in enumerate([b"forged", await d._done_get(first.id.to_hex())]):
+            sealed = d.seal("resize", f"next-{n}".encode())
+            await d.done.put(sealed.id.to_hex(), forged)
+            handle = await d.handle(sealed.id)
+            await d.submit(sealed)
+            assert (await handle.wait(20)).output == f"ok:next-{n}".encode()
+        assert worker.stats.unverified_done == 2 and worker.stats.completed == 3
+        await worker.shutdown(5)
+
+        # A stream someone created with a message limit, and a done bucket that
+        # forgets sooner than the task max age: refused, not used.
+        js = raw.jetstream()
+        t2 = unique_tenant("cr")
+        await js.add_stream(api.StreamConfig(
+            name=f"TASKS_{t2}", subjects=[f"tenant.{t2}.tasks.queue.>", f"tenant.{t2}.tasks.dead.>"],
+            retention=api.RetentionPolicy.WORK_QUEUE, max_msgs=1))
+        ns2 = await tb.connect(make_bundle(nats_server.url, t2, "py"))
+        try:
+            with pytest.raises(tb.DispatchError) as e:
+                await Dispatcher.create(ns2, opts())
+            assert e.value.kind is tb.DispatchErrorKind.STREAM_CONFLICT
+            await js.delete_stream(f"TASKS_{t2}")
+            await js.create_key_value(api.KeyValueConfig(bucket=f"TASKS_DONE_{t2}", ttl=60))
+            with pytest.raises(tb.DispatchError) as e:
+                await Dispatcher.create(ns2, opts())
+            assert e.value.kind is tb.DispatchErrorKind.STREAM_CONFLICT
+        finally:
+            await ns2.close()
+    finally:
+        await raw.close()
+        await ns.close()
+
 async def test_python_worker_runs_a_task_a_rust_dispatcher_submitted(nats_server, tmp_path, peers) -> None:
     t = unique_tenant("dp")
     ns = await tb.connect(make_bundle(nats_server.url, t, "py-worker"))

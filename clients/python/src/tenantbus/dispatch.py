@@ -23,7 +23,15 @@ A result plaintext is ``0x00 || output`` (completed) or ``0x01 || u32 deliveries
 || UTF-8 reason`` (dead-lettered). Workers open tasks with the envelope alone
 (authentic, this tenant, a held key version, exactly the subject it arrived on),
 refuse tasks stamped further ahead than the clock skew, dead-letter tasks older
-than ``task_max_age``, and never run a task whose id is in the done bucket.
+than ``task_max_age``, and never run a task whose id is in the done bucket with
+a record that opens as its sealed outcome (a record that does not is ignored and
+counted in ``WorkerStats.unverified_done``).
+
+Agents may create the stream and the done bucket but not change them (the
+control plane's allow-list has no ``STREAM.UPDATE``), so the dispatcher refuses
+(``STREAM_CONFLICT``) a stream whose subjects are not exactly the tenant's task
+subjects or whose configuration would lose, move or copy tasks, and a done
+bucket that forgets sooner than ``task_max_age``, as the Rust dispatcher does.
 """
 
 from __future__ import annotations
@@ -227,6 +235,34 @@ def validate_task_type(task_type: str) -> str:
         raise DispatchError(DispatchErrorKind.INVALID_TASK_TYPE, str(e)) from e
 
 
+def _unusable_task_stream(config: Any, subjects: List[str]) -> Optional[str]:
+    """Why an existing task stream cannot be used, if it cannot (the same rules
+    as the Rust dispatcher): not exactly the tenant's task subjects, not a work
+    queue, a limit that drops queued tasks, or a transform, republish, mirror,
+    sources or seal that moves, copies or stops them."""
+    have = list(config.subjects or [])
+    if len(have) != len(subjects) or any(s not in have for s in subjects):
+        return f"has subjects {have}"
+    if config.retention != api.RetentionPolicy.WORK_QUEUE:
+        return f"retention {config.retention}, not a work queue"
+    limits = [config.max_msgs, config.max_bytes, config.max_msgs_per_subject]
+    if any((v or 0) > 0 for v in limits) or (config.max_age or 0) > 0:
+        return (
+            f"limits would drop queued tasks (max_msgs {config.max_msgs}, max_bytes {config.max_bytes}, "
+            f"max_msgs_per_subject {config.max_msgs_per_subject}, max_age {config.max_age})"
+        )
+    # getattr: older nats-py releases lack some of these fields.
+    if (
+        getattr(config, "subject_transform", None) is not None
+        or getattr(config, "republish", None) is not None
+        or getattr(config, "mirror", None) is not None
+        or getattr(config, "sources", None)
+        or getattr(config, "sealed", False)
+    ):
+        return "a subject transform, republish, mirror, sources or seal would move, copy or stop tasks"
+    return None
+
+
 class Dispatcher:
     """Dispatches tasks of one tenant and starts its workers. Create with
     ``await Dispatcher.create(ns, options)``."""
@@ -268,9 +304,10 @@ class Dispatcher:
             raise
         except Exception as e:
             raise _unavailable(f"stream {stream}", e) from e
-        have = list(info.config.subjects or [])
-        if any(s not in have for s in subjects):
-            raise DispatchError(DispatchErrorKind.STREAM_CONFLICT, f"stream {stream} has subjects {have}")
+        why = _unusable_task_stream(info.config, subjects)
+        if why is not None:
+            raise DispatchError(DispatchErrorKind.STREAM_CONFLICT, f"stream {stream}: {why}")
+        created = False
         try:
             try:
                 kv = await js.key_value(bucket)
@@ -284,8 +321,19 @@ class Dispatcher:
                         storage=api.StorageType.FILE,
                     )
                 )
+                created = True
+            # Someone else's bucket: a done record must outlive the task max age,
+            # or a replayed copy of a finished task would be neither recognised as
+            # done nor refused as expired (ours keeps at least that long).
+            kept = 0.0 if created else ((await js.stream_info(f"KV_{bucket}")).config.max_age or 0)
         except Exception as e:
             raise _unavailable(f"bucket {bucket}", e) from e
+        if kept > 0 and kept < options.task_max_age:
+            raise DispatchError(
+                DispatchErrorKind.STREAM_CONFLICT,
+                f"bucket {bucket} keeps records {int(kept)} s, less than the task max age of "
+                f"{int(options.task_max_age)} s",
+            )
         return cls(ns, options, js, kv, stream)
 
     # -- subjects --------------------------------------------------------
@@ -403,7 +451,9 @@ class Dispatcher:
                     break
                 try:
                     msgs = await sub.fetch(max_letters - len(out), timeout=left)
-                except nats.errors.TimeoutError:
+                except asyncio.TimeoutError:
+                    # nats-py's TimeoutError subclasses asyncio's, which the fetch
+                    # also raises itself when it times out elsewhere (under load).
                     break
                 for m in msgs:
                     try:
@@ -488,6 +538,8 @@ class WorkerStats:
     dead_lettered: int = 0
     duplicates: int = 0
     rejected: int = 0
+    #: Done records that did not open as the task's sealed outcome (ignored).
+    unverified_done: int = 0
 
 
 class Worker:
@@ -633,6 +685,15 @@ class Worker:
                 log.warning("cannot read the done bucket (%s); retrying later", e)
                 await _settle(msg, "nak", opts.backoff_for(1))
                 return
+            if stored is not None:
+                # Any agent of the tenant may write the done bucket, so a record
+                # counts only if it opens as this task's sealed outcome.
+                try:
+                    d.open_result(d.result_subject(tid), stored)
+                except DispatchError as e:
+                    self.stats.unverified_done += 1
+                    log.warning("ignoring a done record of %s that fails verification (%s)", tid, e)
+                    stored = None
             if stored is not None:
                 self.stats.duplicates += 1
                 try:
