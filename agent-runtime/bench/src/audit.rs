@@ -11,7 +11,6 @@ use agentbus_control::audit::event::{new_event_id, Actor, AuditEvent, Outcome, S
 use agentbus_control::audit::merkle::{self, CompactRange};
 use agentbus_control::audit::note::{Checkpoint, Signer, Verifier};
 use agentbus_control::audit::verify::{verify_log, StoredCheckpoint, StoredEntry};
-use agentbus_control::local_server::{LocalServer, ServerOptions};
 
 use crate::BenchError;
 
@@ -46,20 +45,8 @@ fn event(log: &str, i: u64) -> AuditEvent {
 /// controller, then signs the last checkpoints; returns events per second
 /// (checkpoints included) for each of `repeats` runs.
 pub async fn appends(count: u64, repeats: usize) -> Result<Vec<f64>, BenchError> {
-    let dir = tempfile::tempdir().map_err(|e| BenchError(format!("temp dir: {e}")))?;
-    let mut install = agentbus_control::Installation::init(dir.path().join("state"))?;
-    let config = install.server_config(&install.default_server_options());
-    let server = LocalServer::start(ServerOptions::new().config(config))
-        .map_err(|e| BenchError(crate::one_line(&e.to_string())))?;
-    install.set_urls(vec![server.url()], 1)?;
-    let controller = agentbus_control::Controller::connect(
-        &install,
-        agentbus_control::ControllerConfig::new(server.url()),
-    )
-    .await?;
-    let shutdown = agentbus_control::controller::shutdown::Shutdown::new();
-    tokio::spawn(controller.clone().serve(shutdown.clone()));
-    let audit = controller.audit().clone();
+    let platform = crate::platform::OperatorPlatform::start().await?;
+    let audit = platform.controller.audit().clone();
     let per_log = (count / LOGS as u64).max(1);
     let mut rates = Vec::new();
     for r in 0..repeats.max(1) {
@@ -98,7 +85,6 @@ pub async fn appends(count: u64, repeats: usize) -> Result<Vec<f64>, BenchError>
         }
         rates.push(appended as f64 / secs);
     }
-    shutdown.fire();
     Ok(rates)
 }
 

@@ -15,12 +15,19 @@
 //!
 //! # Layout
 //! - [`worker`]: the measurements (throughput, latency, soak, tenants).
+//! - [`platform`]: the operator-mode deployment (server + controller) that
+//!   onboarding, audit and logins run against.
+//! - [`logins`]: connect latency and rate, static `.creds` against API keys
+//!   through the auth callout.
+//! - [`audit`]: audit log appends and verification.
 //! - [`stats`]: medians, quantiles, RSS readings.
 //! - [`report`]: the table and `BENCHMARKS.md`.
 
 #![forbid(unsafe_code)]
 
 pub mod audit;
+pub mod logins;
+pub mod platform;
 pub mod report;
 pub mod stats;
 pub mod worker;
@@ -29,7 +36,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
-use clap::Args;
+use clap::{Args, ValueEnum};
 
 use agentbus_control::local_server::{LocalServer, ServerOptions};
 use report::{Report, Row};
@@ -79,6 +86,32 @@ pub struct BenchArgs {
     /// Write the Markdown report here (e.g. BENCHMARKS.md).
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Run only these sections (comma-separated), e.g. `--only logins`.
+    /// Default: all. Not with `--out`: a partial report would replace the
+    /// other sections of the file.
+    #[arg(long, value_enum, value_delimiter = ',', conflicts_with = "out")]
+    pub only: Vec<Section>,
+}
+
+/// A part of the benchmark, for `--only`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Section {
+    /// Publish -> subscribe throughput per payload size.
+    Throughput,
+    /// Request/reply latency.
+    Latency,
+    /// JetStream publish, consume and task dispatch.
+    Jetstream,
+    /// Receiver memory under sustained load.
+    Soak,
+    /// Admission cost and memory per tenant.
+    Tenants,
+    /// Tenant onboarding on an operator-mode server.
+    Onboarding,
+    /// Audit log appends and verification.
+    Audit,
+    /// Connect latency and rate: static `.creds` against API keys (auth callout).
+    Logins,
 }
 
 struct Plan {
@@ -92,6 +125,7 @@ struct Plan {
     onboard: usize,
     audit_appends: u64,
     audit_verify: u64,
+    logins: logins::LoginPlan,
 }
 
 impl Plan {
@@ -108,6 +142,12 @@ impl Plan {
                 onboard: 1,
                 audit_appends: 640,
                 audit_verify: 2_000,
+                logins: logins::LoginPlan {
+                    count: 100,
+                    concurrent_count: 200,
+                    concurrency: LOGIN_CONCURRENCY,
+                    repeats: args.repeats.unwrap_or(1).max(1),
+                },
             }
         } else {
             Plan {
@@ -121,14 +161,25 @@ impl Plan {
                 onboard: 5,
                 audit_appends: 64_000,
                 audit_verify: 100_000,
+                logins: logins::LoginPlan {
+                    count: 1_000,
+                    concurrent_count: 2_000,
+                    concurrency: LOGIN_CONCURRENCY,
+                    repeats: args.repeats.unwrap_or(5).max(1),
+                },
             }
         }
     }
 }
 
+/// Connectors at once in the concurrent logins phase: a handful of agents
+/// starting together, as after a deploy.
+const LOGIN_CONCURRENCY: usize = 8;
+
 /// Runs the benchmark.
 pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
     let plan = Plan::new(&args);
+    let on = |s: Section| args.only.is_empty() || args.only.contains(&s);
     let exe = std::env::current_exe().map_err(|e| BenchError(format!("current exe: {e}")))?;
     let started = Instant::now();
     let server = LocalServer::start(ServerOptions::new().jetstream(true))
@@ -141,203 +192,226 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
     );
 
     // Publish -> subscribe throughput.
-    for &(size, count) in &plan.sizes {
-        let (size_s, count_s) = (size.to_string(), count.to_string());
-        let runs = paired(
-            &started,
-            plan.repeats,
-            &format!("throughput {}", report::size_label(size)),
-            |mode, _| {
-                worker(
-                    &exe,
-                    None,
-                    &[
-                        "throughput",
-                        "--url",
-                        &url,
-                        "--mode",
-                        mode_arg(mode),
-                        "--size",
-                        &size_s,
-                        "--count",
-                        &count_s,
-                    ],
-                )
-            },
-        )?;
-        let label = report::size_label(size);
-        report.rows.push(Row::higher(
-            format!("pub->sub {label} msgs/s"),
-            pick(&runs, "msgs_per_sec"),
-            target_for(size),
+    if on(Section::Throughput) {
+        for &(size, count) in &plan.sizes {
+            let (size_s, count_s) = (size.to_string(), count.to_string());
+            let runs = paired(
+                &started,
+                plan.repeats,
+                &format!("throughput {}", report::size_label(size)),
+                |mode, _| {
+                    worker(
+                        &exe,
+                        None,
+                        &[
+                            "throughput",
+                            "--url",
+                            &url,
+                            "--mode",
+                            mode_arg(mode),
+                            "--size",
+                            &size_s,
+                            "--count",
+                            &count_s,
+                        ],
+                    )
+                },
+            )?;
+            let label = report::size_label(size);
+            report.rows.push(Row::higher(
+                format!("pub->sub {label} msgs/s"),
+                pick(&runs, "msgs_per_sec"),
+                target_for(size),
+            ));
+            report.rows.push(Row::higher(
+                format!("pub->sub {label} MB/s"),
+                pick(&runs, "mb_per_sec"),
+                None,
+            ));
+            report.rows.push(Row::memory(
+                format!("pub->sub {label} peak RSS (MiB)"),
+                pick_mib(&runs, "peak_rss_kib"),
+            ));
+        }
+    }
+
+    // Request/reply latency, pinned to one CPU when possible.
+    if on(Section::Latency) {
+        let pin = !args.no_pin && which("taskset");
+        let latency_server = LocalServer::start(ServerOptions::new())
+            .map_err(|e| BenchError(crate::one_line(&e.to_string())))?;
+        if pin {
+            if let Some(pid) = latency_server.pid() {
+                let _ = Command::new("taskset")
+                    .args(["-a", "-p", "-c", "0", &pid.to_string()])
+                    .stdout(Stdio::null())
+                    .status();
+            }
+        }
+        report.latency_pinned = pin;
+        let lat_url = latency_server.url();
+        let latency_count = plan.latency_count.to_string();
+        let runs = paired(&started, plan.repeats, "request/reply", |mode, _| {
+            worker(
+                &exe,
+                pin.then_some("0"),
+                &[
+                    "latency",
+                    "--url",
+                    &lat_url,
+                    "--mode",
+                    mode_arg(mode),
+                    "--count",
+                    &latency_count,
+                ],
+            )
+        })?;
+        drop(latency_server);
+        report.rows.push(Row::lower(
+            "request/reply p50 (us)".into(),
+            pick(&runs, "p50_us"),
+            Some(1.10),
         ));
-        report.rows.push(Row::higher(
-            format!("pub->sub {label} MB/s"),
-            pick(&runs, "mb_per_sec"),
+        report.rows.push(Row::lower(
+            "request/reply p99 (us)".into(),
+            pick(&runs, "p99_us"),
             None,
         ));
+        report.rows.push(Row::lower(
+            "request/reply p99.9 (us)".into(),
+            pick(&runs, "p999_us"),
+            None,
+        ));
+    }
+
+    // JetStream: raw publish + consume against sealed task dispatch.
+    if on(Section::Jetstream) {
+        let js_count = plan.js_count.to_string();
+        let runs = paired(&started, plan.repeats, "JetStream 1 KiB", |mode, r| {
+            // Each run gets its own stream and tenant, so runs share no state.
+            let run = format!("r{r}{}", mode_arg(mode));
+            worker(
+                &exe,
+                None,
+                &[
+                    "jetstream",
+                    "--url",
+                    &url,
+                    "--mode",
+                    mode_arg(mode),
+                    "--size",
+                    "1024",
+                    "--count",
+                    &js_count,
+                    "--run",
+                    &run,
+                ],
+            )
+        })?;
+        report.rows.push(Row::higher(
+            "JetStream 1 KiB publish msgs/s".into(),
+            pick(&runs, "publish_per_sec"),
+            Some(0.90),
+        ));
+        report.rows.push(Row::higher(
+            "JetStream 1 KiB consume msgs/s".into(),
+            pick(&runs, "consume_per_sec"),
+            Some(0.90),
+        ));
+        report.rows.push(Row::higher(
+            "JetStream 1 KiB end-to-end msgs/s".into(),
+            pick(&runs, "end_to_end_per_sec"),
+            Some(0.90),
+        ));
         report.rows.push(Row::memory(
-            format!("pub->sub {label} peak RSS (MiB)"),
+            "JetStream 1 KiB peak RSS (MiB)".into(),
             pick_mib(&runs, "peak_rss_kib"),
         ));
     }
 
-    // Request/reply latency, pinned to one CPU when possible.
-    let pin = !args.no_pin && which("taskset");
-    let latency_server = LocalServer::start(ServerOptions::new())
-        .map_err(|e| BenchError(crate::one_line(&e.to_string())))?;
-    if pin {
-        if let Some(pid) = latency_server.pid() {
-            let _ = Command::new("taskset")
-                .args(["-a", "-p", "-c", "0", &pid.to_string()])
-                .stdout(Stdio::null())
-                .status();
-        }
-    }
-    report.latency_pinned = pin;
-    let lat_url = latency_server.url();
-    let latency_count = plan.latency_count.to_string();
-    let runs = paired(&started, plan.repeats, "request/reply", |mode, _| {
-        worker(
-            &exe,
-            pin.then_some("0"),
-            &[
-                "latency",
-                "--url",
-                &lat_url,
-                "--mode",
-                mode_arg(mode),
-                "--count",
-                &latency_count,
-            ],
-        )
-    })?;
-    drop(latency_server);
-    report.rows.push(Row::lower(
-        "request/reply p50 (us)".into(),
-        pick(&runs, "p50_us"),
-        Some(1.10),
-    ));
-    report.rows.push(Row::lower(
-        "request/reply p99 (us)".into(),
-        pick(&runs, "p99_us"),
-        None,
-    ));
-    report.rows.push(Row::lower(
-        "request/reply p99.9 (us)".into(),
-        pick(&runs, "p999_us"),
-        None,
-    ));
-
-    // JetStream: raw publish + consume against sealed task dispatch.
-    let js_count = plan.js_count.to_string();
-    let runs = paired(&started, plan.repeats, "JetStream 1 KiB", |mode, r| {
-        // Each run gets its own stream and tenant, so runs share no state.
-        let run = format!("r{r}{}", mode_arg(mode));
-        worker(
-            &exe,
-            None,
-            &[
-                "jetstream",
-                "--url",
-                &url,
-                "--mode",
-                mode_arg(mode),
-                "--size",
-                "1024",
-                "--count",
-                &js_count,
-                "--run",
-                &run,
-            ],
-        )
-    })?;
-    report.rows.push(Row::higher(
-        "JetStream 1 KiB publish msgs/s".into(),
-        pick(&runs, "publish_per_sec"),
-        Some(0.90),
-    ));
-    report.rows.push(Row::higher(
-        "JetStream 1 KiB consume msgs/s".into(),
-        pick(&runs, "consume_per_sec"),
-        Some(0.90),
-    ));
-    report.rows.push(Row::higher(
-        "JetStream 1 KiB end-to-end msgs/s".into(),
-        pick(&runs, "end_to_end_per_sec"),
-        Some(0.90),
-    ));
-    report.rows.push(Row::memory(
-        "JetStream 1 KiB peak RSS (MiB)".into(),
-        pick_mib(&runs, "peak_rss_kib"),
-    ));
-
     // Memory under sustained load.
-    let mut soak: [Vec<serde_json::Value>; 2] = [Vec::new(), Vec::new()];
-    for mode in [Mode::Raw, Mode::Sealed] {
-        progress(
-            &started,
-            &format!("soak 1 KiB {mode:?} for {} s", plan.soak_secs),
-        );
-        let v = worker(
-            &exe,
-            None,
-            &[
-                "soak",
-                "--url",
-                &url,
-                "--mode",
-                mode_arg(mode),
-                "--secs",
-                &plan.soak_secs.to_string(),
-            ],
-        )?;
-        soak[mode as usize].push(v);
+    if on(Section::Soak) {
+        let mut soak: [Vec<serde_json::Value>; 2] = [Vec::new(), Vec::new()];
+        for mode in [Mode::Raw, Mode::Sealed] {
+            progress(
+                &started,
+                &format!("soak 1 KiB {mode:?} for {} s", plan.soak_secs),
+            );
+            let v = worker(
+                &exe,
+                None,
+                &[
+                    "soak",
+                    "--url",
+                    &url,
+                    "--mode",
+                    mode_arg(mode),
+                    "--secs",
+                    &plan.soak_secs.to_string(),
+                ],
+            )?;
+            soak[mode as usize].push(v);
+        }
+        report.soak = Some(report::Soak::from_runs(&soak, plan.soak_secs));
     }
-    report.soak = Some(report::Soak::from_runs(&soak, plan.soak_secs));
 
     // Admission cost and per-tenant memory.
-    for &n in &plan.tenant_counts {
-        progress(&started, &format!("admission and memory with {n} tenants"));
-        let v = worker(
-            &exe,
-            None,
-            &[
-                "tenants",
-                "--tenants",
-                &n.to_string(),
-                "--checks",
-                &plan.checks.to_string(),
-            ],
-        )?;
-        report.tenants.push(report::TenantRow::from_value(n, &v));
+    if on(Section::Tenants) {
+        for &n in &plan.tenant_counts {
+            progress(&started, &format!("admission and memory with {n} tenants"));
+            let v = worker(
+                &exe,
+                None,
+                &[
+                    "tenants",
+                    "--tenants",
+                    &n.to_string(),
+                    "--checks",
+                    &plan.checks.to_string(),
+                ],
+            )?;
+            report.tenants.push(report::TenantRow::from_value(n, &v));
+        }
     }
 
     // Onboarding on an operator-mode server.
-    progress(&started, "tenant onboarding (operator mode)");
-    report.onboarding_ms = Some(Summary::of(&onboarding(plan.onboard).await?));
+    if on(Section::Onboarding) {
+        progress(&started, "tenant onboarding (operator mode)");
+        report.onboarding_ms = Some(Summary::of(&onboarding(plan.onboard).await?));
+    }
 
     // The audit log: appends with checkpoints, and verification.
-    progress(
-        &started,
-        &format!(
-            "audit: {} appends over {} logs",
-            plan.audit_appends,
-            audit::LOGS
-        ),
-    );
-    let appends = audit::appends(plan.audit_appends, plan.repeats).await?;
-    progress(
-        &started,
-        &format!("audit: verify {} events", plan.audit_verify),
-    );
-    let verify = audit::verify_secs(plan.audit_verify, plan.repeats)?;
-    report.audit = Some(report::AuditFigures {
-        appended: plan.audit_appends,
-        appends_per_sec: Summary::of(&appends),
-        verified: plan.audit_verify,
-        verify_secs: Summary::of(&verify),
-    });
+    if on(Section::Audit) {
+        progress(
+            &started,
+            &format!(
+                "audit: {} appends over {} logs",
+                plan.audit_appends,
+                audit::LOGS
+            ),
+        );
+        let appends = audit::appends(plan.audit_appends, plan.repeats).await?;
+        progress(
+            &started,
+            &format!("audit: verify {} events", plan.audit_verify),
+        );
+        let verify = audit::verify_secs(plan.audit_verify, plan.repeats)?;
+        report.audit = Some(report::AuditFigures {
+            appended: plan.audit_appends,
+            appends_per_sec: Summary::of(&appends),
+            verified: plan.audit_verify,
+            verify_secs: Summary::of(&verify),
+        });
+    }
+
+    // Logins: static .creds against API keys through the auth callout.
+    if on(Section::Logins) {
+        let runs = logins::run(&exe, plan.logins, |what| progress(&started, what)).await?;
+        report.logins = Some(report::LoginFigures::from_runs(
+            &runs,
+            plan.logins.concurrency,
+        ));
+    }
 
     drop(server);
     progress(&started, "done");
@@ -436,7 +510,7 @@ fn pick_mib(runs: &[Vec<serde_json::Value>; 2], field: &str) -> [Summary; 2] {
 }
 
 /// Runs one worker process and parses its JSON line.
-fn worker(
+pub(crate) fn worker(
     exe: &std::path::Path,
     pin_cpu: Option<&str>,
     args: &[&str],
@@ -471,23 +545,9 @@ fn worker(
 /// writes and claim push).
 async fn onboarding(repeats: usize) -> Result<Vec<f64>, BenchError> {
     use futures::StreamExt as _;
-    let dir = tempfile::tempdir().map_err(|e| BenchError(format!("temp dir: {e}")))?;
-    let mut install = agentbus_control::Installation::init(dir.path().join("state"))?;
-    let config = install.server_config(&install.default_server_options());
-    let server = LocalServer::start(ServerOptions::new().config(config))
-        .map_err(|e| BenchError(crate::one_line(&e.to_string())))?;
-    install.set_urls(vec![server.url()], 1)?;
-    let controller = agentbus_control::Controller::connect(
-        &install,
-        agentbus_control::ControllerConfig::new(server.url()),
-    )
-    .await?;
-    let shutdown = agentbus_control::controller::shutdown::Shutdown::new();
-    tokio::spawn(controller.serve(shutdown.clone()));
+    let platform = platform::OperatorPlatform::start().await?;
     let api = |e: agentbus_control::ApiError| BenchError(e.to_string());
-    let cp = agentbus_control::AdminClient::connect(&server.url(), &install.creds("admin.creds")?)
-        .await
-        .map_err(api)?;
+    let cp = &platform.cp;
     let mut times = Vec::new();
     for i in 0..repeats.max(1) {
         let id = format!("onboard-{i}");
@@ -515,6 +575,5 @@ async fn onboarding(repeats: usize) -> Result<Vec<f64>, BenchError> {
             }
         }
     }
-    shutdown.fire();
     Ok(times)
 }

@@ -175,6 +175,67 @@ pub struct Report {
     pub onboarding_ms: Option<Summary>,
     /// Audit log figures.
     pub audit: Option<AuditFigures>,
+    /// Login figures.
+    pub logins: Option<LoginFigures>,
+}
+
+/// The login targets, for API keys through the auth callout: connect
+/// p50 at most this many ms ...
+pub const LOGIN_P50_TARGET_MS: f64 = 5.0;
+/// ... and at least this many connects per second (checked on the concurrent
+/// phase: a sequential rate is only the inverse of the latency).
+pub const LOGIN_RATE_TARGET: f64 = 300.0;
+
+/// Login figures (see `crate::logins`): static `.creds`, then API keys.
+#[derive(Debug, Clone)]
+pub struct LoginFigures {
+    /// Connectors at once in the concurrent phase.
+    pub concurrency: usize,
+    /// Sequential connect p50, ms.
+    pub seq_p50_ms: [Summary; 2],
+    /// Sequential connect p99, ms.
+    pub seq_p99_ms: [Summary; 2],
+    /// Sequential connects per second.
+    pub seq_per_sec: [Summary; 2],
+    /// Concurrent connect p50, ms.
+    pub conc_p50_ms: [Summary; 2],
+    /// Concurrent connect p99, ms.
+    pub conc_p99_ms: [Summary; 2],
+    /// Concurrent connects per second.
+    pub conc_per_sec: [Summary; 2],
+}
+
+impl LoginFigures {
+    /// From the workers' JSON: the `.creds` runs, then the key runs.
+    pub fn from_runs(runs: &[Vec<serde_json::Value>; 2], concurrency: usize) -> Self {
+        let pick = |field: &str| -> [Summary; 2] {
+            let get = |vs: &Vec<serde_json::Value>| -> Vec<f64> {
+                vs.iter()
+                    .filter_map(|v| v.get(field).and_then(|x| x.as_f64()))
+                    .collect()
+            };
+            [Summary::of(&get(&runs[0])), Summary::of(&get(&runs[1]))]
+        };
+        Self {
+            concurrency,
+            seq_p50_ms: pick("seq_p50_ms"),
+            seq_p99_ms: pick("seq_p99_ms"),
+            seq_per_sec: pick("seq_per_sec"),
+            conc_p50_ms: pick("conc_p50_ms"),
+            conc_p99_ms: pick("conc_p99_ms"),
+            conc_per_sec: pick("conc_per_sec"),
+        }
+    }
+
+    /// Whether the API key logins meet the p50 target.
+    pub fn p50_met(&self) -> bool {
+        self.seq_p50_ms[1].median <= LOGIN_P50_TARGET_MS
+    }
+
+    /// Whether the API key logins meet the rate target.
+    pub fn rate_met(&self) -> bool {
+        self.conc_per_sec[1].median >= LOGIN_RATE_TARGET
+    }
 }
 
 /// Audit log figures (see `crate::audit`).
@@ -243,14 +304,18 @@ impl Report {
             tenants: Vec::new(),
             onboarding_ms: None,
             audit: None,
+            logins: None,
         }
     }
 
     /// The results as a Markdown table (also printed to the terminal).
     pub fn render(&self) -> String {
         let mut s = String::new();
-        let _ = writeln!(s, "| measurement | raw async-nats: median (min..max) | agentbus: median (min..max) | ratio | target |");
-        let _ = writeln!(s, "|---|---|---|---|---|");
+        // Empty when `--only` left out every raw-vs-sealed section.
+        if !self.rows.is_empty() {
+            let _ = writeln!(s, "| measurement | raw async-nats: median (min..max) | agentbus: median (min..max) | ratio | target |");
+            let _ = writeln!(s, "|---|---|---|---|---|");
+        }
         for r in &self.rows {
             let _ = writeln!(
                 s,
@@ -333,6 +398,55 @@ impl Report {
                 a.verify_secs.max,
                 if scaled <= 2.0 { "met" } else { "MISSED" }
             );
+        }
+        if let Some(l) = &self.logins {
+            let verdict = |met: bool| if met { "met" } else { "MISSED" };
+            let _ = writeln!(
+                s,
+                "\n| logins: raw async-nats client, connect + flush, then close | static .creds: median (min..max) | API key via auth callout: median (min..max) | target (API key) |"
+            );
+            let _ = writeln!(s, "|---|---|---|---|");
+            let c = l.concurrency;
+            let lines: [(String, &[Summary; 2], String); 6] = [
+                (
+                    "connect p50, sequential (ms)".into(),
+                    &l.seq_p50_ms,
+                    format!("<= {LOGIN_P50_TARGET_MS} ms: {}", verdict(l.p50_met())),
+                ),
+                (
+                    "connect p99, sequential (ms)".into(),
+                    &l.seq_p99_ms,
+                    String::new(),
+                ),
+                (
+                    "connects/s, sequential".into(),
+                    &l.seq_per_sec,
+                    String::new(),
+                ),
+                (
+                    format!("connect p50, {c} at once (ms)"),
+                    &l.conc_p50_ms,
+                    String::new(),
+                ),
+                (
+                    format!("connect p99, {c} at once (ms)"),
+                    &l.conc_p99_ms,
+                    String::new(),
+                ),
+                (
+                    format!("connects/s, {c} at once"),
+                    &l.conc_per_sec,
+                    format!(">= {LOGIN_RATE_TARGET}/s: {}", verdict(l.rate_met())),
+                ),
+            ];
+            for (name, v, target) in lines {
+                let _ = writeln!(
+                    s,
+                    "| {name} | {} | {} | {target} |",
+                    fmt_summary(&v[0]),
+                    fmt_summary(&v[1])
+                );
+            }
         }
         if let Some(o) = &self.onboarding_ms {
             let _ = writeln!(

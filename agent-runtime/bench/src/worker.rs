@@ -38,6 +38,8 @@ pub enum WorkerCommand {
     Tenants(TenantsArgs),
     /// JetStream: raw publish + consume against task dispatch.
     Jetstream(JetstreamArgs),
+    /// Connects of a raw client by `.creds` or by API key (auth callout).
+    Logins(crate::logins::LoginsArgs),
 }
 
 /// Arguments of the JetStream measurement.
@@ -129,6 +131,7 @@ pub fn run(cmd: WorkerCommand) -> Result<(), BenchError> {
             WorkerCommand::Soak(a) => soak(a).await,
             WorkerCommand::Tenants(a) => tenants(a).await,
             WorkerCommand::Jetstream(a) => jetstream(a).await,
+            WorkerCommand::Logins(a) => crate::logins::measure(a).await,
         }
     })?;
     println!("{value}");
