@@ -283,20 +283,26 @@ impl Counters {
 
     pub(crate) fn count_drop(&self, reason: DropReason) {
         self.dropped[reason.index()].fetch_add(1, Ordering::Relaxed);
+        // Drops are the rare path; the metrics facade is one atomic load
+        // without a recorder.
+        metrics::counter!("agentbus_bus_dropped_total", "reason" => reason.as_str()).increment(1);
     }
     pub(crate) fn count_delivered(&self) {
         self.delivered.fetch_add(1, Ordering::Relaxed);
     }
     pub(crate) fn count_slow_consumer(&self) -> u64 {
+        metrics::counter!("agentbus_bus_slow_consumer_total").increment(1);
         self.slow_consumer.fetch_add(1, Ordering::Relaxed) + 1
     }
     pub(crate) fn count_permission_violation(&self) {
+        metrics::counter!("agentbus_bus_permission_violations_total").increment(1);
         self.permission_violation.fetch_add(1, Ordering::Relaxed);
     }
     pub(crate) fn count_server_error(&self) {
         self.server_error.fetch_add(1, Ordering::Relaxed);
     }
     pub(crate) fn count_admission_rejection(&self) {
+        metrics::counter!("agentbus_bus_admission_rejections_total").increment(1);
         self.rejected_by_admission.fetch_add(1, Ordering::Relaxed);
     }
 }

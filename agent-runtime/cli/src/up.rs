@@ -59,6 +59,11 @@ pub struct UpArgs {
     /// The identity provider's public keys (a JWKS file) for --jwt-config.
     #[arg(long, requires = "jwt_config", value_name = "FILE")]
     pub jwks: Option<std::path::PathBuf>,
+    /// Serve Prometheus metrics (logins, policing, usage per tenant, bus
+    /// drops) at http://ADDR/metrics, e.g. `127.0.0.1:9464`. Off by default;
+    /// bind to loopback unless a scraper needs more.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// Arguments of `agentbus controller`.
@@ -81,6 +86,22 @@ pub struct ControllerArgs {
     /// The identity provider's public keys (a JWKS file) for --jwt-config.
     #[arg(long, requires = "jwt_config", value_name = "FILE")]
     pub jwks: Option<std::path::PathBuf>,
+    /// Serve Prometheus metrics (logins, policing, usage per tenant, bus
+    /// drops) at http://ADDR/metrics, e.g. `127.0.0.1:9464`. Off by default;
+    /// bind to loopback unless a scraper needs more.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<std::net::SocketAddr>,
+}
+
+/// Installs the Prometheus exporter when `--metrics ADDR` is given.
+fn serve_metrics(addr: Option<std::net::SocketAddr>) -> Result<(), Failure> {
+    let Some(addr) = addr else { return Ok(()) };
+    metrics_exporter_prometheus::PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .install()
+        .map_err(|e| fail(EXIT_UNAVAILABLE, format!("metrics on {addr}: {e}")))?;
+    eprintln!("agentbus: metrics at http://{addr}/metrics");
+    Ok(())
 }
 
 /// Adds the platform-JWT verifier to `config` when both files are given.
@@ -264,6 +285,7 @@ pub async fn run(args: UpArgs) -> Result<(), Failure> {
     };
     let urls = servers.urls();
     install.set_urls(urls.split(',').map(str::to_string).collect(), replicas)?;
+    serve_metrics(args.metrics)?;
     let config = with_platform_jwt(
         ControllerConfig::new(&urls).replicas(replicas),
         args.jwt_config.as_deref(),
@@ -308,6 +330,7 @@ pub async fn controller(args: ControllerArgs) -> Result<(), Failure> {
     let install = Installation::open(state)?;
     let urls = args.url.unwrap_or_else(|| install.url_list());
     let replicas = args.replicas.unwrap_or(install.facts().replicas);
+    serve_metrics(args.metrics)?;
     let config = with_platform_jwt(
         ControllerConfig::new(&urls).replicas(replicas),
         args.jwt_config.as_deref(),

@@ -272,10 +272,16 @@ impl Controller {
         let outcome = match self.login(state, &request, now).await {
             Ok(jwt) => {
                 bump(&state.counters.allowed);
+                metrics::counter!("agentbus_logins_total", "outcome" => "allowed", "reason" => "")
+                    .increment(1);
                 Ok(jwt)
             }
             Err(d) => {
                 bump(&state.counters.denied);
+                // The reason's code only (before any detail): a bounded label.
+                let code = d.reason.split(':').next().unwrap_or("").trim().to_string();
+                metrics::counter!("agentbus_logins_total", "outcome" => "denied", "reason" => code)
+                    .increment(1);
                 tracing::info!(reason = %d.reason, tenant = ?d.tenant, credential = %d.credential, "login denied");
                 self.audit_login(
                     &request,

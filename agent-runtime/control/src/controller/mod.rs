@@ -172,6 +172,8 @@ pub struct Controller {
     pub(crate) police_memory: police::Memory,
     /// How many servers answered the last statistics poll.
     pub(crate) servers_answering: std::sync::atomic::AtomicUsize,
+    /// Cursors of the usage metrics.
+    pub(crate) metric_cursors: std::sync::Mutex<usage_poll::MetricCursors>,
 }
 
 impl std::fmt::Debug for Controller {
@@ -362,6 +364,7 @@ impl Controller {
             callout,
             police_memory: Default::default(),
             servers_answering: Default::default(),
+            metric_cursors: Default::default(),
         }))
     }
 

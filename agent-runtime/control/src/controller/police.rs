@@ -360,6 +360,7 @@ impl Controller {
         tracing::warn!(%tenant, %reason, "policing");
         self.audit_police(tenant, "policing.throttle", &reason)
             .await;
+        metrics::counter!("agentbus_policing_actions_total", "action" => "throttle").increment(1);
         if strike >= STRIKES_TO_SUSPEND {
             let reason = format!(
                 "{strike} strikes within {}s: suspended",
@@ -373,7 +374,11 @@ impl Controller {
                 )
                 .await
             {
-                Ok(_) => self.audit_police(tenant, "policing.suspend", &reason).await,
+                Ok(_) => {
+                    metrics::counter!("agentbus_policing_actions_total", "action" => "suspend")
+                        .increment(1);
+                    self.audit_police(tenant, "policing.suspend", &reason).await
+                }
                 Err(e) => tracing::warn!(%tenant, error = %e, "policing: suspending failed"),
             }
         }

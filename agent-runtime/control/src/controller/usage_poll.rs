@@ -15,6 +15,16 @@ use crate::usage::{self, Counters, UsageRequest};
 
 /// How long a poll collects the servers' answers.
 pub(super) const POLL_WINDOW: Duration = Duration::from_millis(750);
+/// Tenants with their own label in the usage metrics (the rest: `_other`).
+pub(super) const METRIC_TENANTS: usize = 200;
+
+/// The metrics' own cursors (per tenant and server) and labelled tenants.
+#[derive(Debug, Default)]
+pub(crate) struct MetricCursors {
+    cursors: HashMap<(String, String), Counters>,
+    tenants: std::collections::HashSet<String>,
+}
+
 /// After as many servers answered as last time, how long to wait for more.
 const STRAGGLER_WAIT: Duration = Duration::from_millis(30);
 
@@ -139,6 +149,7 @@ impl Controller {
         let now = tenant_bus::envelope::now_ms();
         let mut updated = 0;
         for (tenant, observations) in per_tenant {
+            self.export_usage(tenant, &observations);
             match self.apply_usage(tenant, &observations, now).await {
                 Ok(true) => updated += 1,
                 Ok(false) => {}
@@ -146,6 +157,40 @@ impl Controller {
             }
         }
         updated
+    }
+
+    /// Usage counters for Prometheus: per tenant for the first
+    /// [`METRIC_TENANTS`] tenants this process sees, `_other` for the rest (a
+    /// bounded label set).
+    fn export_usage(&self, tenant: &TenantId, observations: &[(&String, Counters)]) {
+        let Ok(mut memory) = self.metric_cursors.lock() else {
+            return;
+        };
+        let mut delta = Counters::default();
+        for (server, c) in observations {
+            let key = (tenant.to_string(), (*server).clone());
+            // A first sight counts in full, as in the ledger: the counters
+            // count since the server loaded the account.
+            let prev = memory.cursors.get(&key).copied().unwrap_or_default();
+            delta.add(&c.since(&prev));
+            memory.cursors.insert(key, *c);
+        }
+        let label = if memory.tenants.contains(tenant.as_str()) {
+            tenant.to_string()
+        } else if memory.tenants.len() < METRIC_TENANTS {
+            memory.tenants.insert(tenant.to_string());
+            tenant.to_string()
+        } else {
+            "_other".to_string()
+        };
+        metrics::counter!("agentbus_usage_msgs_in_total", "tenant" => label.clone())
+            .increment(delta.msgs_in);
+        metrics::counter!("agentbus_usage_bytes_in_total", "tenant" => label.clone())
+            .increment(delta.bytes_in);
+        metrics::counter!("agentbus_usage_msgs_out_total", "tenant" => label.clone())
+            .increment(delta.msgs_out);
+        metrics::counter!("agentbus_usage_bytes_out_total", "tenant" => label)
+            .increment(delta.bytes_out);
     }
 
     async fn apply_usage(
