@@ -15,9 +15,16 @@ passed the same verification (tenant, subject, key, tag, freshness, replay)::
     print(msg.subject, msg.sender, msg.payload)
     await ns.close()
 
+With only an API key (``agentbus key create``) instead of a bundle,
+:func:`connect_with_key` logs in through the control plane, learns its tenant
+from the server and fetches the tenant's key set::
+
+    ns = await tenantbus.connect_with_key("nats://127.0.0.1:4222", key)
+
 Task dispatch interoperating with the Rust dispatcher is in :mod:`tenantbus.dispatch`.
 """
 
+from .apikey import KeyRefresher, connect_with_key, is_api_key, parse_api_key
 from .bundle import CredentialBundle
 from .envelope import (
     FORMAT_VERSION,
@@ -30,6 +37,8 @@ from .envelope import (
     open_envelope,
 )
 from .errors import (
+    ApiKeyError,
+    ApiKeyErrorKind,
     BundleError,
     BundleErrorKind,
     ConnectError,
@@ -65,6 +74,8 @@ from .verify import Counters, CountersSnapshot, Freshness, Verifier
 __version__ = "0.1.0"
 
 __all__ = [
+    "ApiKeyError",
+    "ApiKeyErrorKind",
     "BundleError",
     "BundleErrorKind",
     "ConnectError",
@@ -81,6 +92,7 @@ __all__ = [
     "Header",
     "IdError",
     "IdErrorKind",
+    "KeyRefresher",
     "KeySetError",
     "KeySetErrorKind",
     "MessageId",
@@ -106,11 +118,14 @@ __all__ = [
     "TenantNamespace",
     "Verifier",
     "connect",
+    "connect_with_key",
     "decode_header",
     "derive_key",
     "inbox_prefix",
+    "is_api_key",
     "now_ms",
     "open_envelope",
+    "parse_api_key",
     "scope",
     "unscope",
     "validate_agent_id",

@@ -104,10 +104,35 @@ class ConnectErrorKind(enum.Enum):
     KEYS = "keys"
     CONNECTION = "connection"
     AUTHORIZATION = "authorization"
+    #: :func:`tenantbus.connect_with_key`: the text is not an API key (prefix,
+    #: length, characters or checksum), decided offline before any connection.
+    INVALID_KEY = "invalid_key"
+    #: :func:`tenantbus.connect_with_key`: the server or the control plane
+    #: refused the key (unknown, revoked, expired, or its tenant suspended).
+    REFUSED = "refused"
 
 
 class ConnectError(TenantBusError[ConnectErrorKind]):
     """A connect error."""
+
+
+class ApiKeyErrorKind(enum.Enum):
+    """Why a text is not an API key (``KeyFormatError`` of
+    ``agent-runtime/control/src/identity/apikey.rs``), decided offline."""
+
+    PREFIX = "prefix"
+    LENGTH = "length"
+    CHARSET = "charset"
+    CHECKSUM = "checksum"
+
+    @property
+    def reason(self) -> str:
+        """The Rust audit reason (``key_prefix``, ``key_checksum``, ...)."""
+        return f"key_{self.value}"
+
+
+class ApiKeyError(TenantBusError[ApiKeyErrorKind], ValueError):
+    """A malformed API key (see :func:`tenantbus.parse_api_key`)."""
 
 
 class PublishErrorKind(enum.Enum):

@@ -14,7 +14,19 @@ import inspect
 import itertools
 import json
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Awaitable, Callable, Dict, List, Mapping, Optional, Tuple, Union
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Dict,
+    List,
+    Mapping,
+    Optional,
+    Tuple,
+    Union,
+)
 
 import nats
 from nats.aio.client import Client as NatsClient
@@ -41,6 +53,9 @@ from .message import TenantMessage
 from .replay import ReplayGuard
 from .subject import inbox_prefix, scope, validate_pattern, validate_subject
 from .verify import Counters, CountersSnapshot, Freshness, Verifier
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .apikey import KeyRefresher
 
 Payload = Union[bytes, bytearray, memoryview, str]
 #: An admission hook: called with the payload length before every publish,
@@ -82,6 +97,9 @@ class NamespaceOptions:
     admission: Optional[Admission] = None
     #: Extra keyword arguments for ``nats.connect`` (e.g. ``tls``).
     nats_options: Dict[str, Any] = field(default_factory=dict)
+    #: A NATS token to log in with when the bundle has no ``creds`` (an API
+    #: key: :func:`tenantbus.connect_with_key` sets it). Never shown by ``repr``.
+    auth_token: Optional[str] = field(default=None, repr=False)
 
     @property
     def freshness(self) -> Freshness:
@@ -107,11 +125,24 @@ async def connect(
     a dict, or a :class:`CredentialBundle`). Keyword ``overrides`` set fields of
     :class:`NamespaceOptions` (e.g. ``request_timeout=2``)."""
     b = CredentialBundle.load(bundle)
+    return await _connect(b, _apply_overrides(options, overrides))
+
+
+def _apply_overrides(options: Optional[NamespaceOptions], overrides: Mapping[str, Any]) -> NamespaceOptions:
     opts = options or NamespaceOptions()
     for k, v in overrides.items():
         if not hasattr(opts, k):
             raise TypeError(f"unknown namespace option {k!r}")
         setattr(opts, k, v)
+    return opts
+
+
+async def _connect(
+    b: CredentialBundle, opts: NamespaceOptions, fail_fast_auth: bool = False
+) -> "TenantNamespace":
+    """Connects a loaded bundle. With ``fail_fast_auth`` a server refusing the
+    login raises ``authorization`` at once instead of being retried like an
+    unreachable server (unreachable servers are still retried)."""
     try:
         b.keys.ensure_tenant(b.tenant)
     except KeySetError as e:
@@ -140,13 +171,18 @@ async def connect(
     if b.creds is not None:
         _validate_creds(b.creds)
         kwargs["user_credentials"] = RawCredentials(b.creds)
+    elif opts.auth_token is not None:
+        kwargs["token"] = opts.auth_token
     kwargs.update(opts.nats_options)
     nc = NatsClient()
+    first: Dict[str, Any] = {"max_reconnect_attempts": 1}
+    if fail_fast_auth:
+        # A refused CONNECT is raised by nats-py at once only without
+        # reconnects; unreachable servers are still tried in turn.
+        first["allow_reconnect"] = False
     try:
         # nats-py retries the initial connect like a reconnect: bound it.
-        await asyncio.wait_for(
-            nc.connect(**{**kwargs, "max_reconnect_attempts": 1}), timeout=opts.connect_timeout * 2 + 1
-        )
+        await asyncio.wait_for(nc.connect(**{**kwargs, **first}), timeout=opts.connect_timeout * 2 + 1)
     except Exception as e:
         try:
             await nc.close()
@@ -161,6 +197,7 @@ async def connect(
         raise ConnectError(kind, f"{b.url}: {text}") from e
     # From now on, reconnect forever (as async-nats does).
     nc.options["max_reconnect_attempts"] = -1
+    nc.options["allow_reconnect"] = kwargs["allow_reconnect"]
     counters.server_error = 0  # failed attempts before the connection was made
     return TenantNamespace(nc, b, opts, counters)
 
@@ -262,6 +299,10 @@ class TenantNamespace:
         self._subs: "set[Subscription]" = set()
         self._muxer: Optional[_Muxer] = None
         self._muxer_lock = asyncio.Lock()
+        self._tasks: "set[asyncio.Task[Any]]" = set()
+        #: The key-set refresher of a namespace joined with an API key
+        #: (:func:`tenantbus.connect_with_key`); ``None`` otherwise.
+        self.key_refresher: Optional["KeyRefresher"] = None
 
     def __repr__(self) -> str:
         return f"TenantNamespace(tenant={self.tenant!r}, agent={self.agent!r})"
@@ -489,9 +530,22 @@ class TenantNamespace:
         """Whether the connection is closed."""
         return bool(self._nc.is_closed)
 
+    def _own_task(self, task: "asyncio.Task[Any]") -> None:
+        """Ties a background task (such as a key refresher) to this namespace:
+        :meth:`close` cancels it."""
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     async def close(self, timeout: float = 5.0) -> None:
         """Flushes everything published, drains the subscriptions (their
-        buffered messages stay readable) and closes the connection."""
+        buffered messages stay readable) and closes the connection. Background
+        tasks of the namespace (a key refresher) are cancelled first."""
+        tasks = list(self._tasks)
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            # Cancelled (or already failed): either way they are over.
+            await asyncio.gather(*tasks, return_exceptions=True)
         nc = self._nc
         if nc.is_closed:
             for s in list(self._subs):
