@@ -106,3 +106,69 @@ async fn usage_is_what_the_server_counted_across_a_restart() {
     assert_eq!(after, Some(150), "100 before and 50 after the restart");
     shutdown.fire();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reported_units_count_once_per_key_and_only_for_the_reporters_tenant() {
+    let p = platform().await;
+    p.cp.create_tenant("acme", Tier::Free).await.unwrap();
+    p.cp.create_tenant("globex", Tier::Free).await.unwrap();
+    let acme = p.cp.create_agent("acme", "llm", "default").await.unwrap();
+    let globex = p.cp.create_agent("globex", "llm", "default").await.unwrap();
+    let acme_account = agentbus_control::keys::bundle_account(&acme.bundle).unwrap();
+    let globex_account = agentbus_control::keys::bundle_account(&globex.bundle).unwrap();
+    let a = tenant_bus::TenantNamespace::connect(&acme.bundle)
+        .await
+        .unwrap();
+    let g = tenant_bus::TenantNamespace::connect(&globex.bundle)
+        .await
+        .unwrap();
+    use agentbus_control::keys::report_usage;
+
+    assert!(
+        report_usage(&a, &acme_account, "llm.tokens", 1234, "call-1")
+            .await
+            .unwrap()
+    );
+    // A retry of the same call is not counted again.
+    assert!(
+        !report_usage(&a, &acme_account, "llm.tokens", 1234, "call-1")
+            .await
+            .unwrap()
+    );
+    assert!(report_usage(&a, &acme_account, "llm.tokens", 10, "call-2")
+        .await
+        .unwrap());
+    // Bad input changes nothing.
+    let err = report_usage(&a, &acme_account, "LLM tokens", 1, "call-3")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code, agentbus_control::ErrorCode::InvalidInput);
+    // globex cannot charge acme: not through acme's subject (the server
+    // refuses the publish), nor by naming acme on its own.
+    assert!(report_usage(&g, &acme_account, "llm.tokens", 999, "x")
+        .await
+        .is_err());
+    let ga = tenant_bus::TenantNamespace::connect(&globex.bundle)
+        .await
+        .unwrap();
+    let body = serde_json::json!({"tenant": "acme", "unit": "llm.tokens", "amount": 999, "idempotency_key": "y"});
+    let reply = ga
+        .nats()
+        .request(
+            agentbus_control::api::usage_report_subject(&globex_account),
+            serde_json::to_vec(&body).unwrap().into(),
+        )
+        .await
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&reply.payload).contains("forbidden"),
+        "{:?}",
+        reply.payload
+    );
+
+    let (_, _, rows) = total(&p, "acme").await;
+    let tokens: u64 = rows.iter().filter_map(|r| r.units.get("llm.tokens")).sum();
+    assert_eq!(tokens, 1244);
+    let (_, _, rows) = total(&p, "globex").await;
+    assert!(rows.iter().all(|r| r.units.is_empty()), "{rows:?}");
+}

@@ -47,13 +47,29 @@ fn instant(text: &str, now_ms: u64) -> Result<u64, Failure> {
     Ok(now_ms.saturating_sub(u64::try_from(ago.as_millis()).unwrap_or(u64::MAX)))
 }
 
+/// Reported units as `unit=amount;...` (unit names hold no `;`, `=` or `,`).
+fn units(r: &UsageRow) -> String {
+    r.units
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(";")
+}
+
 fn csv(rows: &[UsageRow]) -> String {
     let mut out =
-        String::from("tenant,period_start,period_end,msgs_in,bytes_in,msgs_out,bytes_out");
+        String::from("tenant,period_start,period_end,msgs_in,bytes_in,msgs_out,bytes_out,units");
     for r in rows {
         out.push_str(&format!(
-            "\n{},{},{},{},{},{},{}",
-            r.tenant, r.period_start, r.period_end, r.msgs_in, r.bytes_in, r.msgs_out, r.bytes_out
+            "\n{},{},{},{},{},{},{},{}",
+            r.tenant,
+            r.period_start,
+            r.period_end,
+            r.msgs_in,
+            r.bytes_in,
+            r.msgs_out,
+            r.bytes_out,
+            units(r)
         ));
     }
     out
@@ -61,13 +77,18 @@ fn csv(rows: &[UsageRow]) -> String {
 
 fn table(rows: &[UsageRow]) -> String {
     let mut out = format!(
-        "{:<20}  {:>12}  {:>14}  {:>12}  {:>14}",
+        "{:<20}  {:>12}  {:>14}  {:>12}  {:>14}  UNITS",
         "PERIOD_START", "MSGS_IN", "BYTES_IN", "MSGS_OUT", "BYTES_OUT"
     );
     for r in rows {
         out.push_str(&format!(
-            "\n{:<20}  {:>12}  {:>14}  {:>12}  {:>14}",
-            r.period_start, r.msgs_in, r.bytes_in, r.msgs_out, r.bytes_out
+            "\n{:<20}  {:>12}  {:>14}  {:>12}  {:>14}  {}",
+            r.period_start,
+            r.msgs_in,
+            r.bytes_in,
+            r.msgs_out,
+            r.bytes_out,
+            units(r)
         ));
     }
     if rows.is_empty() {

@@ -6,7 +6,8 @@
 //! A tenant's agents connect to the tenant's own NATS account, so the server
 //! already keeps every subject, inbox and JetStream resource of another tenant out
 //! of reach: accounts share nothing without explicit exports/imports, and tenant
-//! accounts have none (their `imports` and `exports` limits are 0). The user
+//! accounts export nothing and import only two services of the platform account,
+//! each bound to the importing account (the key service and usage reports). The user
 //! permissions below are defence in depth inside the account, and make an attempt
 //! to address another tenant's subjects a *visible* permission violation instead
 //! of a silent no-op:
@@ -188,6 +189,8 @@ pub fn agent_publish_allow(
         "$JS.API.INFO".to_string(),
         // The key service imported from the platform account (its own account only).
         crate::api::keys_subject(account),
+        // Usage units the agent reports (its own account only).
+        crate::api::usage_report_subject(account),
         // The server's answer to "who am I": this connection's own user, account
         // and permissions, nothing about anyone else. The runtime asks it before
         // it gives an agent its tenant's resources, so the tenant comes from the
@@ -230,8 +233,9 @@ pub fn tenant_limits(quotas: &Quotas, suspended: bool) -> AccountLimits {
         subs: limit32(quotas.max_subscriptions),
         data: NO_LIMIT,
         payload: limit32(quotas.max_payload),
-        // One import: the key service of the platform account.
-        imports: 1,
+        // The key service and the usage-report service, both imported from
+        // the platform account and bound to this account.
+        imports: 2,
         exports: 0,
         wildcards: false,
         disallow_bearer: true,
@@ -344,13 +348,22 @@ pub fn platform_account_jwt_with_revocations(
     limits.consumer = NO_LIMIT;
     let mut nats = account_nats(limits, revocations, vec![]);
     nats.signing_keys = vec![signing_key.to_string()];
-    nats.exports = vec![Export {
-        name: "agentbus-keys".to_string(),
-        subject: format!("{}.*", crate::api::KEYS_PREFIX),
-        kind: "service".to_string(),
-        // agentbus.keys.v1.<account>: token 4 is the importer.
-        account_token_position: 4,
-    }];
+    nats.exports = vec![
+        Export {
+            name: "agentbus-keys".to_string(),
+            subject: format!("{}.*", crate::api::KEYS_PREFIX),
+            kind: "service".to_string(),
+            // agentbus.keys.v1.<account>: token 4 is the importer.
+            account_token_position: 4,
+        },
+        Export {
+            name: "agentbus-usage".to_string(),
+            subject: format!("{}.*", crate::api::USAGE_REPORT_PREFIX),
+            kind: "service".to_string(),
+            // agentbus.usage.v1.<account>: token 4 is the importer.
+            account_token_position: 4,
+        },
+    ];
     let mut claims: AccountClaims = Claims::new(account, crate::PLATFORM_ACCOUNT, iat, nats);
     jwt::encode(&mut claims, operator)
 }
@@ -379,12 +392,20 @@ pub fn tenant_account_jwt(
         ],
     );
     nats.signing_keys = vec![record.signing_key.clone()];
-    nats.imports = vec![Import {
-        name: "agentbus-keys".to_string(),
-        subject: crate::api::keys_subject(&record.account),
-        account: platform_account.to_string(),
-        kind: "service".to_string(),
-    }];
+    nats.imports = vec![
+        Import {
+            name: "agentbus-keys".to_string(),
+            subject: crate::api::keys_subject(&record.account),
+            account: platform_account.to_string(),
+            kind: "service".to_string(),
+        },
+        Import {
+            name: "agentbus-usage".to_string(),
+            subject: crate::api::usage_report_subject(&record.account),
+            account: platform_account.to_string(),
+            kind: "service".to_string(),
+        },
+    ];
     let mut claims: AccountClaims = Claims::new(
         record.account.clone(),
         format!("tenant-{}", record.id),
@@ -475,6 +496,7 @@ mod tests {
             "tenant.acme.>".to_string(),
             "$JS.API.INFO".to_string(),
             crate::api::keys_subject("ATENANTACCOUNT"),
+            crate::api::usage_report_subject("ATENANTACCOUNT"),
             USER_INFO_SUBJECT.to_string(),
             "$JS.API.STREAM.CREATE.TASKS".to_string(),
             "$JS.API.STREAM.INFO.TASKS".to_string(),

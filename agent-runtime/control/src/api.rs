@@ -82,6 +82,14 @@ pub fn usage_subject(tenant: &str, verb: &str) -> String {
     format!("{ADMIN_PREFIX}.usage.{tenant}.{verb}")
 }
 
+/// Where agents report custom usage units: `agentbus.usage.v1`.
+pub const USAGE_REPORT_PREFIX: &str = "agentbus.usage.v1";
+
+/// `agentbus.usage.v1.<account>` (an account-bound import, as the key service).
+pub fn usage_report_subject(account: &str) -> String {
+    format!("{USAGE_REPORT_PREFIX}.{account}")
+}
+
 /// `agentbus.keys.v1.<account>`.
 pub fn keys_subject(account: &str) -> String {
     format!("{KEYS_PREFIX}.{account}")

@@ -73,6 +73,42 @@ pub async fn refresh_once(ns: &TenantNamespace, account: &str, every: Duration) 
     wait.max(Duration::from_millis(50))
 }
 
+/// Reports `amount` of a custom `unit` (e.g. `llm.tokens`) for the agent's
+/// tenant; counted once per `idempotency_key` within 24 h (a retry after a
+/// timeout is safe). `account` is the namespace's account
+/// ([`bundle_account`]). Returns whether this call counted it.
+pub async fn report_usage(
+    ns: &TenantNamespace,
+    account: &str,
+    unit: &str,
+    amount: u64,
+    idempotency_key: &str,
+) -> Result<bool, ApiError> {
+    let body = serde_json::to_vec(&crate::usage::UsageReport {
+        tenant: ns.tenant().to_string(),
+        unit: unit.to_string(),
+        amount,
+        idempotency_key: idempotency_key.to_string(),
+    })
+    .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?;
+    let reply = tokio::time::timeout(
+        Duration::from_secs(5),
+        ns.nats()
+            .request(api::usage_report_subject(account), body.into()),
+    )
+    .await
+    .map_err(|_| ApiError::new(ErrorCode::Unavailable, "the usage service did not answer"))?
+    .map_err(|e| ApiError::new(ErrorCode::Unavailable, format!("usage service: {e}")))?;
+    match serde_json::from_slice::<Response<crate::usage::UsageReportAnswer>>(&reply.payload) {
+        Ok(Response::Ok(a)) => Ok(a.counted),
+        Ok(Response::Error(e)) => Err(e),
+        Err(e) => Err(ApiError::new(
+            ErrorCode::Internal,
+            format!("usage service answer: {e}"),
+        )),
+    }
+}
+
 /// The inbox prefix a key client uses before it knows its tenant:
 /// `_INBOX.<key id>` (the auth callout lets a key's logins subscribe there).
 pub fn bootstrap_inbox(key_id: &str) -> String {

@@ -208,6 +208,7 @@ pub struct Store {
     apikeys: kv::Store,
     sessions: kv::Store,
     usage: kv::Store,
+    usage_reports: kv::Store,
 }
 
 impl std::fmt::Debug for Store {
@@ -282,6 +283,23 @@ impl Store {
             1,
         )
         .await?;
+        // Idempotency keys of usage reports: each counts once within 24 h.
+        let usage_reports = match js.get_key_value(crate::usage::REPORTS_BUCKET).await {
+            Ok(kv) => kv,
+            Err(_) => js
+                .create_key_value(kv::Config {
+                    bucket: crate::usage::REPORTS_BUCKET.to_string(),
+                    description: "agentbus usage report idempotency keys (24 h)".to_string(),
+                    history: 1,
+                    max_age: crate::usage::REPORT_DEDUPE_WINDOW,
+                    max_value_size: 1024,
+                    storage: jetstream::stream::StorageType::File,
+                    num_replicas: replicas,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| unavailable("creating the usage reports bucket", e))?,
+        };
         Ok(Self {
             js,
             registry,
@@ -291,6 +309,7 @@ impl Store {
             apikeys,
             sessions,
             usage,
+            usage_reports,
         })
     }
 
@@ -524,13 +543,12 @@ impl Store {
     pub async fn archive_usage_hour(
         &self,
         tenant: &TenantId,
-        hour_ms: u64,
-        counters: &crate::usage::Counters,
+        hour: &crate::usage::ArchivedHour,
     ) -> Result<(), ApiError> {
-        let bytes = serde_json::to_vec(&(hour_ms, counters)).map_err(|e| corrupt("usage", e))?;
+        let bytes = serde_json::to_vec(hour).map_err(|e| corrupt("usage", e))?;
         self.usage
             .put(
-                crate::usage::archive_key(tenant, hour_ms),
+                crate::usage::archive_key(tenant, hour.hour_ms),
                 Bytes::from(bytes),
             )
             .await
@@ -561,11 +579,22 @@ impl Store {
         Ok(done.is_some())
     }
 
+    /// Claims a usage report's idempotency key (`Ok(false)`: seen within the
+    /// last 24 h).
+    pub async fn claim_report(&self, key: &str) -> Result<bool, ApiError> {
+        Ok(create_json(&self.usage_reports, key, &1u8).await?.is_some())
+    }
+
+    /// Gives an idempotency key back (the report could not be counted).
+    pub async fn unclaim_report(&self, key: &str) {
+        let _ = self.usage_reports.purge(key).await;
+    }
+
     /// Every archived hour of `tenant`.
     pub async fn archived_usage(
         &self,
         tenant: &TenantId,
-    ) -> Result<Vec<(u64, crate::usage::Counters)>, ApiError> {
+    ) -> Result<Vec<crate::usage::ArchivedHour>, ApiError> {
         let filter = format!("$KV.{}.{tenant}.h.*", crate::usage::USAGE_BUCKET);
         list_json(&self.js, crate::usage::USAGE_BUCKET, &filter).await
     }

@@ -34,6 +34,44 @@ use tenant_bus::TenantId;
 
 /// The bucket.
 pub const USAGE_BUCKET: &str = "agentbus-usage";
+/// Idempotency keys of reported units (`report_usage`).
+pub const REPORTS_BUCKET: &str = "agentbus-usage-reports";
+/// How long an idempotency key is remembered.
+pub const REPORT_DEDUPE_WINDOW: std::time::Duration = std::time::Duration::from_secs(86_400);
+/// The longest unit name.
+pub const MAX_UNIT_LEN: usize = 64;
+/// Distinct units per tenant per hour.
+pub const MAX_UNITS: usize = 32;
+
+/// A report of a custom unit by an agent (`agentbus.usage.v1.<account>`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageReport {
+    /// The tenant (checked against the account).
+    pub tenant: String,
+    /// The unit: lowercase letters, digits, `.`, `_`, `-` (e.g. `llm.tokens`).
+    pub unit: String,
+    /// How much.
+    pub amount: u64,
+    /// Counted once within 24 h per tenant and key.
+    pub idempotency_key: String,
+}
+
+/// The answer to a report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageReportAnswer {
+    /// `false` when the idempotency key was seen before (not counted again).
+    pub counted: bool,
+}
+
+/// Checks a unit name.
+pub fn valid_unit(unit: &str) -> bool {
+    !unit.is_empty()
+        && unit.len() <= MAX_UNIT_LEN
+        && unit.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-')
+        })
+}
+
 /// Hours kept in the ledger record itself.
 pub const LEDGER_HOURS: u64 = 48;
 /// Milliseconds per hour.
@@ -88,6 +126,9 @@ pub struct Ledger {
     /// Totals per hour (start of the hour, Unix ms), the recent ones.
     #[serde(default)]
     pub hours: BTreeMap<u64, Counters>,
+    /// Reported units per hour: unit -> amount.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub units: BTreeMap<u64, BTreeMap<String, u64>>,
 }
 
 impl Ledger {
@@ -104,15 +145,52 @@ impl Ledger {
         delta
     }
 
+    /// Adds a reported `amount` of `unit` at `now_ms`; `false` when the hour
+    /// already has [`MAX_UNITS`] other units.
+    pub fn add_unit(&mut self, unit: &str, amount: u64, now_ms: u64) -> bool {
+        let hour = self.units.entry(hour_of(now_ms)).or_default();
+        if !hour.contains_key(unit) && hour.len() >= MAX_UNITS {
+            return false;
+        }
+        let v = hour.entry(unit.to_string()).or_default();
+        *v = v.saturating_add(amount);
+        true
+    }
+
     /// The hours that should leave the ledger as of `now_ms` (older than
     /// [`LEDGER_HOURS`]).
-    pub fn expired_hours(&self, now_ms: u64) -> Vec<(u64, Counters)> {
+    pub fn expired_hours(&self, now_ms: u64) -> Vec<ArchivedHour> {
         let keep_from = hour_of(now_ms).saturating_sub(LEDGER_HOURS * HOUR_MS);
-        self.hours
-            .range(..keep_from)
-            .map(|(h, c)| (*h, *c))
+        let mut hours: std::collections::BTreeSet<u64> =
+            self.hours.range(..keep_from).map(|(h, _)| *h).collect();
+        hours.extend(self.units.range(..keep_from).map(|(h, _)| *h));
+        hours
+            .into_iter()
+            .map(|h| ArchivedHour {
+                hour_ms: h,
+                counters: self.hours.get(&h).copied().unwrap_or_default(),
+                units: self.units.get(&h).cloned().unwrap_or_default(),
+            })
             .collect()
     }
+
+    /// Removes an hour (after it was archived).
+    pub fn remove_hour(&mut self, hour_ms: u64) {
+        self.hours.remove(&hour_ms);
+        self.units.remove(&hour_ms);
+    }
+}
+
+/// A closed hour in its own record (`<tenant>.h.<hour>`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArchivedHour {
+    /// The hour's start, Unix ms.
+    pub hour_ms: u64,
+    /// The servers' counters.
+    pub counters: Counters,
+    /// Reported units.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub units: BTreeMap<String, u64>,
 }
 
 /// The start of the hour containing `ms`.
@@ -167,6 +245,9 @@ pub struct UsageRow {
     pub msgs_out: u64,
     /// Their bytes.
     pub bytes_out: u64,
+    /// Units the tenant's agents reported (`report_usage`), unit -> amount.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub units: BTreeMap<String, u64>,
 }
 
 /// RFC 3339 UTC of Unix ms (seconds precision).
@@ -192,6 +273,7 @@ pub fn parse_rfc3339(text: &str) -> Option<u64> {
 pub fn rows(
     tenant: &TenantId,
     hours: &BTreeMap<u64, Counters>,
+    units: &BTreeMap<u64, BTreeMap<String, u64>>,
     from_ms: u64,
     to_ms: u64,
     by: Granularity,
@@ -200,13 +282,20 @@ pub fn rows(
         Granularity::Hour => HOUR_MS,
         Granularity::Day => 24 * HOUR_MS,
     };
-    let mut grouped: BTreeMap<u64, Counters> = BTreeMap::new();
+    let mut grouped: BTreeMap<u64, (Counters, BTreeMap<String, u64>)> = BTreeMap::new();
     for (hour, c) in hours.range(hour_of(from_ms)..to_ms) {
-        grouped.entry(hour - hour % span).or_default().add(c);
+        grouped.entry(hour - hour % span).or_default().0.add(c);
+    }
+    for (hour, u) in units.range(hour_of(from_ms)..to_ms) {
+        let row = &mut grouped.entry(hour - hour % span).or_default().1;
+        for (unit, amount) in u {
+            let v = row.entry(unit.clone()).or_default();
+            *v = v.saturating_add(*amount);
+        }
     }
     grouped
         .into_iter()
-        .map(|(start, c)| UsageRow {
+        .map(|(start, (c, units))| UsageRow {
             tenant: tenant.to_string(),
             period_start: rfc3339(start),
             period_start_ms: start,
@@ -215,6 +304,7 @@ pub fn rows(
             bytes_in: c.bytes_in,
             msgs_out: c.msgs_out,
             bytes_out: c.bytes_out,
+            units,
         })
         .collect()
 }
@@ -255,7 +345,8 @@ mod tests {
         l.hours.insert(0, c(1, 1));
         l.hours.insert(100 * HOUR_MS, c(1, 1));
         let gone = l.expired_hours(100 * HOUR_MS + 1);
-        assert_eq!(gone, vec![(0, c(1, 1))]);
+        assert_eq!(gone.len(), 1);
+        assert_eq!((gone[0].hour_ms, gone[0].counters), (0, c(1, 1)));
     }
 
     #[test]
@@ -265,17 +356,28 @@ mod tests {
         h.insert(0, c(1, 10));
         h.insert(HOUR_MS, c(2, 20));
         h.insert(25 * HOUR_MS, c(4, 40));
-        let hourly = rows(&t, &h, 0, 48 * HOUR_MS, Granularity::Hour);
+        let none = BTreeMap::new();
+        let hourly = rows(&t, &h, &none, 0, 48 * HOUR_MS, Granularity::Hour);
         assert_eq!(hourly.len(), 3);
         assert_eq!(hourly[0].period_start, "1970-01-01T00:00:00Z");
         assert_eq!(hourly[1].msgs_in, 2);
-        let daily = rows(&t, &h, 0, 48 * HOUR_MS, Granularity::Day);
+        let daily = rows(&t, &h, &none, 0, 48 * HOUR_MS, Granularity::Day);
         assert_eq!(daily.len(), 2);
         assert_eq!(daily[0].msgs_in, 3);
         assert_eq!(daily[1].period_start, "1970-01-02T00:00:00Z");
         assert_eq!(daily[1].period_end, "1970-01-03T00:00:00Z");
         // The range excludes `to`.
-        assert_eq!(rows(&t, &h, 0, HOUR_MS, Granularity::Hour).len(), 1);
+        assert_eq!(rows(&t, &h, &none, 0, HOUR_MS, Granularity::Hour).len(), 1);
+        // Units group with the counters.
+        let mut u = BTreeMap::new();
+        u.insert(HOUR_MS, BTreeMap::from([("llm.tokens".to_string(), 7u64)]));
+        u.insert(
+            2 * HOUR_MS,
+            BTreeMap::from([("llm.tokens".to_string(), 5u64)]),
+        );
+        let daily = rows(&t, &h, &u, 0, 48 * HOUR_MS, Granularity::Day);
+        assert_eq!(daily[0].units["llm.tokens"], 12);
+        assert!(valid_unit("llm.tokens") && !valid_unit("LLM") && !valid_unit(""));
         assert_eq!(parse_rfc3339("1970-01-02T00:00:00Z"), Some(24 * HOUR_MS));
         assert_eq!(parse_rfc3339("yesterday"), None);
     }

@@ -410,6 +410,7 @@ impl Controller {
             ("admins", format!("{}.admins.*", api::ADMIN_PREFIX)),
             ("audit", format!("{}.audit.*.*", api::ADMIN_PREFIX)),
             ("keys", format!("{}.*", api::KEYS_PREFIX)),
+            ("usage-report", format!("{}.*", api::USAGE_REPORT_PREFIX)),
         ] {
             let endpoint = service
                 .endpoint_builder()
@@ -503,6 +504,8 @@ impl Controller {
             Err(ApiError::new(ErrorCode::InvalidInput, "request too large"))
         } else if subject.starts_with(api::KEYS_PREFIX) {
             self.keys(&subject, &request.message.payload).await
+        } else if subject.starts_with(api::USAGE_REPORT_PREFIX) {
+            self.usage_report(&subject, &request.message.payload).await
         } else {
             let caller = auth::authenticate(&self.store, &request.message).await;
             let result = match &caller {

@@ -209,9 +209,9 @@ impl Controller {
                 ledger.observe(server, *c, now);
             }
             // Closed hours leave the ledger only after their archive is written.
-            for (hour, c) in ledger.expired_hours(now) {
-                self.store.archive_usage_hour(tenant, hour, &c).await?;
-                ledger.hours.remove(&hour);
+            for hour in ledger.expired_hours(now) {
+                self.store.archive_usage_hour(tenant, &hour).await?;
+                ledger.remove_hour(hour.hour_ms);
             }
             if ledger == before {
                 return Ok(false);
@@ -270,17 +270,108 @@ impl Controller {
         }
         self.tenant(tenant).await?;
         let mut hours: BTreeMap<u64, Counters> = BTreeMap::new();
+        let mut units: BTreeMap<u64, BTreeMap<String, u64>> = BTreeMap::new();
         if let Some((ledger, _)) = self.store.usage_ledger(tenant).await? {
             hours.extend(ledger.hours);
+            units.extend(ledger.units);
         }
-        let oldest_live = hours.keys().next().copied().unwrap_or(u64::MAX);
+        let oldest_live = hours
+            .keys()
+            .chain(units.keys())
+            .min()
+            .copied()
+            .unwrap_or(u64::MAX);
         if req.from_ms < oldest_live {
-            for (hour, c) in self.store.archived_usage(tenant).await? {
+            for archived in self.store.archived_usage(tenant).await? {
                 // The ledger wins for an hour in both (archived, then not yet
                 // removed from the ledger).
-                hours.entry(hour).or_insert(c);
+                if !hours.contains_key(&archived.hour_ms) && !units.contains_key(&archived.hour_ms)
+                {
+                    hours.insert(archived.hour_ms, archived.counters);
+                    if !archived.units.is_empty() {
+                        units.insert(archived.hour_ms, archived.units);
+                    }
+                }
             }
         }
-        Ok(usage::rows(tenant, &hours, req.from_ms, req.to_ms, req.by))
+        Ok(usage::rows(
+            tenant,
+            &hours,
+            &units,
+            req.from_ms,
+            req.to_ms,
+            req.by,
+        ))
+    }
+
+    /// `agentbus.usage.v1.<account>`: an agent reports a custom unit. The
+    /// server binds the subject's account to the reporting connection's
+    /// account; the record must name it too. Counted once per idempotency key
+    /// within 24 h.
+    pub(super) async fn usage_report(&self, subject: &str, body: &[u8]) -> Result<Value, ApiError> {
+        let bad = |m: &str| ApiError::new(ErrorCode::InvalidInput, m.to_string());
+        let account = subject
+            .strip_prefix(crate::api::USAGE_REPORT_PREFIX)
+            .and_then(|r| r.strip_prefix('.'))
+            .ok_or_else(|| bad("bad usage subject"))?;
+        let report: usage::UsageReport = serde_json::from_slice(body)
+            .map_err(|e| ApiError::new(ErrorCode::InvalidInput, format!("invalid report: {e}")))?;
+        if !usage::valid_unit(&report.unit) {
+            return Err(bad(
+                "unit: 1 to 64 lowercase letters, digits, '.', '_' or '-'",
+            ));
+        }
+        if report.idempotency_key.is_empty() || report.idempotency_key.len() > 256 {
+            return Err(bad("idempotency_key: 1 to 256 bytes"));
+        }
+        let tenant = TenantId::new(&report.tenant)
+            .map_err(|e| ApiError::new(ErrorCode::InvalidInput, e.to_string()))?;
+        let record = self.tenant(&tenant).await?;
+        if record.account != account {
+            return Err(ApiError::new(
+                ErrorCode::Forbidden,
+                "this account is not that tenant's",
+            ));
+        }
+        // The key is hashed: any bytes, a fixed-size KV key.
+        let digest = ring::digest::digest(&ring::digest::SHA256, report.idempotency_key.as_bytes());
+        let claim = format!(
+            "{tenant}.{}",
+            data_encoding::HEXLOWER.encode(&digest.as_ref()[..16])
+        );
+        if !self.store.claim_report(&claim).await? {
+            return serde_json::to_value(usage::UsageReportAnswer { counted: false })
+                .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()));
+        }
+        let now = tenant_bus::envelope::now_ms();
+        let added = async {
+            for _ in 0..CAS_ATTEMPTS {
+                let (mut ledger, rev) = match self.store.usage_ledger(&tenant).await? {
+                    Some((l, r)) => (l, Some(r)),
+                    None => (usage::Ledger::default(), None),
+                };
+                if !ledger.add_unit(&report.unit, report.amount, now) {
+                    return Err(ApiError::new(
+                        ErrorCode::Refused,
+                        format!("at most {} units per tenant per hour", usage::MAX_UNITS),
+                    ));
+                }
+                if self.store.write_usage_ledger(&tenant, &ledger, rev).await? {
+                    return Ok(());
+                }
+            }
+            Err(ApiError::new(
+                ErrorCode::Conflict,
+                "usage ledger kept changing",
+            ))
+        }
+        .await;
+        if let Err(e) = added {
+            // Not counted: the same key may be sent again.
+            self.store.unclaim_report(&claim).await;
+            return Err(e);
+        }
+        serde_json::to_value(usage::UsageReportAnswer { counted: true })
+            .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))
     }
 }
