@@ -646,16 +646,8 @@ impl Controller {
             Err(_) => return,
         };
         for (server, cid) in targets {
-            let subject = format!("$SYS.REQ.SERVER.{server}.KICK");
-            let body = serde_json::json!({ "cid": cid }).to_string();
-            match tokio::time::timeout(
-                Duration::from_secs(2),
-                self.sys.request(subject, body.into()),
-            )
-            .await
-            {
-                Ok(Ok(_)) => bump(&state.counters.kicked),
-                other => tracing::warn!(%server, cid, ok = other.is_ok(), "kick failed"),
+            if self.kick(&server, cid).await {
+                bump(&state.counters.kicked);
             }
         }
     }

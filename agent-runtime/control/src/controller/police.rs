@@ -441,14 +441,22 @@ impl Controller {
         }
     }
 
-    async fn kick(&self, server: &str, cid: u64) {
+    /// Asks `server` to close connection `cid`; whether it answered.
+    pub(super) async fn kick(&self, server: &str, cid: u64) -> bool {
         let subject = format!("$SYS.REQ.SERVER.{server}.KICK");
         let body = serde_json::json!({ "cid": cid }).to_string();
-        let _ = tokio::time::timeout(
-            Duration::from_secs(2),
-            self.sys.request(subject, body.into()),
-        )
-        .await;
+        let answered = matches!(
+            tokio::time::timeout(
+                Duration::from_secs(2),
+                self.sys.request(subject, body.into()),
+            )
+            .await,
+            Ok(Ok(_))
+        );
+        if !answered {
+            tracing::warn!(%server, cid, "kick failed");
+        }
+        answered
     }
 
     async fn audit_police(&self, tenant: &TenantId, action: &str, reason: &str) {
