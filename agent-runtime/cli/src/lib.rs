@@ -11,11 +11,13 @@
 //! - [`tenant`]: `agentbus tenant ...`.
 //! - [`agent`]: `agentbus agent ...`, `agentbus admin ...`, `agentbus status`.
 //! - [`audit`]: `agentbus audit list | verify | proof | check-proof`.
+//! - [`key`], [`usage`], [`budget`]: API keys, usage rows, budgets.
 //! - [`msg`]: `agentbus pub | sub | request`.
 //! - [`output`], [`remote`]: rendering, exit codes, reaching the controller.
 
 pub mod agent;
 pub mod audit;
+pub mod budget;
 pub mod key;
 pub mod msg;
 pub mod output;
@@ -66,6 +68,8 @@ pub enum Command {
     Key(key::KeyArgs),
     /// A tenant's usage per hour or day, as the NATS servers counted it.
     Usage(usage::UsageArgs),
+    /// Budgets: caps on a reported unit per tenant per day or month.
+    Budget(budget::BudgetArgs),
     /// Read, verify and prove the tamper-evident audit log.
     Audit(audit::AuditArgs),
     /// Print a shell completion script.
@@ -137,6 +141,7 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Admin(args) => agent::run_admin(output, args).await,
         Command::Key(args) => key::run(output, args).await,
         Command::Usage(args) => usage::run(output, args).await,
+        Command::Budget(args) => budget::run(output, args).await,
         Command::Audit(args) => audit::run(output, args).await,
         Command::Completions { shell } => {
             use clap::CommandFactory as _;

@@ -51,7 +51,7 @@ pub fn exit_code(code: ErrorCode) -> i32 {
         ErrorCode::InvalidInput => EXIT_USAGE,
         ErrorCode::NotFound => EXIT_NOT_FOUND,
         ErrorCode::AlreadyExists => EXIT_EXISTS,
-        ErrorCode::Refused | ErrorCode::Forbidden => EXIT_REFUSED,
+        ErrorCode::Refused | ErrorCode::Forbidden | ErrorCode::BudgetExceeded => EXIT_REFUSED,
         // Both are transient: retrying the same command is the remedy.
         ErrorCode::Unavailable | ErrorCode::Conflict => EXIT_UNAVAILABLE,
         _ => EXIT_INTERNAL,

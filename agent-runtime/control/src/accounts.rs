@@ -7,7 +7,8 @@
 //! already keeps every subject, inbox and JetStream resource of another tenant out
 //! of reach: accounts share nothing without explicit exports/imports, and tenant
 //! accounts export nothing and import only two services of the platform account,
-//! each bound to the importing account (the key service and usage reports). The user
+//! each bound to the importing account (the key service and usage reports), and
+//! the stream of their own budget alerts. The user
 //! permissions below are defence in depth inside the account, and make an attempt
 //! to address another tenant's subjects a *visible* permission violation instead
 //! of a silent no-op:
@@ -234,8 +235,9 @@ pub fn tenant_limits(quotas: &Quotas, suspended: bool) -> AccountLimits {
         data: NO_LIMIT,
         payload: limit32(quotas.max_payload),
         // The key service and the usage-report service, both imported from
-        // the platform account and bound to this account.
-        imports: 2,
+        // the platform account and bound to this account, and the budget
+        // alerts stream (its own alerts only).
+        imports: 3,
         exports: 0,
         wildcards: false,
         disallow_bearer: true,
@@ -363,6 +365,14 @@ pub fn platform_account_jwt_with_revocations(
             // agentbus.usage.v1.<account>: token 4 is the importer.
             account_token_position: 4,
         },
+        Export {
+            name: "agentbus-events".to_string(),
+            subject: format!("{}.*.>", crate::api::EVENTS_PREFIX),
+            kind: "stream".to_string(),
+            // agentbus.events.v1.<account>.<kind>: token 4 is the importer,
+            // so an account can import only its own events.
+            account_token_position: 4,
+        },
     ];
     let mut claims: AccountClaims = Claims::new(account, crate::PLATFORM_ACCOUNT, iat, nats);
     jwt::encode(&mut claims, operator)
@@ -398,12 +408,23 @@ pub fn tenant_account_jwt(
             subject: crate::api::keys_subject(&record.account),
             account: platform_account.to_string(),
             kind: "service".to_string(),
+            local_subject: String::new(),
         },
         Import {
             name: "agentbus-usage".to_string(),
             subject: crate::api::usage_report_subject(&record.account),
             account: platform_account.to_string(),
             kind: "service".to_string(),
+            local_subject: String::new(),
+        },
+        // Budget alerts the controller publishes for this account appear on
+        // the tenant's own events subject.
+        Import {
+            name: "agentbus-budget-events".to_string(),
+            subject: crate::api::events_subject(&record.account, "budget"),
+            account: platform_account.to_string(),
+            kind: "stream".to_string(),
+            local_subject: format!("tenant.{}.{}", record.id, crate::budget::ALERT_SUBJECT),
         },
     ];
     let mut claims: AccountClaims = Claims::new(

@@ -8,6 +8,7 @@
 //!                                                   activate | delete | rotate-key
 //! agentbus.admin.v1.agent.<tenant>.<verb>           create | list | get | revoke
 //! agentbus.admin.v1.admins.<verb>                   create | list | revoke
+//! agentbus.admin.v1.budget.<tenant>.<verb>          set | list | delete
 //! agentbus.keys.v1.<account>                        an agent's key set (service import)
 //! ```
 //!
@@ -85,6 +86,21 @@ pub fn usage_subject(tenant: &str, verb: &str) -> String {
 /// Where agents report custom usage units: `agentbus.usage.v1`.
 pub const USAGE_REPORT_PREFIX: &str = "agentbus.usage.v1";
 
+/// The prefix of the events the controller publishes for a tenant account
+/// (`agentbus.events.v1.<account>.<kind>`, a stream every tenant account
+/// imports for itself only, onto `tenant.<id>.events.<kind>`).
+pub const EVENTS_PREFIX: &str = "agentbus.events.v1";
+
+/// `agentbus.events.v1.<account>.<kind>`.
+pub fn events_subject(account: &str, kind: &str) -> String {
+    format!("{EVENTS_PREFIX}.{account}.{kind}")
+}
+
+/// `agentbus.admin.v1.budget.<tenant>.<verb>`: set | list | delete.
+pub fn budget_subject(tenant: &str, verb: &str) -> String {
+    format!("{ADMIN_PREFIX}.budget.{tenant}.{verb}")
+}
+
 /// `agentbus.usage.v1.<account>` (an account-bound import, as the key service).
 pub fn usage_report_subject(account: &str) -> String {
     format!("{USAGE_REPORT_PREFIX}.{account}")
@@ -141,6 +157,7 @@ pub fn role_publish_allow(role: Role, tenant: Option<&TenantId>) -> Vec<String> 
             format!("{p}.agent.{t}.>"),
             format!("{p}.apikey.{t}.>"),
             format!("{p}.usage.{t}.>"),
+            format!("{p}.budget.{t}.>"),
             format!("{p}.audit.{t}.>"),
         ],
         (Role::Viewer, Some(t)) => vec![
@@ -150,6 +167,7 @@ pub fn role_publish_allow(role: Role, tenant: Option<&TenantId>) -> Vec<String> 
             format!("{p}.agent.{t}.get"),
             format!("{p}.apikey.{t}.list"),
             format!("{p}.usage.{t}.get"),
+            format!("{p}.budget.{t}.list"),
             format!("{p}.audit.{t}.>"),
         ],
         (Role::Viewer, None) => vec![
@@ -160,6 +178,7 @@ pub fn role_publish_allow(role: Role, tenant: Option<&TenantId>) -> Vec<String> 
             format!("{p}.agent.*.get"),
             format!("{p}.apikey.*.list"),
             format!("{p}.usage.*.get"),
+            format!("{p}.budget.*.list"),
             format!("{p}.admins.list"),
             format!("{p}.audit.*.>"),
         ],
@@ -211,6 +230,9 @@ pub enum ErrorCode {
     Unavailable,
     /// A bug or corrupt state.
     Internal,
+    /// A budget's hard cap refused the charge (see `budget`); retry after
+    /// the time the message names.
+    BudgetExceeded,
 }
 
 tenant_bus::kind_display!(ErrorCode {
@@ -222,6 +244,7 @@ tenant_bus::kind_display!(ErrorCode {
     Conflict => "conflict",
     Unavailable => "unavailable",
     Internal => "internal error",
+    BudgetExceeded => "budget exceeded",
 });
 
 /// An error on the wire.

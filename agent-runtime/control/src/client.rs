@@ -349,6 +349,31 @@ impl AdminClient {
         self.call(&api::usage_subject(tenant, "get"), req).await
     }
 
+    /// Creates or replaces a budget of `tenant` (the answer: it with this
+    /// period's total).
+    pub async fn set_budget(
+        &self,
+        tenant: &str,
+        spec: &crate::budget::BudgetSpec,
+    ) -> Result<crate::budget::BudgetView, ApiError> {
+        self.call(&api::budget_subject(tenant, "set"), spec).await
+    }
+
+    /// The budgets of `tenant` with this period's totals.
+    pub async fn budgets(&self, tenant: &str) -> Result<Vec<crate::budget::BudgetView>, ApiError> {
+        self.call(&api::budget_subject(tenant, "list"), &serde_json::json!({}))
+            .await
+    }
+
+    /// Deletes a budget (its counters stay until they age out).
+    pub async fn delete_budget(&self, tenant: &str, name: &str) -> Result<Value, ApiError> {
+        let req = crate::budget::BudgetRef {
+            name: name.to_string(),
+        };
+        self.call(&api::budget_subject(tenant, "delete"), &req)
+            .await
+    }
+
     /// Creates an API key for `tenant`; the answer holds the key, once.
     pub async fn create_apikey(
         &self,

@@ -273,6 +273,9 @@ pub struct Import {
     /// `service` or `stream`.
     #[serde(rename = "type")]
     pub kind: String,
+    /// Where a stream import's messages appear in the importing account.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub local_subject: String,
 }
 
 /// An export to other accounts.

@@ -21,6 +21,7 @@
 //! - [`registry`]: tenant records and the watcher every runtime instance keeps.
 //! - [`tiers`]: service tiers and the one table of per-tenant quotas.
 //! - [`usage`]: server-verified usage per tenant per hour.
+//! - [`budget`]: budgets on reported units, enforced with JetStream counters.
 //! - [`accounts`], [`jwt`]: account and user claims, signed with nkeys.
 //! - [`server_config`], [`local_server`]: nats-server configs and local processes.
 //! - [`error`]: the control plane's local errors.
@@ -29,6 +30,7 @@
 pub mod accounts;
 pub mod api;
 pub mod audit;
+pub mod budget;
 pub mod client;
 pub mod controller;
 pub mod error;

@@ -19,6 +19,7 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use tenant_bus::{AgentId, TenantId};
 
 use crate::api::{ApiError, ErrorCode, Role};
+use crate::budget::BudgetSpec;
 use crate::kek::Kek;
 pub use crate::registry::{Registry, RegistryOptions, TenantRecord, REGISTRY_BUCKET};
 
@@ -209,6 +210,9 @@ pub struct Store {
     sessions: kv::Store,
     usage: kv::Store,
     usage_reports: kv::Store,
+    budgets: kv::Store,
+    budget_marks: kv::Store,
+    budget_counters: jetstream::stream::Stream,
 }
 
 impl std::fmt::Debug for Store {
@@ -300,6 +304,47 @@ impl Store {
                 .await
                 .map_err(|e| unavailable("creating the usage reports bucket", e))?,
         };
+        let budgets = open_bucket(
+            &js,
+            crate::budget::BUDGETS_BUCKET,
+            "agentbus budgets per tenant",
+            replicas,
+            5,
+        )
+        .await?;
+        let budget_marks = match js.get_key_value(crate::budget::MARKS_BUCKET).await {
+            Ok(kv) => kv,
+            Err(_) => js
+                .create_key_value(kv::Config {
+                    bucket: crate::budget::MARKS_BUCKET.to_string(),
+                    description: "agentbus budget alert claims and throttle slots".to_string(),
+                    history: 1,
+                    max_age: crate::budget::COUNTER_MAX_AGE,
+                    max_value_size: 1024,
+                    storage: jetstream::stream::StorageType::File,
+                    num_replicas: replicas,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| unavailable("creating the budget marks bucket", e))?,
+        };
+        // JetStream counters (nats-server 2.12+): the leader applies each
+        // Nats-Incr in turn and acknowledges it with the new total.
+        let budget_counters = js
+            .get_or_create_stream(jetstream::stream::Config {
+                name: crate::budget::COUNTER_STREAM.to_string(),
+                description: Some("agentbus budget counters per tenant, budget and period".into()),
+                subjects: vec![format!("{}.>", crate::budget::COUNTER_PREFIX)],
+                allow_message_counter: true,
+                allow_direct: true,
+                max_messages_per_subject: 1,
+                max_age: crate::budget::COUNTER_MAX_AGE,
+                storage: jetstream::stream::StorageType::File,
+                num_replicas: replicas,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| unavailable("creating the budget counter stream", e))?;
         Ok(Self {
             js,
             registry,
@@ -310,6 +355,9 @@ impl Store {
             sessions,
             usage,
             usage_reports,
+            budgets,
+            budget_marks,
+            budget_counters,
         })
     }
 
@@ -597,6 +645,133 @@ impl Store {
     ) -> Result<Vec<crate::usage::ArchivedHour>, ApiError> {
         let filter = format!("$KV.{}.{tenant}.h.*", crate::usage::USAGE_BUCKET);
         list_json(&self.js, crate::usage::USAGE_BUCKET, &filter).await
+    }
+
+    // ----- budgets ------------------------------------------------------------------
+
+    /// A tenant's budget specs, by name.
+    pub async fn budgets(&self, tenant: &TenantId) -> Result<Vec<BudgetSpec>, ApiError> {
+        let filter = format!(
+            "$KV.{}.{}*",
+            crate::budget::BUDGETS_BUCKET,
+            crate::budget::spec_prefix(tenant.as_str())
+        );
+        let mut out: Vec<BudgetSpec> =
+            list_json(&self.js, crate::budget::BUDGETS_BUCKET, &filter).await?;
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    /// Writes a budget spec (creates or replaces).
+    pub async fn put_budget(&self, tenant: &TenantId, spec: &BudgetSpec) -> Result<(), ApiError> {
+        let bytes = serde_json::to_vec(spec).map_err(|e| corrupt("budget", e))?;
+        self.budgets
+            .put(
+                crate::budget::spec_key(tenant.as_str(), &spec.name),
+                Bytes::from(bytes),
+            )
+            .await
+            .map_err(|e| unavailable("writing a budget", e))?;
+        Ok(())
+    }
+
+    /// Deletes a budget spec; `Ok(false)` if there was none.
+    pub async fn delete_budget(&self, tenant: &TenantId, name: &str) -> Result<bool, ApiError> {
+        let key = crate::budget::spec_key(tenant.as_str(), name);
+        let existed = get_json::<BudgetSpec>(&self.budgets, &key, "budget")
+            .await?
+            .is_some();
+        if existed {
+            self.budgets
+                .purge(&key)
+                .await
+                .map_err(|e| unavailable("deleting a budget", e))?;
+        }
+        Ok(existed)
+    }
+
+    /// Adds `delta` to a budget counter and returns the new total (the
+    /// stream leader applies increments one at a time).
+    pub async fn budget_incr(&self, subject: &str, delta: i64) -> Result<i128, ApiError> {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Incr", format!("{delta:+}").as_str());
+        let ack = self
+            .js
+            .publish_with_headers(subject.to_string(), headers, Bytes::new())
+            .await
+            .map_err(|e| unavailable("charging a budget", e))?
+            .await
+            .map_err(|e| unavailable("charging a budget", e))?;
+        let value = ack
+            .value
+            .ok_or_else(|| corrupt("budget counter", "the server returned no total"))?;
+        value
+            .parse::<i128>()
+            .map_err(|e| corrupt("budget counter", e))
+    }
+
+    /// A budget counter's total (0 if it was never charged).
+    pub async fn budget_total(&self, subject: &str) -> Result<i128, ApiError> {
+        #[derive(serde::Deserialize)]
+        struct Val {
+            val: String,
+        }
+        match self
+            .budget_counters
+            .direct_get_last_for_subject(subject)
+            .await
+        {
+            Ok(msg) => {
+                let v: Val = serde_json::from_slice(&msg.payload)
+                    .map_err(|e| corrupt("budget counter", e))?;
+                v.val
+                    .parse::<i128>()
+                    .map_err(|e| corrupt("budget counter", e))
+            }
+            Err(e) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound => Ok(0),
+            Err(e) => Err(unavailable("reading a budget counter", e)),
+        }
+    }
+
+    /// Removes every budget counter of `tenant` (it was deleted; an id used
+    /// again starts from zero).
+    pub async fn purge_budget_counters(&self, tenant: &TenantId) -> Result<(), ApiError> {
+        self.budget_counters
+            .purge()
+            .filter(format!("{}.{tenant}.>", crate::budget::COUNTER_PREFIX))
+            .await
+            .map_err(|e| unavailable("purging budget counters", e))?;
+        Ok(())
+    }
+
+    /// Claims a mark (an alert or a throttle slot) once: `Ok(true)` for the
+    /// one caller that created it.
+    pub async fn claim_budget_mark(&self, key: &str, at_ms: u64) -> Result<bool, ApiError> {
+        Ok(create_json(&self.budget_marks, key, &at_ms)
+            .await?
+            .is_some())
+    }
+
+    /// A mark's value (Unix ms) and revision.
+    pub async fn budget_mark(&self, key: &str) -> Result<Option<(u64, u64)>, ApiError> {
+        get_json(&self.budget_marks, key, "budget mark").await
+    }
+
+    /// Moves a mark to `at_ms` if it is still at `revision`.
+    pub async fn move_budget_mark(
+        &self,
+        key: &str,
+        at_ms: u64,
+        revision: u64,
+    ) -> Result<bool, ApiError> {
+        Ok(update_json(&self.budget_marks, key, &at_ms, revision)
+            .await?
+            .is_some())
+    }
+
+    /// Gives a mark back (what it stood for did not happen).
+    pub async fn drop_budget_mark(&self, key: &str) {
+        let _ = self.budget_marks.purge(key).await;
     }
 
     // ----- admins -------------------------------------------------------------------

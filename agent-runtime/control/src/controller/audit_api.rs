@@ -76,6 +76,15 @@ fn classify(subject: &str, body: &[u8], result: &Result<Value, ApiError>) -> Cla
             ),
             matches!(*verb, "create" | "revoke"),
         ),
+        ["budget", t, verb] => c(
+            format!("budget.{verb}"),
+            log_of(t),
+            format!(
+                "budget/{t}/{}",
+                body_str(body, "name").unwrap_or_else(|| "*".into())
+            ),
+            matches!(*verb, "set" | "delete"),
+        ),
         ["apikey", t, verb] => {
             // The key id: named in the request (revoke, rotate) or the answer
             // (create); never the key itself.

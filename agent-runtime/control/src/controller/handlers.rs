@@ -70,7 +70,7 @@ impl Stripes {
         Self((0..64).map(|_| tokio::sync::Mutex::new(())).collect())
     }
 
-    async fn lock(&self, key: &str) -> tokio::sync::MutexGuard<'_, ()> {
+    pub(super) async fn lock(&self, key: &str) -> tokio::sync::MutexGuard<'_, ()> {
         let h = key.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
             (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
         });
@@ -161,6 +161,10 @@ impl Controller {
             ["usage", tenant, "get"] => {
                 let tenant = tenant_id(tenant)?;
                 json(&self.usage_rows(&tenant, parse(body)?).await?)
+            }
+            ["budget", tenant, verb] => {
+                let tenant = tenant_id(tenant)?;
+                self.budget_api(caller, &tenant, verb, body).await
             }
             ["apikey", tenant, verb] => {
                 let tenant = tenant_id(tenant)?;
@@ -448,6 +452,7 @@ impl Controller {
         self.remove_jetstream(record).await?;
         claims::delete(&self.sys, &self.operator, vec![record.account.clone()]).await?;
         self.store.purge_agents(&record.id).await?;
+        self.purge_budgets(&record.id).await?;
         self.purge_account_secrets(&record.account).await;
         self.store
             .registry
@@ -507,7 +512,7 @@ impl Controller {
         }
     }
 
-    async fn key_set(&self, record: &TenantRecord, at_ms: u64) -> Result<TenantKeySet> {
+    pub(super) async fn key_set(&self, record: &TenantRecord, at_ms: u64) -> Result<TenantKeySet> {
         let root = self
             .store
             .secret(&self.kek, &secret_name::tenant_key_root(&record.account))

@@ -25,6 +25,7 @@
 mod apikeys;
 mod audit_api;
 pub mod auth;
+mod budgets;
 pub mod callout;
 pub mod claims;
 pub mod handlers;
@@ -407,6 +408,7 @@ impl Controller {
             ("agent", format!("{}.agent.*.*", api::ADMIN_PREFIX)),
             ("apikey", format!("{}.apikey.*.*", api::ADMIN_PREFIX)),
             ("usage", format!("{}.usage.*.*", api::ADMIN_PREFIX)),
+            ("budget", format!("{}.budget.*.*", api::ADMIN_PREFIX)),
             ("admins", format!("{}.admins.*", api::ADMIN_PREFIX)),
             ("audit", format!("{}.audit.*.*", api::ADMIN_PREFIX)),
             ("keys", format!("{}.*", api::KEYS_PREFIX)),
@@ -500,12 +502,15 @@ impl Controller {
             tracing::warn!(%subject, "request without an inbox reply subject ignored");
             return;
         }
+        let mut revoke = None;
         let body = if request.message.payload.len() > api::MAX_REQUEST_BYTES {
             Err(ApiError::new(ErrorCode::InvalidInput, "request too large"))
         } else if subject.starts_with(api::KEYS_PREFIX) {
             self.keys(&subject, &request.message.payload).await
         } else if subject.starts_with(api::USAGE_REPORT_PREFIX) {
-            self.usage_report(&subject, &request.message.payload).await
+            let (result, pending) = self.usage_report(&subject, &request.message.payload).await;
+            revoke = pending;
+            result
         } else {
             let caller = auth::authenticate(&self.store, &request.message).await;
             let result = match &caller {
@@ -529,6 +534,11 @@ impl Controller {
         });
         if let Err(e) = request.respond(Ok(bytes.into())).await {
             tracing::warn!(error = %e, %subject, "could not answer a request");
+        }
+        if let Some(pending) = revoke {
+            // The refusal reaches the agent before its tenant is suspended.
+            let _ = self.client.flush().await;
+            self.budget_revoke(pending).await;
         }
     }
 

@@ -358,7 +358,7 @@ impl Controller {
             backoff.as_secs()
         );
         tracing::warn!(%tenant, %reason, "policing");
-        self.audit_police(tenant, "policing.throttle", &reason)
+        self.audit_system(tenant, "policing.throttle", &reason)
             .await;
         metrics::counter!("agentbus_policing_actions_total", "action" => "throttle").increment(1);
         if strike >= STRIKES_TO_SUSPEND {
@@ -377,7 +377,7 @@ impl Controller {
                 Ok(_) => {
                     metrics::counter!("agentbus_policing_actions_total", "action" => "suspend")
                         .increment(1);
-                    self.audit_police(tenant, "policing.suspend", &reason).await
+                    self.audit_system(tenant, "policing.suspend", &reason).await
                 }
                 Err(e) => tracing::warn!(%tenant, error = %e, "policing: suspending failed"),
             }
@@ -459,7 +459,8 @@ impl Controller {
         answered
     }
 
-    async fn audit_police(&self, tenant: &TenantId, action: &str, reason: &str) {
+    /// Appends an audit event the controller decided on its own.
+    pub(super) async fn audit_system(&self, tenant: &TenantId, action: &str, reason: &str) {
         let event = AuditEvent {
             action: action.to_string(),
             actor: Actor::controller(&self.id),
@@ -480,7 +481,7 @@ impl Controller {
 }
 
 /// The caller of a change the controller makes on its own.
-fn system_caller(what: &str) -> super::auth::Caller {
+pub(super) fn system_caller(what: &str) -> super::auth::Caller {
     super::auth::Caller {
         admin: crate::store::AdminRecord {
             name: String::new(),

@@ -308,7 +308,25 @@ impl Controller {
     /// server binds the subject's account to the reporting connection's
     /// account; the record must name it too. Counted once per idempotency key
     /// within 24 h.
-    pub(super) async fn usage_report(&self, subject: &str, body: &[u8]) -> Result<Value, ApiError> {
+    pub(super) async fn usage_report(
+        &self,
+        subject: &str,
+        body: &[u8],
+    ) -> (
+        Result<Value, ApiError>,
+        Option<super::budgets::PendingRevoke>,
+    ) {
+        let mut revoke = None;
+        let result = self.usage_report_inner(subject, body, &mut revoke).await;
+        (result, revoke)
+    }
+
+    async fn usage_report_inner(
+        &self,
+        subject: &str,
+        body: &[u8],
+        revoke: &mut Option<super::budgets::PendingRevoke>,
+    ) -> Result<Value, ApiError> {
         let bad = |m: &str| ApiError::new(ErrorCode::InvalidInput, m.to_string());
         let account = subject
             .strip_prefix(crate::api::USAGE_REPORT_PREFIX)
@@ -344,6 +362,18 @@ impl Controller {
                 .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()));
         }
         let now = tenant_bus::envelope::now_ms();
+        // Budgets on this unit first: a refused charge is not counted.
+        let charges = match self
+            .charge_budgets(&record, &report.unit, report.amount, now)
+            .await
+        {
+            Ok(c) => c,
+            Err(refusal) => {
+                self.store.unclaim_report(&claim).await;
+                *revoke = refusal.revoke;
+                return Err(refusal.error);
+            }
+        };
         let added = async {
             for _ in 0..CAS_ATTEMPTS {
                 let (mut ledger, rev) = match self.store.usage_ledger(&tenant).await? {
@@ -368,9 +398,11 @@ impl Controller {
         .await;
         if let Err(e) = added {
             // Not counted: the same key may be sent again.
+            self.uncharge(&charges).await;
             self.store.unclaim_report(&claim).await;
             return Err(e);
         }
+        self.budget_alerts_after(&record, &charges).await;
         serde_json::to_value(usage::UsageReportAnswer { counted: true })
             .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))
     }

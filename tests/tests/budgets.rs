@@ -1,0 +1,284 @@
+//! Budgets against a real nats-server: charges go through `report_usage` and
+//! are enforced with JetStream counters, atomically across two controller
+//! instances; each action does what it says; each threshold alerts once, sealed
+//! on the tenant's own `events.budget`; a tenant's budget never touches another
+//! tenant.
+
+use std::time::Duration;
+
+use agentbus_control::api::ErrorCode;
+use agentbus_control::budget::{Action, BudgetAlert, BudgetSpec, Period, Threshold};
+use agentbus_control::keys::{bundle_account, report_usage};
+use agentbus_control::tiers::Tier;
+use futures::StreamExt as _;
+use nats_harness::{eventually, platform};
+use tenant_bus::TenantNamespace;
+
+const COST: &str = "llm.cost_usd_micros";
+
+fn spec(name: &str, unit: &str, hard: u64, soft: Option<u64>, action: Action) -> BudgetSpec {
+    BudgetSpec {
+        name: name.into(),
+        unit: unit.into(),
+        period: Period::Day,
+        hard,
+        soft,
+        action,
+        throttle_interval_ms: 1_000,
+    }
+}
+
+/// An agent of `tenant` connected through the library, and its account.
+async fn agent(p: &nats_harness::Platform, tenant: &str, id: &str) -> (TenantNamespace, String) {
+    let issued = p.cp.create_agent(tenant, id, "default").await.unwrap();
+    let account = bundle_account(&issued.bundle).unwrap();
+    let ns = TenantNamespace::connect(&issued.bundle).await.unwrap();
+    (ns, account)
+}
+
+/// Every alert that arrives within `quiet` of the last one.
+async fn alerts(sub: &mut tenant_bus::Subscription, quiet: Duration) -> Vec<BudgetAlert> {
+    let mut out = Vec::new();
+    while let Ok(Some(msg)) = tokio::time::timeout(quiet, sub.next()).await {
+        assert_eq!(
+            msg.sender.as_ref().map(|s| s.as_str()),
+            Some("agentbus-controller")
+        );
+        out.push(msg.json::<BudgetAlert>().unwrap());
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_concurrent_half_dollar_charges_against_a_dollar_admit_exactly_two() {
+    let p = platform().await;
+    // Two controller instances serve the charges (one queue group).
+    let (_second, second_shutdown) = p.another_controller().await;
+    p.cp.create_tenant("acme", Tier::Free).await.unwrap();
+    p.cp.create_tenant("globex", Tier::Free).await.unwrap();
+    p.cp.set_budget(
+        "acme",
+        &spec("llm-cost", COST, 1_000_000, Some(600_000), Action::Block),
+    )
+    .await
+    .unwrap();
+    let (a, acme_account) = agent(&p, "acme", "llm").await;
+    let (g, globex_account) = agent(&p, "globex", "llm").await;
+    let mut acme_events = a.subscribe("events.budget").await.unwrap();
+    let mut globex_events = g.subscribe("events.budget").await.unwrap();
+
+    let mut calls = Vec::new();
+    for i in 0..20 {
+        let a = a.clone();
+        let account = acme_account.clone();
+        calls.push(tokio::spawn(async move {
+            report_usage(&a, &account, COST, 500_000, &format!("call-{i}")).await
+        }));
+    }
+    let mut admitted = 0;
+    let mut refused = 0;
+    for c in calls {
+        match c.await.unwrap() {
+            Ok(true) => admitted += 1,
+            Err(e) if e.code == ErrorCode::BudgetExceeded => {
+                assert!(e.message.contains("llm-cost"), "{}", e.message);
+                assert!(e.message.contains("retry after"), "{}", e.message);
+                refused += 1
+            }
+            other => panic!("unexpected answer {other:?}"),
+        }
+    }
+    assert_eq!((admitted, refused), (2, 18), "exactly $1.00 of $0.50 calls");
+    let budgets = p.cp.budgets("acme").await.unwrap();
+    assert_eq!(budgets.len(), 1);
+    assert_eq!(
+        budgets[0].spent, 1_000_000,
+        "refused charges were taken back"
+    );
+    assert_eq!(budgets[0].remaining, 0);
+    // A refused idempotency key was not used up: the same call after a raise
+    // counts.
+    p.cp.set_budget(
+        "acme",
+        &spec("llm-cost", COST, 1_500_000, Some(600_000), Action::Block),
+    )
+    .await
+    .unwrap();
+    let retried = (0..20).map(|i| format!("call-{i}")).collect::<Vec<_>>();
+    let mut counted = 0;
+    for key in &retried {
+        if let Ok(true) = report_usage(&a, &acme_account, COST, 500_000, key).await {
+            counted += 1;
+        }
+    }
+    assert_eq!(
+        counted, 1,
+        "one more $0.50 under $1.50; the admitted keys stay counted once"
+    );
+
+    // One alert per threshold (soft at $0.60, hard at $1.00), however many
+    // charges crossed or were refused.
+    let got = alerts(&mut acme_events, Duration::from_secs(2)).await;
+    let mut thresholds: Vec<Threshold> = got.iter().map(|a| a.threshold).collect();
+    thresholds.sort_by_key(|t| *t == Threshold::Hard);
+    assert_eq!(
+        thresholds,
+        vec![Threshold::Soft, Threshold::Hard],
+        "{got:?}"
+    );
+    assert!(got
+        .iter()
+        .all(|a| a.tenant == "acme" && a.budget == "llm-cost"));
+
+    // Tenant B: no budget, no refusal, no alert.
+    for i in 0..5 {
+        assert!(
+            report_usage(&g, &globex_account, COST, 500_000, &format!("g-{i}"))
+                .await
+                .unwrap()
+        );
+    }
+    assert!(p.cp.budgets("globex").await.unwrap().is_empty());
+    assert!(alerts(&mut globex_events, Duration::from_millis(500))
+        .await
+        .is_empty());
+    // Nor can acme's client read globex's budget or alerts: its subscription
+    // to globex's events subject is refused by the server (a raw subscribe
+    // outside its tenant), and the admin API asks roles.
+    second_shutdown.fire();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warn_admits_throttle_trickles_and_revoke_suspends() {
+    let p = platform().await;
+    p.cp.create_tenant("acme", Tier::Free).await.unwrap();
+    p.cp.create_tenant("initech", Tier::Free).await.unwrap();
+    let (a, account) = agent(&p, "acme", "llm").await;
+    let mut events = a.subscribe("events.budget").await.unwrap();
+
+    // warn: everything is admitted, the hard threshold alerts once.
+    p.cp.set_budget("acme", &spec("calls", "tool.calls", 3, None, Action::Warn))
+        .await
+        .unwrap();
+    for i in 0..5 {
+        assert!(
+            report_usage(&a, &account, "tool.calls", 1, &format!("w-{i}"))
+                .await
+                .unwrap()
+        );
+    }
+    let b = p.cp.budgets("acme").await.unwrap();
+    assert_eq!(b[0].spent, 5, "warn never refuses");
+    let got = alerts(&mut events, Duration::from_secs(1)).await;
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].threshold, Threshold::Hard);
+    assert_eq!(got[0].action, Action::Warn);
+
+    // throttle: over the cap, one charge per interval (1 s) gets through.
+    p.cp.set_budget(
+        "acme",
+        &spec("tokens", "llm.tokens", 10, None, Action::Throttle),
+    )
+    .await
+    .unwrap();
+    assert!(report_usage(&a, &account, "llm.tokens", 10, "t-0")
+        .await
+        .unwrap());
+    let mut burst = Vec::new();
+    for i in 0..5 {
+        let a = a.clone();
+        let account = account.clone();
+        burst.push(tokio::spawn(async move {
+            report_usage(&a, &account, "llm.tokens", 1, &format!("t-burst-{i}")).await
+        }));
+    }
+    let mut through = 0;
+    for c in burst {
+        match c.await.unwrap() {
+            Ok(true) => through += 1,
+            Err(e) => assert_eq!(e.code, ErrorCode::BudgetExceeded, "{}", e.message),
+            Ok(false) => panic!("fresh keys are counted"),
+        }
+    }
+    assert_eq!(through, 1, "one charge per interval over the cap");
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    assert!(
+        report_usage(&a, &account, "llm.tokens", 1, "t-later")
+            .await
+            .unwrap(),
+        "the next interval admits one more"
+    );
+    let err = report_usage(&a, &account, "llm.tokens", 1, "t-later-2")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code, ErrorCode::BudgetExceeded);
+
+    // revoke: the charge is refused and the tenant suspended: its agent's
+    // connection is closed and its credentials refused.
+    let issued =
+        p.cp.create_agent("initech", "llm", "default")
+            .await
+            .unwrap();
+    let initech_account = bundle_account(&issued.bundle).unwrap();
+    let i = TenantNamespace::connect(&issued.bundle).await.unwrap();
+    p.cp.set_budget("initech", &spec("cost", COST, 100, None, Action::Revoke))
+        .await
+        .unwrap();
+    assert!(report_usage(&i, &initech_account, COST, 100, "r-0")
+        .await
+        .unwrap());
+    let err = report_usage(&i, &initech_account, COST, 1, "r-1")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code, ErrorCode::BudgetExceeded);
+    let view = p.cp.tenant("initech").await.unwrap();
+    assert_eq!(
+        view.record.status,
+        agentbus_control::registry::Status::Suspended
+    );
+    let refused = eventually(Duration::from_secs(5), || async {
+        async_nats::ConnectOptions::with_credentials(issued.bundle.creds.as_deref()?)
+            .ok()?
+            .connect(p.server.url())
+            .await
+            .err()
+    })
+    .await;
+    assert!(
+        refused.is_some(),
+        "a suspended tenant's credentials are refused"
+    );
+    // acme is not suspended by initech's budget.
+    assert_eq!(
+        p.cp.tenant("acme").await.unwrap().record.status,
+        agentbus_control::registry::Status::Active
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_budgets_are_refused_and_change_nothing() {
+    let p = platform().await;
+    p.cp.create_tenant("acme", Tier::Free).await.unwrap();
+    for bad in [
+        spec("Bad Name", COST, 10, None, Action::Block),
+        spec("ok", "NOT A UNIT", 10, None, Action::Block),
+        spec("ok", COST, 0, None, Action::Block),
+        spec("ok", COST, 10, Some(10), Action::Block),
+    ] {
+        let e = p.cp.set_budget("acme", &bad).await.unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidInput, "{bad:?}: {}", e.message);
+    }
+    assert!(p.cp.budgets("acme").await.unwrap().is_empty());
+    let e =
+        p.cp.set_budget("nobody", &spec("ok", COST, 10, None, Action::Block))
+            .await
+            .unwrap_err();
+    assert_eq!(e.code, ErrorCode::NotFound);
+    let e = p.cp.delete_budget("acme", "missing").await.unwrap_err();
+    assert_eq!(e.code, ErrorCode::NotFound);
+    p.cp.set_budget("acme", &spec("ok", COST, 10, None, Action::Block))
+        .await
+        .unwrap();
+    p.cp.delete_budget("acme", "ok").await.unwrap();
+    assert!(p.cp.budgets("acme").await.unwrap().is_empty());
+}
