@@ -86,6 +86,10 @@ pub fn usage_subject(tenant: &str, verb: &str) -> String {
 /// Where agents report custom usage units: `agentbus.usage.v1`.
 pub const USAGE_REPORT_PREFIX: &str = "agentbus.usage.v1";
 
+/// Where runtime hosts append their security events (platform account only;
+/// see `audit::sink`).
+pub const AUDIT_APPEND_SUBJECT: &str = "agentbus.runtime.v1.audit";
+
 /// The prefix of the events the controller publishes for a tenant account
 /// (`agentbus.events.v1.<account>.<kind>`, a stream every tenant account
 /// imports for itself only, onto `tenant.<id>.events.<kind>`).

@@ -76,6 +76,8 @@ use crate::registry::{RegistryEvent, RegistryWatcher, Status, TenantRecord};
 use crate::scheduler::{
     AgentLease, RegistryFollower, Scheduler, SchedulerError, SchedulerErrorKind, TenantScheduler,
 };
+use agentbus_control::audit::event::Outcome;
+use agentbus_control::audit::sink::{AuditSink, RuntimeEvent};
 use permissions::{PermissionErrorKind, PermissionSet, Resource};
 use tenant_bus::admission::RejectReason;
 use tools::{ToolBudget, ToolRefusal, ToolRegistry};
@@ -125,6 +127,9 @@ pub enum AgentErrorKind {
     /// The server did not confirm which account the connection is in (no
     /// answer, or credentials not allowed to ask; see [`identity`]).
     IdentityUnverified,
+    /// The host's audit queue is full or closed: an audited action (a tool
+    /// call) is refused rather than done unrecorded.
+    AuditUnavailable,
 }
 
 tenant_bus::kind_display!(AgentErrorKind {
@@ -146,6 +151,7 @@ tenant_bus::kind_display!(AgentErrorKind {
     SchedulerUnavailable => "scheduler state unavailable",
     WrongAccount => "the connection is not in the tenant's NATS account",
     IdentityUnverified => "the server did not confirm the connection's account",
+    AuditUnavailable => "the audit queue did not take the event",
 });
 
 /// An agent error.
@@ -179,6 +185,8 @@ struct HostShared {
     receive_budgets: Mutex<HashMap<TenantId, Weak<ByteBudget>>>,
     /// The limit of budgets created from now on.
     receive_bytes_per_tenant: AtomicU64,
+    /// Where security decisions go (none: not recorded).
+    audit: std::sync::OnceLock<Arc<AuditSink>>,
 }
 
 /// Default receive budget of one tenant on one host, across all its agents'
@@ -229,6 +237,7 @@ impl AgentHost {
             tools: Mutex::new(HashMap::new()),
             receive_budgets: Mutex::new(HashMap::new()),
             receive_bytes_per_tenant: AtomicU64::new(DEFAULT_RECEIVE_BYTES_PER_TENANT),
+            audit: std::sync::OnceLock::new(),
         });
         let events = watcher.subscribe();
         let task = tokio::spawn(follow(Arc::downgrade(&shared), events));
@@ -237,6 +246,18 @@ impl AgentHost {
             task,
             _follower: follower,
         }
+    }
+
+    /// Records this host's security decisions in the audit log through
+    /// `sink` (a platform-account connection; see
+    /// `agentbus_control::audit::sink`): permission denials (best effort: a
+    /// denial stays a denial when the queue is full) and tool calls (the tool
+    /// and the SHA-256 of its input; refused with
+    /// [`AgentErrorKind::AuditUnavailable`] when the queue is full). Set it
+    /// before starting agents; a second call is ignored.
+    pub fn audit_sink(self, sink: Arc<AuditSink>) -> Self {
+        let _ = self.shared.audit.set(sink);
+        self
     }
 
     /// Sets the receive byte limit per tenant on this host (all subscriptions of
@@ -753,8 +774,43 @@ impl Agent {
                     PermissionErrorKind::Invalid => AgentErrorKind::Invalid,
                     _ => AgentErrorKind::Denied,
                 };
+                // Recorded if the queue takes it; refused either way.
+                let _ = self.audit(
+                    "runtime.permission_denied",
+                    format!("{resource}"),
+                    Outcome::Denied,
+                    format!("{action}: {e}"),
+                );
                 Error::with_source(kind, "", e)
             })
+    }
+
+    /// Queues a security event for the host's audit sink (`Ok` without one).
+    fn audit(
+        &self,
+        action: &str,
+        resource: String,
+        outcome: Outcome,
+        reason: String,
+    ) -> Result<(), AgentError> {
+        let Some(sink) = self
+            .shared
+            .host
+            .upgrade()
+            .and_then(|h| h.audit.get().cloned())
+        else {
+            return Ok(());
+        };
+        sink.try_record(RuntimeEvent {
+            tenant: self.tenant().to_string(),
+            agent: self.id().to_string(),
+            action: action.to_string(),
+            resource,
+            outcome,
+            reason,
+            request_id: String::new(),
+        })
+        .map_err(|e| Error::with_source(AgentErrorKind::AuditUnavailable, action.to_string(), e))
     }
 
     /// A resource of `kind` in the agent's own tenant.
@@ -853,7 +909,19 @@ impl Agent {
                     }
                 })?;
         }
-        tool.call(input.into())
+        let input: Bytes = input.into();
+        // Recorded before it runs, or not run at all.
+        let digest = ring::digest::digest(&ring::digest::SHA256, &input);
+        self.audit(
+            "runtime.tool_call",
+            format!("tool/{name}"),
+            Outcome::Allowed,
+            format!(
+                "input sha256={}",
+                data_encoding::HEXLOWER.encode(digest.as_ref())
+            ),
+        )?;
+        tool.call(input)
             .await
             .map_err(|e| Error::new(AgentErrorKind::ToolFailed, format!("{name}: {e}")))
     }

@@ -88,6 +88,7 @@ where
 pub struct WorkerOptions {
     concurrency: usize,
     fetch_expires: Duration,
+    audit: Option<Arc<agentbus_control::audit::sink::AuditSink>>,
 }
 
 impl Default for WorkerOptions {
@@ -95,6 +96,7 @@ impl Default for WorkerOptions {
         Self {
             concurrency: 4,
             fetch_expires: Duration::from_secs(2),
+            audit: None,
         }
     }
 }
@@ -110,6 +112,15 @@ impl WorkerOptions {
     /// scheduler ([`DispatchOptions::scheduler`](super::DispatchOptions::scheduler)).
     pub fn concurrency(mut self, n: usize) -> Self {
         self.concurrency = n.max(1);
+        self
+    }
+
+    /// Records each dead letter in the audit log through `sink`
+    /// (`runtime.task_dead_letter`). When the sink's queue is full the task is
+    /// handed back (retried after 1 s) instead of being dead-lettered
+    /// unrecorded.
+    pub fn audit_sink(mut self, sink: Arc<agentbus_control::audit::sink::AuditSink>) -> Self {
+        self.audit = Some(sink);
         self
     }
 
@@ -216,6 +227,7 @@ impl Worker {
 }
 
 struct Ctx {
+    audit: Option<Arc<agentbus_control::audit::sink::AuditSink>>,
     d: Dispatcher,
     task_type: TaskType,
     handler: Arc<dyn TaskHandler>,
@@ -253,6 +265,7 @@ pub(crate) async fn start(
     let (abandon, abandon_rx) = watch::channel(false);
     let stats = Arc::new(WorkerStats::default());
     let ctx = Arc::new(Ctx {
+        audit: options.audit.clone(),
         d,
         task_type,
         handler,
@@ -745,6 +758,26 @@ async fn give_up(ctx: &Ctx, msg: &Message, task: &Task, reason: String) {
             return;
         }
     };
+    if let Some(sink) = &ctx.audit {
+        let event = agentbus_control::audit::sink::RuntimeEvent {
+            tenant: d.shared.ns.tenant().to_string(),
+            agent: d.shared.ns.agent().to_string(),
+            action: "runtime.task_dead_letter".to_string(),
+            resource: format!("task/{}", task.id.to_hex()),
+            outcome: agentbus_control::audit::event::Outcome::Failed,
+            reason: format!(
+                "{} after {deliveries} deliveries: {}",
+                task.task_type,
+                reason.chars().take(256).collect::<String>()
+            ),
+            request_id: task.id.to_hex(),
+        };
+        if let Err(e) = sink.try_record(event) {
+            tracing::warn!(task = %task.id, error = %e, "audit queue full: dead letter not recorded; handing the task back");
+            settle(msg, AckKind::Nak(Some(Duration::from_secs(1)))).await;
+            return;
+        }
+    }
     let dedupe = format!("dead-{}", task.id.to_hex());
     let published = retry("dead letter", || async {
         d.shared

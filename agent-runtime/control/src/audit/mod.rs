@@ -24,11 +24,13 @@
 //! - [`note`]: C2SP signed-note checkpoints (Ed25519).
 //! - [`verify`]: offline verification of a log and of an inclusion proof.
 //! - [`export`]: JSON lines, CSV, OCSF and CEF (RFC 5424) exports.
+//! - [`sink`]: the runtime's bounded queue of security events into the log.
 
 pub mod event;
 pub mod export;
 pub mod merkle;
 pub mod note;
+pub mod sink;
 pub mod verify;
 
 use std::collections::HashMap;

@@ -227,6 +227,65 @@ impl Controller {
         self.audit.record(event).await;
     }
 
+    /// `agentbus.runtime.v1.audit`: a batch of runtime security events
+    /// (`audit::sink`). Only platform-account users reach this subject (tenant
+    /// accounts do not import it; admin roles may publish only below
+    /// `agentbus.admin.v1`). Each valid event is appended to its tenant's log
+    /// with the agent as the actor; invalid ones are counted and skipped.
+    pub(super) async fn runtime_append(&self, body: &[u8]) -> Result<Value, ApiError> {
+        use crate::audit::sink::{BatchAnswer, RuntimeBatch, MAX_FIELD, RUNTIME_ACTIONS};
+        let batch: RuntimeBatch = serde_json::from_slice(body)
+            .map_err(|e| ApiError::new(ErrorCode::InvalidInput, format!("invalid batch: {e}")))?;
+        let mut answer = BatchAnswer {
+            appended: 0,
+            rejected: 0,
+        };
+        for e in batch.events {
+            let valid = tenant_bus::TenantId::new(&e.tenant).is_ok()
+                && tenant_bus::AgentId::new(&e.agent).is_ok()
+                && RUNTIME_ACTIONS.contains(&e.action.as_str())
+                && [&e.resource, &e.reason, &e.request_id]
+                    .iter()
+                    .all(|f| f.len() <= MAX_FIELD);
+            if !valid {
+                answer.rejected += 1;
+                continue;
+            }
+            let event = AuditEvent {
+                action: e.action,
+                actor: Actor {
+                    id: e.agent,
+                    key: String::new(),
+                    kind: "agent".into(),
+                    role: String::new(),
+                },
+                controller: String::new(),
+                id: new_event_id(),
+                index: 0,
+                outcome: e.outcome,
+                prev: String::new(),
+                reason: e.reason,
+                request_id: e.request_id,
+                resource: e.resource,
+                tenant: e.tenant,
+                time_ms: tenant_bus::envelope::now_ms(),
+                version: audit::event::SCHEMA_VERSION,
+            };
+            match self.audit.record(event).await {
+                Some(_) => answer.appended += 1,
+                // The log is unreachable: the runtime retries the batch (events
+                // already appended from it are appended again: at least once).
+                None => {
+                    return Err(ApiError::new(
+                        ErrorCode::Unavailable,
+                        "the audit log did not take the event",
+                    ))
+                }
+            }
+        }
+        serde_json::to_value(answer).map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))
+    }
+
     /// `agentbus.admin.v1.audit.<log>.{list,proof,verify-data}`. The role check
     /// (a tenant's admins and viewers: their tenant's log only) is done by the
     /// server and again by [`super::auth::authenticate`].

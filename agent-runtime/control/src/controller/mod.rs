@@ -413,6 +413,7 @@ impl Controller {
             ("audit", format!("{}.audit.*.*", api::ADMIN_PREFIX)),
             ("keys", format!("{}.*", api::KEYS_PREFIX)),
             ("usage-report", format!("{}.*", api::USAGE_REPORT_PREFIX)),
+            ("audit-append", api::AUDIT_APPEND_SUBJECT.to_string()),
         ] {
             let endpoint = service
                 .endpoint_builder()
@@ -507,6 +508,8 @@ impl Controller {
             Err(ApiError::new(ErrorCode::InvalidInput, "request too large"))
         } else if subject.starts_with(api::KEYS_PREFIX) {
             self.keys(&subject, &request.message.payload).await
+        } else if subject == api::AUDIT_APPEND_SUBJECT {
+            self.runtime_append(&request.message.payload).await
         } else if subject.starts_with(api::USAGE_REPORT_PREFIX) {
             let (result, pending) = self.usage_report(&subject, &request.message.payload).await;
             revoke = pending;

@@ -1,0 +1,245 @@
+//! The runtime's security decisions in the audit log, against a real
+//! nats-server and controller: a tool call (tool and input hash) and a
+//! permission denial each become one event in the tenant's log with the agent
+//! as actor; at the queue's bound an audited tool call is refused and does not
+//! run; a tenant's own credentials cannot append to any log.
+
+// Test code: a failed set-up step should abort the test with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use agent_runtime::agent::{AgentErrorKind, AgentHost};
+use agent_runtime::registry::{Registry, RegistryWatcher, SettingsPatch, ToolSettings};
+use agentbus_control::audit::event::{AuditEvent, Outcome};
+use agentbus_control::audit::sink::{AuditSink, AuditSinkOptions};
+use agentbus_control::audit::{self, ListRequest};
+use agentbus_control::tiers::Tier;
+use bytes::Bytes;
+use nats_harness::{eventually, platform, Platform};
+
+/// A runtime instance's platform connection and host, with an audit sink.
+async fn runtime(p: &Platform, options: AuditSinkOptions) -> (AgentHost, Arc<AuditSink>, Registry) {
+    let client = agentbus_control::controller::connect(
+        &p.server.url(),
+        &p.install.creds("controller.creds").unwrap(),
+        "runtime",
+    )
+    .await
+    .unwrap();
+    let registry = Registry::open(client.clone()).await.unwrap();
+    let watcher = Arc::new(RegistryWatcher::start(&registry).await.unwrap());
+    let sink = Arc::new(AuditSink::new(client, options));
+    let host = AgentHost::new(watcher).audit_sink(sink.clone());
+    (host, sink, registry)
+}
+
+async fn runtime_events(p: &Platform, tenant: &str) -> Vec<AuditEvent> {
+    audit::list(
+        &p.cp,
+        tenant,
+        &ListRequest {
+            action: Some("runtime.".into()),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap()
+}
+
+fn sha256_hex(b: &[u8]) -> String {
+    ring::digest::digest(&ring::digest::SHA256, b)
+        .as_ref()
+        .iter()
+        .map(|x| format!("{x:02x}"))
+        .collect()
+}
+
+async fn enable_search(registry: &Registry, host: &AgentHost, runs: Arc<AtomicU64>) {
+    let rt = tenant_bus::TenantId::new("rt").unwrap();
+    registry
+        .update(
+            &rt,
+            &SettingsPatch::new().tool("search", ToolSettings::enabled()),
+        )
+        .await
+        .unwrap();
+    host.tools(&rt)
+        .register("search", move |input: Bytes| {
+            let runs = runs.clone();
+            async move {
+                runs.fetch_add(1, Ordering::SeqCst);
+                Ok(input)
+            }
+        })
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tool_calls_and_denials_are_one_event_each_with_the_agent_as_actor() {
+    let p = platform().await;
+    p.cp.create_tenant("rt", Tier::Free).await.unwrap();
+    p.cp.create_tenant("other", Tier::Free).await.unwrap();
+    let bundle = p.cp.issue_agent("rt", "worker", "default").await.unwrap();
+    let (host, sink, registry) = runtime(&p, AuditSinkOptions::new()).await;
+    let runs = Arc::new(AtomicU64::new(0));
+    enable_search(&registry, &host, runs.clone()).await;
+    let agent = host
+        .start(
+            &bundle,
+            tenant_bus::NamespaceOptions::new(),
+            "default",
+            ["tool:search", "reports:read"],
+        )
+        .await
+        .unwrap();
+    // The tool setting reaches the watcher.
+    let budget = agent.task_budget().await.unwrap();
+    let out = eventually(Duration::from_secs(3), || async {
+        agent.call_tool(&budget, "search", "who is acme").await.ok()
+    })
+    .await
+    .expect("the tool ran");
+    assert_eq!(out.as_ref(), b"who is acme");
+    let denied = agent
+        .authorize(&agent.resource("reports").named("q3"), "delete")
+        .unwrap_err();
+    assert_eq!(denied.kind(), AgentErrorKind::Denied);
+    assert!(
+        sink.flush(Duration::from_secs(5)).await,
+        "appended: queued {} appended {} rejected {} failures {}",
+        sink.counters().queued(),
+        sink.counters().appended(),
+        sink.counters().rejected(),
+        sink.counters().send_failures()
+    );
+
+    let events = runtime_events(&p, "rt").await;
+    let calls: Vec<_> = events
+        .iter()
+        .filter(|e| e.action == "runtime.tool_call")
+        .collect();
+    assert_eq!(calls.len(), 1, "{events:?}");
+    assert_eq!(calls[0].actor.kind, "agent");
+    assert_eq!(calls[0].actor.id, "worker");
+    assert_eq!(calls[0].resource, "tool/search");
+    assert_eq!(calls[0].outcome, Outcome::Allowed);
+    assert_eq!(
+        calls[0].reason,
+        format!("input sha256={}", sha256_hex(b"who is acme")),
+        "the hash, never the input"
+    );
+    let denials: Vec<_> = events
+        .iter()
+        .filter(|e| e.action == "runtime.permission_denied")
+        .collect();
+    assert_eq!(denials.len(), 1, "{events:?}");
+    assert_eq!(denials[0].outcome, Outcome::Denied);
+    assert!(
+        denials[0].reason.starts_with("delete"),
+        "{}",
+        denials[0].reason
+    );
+    // Nothing in the other tenant's log; the tenant's log still verifies.
+    assert!(runtime_events(&p, "other").await.is_empty());
+    audit::verify_remote(&p.cp, "rt", None).await.unwrap();
+    agent.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_the_bound_an_audited_tool_call_is_refused_and_does_not_run() {
+    let p = platform().await;
+    p.cp.create_tenant("rt", Tier::Free).await.unwrap();
+    let bundle = p.cp.issue_agent("rt", "worker", "default").await.unwrap();
+    // Room for one queued event (each costs its text plus 128 bytes).
+    let (host, sink, registry) = runtime(&p, AuditSinkOptions::new().max_bytes(300)).await;
+    let runs = Arc::new(AtomicU64::new(0));
+    enable_search(&registry, &host, runs.clone()).await;
+    let agent = host
+        .start(
+            &bundle,
+            tenant_bus::NamespaceOptions::new(),
+            "default",
+            ["tool:search"],
+        )
+        .await
+        .unwrap();
+    let budget = agent.task_budget().await.unwrap();
+    eventually(Duration::from_secs(3), || async {
+        agent.call_tool(&budget, "search", "warm").await.ok()
+    })
+    .await
+    .expect("the tool ran");
+    assert!(sink.flush(Duration::from_secs(5)).await);
+
+    // The controller stops: the next event waits in the queue, the one after
+    // does not fit, and its tool call is refused without running.
+    p.shutdown.fire();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = runs.load(Ordering::SeqCst);
+    agent.call_tool(&budget, "search", "one").await.unwrap();
+    let refused = agent.call_tool(&budget, "search", "two").await.unwrap_err();
+    assert_eq!(refused.kind(), AgentErrorKind::AuditUnavailable);
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        before + 1,
+        "the refused call did not run"
+    );
+    assert_eq!(sink.counters().refused_full(), 1);
+
+    // The controller is back: the queued event is appended, calls run again.
+    let (_c, _stop) = p.another_controller().await;
+    assert!(
+        sink.flush(Duration::from_secs(10)).await,
+        "the queue drained"
+    );
+    agent.call_tool(&budget, "search", "three").await.unwrap();
+    assert!(sink.flush(Duration::from_secs(5)).await);
+    let reasons: Vec<String> = runtime_events(&p, "rt")
+        .await
+        .into_iter()
+        .map(|e| e.reason)
+        .collect();
+    for (input, present) in [
+        ("warm", true),
+        ("one", true),
+        ("two", false),
+        ("three", true),
+    ] {
+        let expected = format!("input sha256={}", sha256_hex(input.as_bytes()));
+        assert_eq!(reasons.contains(&expected), present, "{input}: {reasons:?}");
+    }
+    agent.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenants_credentials_cannot_append_to_any_log() {
+    let p = platform().await;
+    p.cp.create_tenant("rt", Tier::Free).await.unwrap();
+    let issued = p.cp.create_agent("rt", "mallory", "default").await.unwrap();
+    let raw = async_nats::ConnectOptions::with_credentials(issued.bundle.creds.as_deref().unwrap())
+        .unwrap()
+        .connect(p.server.url())
+        .await
+        .unwrap();
+    let forged = serde_json::json!({"events": [{
+        "tenant": "rt", "agent": "admin", "action": "runtime.tool_call",
+        "resource": "tool/x", "outcome": "allowed", "reason": "forged", "request_id": ""
+    }]});
+    let answer = tokio::time::timeout(
+        Duration::from_secs(3),
+        raw.request(
+            agentbus_control::api::AUDIT_APPEND_SUBJECT,
+            serde_json::to_vec(&forged).unwrap().into(),
+        ),
+    )
+    .await;
+    assert!(
+        !matches!(answer, Ok(Ok(_))),
+        "the server must not route a tenant's append"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(runtime_events(&p, "rt").await.is_empty());
+}
