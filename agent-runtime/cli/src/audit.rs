@@ -50,12 +50,13 @@ pub enum AuditCommand {
     },
     /// Export a log's events to a file format or a SIEM: `jsonl` (canonical
     /// JSON, one per line), `csv`, `ocsf` (OCSF JSON lines: Authentication,
-    /// Account Change, API Activity) or `cef` (CEF in RFC 5424 syslog lines).
+    /// Account Change, API Activity), `ecs` (Elastic Common Schema JSON lines)
+    /// or `cef` (CEF in RFC 5424 syslog lines).
     /// Written to stdout.
     Export {
         /// The tenant id, or `_platform`.
         tenant: String,
-        /// `jsonl`, `csv`, `ocsf` or `cef`.
+        /// `jsonl`, `csv`, `ocsf`, `ecs` or `cef`.
         #[arg(long, default_value = "jsonl")]
         format: String,
         /// Events at or after: Unix ms, or an age such as `7d`.

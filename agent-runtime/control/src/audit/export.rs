@@ -1,6 +1,6 @@
 //! Exporting audit events to files and SIEMs: JSON lines (the canonical
-//! bytes), CSV (RFC 4180), OCSF 1.x JSON lines and CEF in RFC 5424 syslog
-//! framing. JSON lines and CSV parse back to the same events
+//! bytes), CSV (RFC 4180), OCSF 1.x JSON lines, Elastic Common Schema (ECS)
+//! JSON lines and CEF in RFC 5424 syslog framing. JSON lines and CSV parse back to the same events
 //! ([`parse_jsonl`], [`parse_csv`]). See `docs/audit.md` (Export).
 
 use serde_json::{json, Value};
@@ -19,6 +19,8 @@ pub enum Format {
     Ocsf,
     /// One CEF line per event in RFC 5424 syslog framing.
     Cef,
+    /// One Elastic Common Schema (ECS 8.x) document per line (JSON).
+    Ecs,
 }
 
 /// An unknown format name, or an export line that does not parse back.
@@ -41,8 +43,9 @@ impl std::str::FromStr for Format {
             "csv" => Ok(Self::Csv),
             "ocsf" => Ok(Self::Ocsf),
             "cef" => Ok(Self::Cef),
+            "ecs" => Ok(Self::Ecs),
             other => Err(ExportError(format!(
-                "unknown format {other:?} (jsonl, csv, ocsf or cef)"
+                "unknown format {other:?} (jsonl, csv, ocsf, ecs or cef)"
             ))),
         }
     }
@@ -56,7 +59,82 @@ pub fn export(events: &[AuditEvent], format: Format) -> String {
         Format::Csv => to_csv(events),
         Format::Ocsf => events.iter().map(|e| format!("{}\n", ocsf(e))).collect(),
         Format::Cef => events.iter().map(|e| format!("{}\n", cef(e))).collect(),
+        Format::Ecs => events.iter().map(|e| format!("{}\n", ecs(e))).collect(),
     }
+}
+
+// ----- Elastic Common Schema ------------------------------------------------------
+
+/// The ECS version the documents follow.
+pub const ECS_VERSION: &str = "8.11.0";
+
+/// `e` as an ECS document: `@timestamp`, `ecs.version`, `event` (`kind`
+/// `event`, `category` and `type` from the allowed ECS values, `action`,
+/// `outcome` `success`/`failure`, `reason`, `id`, `sequence`, `dataset`
+/// `agentbus.audit`), `user` (the actor), `organization.id` (the tenant),
+/// `service` (the recording controller), `labels` (resource, request id,
+/// actor kind) and `message`. The category follows the OCSF class
+/// ([`ocsf_class`]): Authentication -> `authentication`, Account Change ->
+/// `iam`, API Activity -> `configuration` (`runtime.*` -> `process`).
+pub fn ecs(e: &AuditEvent) -> Value {
+    let class = ocsf_class(e);
+    let category = if e.action.starts_with("runtime.") {
+        "process"
+    } else {
+        match class.class_uid {
+            3002 => "authentication",
+            3001 => "iam",
+            _ => "configuration",
+        }
+    };
+    let mut types: Vec<&str> = vec![match e.outcome {
+        Outcome::Allowed => "allowed",
+        Outcome::Denied => "denied",
+        Outcome::Failed => "error",
+    }];
+    match (category, class.activity_id) {
+        ("iam", 1) | ("configuration", 1) => types.push("creation"),
+        ("iam", _) | ("configuration", 3) => types.push("change"),
+        ("configuration", 4) => types.push("deletion"),
+        ("configuration", 2) => types.push("access"),
+        ("authentication", _) => types.push("start"),
+        _ => types.push("info"),
+    }
+    let mut roles = Vec::new();
+    if !e.actor.role.is_empty() {
+        roles.push(e.actor.role.clone());
+    }
+    json!({
+        "@timestamp": iso_time(e.time_ms),
+        "ecs": { "version": ECS_VERSION },
+        "event": {
+            "kind": "event",
+            "category": [category],
+            "type": types,
+            "action": e.action,
+            "outcome": if e.outcome == Outcome::Allowed { "success" } else { "failure" },
+            "reason": e.reason,
+            "id": e.id,
+            "sequence": e.index,
+            "dataset": "agentbus.audit",
+            "module": "agentbus",
+            "provider": "agentbus-controller",
+        },
+        "user": {
+            "name": e.actor.id,
+            "id": if e.actor.key.is_empty() { e.actor.id.clone() } else { e.actor.key.clone() },
+            "roles": roles,
+        },
+        "organization": { "id": e.tenant },
+        "service": { "name": "agentbus-controller", "type": "nats", "node": { "name": e.controller } },
+        "labels": {
+            "resource": e.resource,
+            "request_id": e.request_id,
+            "actor_kind": e.actor.kind,
+            "audit_log": e.tenant,
+        },
+        "message": format!("{} {} {}", e.action, e.resource, e.outcome),
+    })
 }
 
 // ----- JSON lines ---------------------------------------------------------------
@@ -562,7 +640,38 @@ mod tests {
         assert_eq!(parse_csv(&csv).unwrap(), events);
         assert!(parse_csv("nope\n").is_err());
         assert_eq!("cef".parse::<Format>().unwrap(), Format::Cef);
-        assert!("ecs".parse::<Format>().is_err());
+        assert_eq!("ecs".parse::<Format>().unwrap(), Format::Ecs);
+        assert!("leef".parse::<Format>().is_err());
+    }
+
+    #[test]
+    fn ecs_documents_have_the_core_fields_with_allowed_values() {
+        let events = sample();
+        let text = export(&events, Format::Ecs);
+        assert_eq!(text.lines().count(), events.len());
+        for (line, e) in text.lines().zip(&events) {
+            let v: Value = serde_json::from_str(line).unwrap();
+            assert_eq!(v["ecs"]["version"], ECS_VERSION);
+            assert!(v["@timestamp"].as_str().unwrap().ends_with('Z'));
+            assert_eq!(v["event"]["kind"], "event");
+            assert_eq!(v["event"]["action"], e.action.as_str());
+            assert_eq!(v["organization"]["id"], e.tenant.as_str());
+            assert_eq!(v["user"]["name"], e.actor.id.as_str());
+            let outcome = v["event"]["outcome"].as_str().unwrap();
+            assert!(["success", "failure"].contains(&outcome));
+            assert_eq!(outcome == "success", e.outcome == Outcome::Allowed);
+            let allowed_categories = ["authentication", "iam", "configuration", "process"];
+            for c in v["event"]["category"].as_array().unwrap() {
+                assert!(allowed_categories.contains(&c.as_str().unwrap()), "{c}");
+            }
+            let allowed_types = [
+                "allowed", "denied", "error", "creation", "change", "deletion", "access", "start",
+                "info",
+            ];
+            for t in v["event"]["type"].as_array().unwrap() {
+                assert!(allowed_types.contains(&t.as_str().unwrap()), "{t}");
+            }
+        }
     }
 
     #[test]
