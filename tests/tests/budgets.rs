@@ -282,3 +282,45 @@ async fn bad_budgets_are_refused_and_change_nothing() {
     p.cp.delete_budget("acme", "ok").await.unwrap();
     assert!(p.cp.budgets("acme").await.unwrap().is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenant_stats_show_live_connections_metered_units_and_budgets() {
+    let p = platform().await;
+    p.cp.create_tenant("acme", Tier::Free).await.unwrap();
+    p.cp.create_tenant("globex", Tier::Free).await.unwrap();
+    p.cp.set_budget("acme", &spec("cost", COST, 1_000_000, None, Action::Block))
+        .await
+        .unwrap();
+    let (a, account) = agent(&p, "acme", "llm").await;
+    let _g = agent(&p, "globex", "llm").await;
+    for i in 0..10 {
+        a.publish("jobs.x", format!("{i}")).await.unwrap();
+    }
+    assert!(report_usage(&a, &account, COST, 250_000, "s-1")
+        .await
+        .unwrap());
+    let stats = eventually(Duration::from_secs(5), || async {
+        let s = p.cp.tenant_stats("acme").await.ok()?;
+        (s.live.since_server_start.msgs_in >= 10).then_some(s)
+    })
+    .await
+    .expect("the server's counters");
+    assert_eq!(stats.tenant, "acme");
+    assert_eq!(stats.status, "active");
+    assert!(stats.live.connections >= 1, "{stats:?}");
+    assert!(stats.live.servers >= 1);
+    assert_eq!(stats.usage_today.units.get(COST), Some(&250_000));
+    assert_eq!(stats.usage_this_hour.units.get(COST), Some(&250_000));
+    assert_eq!(stats.budgets.len(), 1);
+    assert_eq!(stats.budgets[0].spent, 250_000);
+    assert_eq!(stats.agents_issued, 1);
+    assert_eq!(stats.agents_revoked, 0);
+    // Another tenant's figures are its own.
+    let g = p.cp.tenant_stats("globex").await.unwrap();
+    assert!(g.budgets.is_empty());
+    assert!(g.usage_today.units.is_empty());
+    assert_eq!(
+        p.cp.tenant_stats("nobody").await.unwrap_err().code,
+        ErrorCode::NotFound
+    );
+}

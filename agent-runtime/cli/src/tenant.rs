@@ -29,6 +29,12 @@ pub enum TenantCommand {
         /// The tenant id.
         id: String,
     },
+    /// One tenant's figures: live connections and server counters, metered
+    /// usage this hour and today, budgets, policing, agents and API keys.
+    Stats {
+        /// The tenant id.
+        id: String,
+    },
     /// Change a tenant: `--set KEY=VALUE`, `--unset FIELD`.
     Update(UpdateArgs),
     /// Suspend a tenant: the server closes its connections and refuses new ones.
@@ -154,6 +160,7 @@ pub async fn run(output: Output, args: TenantArgs) -> Result<(), Failure> {
         TenantCommand::Create(a) => Some(a.id.clone()),
         TenantCommand::Update(a) => Some(a.id.clone()),
         TenantCommand::Get { id }
+        | TenantCommand::Stats { id }
         | TenantCommand::Suspend { id }
         | TenantCommand::Activate { id }
         | TenantCommand::Delete { id, .. }
@@ -201,6 +208,10 @@ pub async fn run(output: Output, args: TenantArgs) -> Result<(), Failure> {
             let t = client.tenant(&id).await?;
             print(output, &t, || detail(&t))
         }
+        TenantCommand::Stats { id } => {
+            let s = client.tenant_stats(&id).await?;
+            print(output, &s, || stats_table(&s))
+        }
         TenantCommand::Update(a) => {
             let req = UpdateTenant {
                 set: pairs(&a.sets)?,
@@ -233,4 +244,64 @@ pub async fn run(output: Output, args: TenantArgs) -> Result<(), Failure> {
             })
         }
     }
+}
+
+fn units_text(units: &std::collections::BTreeMap<String, u64>) -> String {
+    if units.is_empty() {
+        return "-".into();
+    }
+    units
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// `agentbus tenant stats` for people.
+fn stats_table(s: &agentbus_control::api::TenantStats) -> String {
+    let c = |t: &agentbus_control::api::UsageTotals| {
+        format!(
+            "msgs_in {} bytes_in {} msgs_out {} bytes_out {}  units {}",
+            t.counters.msgs_in,
+            t.counters.bytes_in,
+            t.counters.msgs_out,
+            t.counters.bytes_out,
+            units_text(&t.units)
+        )
+    };
+    let mut out = format!(
+        "tenant       {} ({}, {})\n\
+         live         {} connections, {} subscriptions, {} slow consumers ({} servers answered)\n\
+         this hour    {}\n\
+         today        {}\n\
+         agents       {} issued, {} revoked; {} API keys active\n\
+         policing     {} strikes in 10 min; {} credentials cut",
+        s.tenant,
+        s.status,
+        s.tier,
+        s.live.connections,
+        s.live.subscriptions,
+        s.live.slow_consumers,
+        s.live.servers,
+        c(&s.usage_this_hour),
+        c(&s.usage_today),
+        s.agents_issued,
+        s.agents_revoked,
+        s.api_keys_active,
+        s.strikes_last_10m,
+        s.throttled.len()
+    );
+    for b in &s.budgets {
+        out.push_str(&format!(
+            "\nbudget       {}: {} of {} {} this {} ({}; {} left)",
+            b.spec.name,
+            b.spent,
+            b.spec.hard,
+            b.spec.unit,
+            b.spec.period,
+            b.spec.action,
+            b.remaining
+        ));
+    }
+    out
 }

@@ -4,7 +4,7 @@
 //! ```text
 //! agentbus.admin.v1.status                          read     status of the installation
 //! agentbus.admin.v1.tenants.list                    read     every tenant
-//! agentbus.admin.v1.tenant.<id>.<verb>              create | get | update | suspend |
+//! agentbus.admin.v1.tenant.<id>.<verb>              create | get | stats | update | suspend |
 //!                                                   activate | delete | rotate-key
 //! agentbus.admin.v1.agent.<tenant>.<verb>           create | list | get | revoke
 //! agentbus.admin.v1.admins.<verb>                   create | list | revoke
@@ -156,6 +156,7 @@ pub fn role_publish_allow(role: Role, tenant: Option<&TenantId>) -> Vec<String> 
         (Role::TenantAdmin, Some(t)) => vec![
             format!("{p}.status"),
             format!("{p}.tenant.{t}.get"),
+            format!("{p}.tenant.{t}.stats"),
             format!("{p}.tenant.{t}.update"),
             format!("{p}.tenant.{t}.rotate-key"),
             format!("{p}.agent.{t}.>"),
@@ -167,6 +168,7 @@ pub fn role_publish_allow(role: Role, tenant: Option<&TenantId>) -> Vec<String> 
         (Role::Viewer, Some(t)) => vec![
             format!("{p}.status"),
             format!("{p}.tenant.{t}.get"),
+            format!("{p}.tenant.{t}.stats"),
             format!("{p}.agent.{t}.list"),
             format!("{p}.agent.{t}.get"),
             format!("{p}.apikey.{t}.list"),
@@ -178,6 +180,7 @@ pub fn role_publish_allow(role: Role, tenant: Option<&TenantId>) -> Vec<String> 
             format!("{p}.status"),
             format!("{p}.tenants.list"),
             format!("{p}.tenant.*.get"),
+            format!("{p}.tenant.*.stats"),
             format!("{p}.agent.*.list"),
             format!("{p}.agent.*.get"),
             format!("{p}.apikey.*.list"),
@@ -314,6 +317,64 @@ pub struct UpdateTenant {
     /// Quota fields whose override is removed (back to the tier's default).
     #[serde(default)]
     pub unset: Vec<String>,
+}
+
+/// Metered usage over a span: the servers' counters and reported units.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageTotals {
+    /// Messages and bytes in and out, as the servers counted them.
+    #[serde(flatten)]
+    pub counters: crate::usage::Counters,
+    /// Reported units, unit -> amount.
+    #[serde(default)]
+    pub units: std::collections::BTreeMap<String, u64>,
+}
+
+/// What the servers report for an account now, summed over the servers
+/// that answered.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LiveStats {
+    /// Servers that answered.
+    pub servers: u64,
+    /// Live client connections.
+    pub connections: u64,
+    /// Live subscriptions.
+    pub subscriptions: u64,
+    /// Slow-consumer events the servers counted.
+    pub slow_consumers: u64,
+    /// The servers' counters since each started (in-memory, per server).
+    pub since_server_start: crate::usage::Counters,
+}
+
+/// `tenant.<id>.stats` (`agentbus tenant stats`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TenantStats {
+    /// The tenant.
+    pub tenant: String,
+    /// `active` or `suspended`.
+    pub status: String,
+    /// Its tier.
+    pub tier: String,
+    /// Its effective quotas.
+    pub quotas: crate::tiers::Quotas,
+    /// The servers' live figures.
+    pub live: LiveStats,
+    /// Metered usage in the current hour.
+    pub usage_this_hour: UsageTotals,
+    /// Metered usage since 00:00 UTC.
+    pub usage_today: UsageTotals,
+    /// Budgets with this period's spending.
+    pub budgets: Vec<crate::budget::BudgetView>,
+    /// Credentials policing has cut, to the end of their backoff (Unix ms).
+    pub throttled: std::collections::BTreeMap<String, u64>,
+    /// Policing strikes in the last 10 minutes.
+    pub strikes_last_10m: usize,
+    /// Issued agents not revoked.
+    pub agents_issued: usize,
+    /// Revoked agents.
+    pub agents_revoked: usize,
+    /// API keys that work now.
+    pub api_keys_active: usize,
 }
 
 /// `agent.<tenant>.create`.

@@ -349,6 +349,12 @@ impl AdminClient {
         self.call(&api::usage_subject(tenant, "get"), req).await
     }
 
+    /// One tenant's live figures, metered usage, budgets and policing state.
+    pub async fn tenant_stats(&self, id: &str) -> Result<api::TenantStats, ApiError> {
+        self.call(&api::tenant_subject(id, "stats"), &serde_json::json!({}))
+            .await
+    }
+
     /// Creates or replaces a budget of `tenant` (the answer: it with this
     /// period's total).
     pub async fn set_budget(

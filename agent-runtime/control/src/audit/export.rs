@@ -366,7 +366,7 @@ pub fn ocsf_class(e: &AuditEvent) -> OcsfClass {
     }
     let (id, name) = match verb {
         "create" => (1, "Create"),
-        "get" | "list" | "status" | "proof" | "verify-data" => (2, "Read"),
+        "get" | "list" | "stats" | "status" | "proof" | "verify-data" => (2, "Read"),
         "update" | "suspend" | "activate" => (3, "Update"),
         "delete" => (4, "Delete"),
         _ => (99, "Other"),

@@ -120,6 +120,14 @@ impl Controller {
         }
     }
 
+    pub(super) async fn budget_view_of(
+        &self,
+        tenant: &TenantId,
+        spec: BudgetSpec,
+    ) -> Result<BudgetView> {
+        self.budget_view(tenant, spec).await
+    }
+
     async fn budget_view(&self, tenant: &TenantId, spec: BudgetSpec) -> Result<BudgetView> {
         let now = tenant_bus::envelope::now_ms();
         let (period, _, end) = budget::period_of(spec.period, now);

@@ -127,6 +127,7 @@ impl Controller {
                 match *verb {
                     "create" => json(&self.create_tenant(caller, &id, parse(body)?).await?),
                     "get" => json(&TenantView::of(self.tenant(&id).await?)),
+                    "stats" => json(&self.tenant_stats(&id).await?),
                     "update" => json(&self.update_tenant(caller, &id, parse(body)?).await?),
                     "suspend" => json(&self.set_status(caller, &id, Status::Suspended).await?),
                     "activate" => json(&self.set_status(caller, &id, Status::Active).await?),

@@ -30,6 +30,7 @@ pub mod callout;
 pub mod claims;
 pub mod handlers;
 pub mod police;
+mod stats;
 mod usage_poll;
 
 use std::sync::Arc;

@@ -1,0 +1,150 @@
+//! `agentbus.admin.v1.tenant.<id>.stats`: one tenant's state in one answer,
+//! the same figures the metrics endpoint exports for it: live connections and
+//! the servers' counters now, metered usage this hour and today, budgets,
+//! policing, issued agents and API keys.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use futures::StreamExt as _;
+use serde_json::Value;
+use tenant_bus::TenantId;
+
+use super::Controller;
+use crate::api::{ApiError, ErrorCode, LiveStats, TenantStats, UsageTotals};
+use crate::usage::{hour_of, Counters, HOUR_MS};
+
+/// How long the servers get to answer the statistics ping.
+const STATZ_WINDOW: Duration = Duration::from_millis(500);
+
+impl Controller {
+    pub(super) async fn tenant_stats(&self, id: &TenantId) -> Result<TenantStats, ApiError> {
+        let record = self.tenant(id).await?;
+        let now = tenant_bus::envelope::now_ms();
+        let live = self.live_stats(&record.account).await?;
+        let (hour, today) = match self.store.usage_ledger(id).await? {
+            Some((ledger, _)) => {
+                let this_hour = hour_of(now);
+                let day_start = now - now % (24 * HOUR_MS);
+                let mut hour = UsageTotals::default();
+                let mut today = UsageTotals::default();
+                for (h, c) in &ledger.hours {
+                    if *h == this_hour {
+                        hour.counters.add(c);
+                    }
+                    if *h >= day_start {
+                        today.counters.add(c);
+                    }
+                }
+                for (h, units) in &ledger.units {
+                    for (unit, amount) in units {
+                        if *h == this_hour {
+                            add_unit(&mut hour.units, unit, *amount);
+                        }
+                        if *h >= day_start {
+                            add_unit(&mut today.units, unit, *amount);
+                        }
+                    }
+                }
+                (hour, today)
+            }
+            None => (UsageTotals::default(), UsageTotals::default()),
+        };
+        let mut budgets = Vec::new();
+        for spec in self.store.budgets(id).await? {
+            budgets.push(self.budget_view_of(id, spec).await?);
+        }
+        let (police, _) = self.police_state(id).await?;
+        let agents = self.store.agents(id).await?;
+        let keys = self.store.apikeys(id).await?;
+        let now_s = crate::install::now_unix();
+        Ok(TenantStats {
+            tenant: id.to_string(),
+            status: record.status.to_string(),
+            tier: record.tier.to_string(),
+            quotas: record.quotas(),
+            live,
+            usage_this_hour: hour,
+            usage_today: today,
+            budgets,
+            throttled: police
+                .throttled
+                .into_iter()
+                .filter(|(_, until)| *until > now)
+                .collect(),
+            strikes_last_10m: police
+                .strikes
+                .iter()
+                .filter(|t| now.saturating_sub(**t) < 600_000)
+                .count(),
+            agents_issued: agents.iter().filter(|a| a.revoked_at.is_none()).count(),
+            agents_revoked: agents.iter().filter(|a| a.revoked_at.is_some()).count(),
+            api_keys_active: keys.iter().filter(|k| k.status(now_s) == "active").count(),
+        })
+    }
+
+    /// The servers' live figures for one account, summed over the servers
+    /// that answer within [`STATZ_WINDOW`].
+    async fn live_stats(&self, account: &str) -> Result<LiveStats, ApiError> {
+        let unavailable = |e: &dyn std::fmt::Display| {
+            ApiError::new(ErrorCode::Unavailable, format!("server statistics: {e}"))
+        };
+        let body = serde_json::json!({ "accounts": [account], "include_unused": true }).to_string();
+        let inbox = self.sys.new_inbox();
+        let mut replies = self
+            .sys
+            .subscribe(inbox.clone())
+            .await
+            .map_err(|e| unavailable(&e))?;
+        self.sys
+            .publish_with_reply("$SYS.REQ.ACCOUNT.PING.STATZ", inbox, body.into())
+            .await
+            .map_err(|e| unavailable(&e))?;
+        let mut live = LiveStats::default();
+        let deadline = tokio::time::Instant::now() + STATZ_WINDOW;
+        while let Ok(Some(msg)) = tokio::time::timeout_at(deadline, replies.next()).await {
+            let Ok(v) = serde_json::from_slice::<Value>(&msg.payload) else {
+                continue;
+            };
+            live.servers += 1;
+            for stat in v
+                .pointer("/data/account_statz")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter(|s| s.get("acc").and_then(Value::as_str) == Some(account))
+            {
+                let n = |k: &str| stat.get(k).and_then(Value::as_u64).unwrap_or(0);
+                live.connections += n("conns");
+                live.subscriptions += n("num_subscriptions");
+                live.slow_consumers += n("slow_consumers");
+                let c = Counters {
+                    msgs_in: stat
+                        .pointer("/received/msgs")
+                        .and_then(Value::as_u64)
+                        .unwrap_or(0),
+                    bytes_in: stat
+                        .pointer("/received/bytes")
+                        .and_then(Value::as_u64)
+                        .unwrap_or(0),
+                    msgs_out: stat
+                        .pointer("/sent/msgs")
+                        .and_then(Value::as_u64)
+                        .unwrap_or(0),
+                    bytes_out: stat
+                        .pointer("/sent/bytes")
+                        .and_then(Value::as_u64)
+                        .unwrap_or(0),
+                };
+                live.since_server_start.add(&c);
+            }
+        }
+        let _ = replies.unsubscribe().await;
+        Ok(live)
+    }
+}
+
+fn add_unit(units: &mut BTreeMap<String, u64>, unit: &str, amount: u64) {
+    let v = units.entry(unit.to_string()).or_default();
+    *v = v.saturating_add(amount);
+}
