@@ -164,10 +164,20 @@ pub async fn start_controller(
 
 /// Starts a [`Platform`], panicking on failure (this is test code).
 pub async fn platform() -> Platform {
+    platform_with(|_| {}).await
+}
+
+/// Starts a [`Platform`] whose server config options `adjust` changes first
+/// (e.g. a small `max_file_store`).
+pub async fn platform_with(
+    adjust: impl FnOnce(&mut agentbus_control::server_config::ServerConfigOptions),
+) -> Platform {
     let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("temp dir: {e}"));
     let mut install = agentbus_control::Installation::init(tmp.path().join("state"))
         .unwrap_or_else(|e| panic!("installation init: {e}"));
-    let config = install.server_config(&install.default_server_options());
+    let mut options = install.default_server_options();
+    adjust(&mut options);
+    let config = install.server_config(&options);
     let server = Server::with_options(ServerOptions::new().config(config));
     install
         .set_urls(vec![server.url()], 1)

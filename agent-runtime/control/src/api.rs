@@ -306,6 +306,38 @@ pub struct CreateTenant {
     /// Quota overrides, field to value.
     #[serde(default)]
     pub quotas: std::collections::BTreeMap<String, String>,
+    /// Create it without JetStream (every JetStream limit 0) instead of
+    /// refusing when its reservation does not fit the servers.
+    #[serde(default)]
+    pub no_jetstream: bool,
+}
+
+/// One server's JetStream limits and reservations, as it reports them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerJetStream {
+    /// The server's name.
+    pub server: String,
+    /// Its `max_memory_store`, bytes.
+    pub max_memory: i64,
+    /// Its `max_file_store`, bytes.
+    pub max_storage: i64,
+    /// What the accounts it has loaded reserve now (lazily: only accounts
+    /// that have connected), bytes.
+    pub server_reserved_memory: i64,
+    /// The same for storage.
+    pub server_reserved_storage: i64,
+}
+
+/// JetStream reserved by the tenants' records against what the servers allow
+/// (`agentbus status`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JetStreamCapacity {
+    /// The sum of every tenant's `js_max_memory`.
+    pub tenants_memory: u64,
+    /// The sum of every tenant's `js_max_storage`.
+    pub tenants_storage: u64,
+    /// Each server's limits.
+    pub servers: Vec<ServerJetStream>,
 }
 
 /// `tenant.<id>.update`: `set` fields then `unset` fields.
@@ -508,6 +540,9 @@ pub struct Status {
     pub tenants: usize,
     /// Cluster peers seen by JetStream (the meta group), if clustered.
     pub nodes: Vec<String>,
+    /// JetStream the tenants reserve against what the servers allow.
+    #[serde(default)]
+    pub jetstream: JetStreamCapacity,
 }
 
 /// One bucket in `status`.

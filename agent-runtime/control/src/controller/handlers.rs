@@ -252,6 +252,16 @@ impl Controller {
         for (k, v) in &req.quotas {
             settings = settings.quota(k, v);
         }
+        if req.no_jetstream {
+            for k in [
+                "js_max_memory",
+                "js_max_storage",
+                "js_max_streams",
+                "js_max_consumers",
+            ] {
+                settings = settings.quota(k, "0");
+            }
+        }
         let account = KeyPair::new_account();
         let signing = KeyPair::new_account();
         let now = now_ms();
@@ -271,6 +281,10 @@ impl Controller {
         if let Ok(existing) = self.store.registry.get(id).await {
             return self.existing_create(caller, existing).await;
         }
+        // Check and write under one lock: no two creates fit the same room.
+        let _reservation = self.js_reservations.lock().await;
+        self.check_jetstream_reservation(id, &record.quotas())
+            .await?;
         // Secrets first, named by the account key: a crashed or losing attempt
         // leaves only unreferenced secrets, never a record without its keys.
         let mut root = [0u8; 32];
@@ -349,6 +363,15 @@ impl Controller {
         let mut trial = before.clone();
         apply_update(&mut trial, &req, tenant_admin)?;
         trial.check().map_err(registry_error)?;
+        let (old, new) = (before.quotas(), trial.quotas());
+        let _reservation =
+            if new.js_max_memory > old.js_max_memory || new.js_max_storage > old.js_max_storage {
+                let guard = self.js_reservations.lock().await;
+                self.check_jetstream_reservation(id, &new).await?;
+                Some(guard)
+            } else {
+                None
+            };
         let record = self
             .change(caller, id, |r| {
                 apply_update(r, &req, tenant_admin).map_err(|e| {
@@ -881,6 +904,7 @@ impl Controller {
             buckets,
             tenants,
             nodes,
+            jetstream: self.jetstream_capacity(None).await?,
         })
     }
 

@@ -29,6 +29,7 @@ mod budgets;
 pub mod callout;
 pub mod claims;
 pub mod handlers;
+mod jetstream;
 pub mod police;
 mod stats;
 mod usage_poll;
@@ -165,6 +166,12 @@ pub struct Controller {
     pub(crate) id: String,
     pub(crate) locks: handlers::Stripes,
     pub(crate) platform_iat: std::sync::Mutex<i64>,
+    /// Held around a JetStream reservation check and the write it allows.
+    pub(crate) js_reservations: tokio::sync::Mutex<()>,
+    /// The servers' JetStream limits, when last asked (see `jetstream`).
+    pub(crate) js_limits: std::sync::Mutex<Option<(std::time::Instant, Vec<api::ServerJetStream>)>>,
+    /// How many servers answered the last JSZ ping.
+    pub(crate) js_servers_seen: std::sync::atomic::AtomicUsize,
     pub(crate) audit: Arc<crate::audit::AuditLog>,
     /// The pepper of API key hashes.
     pub(crate) pepper: Vec<u8>,
@@ -361,6 +368,9 @@ impl Controller {
             id,
             locks: handlers::Stripes::new(),
             platform_iat: std::sync::Mutex::new(install.facts().created_at),
+            js_reservations: tokio::sync::Mutex::new(()),
+            js_limits: std::sync::Mutex::new(None),
+            js_servers_seen: std::sync::atomic::AtomicUsize::new(0),
             audit: Arc::new(audit),
             pepper,
             callout,
