@@ -559,6 +559,28 @@ pub async fn status(output: Output, remote: Remote) -> Result<(), Failure> {
                 b.leader.as_deref().unwrap_or("-")
             ));
         }
+        let mib = |v: u64| v as f64 / (1024.0 * 1024.0);
+        let js = &s.jetstream;
+        out.push_str(&format!(
+            "\njetstream    tenants reserve {:.1} MiB memory, {:.1} MiB storage",
+            mib(js.tenants_memory),
+            mib(js.tenants_storage)
+        ));
+        for j in &js.servers {
+            out.push_str(&format!(
+                "\n  {:<24} allows {:.1} MiB memory, {:.1} MiB storage{}",
+                j.server,
+                mib(u64::try_from(j.max_memory).unwrap_or(0)),
+                mib(u64::try_from(j.max_storage).unwrap_or(0)),
+                if js.tenants_memory > u64::try_from(j.max_memory).unwrap_or(0)
+                    || js.tenants_storage > u64::try_from(j.max_storage).unwrap_or(0)
+                {
+                    "  OVER-COMMITTED"
+                } else {
+                    ""
+                }
+            ));
+        }
         out
     })
 }

@@ -82,6 +82,11 @@ pub struct CreateArgs {
     /// A quota override `FIELD=VALUE` (repeatable).
     #[arg(long = "set", value_name = "FIELD=VALUE")]
     pub sets: Vec<String>,
+    /// Create it without JetStream (every JetStream limit 0: no task
+    /// dispatch or state store) instead of being refused when its JetStream
+    /// reservation does not fit what the servers allow.
+    #[arg(long = "no-jetstream")]
+    pub no_jetstream: bool,
 }
 
 /// Arguments of `tenant update`.
@@ -191,6 +196,7 @@ pub async fn run(output: Output, args: TenantArgs) -> Result<(), Failure> {
                 name: a.name,
                 agent_types: a.agent_types,
                 quotas: pairs(&a.sets)?.into_iter().collect(),
+                no_jetstream: a.no_jetstream,
             };
             let t = client.create_tenant_with(&a.id, &req).await?;
             print(output, &t, || {
