@@ -62,6 +62,8 @@ from .errors import (
     SubscribeError,
     SubscribeErrorKind,
     TenantBusError,
+    UsageError,
+    UsageErrorKind,
 )
 from .ids import validate_agent_id, validate_tenant_id
 from .keys import TenantKey, TenantKeySet, derive_key
@@ -69,11 +71,15 @@ from .message import TenantMessage
 from .namespace import NamespaceOptions, Subscription, TenantNamespace, connect
 from .replay import ReplayGuard
 from .subject import inbox_prefix, scope, unscope, validate_pattern, validate_subject
+from .usage import report_usage
 from .verify import Counters, CountersSnapshot, Freshness, Verifier
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "UsageError",
+    "UsageErrorKind",
+    "report_usage",
     "ApiKeyError",
     "ApiKeyErrorKind",
     "BundleError",

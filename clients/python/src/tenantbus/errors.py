@@ -225,3 +225,26 @@ class EnvelopeError(TenantBusError[DropReason]):
     def reason(self) -> DropReason:
         """The drop reason (same as ``kind``)."""
         return self.kind
+
+
+class UsageErrorKind(enum.Enum):
+    """Why :func:`tenantbus.report_usage` failed (the controller's error codes)."""
+
+    #: A bad unit, amount or idempotency key (checked before sending, too).
+    INVALID_INPUT = "invalid_input"
+    #: A budget's hard cap refused the charge; ``detail`` names the budget and
+    #: when a retry can succeed. Nothing was counted.
+    BUDGET_EXCEEDED = "budget_exceeded"
+    #: The account is not the tenant's.
+    FORBIDDEN = "forbidden"
+    #: Refused by policy (e.g. too many distinct units this hour).
+    REFUSED = "refused"
+    #: The controller or JetStream could not be reached: an outage, not a
+    #: refusal; retry with the same idempotency key.
+    UNAVAILABLE = "unavailable"
+    #: Anything else the controller answered.
+    INTERNAL = "internal"
+
+
+class UsageError(TenantBusError[UsageErrorKind]):
+    """A usage report was not counted."""
