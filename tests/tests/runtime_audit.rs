@@ -243,3 +243,141 @@ async fn a_tenants_credentials_cannot_append_to_any_log() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(runtime_events(&p, "rt").await.is_empty());
 }
+
+/// What only the runtime sees is metered into the tenant's usage: tool calls
+/// per tool and tasks run, completed and failed; a batch sent twice counts
+/// once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tool_calls_and_tasks_are_metered_into_usage_exactly_once() {
+    use agent_runtime::dispatch::{DispatchOptions, Dispatcher, Task, WorkerOptions};
+    use agentbus_control::meter::{RuntimeUsage, RuntimeUsageAnswer, UsageMeter};
+    use agentbus_control::usage::{Granularity, UsageRequest};
+
+    let p = platform().await;
+    p.cp.create_tenant("rt", Tier::Free).await.unwrap();
+    let bundle = p.cp.issue_agent("rt", "worker", "default").await.unwrap();
+    let client = agentbus_control::controller::connect(
+        &p.server.url(),
+        &p.install.creds("controller.creds").unwrap(),
+        "runtime-meter",
+    )
+    .await
+    .unwrap();
+    let registry = Registry::open(client.clone()).await.unwrap();
+    let watcher = Arc::new(RegistryWatcher::start(&registry).await.unwrap());
+    // Flushed by hand below (the interval is long).
+    let meter = UsageMeter::new(client.clone(), Duration::from_secs(3600));
+    let host = AgentHost::new(watcher).usage_meter(meter.clone());
+    let runs = Arc::new(AtomicU64::new(0));
+    enable_search(&registry, &host, runs.clone()).await;
+    let agent = host
+        .start(
+            &bundle,
+            tenant_bus::NamespaceOptions::new(),
+            "default",
+            ["tool:search"],
+        )
+        .await
+        .unwrap();
+    let budget = agent.task_budget().await.unwrap();
+    eventually(Duration::from_secs(3), || async {
+        agent.call_tool(&budget, "search", "a").await.ok()
+    })
+    .await
+    .expect("the tool ran");
+    agent.call_tool(&budget, "search", "b").await.unwrap();
+    agent.call_tool(&budget, "search", "c").await.unwrap();
+
+    // Tasks: one completes, one fails until it is dead-lettered (2 attempts).
+    let ns = agent.namespace().clone();
+    let options = DispatchOptions::new()
+        .max_deliveries(2)
+        .backoff(vec![Duration::from_millis(100)])
+        .ack_wait(Duration::from_secs(2))
+        .result_poll(Duration::from_millis(200));
+    let d = Dispatcher::new(&ns, options).await.unwrap();
+    let _worker = d
+        .worker(
+            "job",
+            |task: Task| async move {
+                if task.payload.as_ref() == b"bad" {
+                    Err("no".to_string())
+                } else {
+                    Ok(task.payload)
+                }
+            },
+            WorkerOptions::new().usage_meter(meter.clone()),
+        )
+        .await
+        .unwrap();
+    d.dispatch("job", "good")
+        .await
+        .unwrap()
+        .wait(Duration::from_secs(20))
+        .await
+        .unwrap();
+    d.dispatch("job", "bad")
+        .await
+        .unwrap()
+        .wait(Duration::from_secs(20))
+        .await
+        .unwrap();
+    meter.flush().await.unwrap();
+
+    let units = || async {
+        let now = tenant_bus::envelope::now_ms();
+        let rows =
+            p.cp.usage(
+                "rt",
+                &UsageRequest {
+                    from_ms: now - 3_600_000,
+                    to_ms: now + 3_600_000,
+                    by: Granularity::Day,
+                },
+            )
+            .await
+            .unwrap();
+        let mut all = std::collections::BTreeMap::new();
+        for r in rows {
+            for (k, v) in r.units {
+                *all.entry(k).or_insert(0u64) += v;
+            }
+        }
+        all
+    };
+    let got = units().await;
+    assert_eq!(got.get("tools.calls"), Some(&3), "{got:?}");
+    assert_eq!(got.get("tool.search"), Some(&3), "{got:?}");
+    assert_eq!(got.get("tasks.run"), Some(&3), "{got:?}");
+    assert_eq!(got.get("tasks.completed"), Some(&1), "{got:?}");
+    assert_eq!(got.get("tasks.failed"), Some(&2), "{got:?}");
+
+    // The same batch sent again (a lost answer) is not counted again.
+    let batch = RuntimeUsage {
+        host: "rt-test-host".into(),
+        seq: 1,
+        tenants: [(
+            "rt".to_string(),
+            [("tools.calls".to_string(), 10u64)].into(),
+        )]
+        .into(),
+    };
+    for expected_added in [1, 0] {
+        let reply = client
+            .request(
+                agentbus_control::api::RUNTIME_USAGE_SUBJECT,
+                serde_json::to_vec(&batch).unwrap().into(),
+            )
+            .await
+            .unwrap();
+        let answer: agentbus_control::api::Response<RuntimeUsageAnswer> =
+            serde_json::from_slice(&reply.payload).unwrap();
+        match answer {
+            agentbus_control::api::Response::Ok(a) => assert_eq!(a.added, expected_added),
+            agentbus_control::api::Response::Error(e) => panic!("{e:?}"),
+        }
+    }
+    assert_eq!(units().await.get("tools.calls"), Some(&13));
+    assert_eq!(meter.dropped(), 0);
+    agent.shutdown(Duration::from_secs(1)).await;
+}

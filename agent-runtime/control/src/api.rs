@@ -90,6 +90,10 @@ pub const USAGE_REPORT_PREFIX: &str = "agentbus.usage.v1";
 /// see `audit::sink`).
 pub const AUDIT_APPEND_SUBJECT: &str = "agentbus.runtime.v1.audit";
 
+/// Where runtime hosts send what they metered (platform account only; see
+/// `meter`).
+pub const RUNTIME_USAGE_SUBJECT: &str = "agentbus.runtime.v1.usage";
+
 /// The prefix of the events the controller publishes for a tenant account
 /// (`agentbus.events.v1.<account>.<kind>`, a stream every tenant account
 /// imports for itself only, onto `tenant.<id>.events.<kind>`).

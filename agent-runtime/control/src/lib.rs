@@ -22,6 +22,7 @@
 //! - [`tiers`]: service tiers and the one table of per-tenant quotas.
 //! - [`usage`]: server-verified usage per tenant per hour.
 //! - [`budget`]: budgets on reported units, enforced with JetStream counters.
+//! - [`meter`]: the runtime's usage meter (tasks, tool calls) into the ledgers.
 //! - [`accounts`], [`jwt`]: account and user claims, signed with nkeys.
 //! - [`server_config`], [`local_server`]: nats-server configs and local processes.
 //! - [`error`]: the control plane's local errors.
@@ -40,6 +41,7 @@ pub mod jwt;
 pub mod kek;
 pub mod keys;
 pub mod local_server;
+pub mod meter;
 pub mod registry;
 pub mod server_config;
 pub mod store;

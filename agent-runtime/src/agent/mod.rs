@@ -78,6 +78,7 @@ use crate::scheduler::{
 };
 use agentbus_control::audit::event::Outcome;
 use agentbus_control::audit::sink::{AuditSink, RuntimeEvent};
+use agentbus_control::meter::UsageMeter;
 use permissions::{PermissionErrorKind, PermissionSet, Resource};
 use tenant_bus::admission::RejectReason;
 use tools::{ToolBudget, ToolRefusal, ToolRegistry};
@@ -187,6 +188,8 @@ struct HostShared {
     receive_bytes_per_tenant: AtomicU64,
     /// Where security decisions go (none: not recorded).
     audit: std::sync::OnceLock<Arc<AuditSink>>,
+    /// Where tool calls are metered (none: not metered).
+    meter: std::sync::OnceLock<UsageMeter>,
 }
 
 /// Default receive budget of one tenant on one host, across all its agents'
@@ -238,6 +241,7 @@ impl AgentHost {
             receive_budgets: Mutex::new(HashMap::new()),
             receive_bytes_per_tenant: AtomicU64::new(DEFAULT_RECEIVE_BYTES_PER_TENANT),
             audit: std::sync::OnceLock::new(),
+            meter: std::sync::OnceLock::new(),
         });
         let events = watcher.subscribe();
         let task = tokio::spawn(follow(Arc::downgrade(&shared), events));
@@ -257,6 +261,14 @@ impl AgentHost {
     /// before starting agents; a second call is ignored.
     pub fn audit_sink(self, sink: Arc<AuditSink>) -> Self {
         let _ = self.shared.audit.set(sink);
+        self
+    }
+
+    /// Meters this host's tool calls per tenant through `meter` (units
+    /// `tools.calls` and `tool.<name>`, in the tenant's usage rows). Set it
+    /// before starting agents; a second call is ignored.
+    pub fn usage_meter(self, meter: UsageMeter) -> Self {
+        let _ = self.shared.meter.set(meter);
         self
     }
 
@@ -921,6 +933,16 @@ impl Agent {
                 data_encoding::HEXLOWER.encode(digest.as_ref())
             ),
         )?;
+        if let Some(meter) = self
+            .shared
+            .host
+            .upgrade()
+            .and_then(|h| h.meter.get().cloned())
+        {
+            let tenant = self.tenant().as_str();
+            meter.add(tenant, "tools.calls", 1);
+            meter.add(tenant, &format!("tool.{name}"), 1);
+        }
         tool.call(input)
             .await
             .map_err(|e| Error::new(AgentErrorKind::ToolFailed, format!("{name}: {e}")))

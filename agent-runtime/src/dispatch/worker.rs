@@ -89,6 +89,7 @@ pub struct WorkerOptions {
     concurrency: usize,
     fetch_expires: Duration,
     audit: Option<Arc<agentbus_control::audit::sink::AuditSink>>,
+    meter: Option<agentbus_control::meter::UsageMeter>,
 }
 
 impl Default for WorkerOptions {
@@ -97,6 +98,7 @@ impl Default for WorkerOptions {
             concurrency: 4,
             fetch_expires: Duration::from_secs(2),
             audit: None,
+            meter: None,
         }
     }
 }
@@ -121,6 +123,14 @@ impl WorkerOptions {
     /// unrecorded.
     pub fn audit_sink(mut self, sink: Arc<agentbus_control::audit::sink::AuditSink>) -> Self {
         self.audit = Some(sink);
+        self
+    }
+
+    /// Meters this worker's tasks per tenant through `meter`: `tasks.run`
+    /// (handler runs), `tasks.completed`, `tasks.failed` (failed attempts,
+    /// retried or dead-lettered).
+    pub fn usage_meter(mut self, meter: agentbus_control::meter::UsageMeter) -> Self {
+        self.meter = Some(meter);
         self
     }
 
@@ -228,6 +238,7 @@ impl Worker {
 
 struct Ctx {
     audit: Option<Arc<agentbus_control::audit::sink::AuditSink>>,
+    meter: Option<agentbus_control::meter::UsageMeter>,
     d: Dispatcher,
     task_type: TaskType,
     handler: Arc<dyn TaskHandler>,
@@ -266,6 +277,7 @@ pub(crate) async fn start(
     let stats = Arc::new(WorkerStats::default());
     let ctx = Arc::new(Ctx {
         audit: options.audit.clone(),
+        meter: options.meter.clone(),
         d,
         task_type,
         handler,
@@ -650,6 +662,12 @@ async fn process(ctx: &Ctx, msg: Message) {
     }
 
     ctx.stats.runs.fetch_add(1, Ordering::Relaxed);
+    let meter = |unit: &str| {
+        if let Some(m) = &ctx.meter {
+            m.add(ctx.d.shared.ns.tenant().as_str(), unit, 1);
+        }
+    };
+    meter("tasks.run");
     let mut run = ctx.handler.handle(task.clone());
     let limit = tokio::time::sleep(opts.handler_timeout);
     tokio::pin!(limit);
@@ -680,10 +698,15 @@ async fn process(ctx: &Ctx, msg: Message) {
                     tracing::debug!(task = %id, "ack not sent; a redelivery will find it done");
                 }
                 ctx.stats.completed.fetch_add(1, Ordering::Relaxed);
+                meter("tasks.completed");
             }
         }
-        Err(reason) if delivered >= u64::from(opts.max_deliveries) => give_up(reason).await,
+        Err(reason) if delivered >= u64::from(opts.max_deliveries) => {
+            meter("tasks.failed");
+            give_up(reason).await
+        }
         Err(reason) => {
+            meter("tasks.failed");
             tracing::debug!(task = %id, delivered, %reason, "task attempt failed; retrying");
             ctx.stats.retried.fetch_add(1, Ordering::Relaxed);
             settle(&msg, AckKind::Nak(Some(opts.backoff_for(delivered)))).await;

@@ -425,6 +425,7 @@ impl Controller {
             ("keys", format!("{}.*", api::KEYS_PREFIX)),
             ("usage-report", format!("{}.*", api::USAGE_REPORT_PREFIX)),
             ("audit-append", api::AUDIT_APPEND_SUBJECT.to_string()),
+            ("runtime-usage", api::RUNTIME_USAGE_SUBJECT.to_string()),
         ] {
             let endpoint = service
                 .endpoint_builder()
@@ -519,6 +520,8 @@ impl Controller {
             Err(ApiError::new(ErrorCode::InvalidInput, "request too large"))
         } else if subject.starts_with(api::KEYS_PREFIX) {
             self.keys(&subject, &request.message.payload).await
+        } else if subject == api::RUNTIME_USAGE_SUBJECT {
+            self.runtime_usage(&request.message.payload).await
         } else if subject == api::AUDIT_APPEND_SUBJECT {
             self.runtime_append(&request.message.payload).await
         } else if subject.starts_with(api::USAGE_REPORT_PREFIX) {

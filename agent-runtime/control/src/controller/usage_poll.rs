@@ -304,6 +304,73 @@ impl Controller {
         ))
     }
 
+    /// `agentbus.runtime.v1.usage`: a runtime host's metered units (see
+    /// [`crate::meter`]). Each tenant of a batch is claimed once
+    /// (`rt.<host>.<seq>.<tenant>`, 24 h) before its units are added, so a
+    /// batch sent again is never counted twice.
+    pub(super) async fn runtime_usage(&self, body: &[u8]) -> Result<Value, ApiError> {
+        let bad = |m: String| ApiError::new(ErrorCode::InvalidInput, m);
+        let batch: crate::meter::RuntimeUsage =
+            serde_json::from_slice(body).map_err(|e| bad(format!("invalid batch: {e}")))?;
+        let host_ok = !batch.host.is_empty()
+            && batch.host.len() <= 64
+            && batch
+                .host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if !host_ok {
+            return Err(bad(format!("host {:?} is not a token", batch.host)));
+        }
+        let mut answer = crate::meter::RuntimeUsageAnswer::default();
+        let now = tenant_bus::envelope::now_ms();
+        for (tenant, units) in batch.tenants {
+            let Ok(id) = TenantId::new(&tenant) else {
+                answer.skipped += 1;
+                continue;
+            };
+            if self.tenant(&id).await.is_err() {
+                answer.skipped += 1;
+                continue;
+            }
+            let claim = format!("rt.{}.{}.{id}", batch.host, batch.seq);
+            if !self.store.claim_report(&claim).await? {
+                answer.duplicates += 1;
+                continue;
+            }
+            let mut skipped = 0;
+            let added = async {
+                for _ in 0..CAS_ATTEMPTS {
+                    let (mut ledger, rev) = match self.store.usage_ledger(&id).await? {
+                        Some((l, r)) => (l, Some(r)),
+                        None => (usage::Ledger::default(), None),
+                    };
+                    skipped = 0;
+                    for (unit, amount) in &units {
+                        if !usage::valid_unit(unit) || !ledger.add_unit(unit, *amount, now) {
+                            skipped += 1;
+                        }
+                    }
+                    if self.store.write_usage_ledger(&id, &ledger, rev).await? {
+                        return Ok(());
+                    }
+                }
+                Err(ApiError::new(
+                    ErrorCode::Conflict,
+                    "usage ledger kept changing",
+                ))
+            }
+            .await;
+            if let Err(e) = added {
+                // Not added: the batch comes again and this tenant with it.
+                self.store.unclaim_report(&claim).await;
+                return Err(ApiError::new(ErrorCode::Unavailable, e.message));
+            }
+            answer.added += 1;
+            answer.skipped += skipped;
+        }
+        serde_json::to_value(answer).map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))
+    }
+
     /// `agentbus.usage.v1.<account>`: an agent reports a custom unit. The
     /// server binds the subject's account to the reporting connection's
     /// account; the record must name it too. Counted once per idempotency key
