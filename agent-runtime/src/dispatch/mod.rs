@@ -96,8 +96,12 @@
 //! - every worker holds one of the tenant's task permits
 //!   ([`acquire_task`](crate::scheduler::TenantScheduler::acquire_task)) per task
 //!   it runs, taken *before* it pulls the task, so `max_concurrent_tasks` caps the
-//!   tenant across all of its workers sharing that scheduler (one instance), and
-//!   no pulled task waits in a worker for a permit while its ack timer runs.
+//!   tenant across all of its workers, and no pulled task waits in a worker for
+//!   a permit while its ack timer runs. With a JetStream scheduler
+//!   ([`Scheduler::connect`](crate::scheduler::Scheduler::connect)) the permit
+//!   includes a cluster-wide task slot (a KV lease, as agent slots), so the cap
+//!   holds across every runtime instance; this costs one KV create and one
+//!   delete per task, plus a heartbeat every `ttl / 3` while it runs.
 
 pub mod wire;
 pub mod worker;

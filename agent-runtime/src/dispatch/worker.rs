@@ -38,7 +38,7 @@ use tokio::task::JoinSet;
 
 use super::wire::{DeadLetter, TaskOutcome};
 use super::{unavailable, DispatchError, Dispatcher, TaskType};
-use crate::scheduler::{SchedulerErrorKind, TaskPermit, TenantScheduler};
+use crate::scheduler::{SchedulerErrorKind, TaskGrant, TenantScheduler};
 use tenant_bus::admission::RejectReason;
 
 /// A task as a handler sees it: verified, decrypted.
@@ -302,7 +302,7 @@ fn gate_active(d: &Dispatcher) -> bool {
 /// of the tenant's task permits. Both are released on drop.
 struct Slot {
     _local: OwnedSemaphorePermit,
-    _task: Option<TaskPermit>,
+    _task: Option<TaskGrant>,
 }
 
 /// Waits for the first slot: a local permit, then the tenant's task permit.
@@ -341,12 +341,13 @@ async fn first_slot(
     }))
 }
 
-/// A further slot, only if both permits are free right now.
-fn try_slot(slots: &Arc<Semaphore>, tenant: Option<&Arc<TenantScheduler>>) -> Option<Slot> {
+/// A further slot, only if both permits are free right now (the tenant's
+/// cluster-wide slot is one KV write).
+async fn try_slot(slots: &Arc<Semaphore>, tenant: Option<&Arc<TenantScheduler>>) -> Option<Slot> {
     let local = slots.clone().try_acquire_owned().ok()?;
     let task = match tenant {
         None => None,
-        Some(t) => Some(t.tasks().try_acquire().ok()?),
+        Some(t) => Some(t.try_acquire_task().await.ok()?),
     };
     Some(Slot {
         _local: local,
@@ -389,7 +390,7 @@ async fn run(
             _ = stop.changed() => continue,
         };
         let mut permits: Vec<Slot> = vec![first];
-        while let Some(p) = try_slot(&slots, tenant.as_ref()) {
+        while let Some(p) = try_slot(&slots, tenant.as_ref()).await {
             permits.push(p);
         }
         let batch = consumer

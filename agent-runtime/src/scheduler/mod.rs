@@ -121,5 +121,5 @@ pub use rate::{
 };
 pub use slots::{AgentSlot, AgentSlots, SlotBucket, SlotStore, SLOT_BUCKET};
 pub use tenant::{
-    AgentLease, MessageGate, MessageLayers, Scheduler, SchedulerConfig, TenantScheduler,
+    AgentLease, MessageGate, MessageLayers, Scheduler, SchedulerConfig, TaskGrant, TenantScheduler,
 };

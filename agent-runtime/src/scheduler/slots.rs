@@ -1,8 +1,9 @@
-//! Concurrent agents per tenant, cluster-wide: slots are leases in a JetStream
-//! key-value bucket.
+//! Concurrent agents and running tasks per tenant, cluster-wide: slots are
+//! leases in a JetStream key-value bucket.
 //!
 //! Bucket [`SLOT_BUCKET`] (`agentbus_agent_slots`), keys `<tenant>.slot.<i>` for `i`
-//! in `0..max_agents`, value: the holder's agent id and a token unique to this
+//! in `0..max_agents` (agents) and `<tenant>.task.<i>` for `i` in
+//! `0..max_concurrent_tasks` (running tasks), value: the holder's agent id and a token unique to this
 //! lease. A slot is taken with an atomic `create` (succeeds only if the key is
 //! absent or deleted), so at most one holder per key and at most `max_agents`
 //! holders per tenant in the whole cluster. The holder refreshes the key every
@@ -108,11 +109,29 @@ impl SlotStore {
 
     /// The slots of `tenant`, at most `max_agents` held cluster-wide.
     pub fn tenant(&self, tenant: TenantId, max_agents: u64) -> AgentSlots {
+        self.slots_of(tenant, max_agents, "slot", "agents")
+    }
+
+    /// The running-task slots of `tenant` (keys `<tenant>.task.<i>`), at most
+    /// `max_concurrent_tasks` held cluster-wide.
+    pub fn tenant_tasks(&self, tenant: TenantId, max_tasks: u64) -> AgentSlots {
+        self.slots_of(tenant, max_tasks, "task", "tasks")
+    }
+
+    fn slots_of(
+        &self,
+        tenant: TenantId,
+        max: u64,
+        kind: &'static str,
+        what: &'static str,
+    ) -> AgentSlots {
         AgentSlots {
             inner: Arc::new(SlotsInner {
                 store: self.clone(),
                 tenant,
-                max: AtomicU64::new(max_agents),
+                kind,
+                what,
+                max: AtomicU64::new(max),
                 held_here: AtomicU64::new(0),
                 cursor: AtomicU64::new(0),
             }),
@@ -123,6 +142,10 @@ impl SlotStore {
 struct SlotsInner {
     store: SlotStore,
     tenant: TenantId,
+    /// The key's middle token: `slot` (agents) or `task`.
+    kind: &'static str,
+    /// What is counted, for messages.
+    what: &'static str,
     max: AtomicU64,
     held_here: AtomicU64,
     cursor: AtomicU64,
@@ -152,7 +175,7 @@ impl AgentSlots {
     }
 
     fn key(&self, index: u64) -> String {
-        format!("{}.slot.{index}", self.inner.tenant)
+        format!("{}.{}.{index}", self.inner.tenant, self.inner.kind)
     }
 
     /// Slots held cluster-wide right now (one read per slot; for tests and tools).
@@ -177,13 +200,23 @@ impl AgentSlots {
     /// Takes a free slot for `holder`, or refuses with
     /// [`RejectReason::Concurrency`] when all `max_agents` are held cluster-wide.
     pub async fn acquire(&self, holder: &AgentId) -> Result<AgentSlot, SchedulerError> {
+        self.acquire_within(holder, u64::MAX).await
+    }
+
+    /// As [`acquire`](Self::acquire), trying at most `attempts` keys: a cheap
+    /// try that may refuse while a slot is free elsewhere in the range.
+    pub async fn acquire_within(
+        &self,
+        holder: &AgentId,
+        attempts: u64,
+    ) -> Result<AgentSlot, SchedulerError> {
         let max = self.max();
         if self.held_here() >= max {
             return Err(self.full(max));
         }
         let token = lease_token(holder);
         let start = self.inner.cursor.fetch_add(1, Ordering::Relaxed);
-        for j in 0..max {
+        for j in 0..max.min(attempts.max(1)) {
             let index = start.wrapping_add(j) % max;
             let key = self.key(index);
             match self.inner.store.store().create(&key, token.clone()).await {
@@ -208,7 +241,10 @@ impl AgentSlots {
         rejected(
             RejectReason::Concurrency,
             None,
-            format!("tenant {} runs {max} of {max} agents", self.inner.tenant),
+            format!(
+                "tenant {} runs {max} of {max} {}",
+                self.inner.tenant, self.inner.what
+            ),
         )
     }
 }

@@ -7,13 +7,13 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use async_nats::jetstream;
-use tenant_bus::admission::{Admission, Admit};
+use tenant_bus::admission::{Admission, Admit, RejectReason};
 use tenant_bus::error::Error;
 use tenant_bus::namespace::{ConnectError, ConnectErrorKind};
 use tenant_bus::{AgentId, CredentialBundle, NamespaceOptions, TenantId, TenantNamespace};
 
 use super::concurrency::{ConcurrencyLimit, Overflow, Permit, TaskPermit};
-use super::error::{from_rejection, SchedulerError, SchedulerErrorKind};
+use super::error::{from_rejection, rejected, SchedulerError, SchedulerErrorKind};
 use super::kv::{KvLedger, RateBucket};
 use super::layer::{
     Chain, Check, Clock, Gate, RefillFuture, SizeLimit, Suspension, SystemClock, TimeSource,
@@ -156,6 +156,37 @@ impl AgentLease {
     }
 }
 
+/// A running task's hold on the tenant's `max_concurrent_tasks`: this
+/// instance's permit and, on a JetStream scheduler, a cluster-wide task slot (a
+/// lease in the slot bucket, heartbeated while held). Both are released on
+/// drop; a crashed instance's slots free themselves after the lease TTL.
+#[must_use = "the task permit is released when dropped"]
+pub struct TaskGrant {
+    _permit: TaskPermit,
+    lease: Option<AgentSlot>,
+}
+
+impl TaskGrant {
+    /// Whether it holds a cluster-wide slot.
+    pub fn is_cluster_wide(&self) -> bool {
+        self.lease.is_some()
+    }
+
+    /// Whether the cluster-wide slot's lease was lost (the bucket was
+    /// unreachable past the TTL and the slot may be held by another task now).
+    pub fn is_lost(&self) -> bool {
+        self.lease.as_ref().is_some_and(AgentSlot::is_lost)
+    }
+}
+
+impl std::fmt::Debug for TaskGrant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TaskGrant")
+            .field("cluster_wide", &self.is_cluster_wide())
+            .finish()
+    }
+}
+
 /// One tenant's limits: message admission ([`Admission`]), tasks, agent slots,
 /// fair-queueing weight, suspension.
 pub struct TenantScheduler {
@@ -164,6 +195,8 @@ pub struct TenantScheduler {
     gate: Arc<dyn TenantGate>,
     admission: Arc<dyn Admission>,
     tasks: ConcurrencyLimit,
+    /// Cluster-wide running-task slots (a JetStream scheduler only).
+    task_slots: Option<AgentSlots>,
     agents: TenantSlots,
     weight: AtomicU64,
     // Windows must stay shorter than the rate ledger's key expiry, or a counter
@@ -216,6 +249,12 @@ impl TenantScheduler {
                 "agents",
             )),
         };
+        let task_slots = match slots {
+            SlotBackend::Cluster(store) => {
+                Some(store.tenant_tasks(id.clone(), quotas.max_concurrent_tasks))
+            }
+            SlotBackend::Local => None,
+        };
         let (gate, admission) = match &config.clock {
             Clock::System => gate_on(layers, SystemClock),
             Clock::Manual(m) => gate_on(layers, m.clone()),
@@ -226,6 +265,7 @@ impl TenantScheduler {
                 config.task_overflow,
                 "tasks",
             ),
+            task_slots,
             gate,
             admission,
             agents,
@@ -337,14 +377,64 @@ impl TenantScheduler {
         &self.tasks
     }
 
-    /// Takes a task permit (per-instance limit `max_concurrent_tasks`, with the
-    /// configured overflow policy).
-    pub async fn acquire_task(&self) -> Result<TaskPermit, SchedulerError> {
+    /// Takes a task permit: this instance's (limit `max_concurrent_tasks`,
+    /// with the configured overflow policy), then, on a JetStream scheduler,
+    /// one of the tenant's cluster-wide task slots, so `max_concurrent_tasks`
+    /// holds across every runtime instance. With every cluster slot held the
+    /// permit is given back and the call refused with
+    /// [`RejectReason::Concurrency`] (retry after 100 ms).
+    pub async fn acquire_task(&self) -> Result<TaskGrant, SchedulerError> {
         self.check_suspended()?;
         let permit = self.tasks.acquire().await?;
         // A suspension while queued wins over the permit.
         self.check_suspended()?;
-        Ok(permit)
+        self.with_cluster_slot(permit, u64::MAX).await
+    }
+
+    /// Takes a task permit only if one is free now (no queueing); for the
+    /// cluster-wide slot it tries at most 2 keys (a cheap try: it may refuse
+    /// while a slot is free elsewhere).
+    pub async fn try_acquire_task(&self) -> Result<TaskGrant, SchedulerError> {
+        self.check_suspended()?;
+        let permit = self.tasks.try_acquire()?;
+        self.with_cluster_slot(permit, 2).await
+    }
+
+    async fn with_cluster_slot(
+        &self,
+        permit: TaskPermit,
+        attempts: u64,
+    ) -> Result<TaskGrant, SchedulerError> {
+        let lease = match &self.task_slots {
+            None => None,
+            Some(slots) => match slots
+                .acquire_within(
+                    // The holder in the lease (its token adds what is unique).
+                    &AgentId::new("task").map_err(|e| {
+                        Error::new(SchedulerErrorKind::InvalidConfig, e.to_string())
+                    })?,
+                    attempts,
+                )
+                .await
+            {
+                Ok(slot) => Some(slot),
+                Err(e) => {
+                    drop(permit);
+                    return Err(match e.kind() {
+                        SchedulerErrorKind::Rejected(_) => rejected(
+                            RejectReason::Concurrency,
+                            Some(Duration::from_millis(100)),
+                            e.to_string(),
+                        ),
+                        _ => e,
+                    });
+                }
+            },
+        };
+        Ok(TaskGrant {
+            _permit: permit,
+            lease,
+        })
     }
 
     /// Takes one of the tenant's `max_agents` slots for `agent` (cluster-wide when
@@ -401,6 +491,9 @@ impl TenantScheduler {
             layers.1 .1 .1.set_window(window);
         }
         self.tasks.set_limit(usize_of(quotas.max_concurrent_tasks));
+        if let Some(slots) = &self.task_slots {
+            slots.set_max(quotas.max_concurrent_tasks);
+        }
         match &self.agents {
             TenantSlots::Cluster(slots) => slots.set_max(quotas.max_agents),
             TenantSlots::Local(limit) => limit.set_limit(usize_of(quotas.max_agents)),
