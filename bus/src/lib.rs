@@ -39,6 +39,8 @@
 //! - [`budget`]: [`ByteBudget`], the receive byte bound shared by subscriptions.
 //! - [`events`]: slow-consumer and permission-violation events.
 //! - [`admission`]: the hook through which a scheduler admits each message.
+//! - [`kv`]: [`TenantKv`], the tenant's sealed key-value state store
+//!   (`ns.kv("sessions")`) on its `STATE` bucket.
 
 pub mod admission;
 pub mod budget;
@@ -49,6 +51,7 @@ pub mod error;
 pub mod events;
 pub mod ids;
 pub mod keys;
+pub mod kv;
 pub mod message;
 pub mod namespace;
 pub mod options;
@@ -64,6 +67,7 @@ pub use error::Error;
 pub use events::BusEvent;
 pub use ids::{AgentId, TenantId};
 pub use keys::{MasterSecret, TenantKeySet};
+pub use kv::{KvChange, KvEntry, KvError, KvErrorKind, KvOptions, TenantKv};
 pub use message::{ReplyTo, TenantMessage};
 pub use namespace::{
     ConnectError, ConnectErrorKind, PublishError, PublishErrorKind, RequestError, RequestErrorKind,
