@@ -20,6 +20,8 @@
 //! - [`logins`]: connect latency and rate, static `.creds` against API keys
 //!   through the auth callout.
 //! - [`audit`]: audit log appends and verification.
+//! - [`metering`]: what usage polling and policing cost in throughput, and
+//!   how fast policing cuts a raw flood.
 //! - [`stats`]: medians, quantiles, RSS readings.
 //! - [`report`]: the table and `BENCHMARKS.md`.
 
@@ -27,6 +29,7 @@
 
 pub mod audit;
 pub mod logins;
+pub mod metering;
 pub mod platform;
 pub mod report;
 pub mod stats;
@@ -112,6 +115,8 @@ pub enum Section {
     Audit,
     /// Connect latency and rate: static `.creds` against API keys (auth callout).
     Logins,
+    /// Metering overhead on throughput and the policing detection delay.
+    Metering,
 }
 
 struct Plan {
@@ -126,6 +131,7 @@ struct Plan {
     audit_appends: u64,
     audit_verify: u64,
     logins: logins::LoginPlan,
+    metering: metering::MeteringPlan,
 }
 
 impl Plan {
@@ -148,6 +154,10 @@ impl Plan {
                     concurrency: LOGIN_CONCURRENCY,
                     repeats: args.repeats.unwrap_or(1).max(1),
                 },
+                metering: metering::MeteringPlan {
+                    count: 20_000,
+                    repeats: args.repeats.unwrap_or(1).max(1),
+                },
             }
         } else {
             Plan {
@@ -167,6 +177,12 @@ impl Plan {
                     concurrency: LOGIN_CONCURRENCY,
                     repeats: args.repeats.unwrap_or(5).max(1),
                 },
+                metering: metering::MeteringPlan {
+                    // About 3 s per run at this machine's raw rate: each run
+                    // spans several of the controller's 1 s polls.
+                    count: METERING_COUNT,
+                    repeats: args.repeats.unwrap_or(5).max(1),
+                },
             }
         }
     }
@@ -175,6 +191,9 @@ impl Plan {
 /// Connectors at once in the concurrent logins phase: a handful of agents
 /// starting together, as after a deploy.
 const LOGIN_CONCURRENCY: usize = 8;
+
+/// Messages per metering throughput run (full mode).
+const METERING_COUNT: u64 = 3_000_000;
 
 /// Runs the benchmark.
 pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
@@ -411,6 +430,13 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
             &runs,
             plan.logins.concurrency,
         ));
+    }
+
+    // Metering: throughput with and without the controller polling, and the
+    // policing detection delay.
+    if on(Section::Metering) {
+        report.metering =
+            Some(metering::run(&exe, plan.metering, |what| progress(&started, what)).await?);
     }
 
     drop(server);

@@ -177,6 +177,59 @@ pub struct Report {
     pub audit: Option<AuditFigures>,
     /// Login figures.
     pub logins: Option<LoginFigures>,
+    /// Metering overhead and policing detection delay.
+    pub metering: Option<MeteringFigures>,
+}
+
+/// The target for metering's cost: throughput with the controller
+/// polling usage and policing at most this much below throughput without it.
+pub const METERING_OVERHEAD_TARGET: f64 = 0.02;
+
+/// Metering figures (see `crate::metering`).
+#[derive(Debug, Clone)]
+pub struct MeteringFigures {
+    /// Messages per throughput run.
+    pub count: u64,
+    /// 128 B pub->sub msgs/s with the controller polling.
+    pub on_msgs_per_sec: Summary,
+    /// The same with the controller stopped.
+    pub off_msgs_per_sec: Summary,
+    /// `1 - on / off` per pair of runs.
+    pub overhead: Summary,
+    /// The bench process's CPU (the controller's, while on) as a share of one
+    /// core during the runs: on, then off.
+    pub controller_cpu: [Summary; 2],
+    /// Messages the throughput runs published.
+    pub published: u64,
+    /// Messages the controller metered for the tenant (`msgs_in`).
+    pub metered: u64,
+    /// The flooding tenant's message cap per second.
+    pub cap_per_sec: u64,
+    /// The floods' achieved rate, msgs/s.
+    pub flood_per_sec: Summary,
+    /// From a flood's first publish until the server closed its connection, ms.
+    pub cut_after_ms: Summary,
+    /// The controller's poll interval, ms.
+    pub poll_ms: u64,
+}
+
+impl MeteringFigures {
+    /// Whether the median overhead is within the target.
+    pub fn overhead_met(&self) -> bool {
+        self.overhead.median <= METERING_OVERHEAD_TARGET
+    }
+
+    /// The detection bound of docs/bounds.md, ms: two poll intervals plus the
+    /// cut ([`crate::metering::CUT_ALLOWANCE`]).
+    pub fn bound_ms(&self) -> f64 {
+        2.0 * self.poll_ms as f64 + crate::metering::CUT_ALLOWANCE.as_secs_f64() * 1e3
+    }
+
+    /// Whether every flood was cut within the bound (the worst case, not the
+    /// median: the bound is a promise per flood).
+    pub fn bound_met(&self) -> bool {
+        self.cut_after_ms.max <= self.bound_ms()
+    }
 }
 
 /// The login targets, for API keys through the auth callout: connect
@@ -305,6 +358,7 @@ impl Report {
             onboarding_ms: None,
             audit: None,
             logins: None,
+            metering: None,
         }
     }
 
@@ -447,6 +501,64 @@ impl Report {
                     fmt_summary(&v[1])
                 );
             }
+        }
+        if let Some(m) = &self.metering {
+            let verdict = |met: bool| if met { "met" } else { "MISSED" };
+            let _ = writeln!(
+                s,
+                "\n| metering and policing (operator mode, controller polling every {} ms) | median (min..max) | target |",
+                m.poll_ms
+            );
+            let _ = writeln!(s, "|---|---|---|");
+            let _ = writeln!(
+                s,
+                "| pub->sub 128 B msgs/s, raw client with .creds, controller polling usage + policing ({} msgs per run) | {} | |",
+                m.count,
+                fmt_summary(&m.on_msgs_per_sec)
+            );
+            let _ = writeln!(
+                s,
+                "| the same, controller stopped | {} | |",
+                fmt_summary(&m.off_msgs_per_sec)
+            );
+            let _ = writeln!(
+                s,
+                "| metering overhead on throughput (1 - on/off, per pair) | {:.1} % ({:.1} %..{:.1} %) | <= {:.0} %: {} |",
+                m.overhead.median * 100.0,
+                m.overhead.min * 100.0,
+                m.overhead.max * 100.0,
+                METERING_OVERHEAD_TARGET * 100.0,
+                verdict(m.overhead_met())
+            );
+            let _ = writeln!(
+                s,
+                "| controller CPU during the runs, % of one core: polling / stopped | {:.1} % ({:.1}..{:.1}) / {:.1} % ({:.1}..{:.1}) | |",
+                m.controller_cpu[0].median * 100.0,
+                m.controller_cpu[0].min * 100.0,
+                m.controller_cpu[0].max * 100.0,
+                m.controller_cpu[1].median * 100.0,
+                m.controller_cpu[1].min * 100.0,
+                m.controller_cpu[1].max * 100.0,
+            );
+            let _ = writeln!(
+                s,
+                "| messages metered (server counters) / published | {} / {} | all: {} |",
+                m.metered,
+                m.published,
+                verdict(m.metered >= m.published)
+            );
+            let _ = writeln!(
+                s,
+                "| policing: flood at {} msgs/s against a cap of {}/s, first publish -> connection closed (ms) | {:.0} ({:.0}..{:.0}) | <= 2 polls + {} ms = {:.0} ms (docs/bounds.md), every flood: {} |",
+                fmt_num(m.flood_per_sec.median),
+                m.cap_per_sec,
+                m.cut_after_ms.median,
+                m.cut_after_ms.min,
+                m.cut_after_ms.max,
+                crate::metering::CUT_ALLOWANCE.as_millis(),
+                m.bound_ms(),
+                verdict(m.bound_met())
+            );
         }
         if let Some(o) = &self.onboarding_ms {
             let _ = writeln!(

@@ -69,6 +69,24 @@ pub fn peak_rss_kib() -> u64 {
     proc_status_kib("VmHWM:")
 }
 
+/// CPU time (user + system, all threads) this process has used, seconds, or
+/// 0 off Linux. `/proc/self/stat` counts in clock ticks, 100 per second on
+/// Linux (`USER_HZ`, fixed for user space).
+pub fn cpu_secs() -> f64 {
+    std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            // The command name (field 2) may contain spaces: fields are
+            // counted after its closing parenthesis, from field 3 (state).
+            let rest = &s[s.rfind(')')? + 1..];
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let utime: u64 = f.get(11)?.parse().ok()?;
+            let stime: u64 = f.get(12)?.parse().ok()?;
+            Some((utime + stime) as f64 / 100.0)
+        })
+        .unwrap_or(0.0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

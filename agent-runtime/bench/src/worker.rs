@@ -40,6 +40,8 @@ pub enum WorkerCommand {
     Jetstream(JetstreamArgs),
     /// Connects of a raw client by `.creds` or by API key (auth callout).
     Logins(crate::logins::LoginsArgs),
+    /// A raw client flooding above its tenant's rate until policing cuts it.
+    Flood(crate::metering::FloodArgs),
 }
 
 /// Arguments of the JetStream measurement.
@@ -77,6 +79,15 @@ pub struct ThroughputArgs {
     /// Messages to send.
     #[arg(long)]
     pub count: u64,
+    /// Raw mode only: connect both clients with this issued agent's `.creds`
+    /// file (an operator-mode server). A file, not an argument: argument lists
+    /// are visible to every user of the machine. Default: no credentials.
+    #[arg(long)]
+    pub creds: Option<std::path::PathBuf>,
+    /// Raw mode only: the tenant whose subjects are used
+    /// (`tenant.<tenant>.load`).
+    #[arg(long, default_value = "bench")]
+    pub tenant: String,
 }
 
 /// Arguments of the latency measurement.
@@ -132,6 +143,7 @@ pub fn run(cmd: WorkerCommand) -> Result<(), BenchError> {
             WorkerCommand::Tenants(a) => tenants(a).await,
             WorkerCommand::Jetstream(a) => jetstream(a).await,
             WorkerCommand::Logins(a) => crate::logins::measure(a).await,
+            WorkerCommand::Flood(a) => crate::metering::flood(a).await,
         }
     })?;
     println!("{value}");
@@ -194,11 +206,72 @@ fn sealed_options() -> Result<NamespaceOptions, BenchError> {
 }
 
 async fn raw_client(url: &str) -> Result<async_nats::Client, BenchError> {
-    async_nats::ConnectOptions::new()
-        .subscription_capacity(1 << 20)
-        .connect(url)
-        .await
-        .map_err(|e| BenchError(format!("connect {url}: {e}")))
+    RawTarget::bench().connect(url).await
+}
+
+/// Who a raw client connects as and which tenant's subjects it uses: the
+/// benchmark tenant on a server without auth (every measurement but one), or
+/// an operator-mode tenant with an issued agent's `.creds` (the metering
+/// section's throughput).
+#[derive(Debug, Clone)]
+struct RawTarget {
+    tenant: String,
+    creds: Option<Arc<str>>,
+}
+
+impl RawTarget {
+    /// `tenant.bench.*`, no credentials.
+    fn bench() -> Self {
+        Self {
+            tenant: "bench".into(),
+            creds: None,
+        }
+    }
+
+    /// From the throughput arguments (reads the `.creds` file).
+    fn from_args(a: &ThroughputArgs) -> Result<Self, BenchError> {
+        let tenant = TenantId::new(&a.tenant).map_err(|e| BenchError(e.to_string()))?;
+        if a.mode == Mode::Sealed && (a.creds.is_some() || tenant.as_str() != "bench") {
+            // Sealed clients derive the benchmark tenant's keys locally; an
+            // operator-mode tenant's keys come from its controller.
+            return Err(BenchError(
+                "--creds and --tenant are for raw mode only".into(),
+            ));
+        }
+        let creds = match &a.creds {
+            Some(path) => Some(Arc::from(
+                std::fs::read_to_string(path)
+                    .map_err(|e| BenchError(format!("reading {}: {e}", path.display())))?
+                    .trim(),
+            )),
+            None => None,
+        };
+        Ok(Self {
+            tenant: tenant.as_str().to_string(),
+            creds,
+        })
+    }
+
+    /// `tenant.<tenant>.<relative>` (leaked once per process: a benchmark
+    /// worker publishes to one or two subjects).
+    fn subject(&self, relative: &str) -> &'static str {
+        Box::leak(format!("tenant.{}.{relative}", self.tenant).into_boxed_str())
+    }
+
+    async fn connect(&self, url: &str) -> Result<async_nats::Client, BenchError> {
+        let opts = match &self.creds {
+            None => async_nats::ConnectOptions::new(),
+            // An agent may subscribe only under `tenant.<id>.>`, so its
+            // inboxes (the barrier's probe) live there too.
+            Some(creds) => async_nats::ConnectOptions::with_credentials(creds)
+                .map_err(|e| BenchError(format!("creds: {e}")))?
+                .custom_inbox_prefix(format!("tenant.{}._INBOX", self.tenant)),
+        };
+        opts.subscription_capacity(1 << 20)
+            .connect(url)
+            .await
+            .map_err(|e| BenchError(format!("connect {url}: {e}")))
+    }
 }
 
 /// Bytes the publisher may run ahead of the subscriber: closed-loop flow control,
@@ -213,9 +286,14 @@ enum Publisher {
 }
 
 impl Publisher {
-    async fn connect(url: &str, mode: Mode, relative: &'static str) -> Result<Self, BenchError> {
+    async fn connect(
+        url: &str,
+        mode: Mode,
+        target: &RawTarget,
+        relative: &'static str,
+    ) -> Result<Self, BenchError> {
         Ok(match mode {
-            Mode::Raw => Publisher::Raw(raw_client(url).await?, full_subject(relative)),
+            Mode::Raw => Publisher::Raw(target.connect(url).await?, target.subject(relative)),
             Mode::Sealed => Publisher::Sealed(
                 sealed_options()?
                     .connect(&bench_bundle(url, "publisher")?)
@@ -248,12 +326,6 @@ impl Publisher {
     }
 }
 
-/// `tenant.bench.<relative>`, for raw clients (leaked once per process: a
-/// benchmark worker publishes to one or two subjects).
-fn full_subject(relative: &'static str) -> &'static str {
-    Box::leak(format!("tenant.bench.{relative}").into_boxed_str())
-}
-
 /// What the subscriber thread shares with the publisher.
 struct Progress {
     received: AtomicU64,
@@ -272,12 +344,14 @@ const NOTIFY_EVERY: u64 = 256;
 async fn spawn_reader(
     url: &str,
     mode: Mode,
+    target: &RawTarget,
     relative: &'static str,
     count: u64,
     progress: Arc<Progress>,
 ) -> Result<std::thread::JoinHandle<Result<(Instant, u64), BenchError>>, BenchError> {
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<Result<(), BenchError>>();
     let url = url.to_string();
+    let target = target.clone();
     let handle = std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -295,7 +369,7 @@ async fn spawn_reader(
                 |progress: &Progress, n: u64| n >= count || progress.stop.load(Ordering::Relaxed);
             match mode {
                 Mode::Raw => {
-                    let client = match raw_client(&url).await {
+                    let client = match target.connect(&url).await {
                         Ok(c) => c,
                         Err(e) => {
                             let _ = ready_tx.send(Err(BenchError(e.0.clone())));
@@ -303,7 +377,7 @@ async fn spawn_reader(
                         }
                     };
                     let mut sub = client
-                        .subscribe(full_subject(relative))
+                        .subscribe(target.subject(relative))
                         .await
                         .map_err(|e| fail("subscribe")(e.to_string()))?;
                     barrier(&client).await?;
@@ -415,8 +489,9 @@ async fn throughput(a: ThroughputArgs) -> Result<serde_json::Value, BenchError> 
         advanced: tokio::sync::Notify::new(),
         stop: std::sync::atomic::AtomicBool::new(false),
     });
-    let publisher = Publisher::connect(&a.url, a.mode, "load").await?;
-    let reader = spawn_reader(&a.url, a.mode, "load", a.count, progress.clone()).await?;
+    let target = RawTarget::from_args(&a)?;
+    let publisher = Publisher::connect(&a.url, a.mode, &target, "load").await?;
+    let reader = spawn_reader(&a.url, a.mode, &target, "load", a.count, progress.clone()).await?;
     let start = Instant::now();
     publish_loop(&publisher, &payload, a.count, window, &progress).await?;
     let (done, drops) = join_reader(reader, &progress).await?;
@@ -466,8 +541,9 @@ async fn soak(a: SoakArgs) -> Result<serde_json::Value, BenchError> {
     });
     let duration = Duration::from_secs(a.secs.max(1));
     let early = Duration::from_secs(10).min(duration / 6);
-    let publisher = Publisher::connect(&a.url, a.mode, "soak").await?;
-    let reader = spawn_reader(&a.url, a.mode, "soak", u64::MAX, progress.clone()).await?;
+    let target = RawTarget::bench();
+    let publisher = Publisher::connect(&a.url, a.mode, &target, "soak").await?;
+    let reader = spawn_reader(&a.url, a.mode, &target, "soak", u64::MAX, progress.clone()).await?;
     let start = Instant::now();
     let sampler = {
         let progress = progress.clone();
