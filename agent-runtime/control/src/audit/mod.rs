@@ -313,8 +313,41 @@ pub struct AuditLog {
     dirty: std::sync::Mutex<HashMap<String, u64>>,
     wake: tokio::sync::Notify,
     locks: Stripes,
+    /// One checkpoint or prune of a log at a time (per log, so logs proceed
+    /// in parallel).
+    cp_locks: Stripes,
     counters: AuditCounters,
+    /// Events waiting to be appended and the logs being appended to (group
+    /// commit, see [`AuditLog::record`]).
+    group: std::sync::Mutex<Group>,
+    /// Woken when a batch ends.
+    batch_done: tokio::sync::Notify,
 }
+
+/// The group commit's shared state.
+#[derive(Default)]
+struct Group {
+    queue: std::collections::VecDeque<Pending>,
+    /// Logs with a batch in flight: their next events wait for it.
+    busy: std::collections::HashSet<String>,
+    /// Batches in flight.
+    drainers: usize,
+}
+
+/// Batches in flight at once (over disjoint logs).
+const MAX_DRAINERS: usize = 4;
+
+/// An event waiting for the group commit, and where its outcome goes.
+struct Pending {
+    event: AuditEvent,
+    done: tokio::sync::oneshot::Sender<Result<u64, String>>,
+}
+
+/// Logs checkpointed at once by the checkpointer.
+const CHECKPOINT_CONCURRENCY: usize = 8;
+
+/// Events appended in one atomic batch at most (the server's limit is 1,000).
+const MAX_BATCH: usize = 256;
 
 impl std::fmt::Debug for AuditLog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -348,10 +381,26 @@ impl AuditLog {
                 num_replicas: replicas,
                 max_message_size: MAX_ENTRY_BYTES as i32,
                 allow_direct: true,
+                // Group commits append many events in one atomic batch.
+                allow_atomic_publish: true,
                 ..Default::default()
             })
             .await
             .map_err(|e| unavailable("opening the AUDIT stream", e))?;
+        // A stream created before group commits: allow atomic batches now.
+        let mut stream = stream;
+        let info = stream
+            .info()
+            .await
+            .map_err(|e| unavailable("reading the AUDIT stream", e))?
+            .clone();
+        if !info.config.allow_atomic_publish {
+            let mut config = info.config.clone();
+            config.allow_atomic_publish = true;
+            js.update_stream(config)
+                .await
+                .map_err(|e| unavailable("allowing atomic batches on the AUDIT stream", e))?;
+        }
         let mut seed = [0u8; 32];
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut seed)
             .map_err(|_| ApiError::new(ErrorCode::Internal, "no randomness"))?;
@@ -377,7 +426,10 @@ impl AuditLog {
             dirty: std::sync::Mutex::new(HashMap::new()),
             wake: tokio::sync::Notify::new(),
             locks: Stripes::new(),
+            cp_locks: Stripes::new(),
             counters: AuditCounters::default(),
+            group: std::sync::Mutex::new(Group::default()),
+            batch_done: tokio::sync::Notify::new(),
         })
     }
 
@@ -405,33 +457,263 @@ impl AuditLog {
     /// `version` are set here), waiting at most the append timeout. A failure is
     /// logged at error level with the event and counted; it never fails the
     /// caller. Returns the index, or `None` if it was not appended.
+    ///
+    /// # Group commit
+    /// Callers queue their events. Up to [`MAX_DRAINERS`] of them at a time
+    /// take what is queued for logs with no batch in flight (each log's
+    /// events in order) and append it, of every log, in one atomic JetStream
+    /// batch (each log's first event in it carries the log's expected last
+    /// sequence, so a concurrent controller's append fails the whole batch,
+    /// which is re-read and retried); the others wait for their event to be
+    /// done. One event alone goes as a plain publish with its id for
+    /// de-duplication. Events per round trip grow with the callers waiting.
     pub async fn record(&self, mut event: AuditEvent) -> Option<u64> {
         event.controller = self.instance.clone();
         event.version = event::SCHEMA_VERSION;
-        match tokio::time::timeout(self.config.append_timeout, self.append(&mut event)).await {
-            Ok(Ok(index)) => {
+        let log = event.tenant.clone();
+        let id = event.id.clone();
+        let brief = (
+            event.action.clone(),
+            event.actor.id.clone(),
+            event.outcome,
+            event.request_id.clone(),
+        );
+        let outcome: Result<u64, String> = match check_log(&log) {
+            Err(e) => Err(e.to_string()),
+            Ok(()) => {
+                let (tx, mut rx) = tokio::sync::oneshot::channel();
+                match self.group.lock() {
+                    Ok(mut g) => g.queue.push_back(Pending { event, done: tx }),
+                    Err(_) => return None,
+                }
+                let deadline = tokio::time::Instant::now() + self.config.append_timeout;
+                loop {
+                    if let Ok(r) = rx.try_recv() {
+                        break r;
+                    }
+                    if self.drain_once().await {
+                        continue;
+                    }
+                    if tokio::time::Instant::now() >= deadline {
+                        // Still queued: taken out, so it is certainly not
+                        // appended. Already taken: its batch may still land.
+                        let removed = self.group.lock().ok().map(|mut g| {
+                            let before = g.queue.len();
+                            g.queue.retain(|p| p.event.id != id);
+                            before != g.queue.len()
+                        });
+                        break Err(if removed == Some(true) {
+                            "timed out".to_string()
+                        } else {
+                            "timed out while its batch was in flight (it may be appended)"
+                                .to_string()
+                        });
+                    }
+                    // A short wait also covers a wake-up missed between the
+                    // check above and this wait.
+                    let _ =
+                        tokio::time::timeout(Duration::from_millis(2), self.batch_done.notified())
+                            .await;
+                }
+            }
+        };
+        match outcome {
+            Ok(index) => {
                 bump(&self.counters.appended);
-                self.mark_dirty(&event.tenant);
+                self.mark_dirty(&log);
                 Some(index)
             }
-            outcome => {
-                let reason = match outcome {
-                    Ok(Err(e)) => e.to_string(),
-                    _ => "timed out".to_string(),
-                };
+            Err(reason) => {
                 bump(&self.counters.append_failed);
                 // Dropping the cached head makes the next append re-read it.
                 if let Ok(mut heads) = self.heads.lock() {
-                    heads.remove(&event.tenant);
+                    heads.remove(&log);
                 }
+                let (action, actor, outcome, request_id) = brief;
                 tracing::error!(
-                    log = %event.tenant, action = %event.action, actor = %event.actor.id,
-                    outcome = %event.outcome, request_id = %event.request_id, error = %reason,
+                    %log, %action, %actor, %outcome, %request_id, error = %reason,
                     "audit event NOT appended"
                 );
                 None
             }
         }
+    }
+
+    /// Takes one batch of queued events for logs with nothing in flight (if
+    /// fewer than [`MAX_DRAINERS`] batches are) and appends it. Whether it
+    /// appended anything.
+    async fn drain_once(&self) -> bool {
+        let batch: Vec<Pending> = {
+            let Ok(mut g) = self.group.lock() else {
+                return false;
+            };
+            if g.drainers >= MAX_DRAINERS || g.queue.is_empty() {
+                return false;
+            }
+            let mut taken = Vec::new();
+            let mut left = std::collections::VecDeque::new();
+            let mut mine = std::collections::HashSet::new();
+            while let Some(p) = g.queue.pop_front() {
+                let log = &p.event.tenant;
+                let free = mine.contains(log) || !g.busy.contains(log);
+                // A log cut off by the size limit waits whole for the next batch.
+                if free
+                    && taken.len() < MAX_BATCH
+                    && !left.iter().any(|q: &Pending| q.event.tenant == *log)
+                {
+                    mine.insert(log.clone());
+                    taken.push(p);
+                } else {
+                    left.push_back(p);
+                }
+            }
+            g.queue = left;
+            if taken.is_empty() {
+                return false;
+            }
+            for log in &mine {
+                g.busy.insert(log.clone());
+            }
+            g.drainers += 1;
+            taken
+        };
+        let logs: Vec<String> = batch.iter().map(|p| p.event.tenant.clone()).collect();
+        let (mut events, senders): (Vec<AuditEvent>, Vec<_>) =
+            batch.into_iter().map(|p| (p.event, p.done)).unzip();
+        let result = if events.len() == 1 {
+            match events.first_mut() {
+                Some(e) => self.append(e).await.map(|i| vec![i]),
+                None => Ok(Vec::new()),
+            }
+        } else {
+            self.append_batch(&mut events).await
+        };
+        match result {
+            Ok(indices) => {
+                for (tx, index) in senders.into_iter().zip(indices) {
+                    let _ = tx.send(Ok(index));
+                }
+            }
+            Err(e) => {
+                for tx in senders {
+                    let _ = tx.send(Err(e.to_string()));
+                }
+            }
+        }
+        if let Ok(mut g) = self.group.lock() {
+            for log in &logs {
+                g.busy.remove(log);
+            }
+            g.drainers = g.drainers.saturating_sub(1);
+        }
+        self.batch_done.notify_waiters();
+        true
+    }
+
+    /// Appends `events` (at least two, any logs) in one atomic batch; their
+    /// indices in order.
+    async fn append_batch(&self, events: &mut [AuditEvent]) -> Result<Vec<u64>, ApiError> {
+        let client = self.js.client();
+        for _attempt in 0..8 {
+            // Each log's head: cached, or read from the stream.
+            let mut heads: HashMap<String, Head> = HashMap::new();
+            for e in events.iter() {
+                if heads.contains_key(&e.tenant) {
+                    continue;
+                }
+                let cached = self.heads.lock().map_err(lock_err)?.get(&e.tenant).copied();
+                let head = match cached {
+                    Some(h) => h,
+                    None => self.load_head(&e.tenant).await?,
+                };
+                heads.insert(e.tenant.clone(), head);
+            }
+            let mut next = heads.clone();
+            let mut first_of_log = std::collections::HashSet::new();
+            let mut messages = Vec::with_capacity(events.len());
+            for e in events.iter_mut() {
+                let Some(h) = next.get_mut(&e.tenant) else {
+                    return Err(ApiError::new(ErrorCode::Internal, "a log's head vanished"));
+                };
+                e.index = h.next_index;
+                e.prev = h.prev.map(|x| merkle::hex(&x)).unwrap_or_default();
+                let bytes = e.canonical();
+                let expected = first_of_log.insert(e.tenant.clone()).then_some(h.seq);
+                h.next_index += 1;
+                h.prev = Some(merkle::leaf_hash(&bytes));
+                messages.push((log_subject(&e.tenant), bytes, expected));
+            }
+            let batch_id = format!("audit-{}", event::new_event_id());
+            let n = messages.len();
+            let mut answer = None;
+            for (i, (subject, bytes, expected)) in messages.into_iter().enumerate() {
+                let mut headers = async_nats::HeaderMap::new();
+                headers.insert("Nats-Batch-Id", batch_id.as_str());
+                headers.insert("Nats-Batch-Sequence", (i + 1).to_string().as_str());
+                if let Some(seq) = expected {
+                    headers.insert(
+                        "Nats-Expected-Last-Subject-Sequence",
+                        seq.to_string().as_str(),
+                    );
+                }
+                if i + 1 == n {
+                    headers.insert("Nats-Batch-Commit", "1");
+                    let reply = tokio::time::timeout(
+                        Duration::from_secs(5),
+                        client.request_with_headers(subject, headers, bytes.into()),
+                    )
+                    .await
+                    .map_err(|_| unavailable("appending to the audit log", "timed out"))?
+                    .map_err(|e| unavailable("appending to the audit log", e))?;
+                    answer = Some(reply.payload);
+                } else {
+                    client
+                        .publish_with_headers(subject, headers, bytes.into())
+                        .await
+                        .map_err(|e| unavailable("appending to the audit log", e))?;
+                }
+            }
+            let payload = answer.unwrap_or_default();
+            let ack: serde_json::Value = serde_json::from_slice(&payload)
+                .map_err(|e| unavailable("appending to the audit log", e))?;
+            if let Some(err) = ack.get("error") {
+                // 10071: a log's last sequence moved (another instance
+                // appended, or the log was altered): re-read and retry.
+                if err.get("err_code").and_then(serde_json::Value::as_u64) == Some(10071) {
+                    let mut cache = self.heads.lock().map_err(lock_err)?;
+                    for log in heads.keys() {
+                        cache.remove(log);
+                    }
+                    continue;
+                }
+                return Err(unavailable("appending to the audit log", err));
+            }
+            let last = ack
+                .get("seq")
+                .and_then(serde_json::Value::as_u64)
+                .ok_or_else(|| {
+                    unavailable("appending to the audit log", "no sequence in the ack")
+                })?;
+            // The batch is stored contiguously, ending at `last`.
+            let first = last + 1 - n as u64;
+            let mut cache = self.heads.lock().map_err(lock_err)?;
+            if cache.len() >= MAX_CACHED_LOGS {
+                cache.clear();
+            }
+            for (i, e) in events.iter().enumerate() {
+                if let Some(h) = next.get_mut(&e.tenant) {
+                    h.seq = h.seq.max(first + i as u64);
+                }
+            }
+            for (log, h) in next {
+                cache.insert(log, h);
+            }
+            return Ok(events.iter().map(|e| e.index).collect());
+        }
+        Err(ApiError::new(
+            ErrorCode::Conflict,
+            "concurrent audit appends kept winning",
+        ))
     }
 
     fn mark_dirty(&self, log: &str) {
@@ -544,13 +826,17 @@ impl AuditLog {
 
     /// Reads `subject` after stream sequence `after`, up to about `max_bytes`
     /// of payload. Returns the messages and whether more follow.
+    ///
+    /// Each read is an ordered consumer, deleted when the read ends:
+    /// checkpoints read often, and consumers left to expire after their
+    /// inactivity threshold (30 s) piled up to the consumer limit under load.
     pub async fn read(
         &self,
         subject: &str,
         after: u64,
         max_bytes: usize,
     ) -> Result<(Vec<StoredEntry>, bool), ApiError> {
-        let mut consumer = self
+        let consumer = self
             .stream
             .create_consumer(consumer::pull::OrderedConfig {
                 filter_subject: subject.to_string(),
@@ -561,6 +847,16 @@ impl AuditLog {
             })
             .await
             .map_err(|e| unavailable("reading the audit log", e))?;
+        let name = consumer.cached_info().name.clone();
+        let result = Self::read_from(consumer, max_bytes).await;
+        let _ = self.stream.delete_consumer(&name).await;
+        result
+    }
+
+    async fn read_from(
+        mut consumer: consumer::Consumer<consumer::pull::OrderedConfig>,
+        max_bytes: usize,
+    ) -> Result<(Vec<StoredEntry>, bool), ApiError> {
         let pending = consumer
             .info()
             .await
@@ -669,9 +965,9 @@ impl AuditLog {
     }
 
     async fn checkpoint_inner(&self, log: &str) -> Result<Option<Checkpoint>, ApiError> {
-        let mut ranges = self.ranges.lock().await;
+        let _guard = self.cp_locks.lock(log).await;
         let last = self.last_checkpoint(log).await?;
-        let mut st = ranges.remove(log).unwrap_or_default();
+        let mut st = self.ranges.lock().await.remove(log).unwrap_or_default();
         if let Some((_, cp)) = &last {
             if cp.size != st.verified_cp_size && cp.size < st.range.size() {
                 // Signed elsewhere at a size this state passed unchecked: start over.
@@ -739,7 +1035,7 @@ impl AuditLog {
                     ));
                 }
                 if cp.size == size {
-                    ranges.insert(log.to_string(), st);
+                    self.ranges.lock().await.insert(log.to_string(), st);
                     return Ok(None);
                 }
                 *seq
@@ -772,6 +1068,7 @@ impl AuditLog {
             Err(e) if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => None,
             Err(e) => return Err(unavailable("storing a checkpoint", e)),
         };
+        let mut ranges = self.ranges.lock().await;
         if ranges.len() >= MAX_CACHED_LOGS {
             ranges.clear();
         }
@@ -795,11 +1092,17 @@ impl AuditLog {
                 Ok(mut d) => d.drain().map(|(k, _)| k).collect(),
                 Err(_) => return,
             };
-            for log in logs {
-                if let Err(e) = self.checkpoint(&log).await {
-                    tracing::warn!(%log, error = %e, "audit checkpoint failed");
-                }
-            }
+            // Several logs at once: each is its own round trips.
+            futures::stream::iter(logs)
+                .for_each_concurrent(CHECKPOINT_CONCURRENCY, |log| {
+                    let me = &self;
+                    async move {
+                        if let Err(e) = me.checkpoint(&log).await {
+                            tracing::warn!(%log, error = %e, "audit checkpoint failed");
+                        }
+                    }
+                })
+                .await;
         }
     }
 
@@ -867,7 +1170,7 @@ impl AuditLog {
     pub async fn prune(&self, log: &str, cutoff_ms: u64) -> Result<Option<PruneReport>, ApiError> {
         check_log(log)?;
         // One prune or checkpoint of a log at a time on this instance.
-        let _ranges = self.ranges.lock().await;
+        let _guard = self.cp_locks.lock(log).await;
         let prior = self.load_anchor(log).await?;
         let (prior_seq, first) = match &prior {
             Some((seq, _, cp, _)) => (*seq, cp.size),
