@@ -318,7 +318,7 @@ pub struct AuditLog {
     cp_locks: Stripes,
     counters: AuditCounters,
     /// Events waiting to be appended and the logs being appended to (group
-    /// commit, see [`AuditLog::record`]).
+    /// commit, see `AuditLog::record`).
     group: std::sync::Mutex<Group>,
     /// Woken when a batch ends.
     batch_done: tokio::sync::Notify,
@@ -459,7 +459,7 @@ impl AuditLog {
     /// caller. Returns the index, or `None` if it was not appended.
     ///
     /// # Group commit
-    /// Callers queue their events. Up to [`MAX_DRAINERS`] of them at a time
+    /// Callers queue their events. Up to four of them at a time (`MAX_DRAINERS`)
     /// take what is queued for logs with no batch in flight (each log's
     /// events in order) and append it, of every log, in one atomic JetStream
     /// batch (each log's first event in it carries the log's expected last
