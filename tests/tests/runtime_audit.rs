@@ -20,8 +20,8 @@ use agentbus_control::tiers::Tier;
 use bytes::Bytes;
 use nats_harness::{eventually, platform, Platform};
 
-/// A runtime instance's platform connection and host, with an audit sink.
-async fn runtime(p: &Platform, options: AuditSinkOptions) -> (AgentHost, Arc<AuditSink>, Registry) {
+/// A runtime instance's platform connection, registry and its watcher.
+async fn runtime_client(p: &Platform) -> (async_nats::Client, Registry, Arc<RegistryWatcher>) {
     let client = agentbus_control::controller::connect(
         &p.server.url(),
         &p.install.creds("controller.creds").unwrap(),
@@ -31,6 +31,12 @@ async fn runtime(p: &Platform, options: AuditSinkOptions) -> (AgentHost, Arc<Aud
     .unwrap();
     let registry = Registry::open(client.clone()).await.unwrap();
     let watcher = Arc::new(RegistryWatcher::start(&registry).await.unwrap());
+    (client, registry, watcher)
+}
+
+/// A runtime instance's host, with an audit sink.
+async fn runtime(p: &Platform, options: AuditSinkOptions) -> (AgentHost, Arc<AuditSink>, Registry) {
+    let (client, registry, watcher) = runtime_client(p).await;
     let sink = Arc::new(AuditSink::new(client, options));
     let host = AgentHost::new(watcher).audit_sink(sink.clone());
     (host, sink, registry)
@@ -256,15 +262,7 @@ async fn tool_calls_and_tasks_are_metered_into_usage_exactly_once() {
     let p = platform().await;
     p.cp.create_tenant("rt", Tier::Free).await.unwrap();
     let bundle = p.cp.issue_agent("rt", "worker", "default").await.unwrap();
-    let client = agentbus_control::controller::connect(
-        &p.server.url(),
-        &p.install.creds("controller.creds").unwrap(),
-        "runtime-meter",
-    )
-    .await
-    .unwrap();
-    let registry = Registry::open(client.clone()).await.unwrap();
-    let watcher = Arc::new(RegistryWatcher::start(&registry).await.unwrap());
+    let (client, registry, watcher) = runtime_client(&p).await;
     // Flushed by hand below (the interval is long).
     let meter = UsageMeter::new(client.clone(), Duration::from_secs(3600));
     let host = AgentHost::new(watcher).usage_meter(meter.clone());

@@ -9,35 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Iterator, List
+from typing import List
 
 import pytest
 
 import tenantbus as tb
 from tenantbus import usage
 
-from conftest import _require_rust, nats_server_bin
-from test_keys import Installation, agentbus_bin
+# The module-scoped `agentbus up` fixture of test_keys (tenants acme and
+# globex); imported, it gives this module its own installation.
+from test_keys import Installation, install  # noqa: F401
 
 COST = "llm.cost_usd_micros"
-
-
-@pytest.fixture(scope="module")
-def install() -> Iterator[Installation]:
-    binary = agentbus_bin()
-    server = nats_server_bin()
-    if not server:
-        msg = "no nats-server (set NATS_SERVER_BIN or run scripts/install-nats-server.sh)"
-        if _require_rust():
-            pytest.fail(msg)
-        pytest.skip(msg)
-    inst = Installation(binary, server)
-    try:
-        inst.cli("tenant", "create", "acme")
-        inst.cli("tenant", "create", "globex")
-        yield inst
-    finally:
-        inst.stop()
 
 
 def test_answers_parse_to_counted_or_typed_errors() -> None:

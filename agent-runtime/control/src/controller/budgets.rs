@@ -120,15 +120,12 @@ impl Controller {
         }
     }
 
-    pub(super) async fn budget_view_of(
+    /// A budget with the current period's spending.
+    pub(super) async fn budget_view(
         &self,
         tenant: &TenantId,
         spec: BudgetSpec,
     ) -> Result<BudgetView> {
-        self.budget_view(tenant, spec).await
-    }
-
-    async fn budget_view(&self, tenant: &TenantId, spec: BudgetSpec) -> Result<BudgetView> {
         let now = tenant_bus::envelope::now_ms();
         let (period, _, end) = budget::period_of(spec.period, now);
         let total = self

@@ -20,7 +20,6 @@
 
 use std::time::Duration;
 
-use futures::StreamExt as _;
 use serde_json::Value;
 use tenant_bus::TenantId;
 
@@ -30,8 +29,6 @@ use crate::tiers::Quotas;
 
 /// How long the servers get to answer the JSZ ping.
 const JSZ_WINDOW: Duration = Duration::from_millis(500);
-/// After as many servers as last time answered: how long to wait for more.
-const STRAGGLER_WAIT: Duration = Duration::from_millis(30);
 /// How long the servers' limits are reused.
 const LIMITS_TTL: Duration = Duration::from_secs(30);
 
@@ -71,28 +68,18 @@ impl Controller {
     /// Asks every server for its JetStream limits; stops early once as many
     /// answered as last time (plus a short wait for one more).
     async fn ping_jsz(&self) -> Result<Vec<ServerJetStream>, ApiError> {
-        let unavailable = |e: &dyn std::fmt::Display| {
-            ApiError::new(ErrorCode::Unavailable, format!("JetStream limits: {e}"))
-        };
-        let inbox = self.sys.new_inbox();
-        let mut replies = self
-            .sys
-            .subscribe(inbox.clone())
-            .await
-            .map_err(|e| unavailable(&e))?;
-        self.sys
-            .publish_with_reply("$SYS.REQ.SERVER.PING.JSZ", inbox, "{}".into())
-            .await
-            .map_err(|e| unavailable(&e))?;
-        let expected = self
-            .js_servers_seen
-            .load(std::sync::atomic::Ordering::Relaxed);
+        let answers = self
+            .ping_servers(
+                "$SYS.REQ.SERVER.PING.JSZ",
+                "{}".to_string(),
+                JSZ_WINDOW,
+                Some(&self.js_servers_seen),
+                "JetStream limits",
+            )
+            .await?;
         let mut servers = Vec::new();
-        let mut deadline = tokio::time::Instant::now() + JSZ_WINDOW;
-        while let Ok(Some(msg)) = tokio::time::timeout_at(deadline, replies.next()).await {
-            let Ok(v) = serde_json::from_slice::<Value>(&msg.payload) else {
-                continue;
-            };
+        for answer in answers {
+            let v = &answer.value;
             let n = |p: &str| v.pointer(p).and_then(Value::as_i64).unwrap_or(0);
             let Some(name) = v.pointer("/server/name").and_then(Value::as_str) else {
                 continue;
@@ -107,13 +94,7 @@ impl Controller {
                 server_reserved_memory: n("/data/reserved_memory"),
                 server_reserved_storage: n("/data/reserved_storage"),
             });
-            if expected > 0 && servers.len() >= expected {
-                deadline = deadline.min(tokio::time::Instant::now() + STRAGGLER_WAIT);
-            }
         }
-        self.js_servers_seen
-            .store(servers.len(), std::sync::atomic::Ordering::Relaxed);
-        let _ = replies.unsubscribe().await;
         servers.sort_by(|a, b| a.server.cmp(&b.server));
         Ok(servers)
     }

@@ -30,6 +30,7 @@ pub mod callout;
 pub mod claims;
 pub mod handlers;
 mod jetstream;
+mod ping;
 pub mod police;
 mod stats;
 mod usage_poll;

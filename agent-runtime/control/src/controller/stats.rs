@@ -6,13 +6,12 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use futures::StreamExt as _;
 use serde_json::Value;
 use tenant_bus::TenantId;
 
 use super::Controller;
-use crate::api::{ApiError, ErrorCode, LiveStats, TenantStats, UsageTotals};
-use crate::usage::{hour_of, Counters, HOUR_MS};
+use crate::api::{ApiError, LiveStats, TenantStats, UsageTotals};
+use crate::usage::{hour_of, HOUR_MS};
 
 /// How long the servers get to answer the statistics ping.
 const STATZ_WINDOW: Duration = Duration::from_millis(500);
@@ -52,7 +51,7 @@ impl Controller {
         };
         let mut budgets = Vec::new();
         for spec in self.store.budgets(id).await? {
-            budgets.push(self.budget_view_of(id, spec).await?);
+            budgets.push(self.budget_view(id, spec).await?);
         }
         let (police, _) = self.police_state(id).await?;
         let agents = self.store.agents(id).await?;
@@ -86,28 +85,21 @@ impl Controller {
     /// The servers' live figures for one account, summed over the servers
     /// that answer within [`STATZ_WINDOW`].
     async fn live_stats(&self, account: &str) -> Result<LiveStats, ApiError> {
-        let unavailable = |e: &dyn std::fmt::Display| {
-            ApiError::new(ErrorCode::Unavailable, format!("server statistics: {e}"))
-        };
         let body = serde_json::json!({ "accounts": [account], "include_unused": true }).to_string();
-        let inbox = self.sys.new_inbox();
-        let mut replies = self
-            .sys
-            .subscribe(inbox.clone())
-            .await
-            .map_err(|e| unavailable(&e))?;
-        self.sys
-            .publish_with_reply("$SYS.REQ.ACCOUNT.PING.STATZ", inbox, body.into())
-            .await
-            .map_err(|e| unavailable(&e))?;
+        let answers = self
+            .ping_servers(
+                "$SYS.REQ.ACCOUNT.PING.STATZ",
+                body,
+                STATZ_WINDOW,
+                None,
+                "server statistics",
+            )
+            .await?;
         let mut live = LiveStats::default();
-        let deadline = tokio::time::Instant::now() + STATZ_WINDOW;
-        while let Ok(Some(msg)) = tokio::time::timeout_at(deadline, replies.next()).await {
-            let Ok(v) = serde_json::from_slice::<Value>(&msg.payload) else {
-                continue;
-            };
+        for answer in answers {
             live.servers += 1;
-            for stat in v
+            for stat in answer
+                .value
                 .pointer("/data/account_statz")
                 .and_then(Value::as_array)
                 .into_iter()
@@ -118,28 +110,10 @@ impl Controller {
                 live.connections += n("conns");
                 live.subscriptions += n("num_subscriptions");
                 live.slow_consumers += n("slow_consumers");
-                let c = Counters {
-                    msgs_in: stat
-                        .pointer("/received/msgs")
-                        .and_then(Value::as_u64)
-                        .unwrap_or(0),
-                    bytes_in: stat
-                        .pointer("/received/bytes")
-                        .and_then(Value::as_u64)
-                        .unwrap_or(0),
-                    msgs_out: stat
-                        .pointer("/sent/msgs")
-                        .and_then(Value::as_u64)
-                        .unwrap_or(0),
-                    bytes_out: stat
-                        .pointer("/sent/bytes")
-                        .and_then(Value::as_u64)
-                        .unwrap_or(0),
-                };
-                live.since_server_start.add(&c);
+                live.since_server_start
+                    .add(&super::usage_poll::counters_of(stat));
             }
         }
-        let _ = replies.unsubscribe().await;
         Ok(live)
     }
 }

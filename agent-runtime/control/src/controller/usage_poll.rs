@@ -5,7 +5,6 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
-use futures::StreamExt as _;
 use serde_json::Value;
 use tenant_bus::TenantId;
 
@@ -25,9 +24,6 @@ pub(crate) struct MetricCursors {
     tenants: std::collections::HashSet<String>,
 }
 
-/// After as many servers answered as last time, how long to wait for more.
-const STRAGGLER_WAIT: Duration = Duration::from_millis(30);
-
 /// One server's answer: when it arrived (Unix ms) and account -> counters.
 #[derive(Debug, Default)]
 pub(crate) struct ServerStats {
@@ -41,7 +37,8 @@ pub(crate) type Stats = BTreeMap<String, ServerStats>;
 /// Compare-and-set attempts per tenant per poll.
 const CAS_ATTEMPTS: usize = 16;
 
-fn counters_of(stat: &Value) -> Counters {
+/// One account's counters in a server's account statistics.
+pub(super) fn counters_of(stat: &Value) -> Counters {
     let n = |path: &str| stat.pointer(path).and_then(Value::as_u64).unwrap_or(0);
     Counters {
         msgs_in: n("/received/msgs"),
@@ -76,26 +73,17 @@ impl Controller {
         // keeps an account whose clients just left.
         let accounts: Vec<&String> = by_account.keys().collect();
         let body = serde_json::json!({ "accounts": accounts, "include_unused": true }).to_string();
-        let inbox = self.sys.new_inbox();
-        let mut replies = self
-            .sys
-            .subscribe(inbox.clone())
-            .await
-            .map_err(|e| ApiError::new(ErrorCode::Unavailable, e.to_string()))?;
-        self.sys
-            .publish_with_reply("$SYS.REQ.ACCOUNT.PING.STATZ", inbox, body.into())
-            .await
-            .map_err(|e| ApiError::new(ErrorCode::Unavailable, e.to_string()))?;
-        // Stop early once as many servers answered as last time (plus a short
-        // wait for one more); else at the window's end.
-        let expected = self
-            .servers_answering
-            .load(std::sync::atomic::Ordering::Relaxed);
-        let mut deadline = tokio::time::Instant::now() + POLL_WINDOW;
-        while let Ok(Some(msg)) = tokio::time::timeout_at(deadline, replies.next()).await {
-            let Ok(v) = serde_json::from_slice::<Value>(&msg.payload) else {
-                continue;
-            };
+        let answers = self
+            .ping_servers(
+                "$SYS.REQ.ACCOUNT.PING.STATZ",
+                body,
+                POLL_WINDOW,
+                Some(&self.servers_answering),
+                "account statistics",
+            )
+            .await?;
+        for answer in answers {
+            let v = &answer.value;
             let Some(server) = v
                 .pointer("/data/server_id")
                 .or_else(|| v.pointer("/server/id"))
@@ -104,7 +92,7 @@ impl Controller {
                 continue;
             };
             let stats = seen.entry(server.to_string()).or_default();
-            stats.at_ms = tenant_bus::envelope::now_ms();
+            stats.at_ms = answer.at_ms;
             for stat in v
                 .pointer("/data/account_statz")
                 .and_then(Value::as_array)
@@ -115,13 +103,7 @@ impl Controller {
                     stats.accounts.insert(acc.to_string(), counters_of(stat));
                 }
             }
-            if expected > 0 && seen.len() >= expected {
-                deadline = deadline.min(tokio::time::Instant::now() + STRAGGLER_WAIT);
-            }
         }
-        self.servers_answering
-            .store(seen.len(), std::sync::atomic::Ordering::Relaxed);
-        let _ = replies.unsubscribe().await;
         Ok((seen, by_account))
     }
 
