@@ -289,3 +289,63 @@ async fn usage_is_the_sum_over_three_nodes_and_survives_a_node_restart() {
     assert_eq!(total(cp.clone()).await, Some(130));
     shutdown.fire();
 }
+
+/// `tenant create` answers only after every node took the account JWT: right
+/// after it returns, each of the three servers' resolvers holds it (a claims
+/// lookup gets three answers at once), and the controller counts three live
+/// servers. (Returning after the first node answered let an agent's first
+/// stream create reach a meta leader that did not know the account yet:
+/// "JetStream not enabled for account", seen once in CI.)
+#[tokio::test]
+async fn tenant_create_returns_after_every_node_took_the_account() {
+    use futures::StreamExt as _;
+
+    let Deployment {
+        _tmp,
+        install,
+        cluster: _cluster,
+        urls,
+        shutdown,
+    } = deployment().await;
+    let cp = AdminClient::connect(&urls, &install.creds("admin.creds").unwrap())
+        .await
+        .unwrap();
+    let sys = async_nats::ConnectOptions::with_credentials(&install.creds("sys.creds").unwrap())
+        .unwrap()
+        .connect(urls.split(',').next().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        agentbus_control::controller::claims::live_servers(&sys).await,
+        3
+    );
+    for i in 0..8 {
+        let id = format!("fresh{i}");
+        let account = cp
+            .create_tenant(&id, Tier::Free)
+            .await
+            .unwrap()
+            .record
+            .account;
+        let inbox = sys.new_inbox();
+        let mut answers = sys.subscribe(inbox.clone()).await.unwrap();
+        sys.publish_with_reply(
+            format!("$SYS.REQ.ACCOUNT.{account}.CLAIMS.LOOKUP"),
+            inbox,
+            "".into(),
+        )
+        .await
+        .unwrap();
+        // Answers from servers that hold the JWT come within a millisecond or
+        // so; a server that does not hold it stays silent.
+        let mut holders = 0;
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(300);
+        while let Ok(Some(msg)) = tokio::time::timeout_at(deadline, answers.next()).await {
+            if msg.payload.starts_with(b"eyJ") {
+                holders += 1;
+            }
+        }
+        assert_eq!(holders, 3, "{id}: servers holding the account JWT");
+    }
+    shutdown.fire();
+}

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use futures::StreamExt as _;
 use nkeys::KeyPair;
 
 use crate::api::{ApiError, ErrorCode};
@@ -54,21 +55,88 @@ pub fn tenant_jwt(
         .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))
 }
 
-/// Pushes an account JWT and checks the answer.
-pub async fn push(sys: &async_nats::Client, account_jwt: &str) -> Result<(), ApiError> {
-    let answer = sys_request(sys, UPDATE, account_jwt.to_string()).await?;
-    check_answer(UPDATE, &answer)?;
-    match answer
-        .get("data")
-        .and_then(|d| d.get("code"))
-        .and_then(|c| c.as_u64())
-    {
-        Some(200) => Ok(()),
-        _ => Err(ApiError::new(
-            ErrorCode::Internal,
-            format!("unexpected answer to a claim push: {answer}"),
-        )),
+/// Pushes an account JWT to every server and checks the answers.
+///
+/// Every server of a cluster subscribes to [`UPDATE`] and applies the JWT
+/// itself, so the push collects answers until `expected` servers took it (or
+/// [`TIMEOUT`] passed). Returning after the first answer raced on clusters: a
+/// client served by a node that had the account, whose JetStream request went
+/// to a meta leader that did not yet, was told "JetStream not enabled for
+/// account". A server that does not answer in time (down, partitioned) learns
+/// the JWT from its resolver peers later; one answer is the minimum. Returns
+/// how many servers answered.
+pub async fn push(
+    sys: &async_nats::Client,
+    account_jwt: &str,
+    expected: usize,
+) -> Result<usize, ApiError> {
+    let inbox = sys.new_inbox();
+    let mut answers = sys
+        .subscribe(inbox.clone())
+        .await
+        .map_err(|e| unavailable(UPDATE, e))?;
+    sys.publish_with_reply(UPDATE, inbox, account_jwt.to_string().into())
+        .await
+        .map_err(|e| unavailable(UPDATE, e))?;
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    let mut taken = 0usize;
+    while taken < expected.max(1) {
+        let Ok(Some(msg)) = tokio::time::timeout_at(deadline, answers.next()).await else {
+            break;
+        };
+        let answer: serde_json::Value =
+            serde_json::from_slice(&msg.payload).map_err(|e| unavailable(UPDATE, e))?;
+        check_answer(UPDATE, &answer)?;
+        match answer
+            .get("data")
+            .and_then(|d| d.get("code"))
+            .and_then(|c| c.as_u64())
+        {
+            Some(200) => taken += 1,
+            _ => {
+                return Err(ApiError::new(
+                    ErrorCode::Internal,
+                    format!("unexpected answer to a claim push: {answer}"),
+                ))
+            }
+        }
     }
+    let _ = answers.unsubscribe().await;
+    match taken {
+        0 => Err(unavailable(UPDATE, "no answer from the server")),
+        n if n < expected => {
+            tracing::warn!(
+                answered = n,
+                expected,
+                "not every server took the account JWT in time; the others learn it from their resolver peers"
+            );
+            Ok(n)
+        }
+        n => Ok(n),
+    }
+}
+
+/// How many servers are up, as the connected server sees it: itself plus every
+/// cluster peer it has a route to (routes are pooled: distinct remote ids). 1
+/// when the server does not answer (the push then needs one answer).
+pub async fn live_servers(sys: &async_nats::Client) -> usize {
+    let id = sys.server_info().server_id;
+    let subject = format!("$SYS.REQ.SERVER.{id}.ROUTEZ");
+    let Ok(Ok(reply)) = tokio::time::timeout(TIMEOUT, sys.request(subject, "{}".into())).await
+    else {
+        return 1;
+    };
+    let Ok(answer) = serde_json::from_slice::<serde_json::Value>(&reply.payload) else {
+        return 1;
+    };
+    let peers: std::collections::BTreeSet<&str> = answer
+        .pointer("/data/routes")
+        .and_then(|r| r.as_array())
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r.get("remote_id").and_then(|v| v.as_str()))
+        .collect();
+    peers.len() + 1
 }
 
 /// The accounts the server's resolver holds.

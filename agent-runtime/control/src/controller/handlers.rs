@@ -192,7 +192,7 @@ impl Controller {
 
     async fn push(&self, record: &TenantRecord) -> Result<()> {
         let jwt = claims::tenant_jwt(&self.operator, record, &self.platform_account)?;
-        claims::push(&self.sys, &jwt).await.map_err(|e| {
+        self.push_claims(&jwt).await.map_err(|e| {
             ApiError::new(
                 ErrorCode::Unavailable,
                 format!("saved, but the server did not take the account yet (the controller retries on reconcile): {}", e.message),

@@ -623,7 +623,7 @@ impl Controller {
             }
             let jwt = claims::tenant_jwt(&self.operator, &record, &self.platform_account)
                 .map_err(from_api)?;
-            claims::push(&self.sys, &jwt).await.map_err(from_api)?;
+            self.push_claims(&jwt).await.map_err(from_api)?;
             pushed += 1;
         }
         self.push_platform().await.map_err(from_api)?;
@@ -677,7 +677,14 @@ impl Controller {
             iat,
         )
         .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?;
-        claims::push(&self.sys, &jwt).await
+        self.push_claims(&jwt).await
+    }
+
+    /// Pushes an account JWT to every server ([`claims::push`]), expecting an
+    /// answer from each server the connected one has a route to, plus itself.
+    pub(crate) async fn push_claims(&self, jwt: &str) -> Result<(), ApiError> {
+        let expected = claims::live_servers(&self.sys).await;
+        claims::push(&self.sys, jwt, expected).await.map(|_| ())
     }
 }
 
