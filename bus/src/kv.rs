@@ -116,8 +116,12 @@ pub enum KvErrorKind {
     KeyVersion,
     /// Sealing failed (see [`crate::envelope::SealErrorKind`]).
     Seal,
-    /// The bucket could not be opened or created, or the server did not answer.
+    /// The bucket could not be opened or created, or the server did not answer
+    /// (also: no server of the store's region can hold it now).
     Unavailable,
+    /// The bucket exists but is not kept in the store's region (created by
+    /// someone else without, or with another, placement): refused, not used.
+    OutsideRegion,
 }
 
 crate::kind_display!(KvErrorKind {
@@ -132,6 +136,7 @@ crate::kind_display!(KvErrorKind {
     KeyVersion => "value sealed with a key version no longer held",
     Seal => "sealing failed",
     Unavailable => "state store unavailable",
+    OutsideRegion => "bucket kept outside the tenant's region",
 });
 
 /// A state store error.
@@ -146,6 +151,7 @@ pub struct KvOptions {
     max_value_len: usize,
     max_keys: usize,
     timeout: Duration,
+    region: Option<crate::region::Region>,
 }
 
 impl Default for KvOptions {
@@ -165,7 +171,18 @@ impl KvOptions {
             max_value_len: DEFAULT_MAX_VALUE_LEN,
             max_keys: DEFAULT_MAX_KEYS,
             timeout: Duration::from_secs(5),
+            region: None,
         }
+    }
+
+    /// Keeps the bucket in `region` (data residency, see
+    /// [`crate::region`]): created with that region's placement tag, and an
+    /// existing bucket without it is refused ([`KvErrorKind::OutsideRegion`]).
+    /// When none of the region's servers can hold it, opening fails
+    /// ([`KvErrorKind::Unavailable`]); it is never placed elsewhere.
+    pub fn region(mut self, region: crate::region::Region) -> Self {
+        self.region = Some(region);
+        self
     }
 
     /// Another bucket than [`STATE_BUCKET`]. With per-tenant accounts (operator
@@ -377,6 +394,7 @@ impl TenantKv {
                         history: 1,
                         storage: jetstream::stream::StorageType::File,
                         num_replicas: options.replicas,
+                        placement: options.region.as_ref().map(|r| r.placement()),
                         ..Default::default()
                     })
                     .await;
@@ -384,9 +402,14 @@ impl TenantKv {
                     Ok(kv) => kv,
                     // Created by someone else meanwhile: open theirs.
                     Err(create_err) => js.get_key_value(bucket.as_str()).await.map_err(|_| {
+                        let region = options
+                            .region
+                            .as_ref()
+                            .map(|r| format!(" in region {r} (servers tagged {})", r.tag()))
+                            .unwrap_or_default();
                         unavailable(
                             format!(
-                                "bucket {bucket} of tenant {}: cannot open it ({get_err}) nor create it",
+                                "bucket {bucket} of tenant {}: cannot open it ({get_err}) nor create it{region}",
                                 ns.tenant()
                             ),
                             create_err,
@@ -395,6 +418,25 @@ impl TenantKv {
                 }
             }
         };
+        if let Some(region) = &options.region {
+            let mut stream = js
+                .get_stream(format!("KV_{bucket}"))
+                .await
+                .map_err(|e| unavailable(format!("bucket {bucket}"), e))?;
+            let info = stream
+                .info()
+                .await
+                .map_err(|e| unavailable(format!("bucket {bucket}"), e))?;
+            if !region.holds(info.config.placement.as_ref()) {
+                return Err(Error::new(
+                    KvErrorKind::OutsideRegion,
+                    format!(
+                        "bucket {bucket} of tenant {} is not placed in region {region}",
+                        ns.tenant()
+                    ),
+                ));
+            }
+        }
         Ok(Self {
             inner: Arc::new(KvInner {
                 ns: ns.clone(),

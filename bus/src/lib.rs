@@ -34,6 +34,8 @@
 //! - [`replay`]: bounded anti-replay windows per sender instance.
 //! - [`message`]: [`TenantMessage`] and its opaque reply inbox.
 //! - [`options`]: [`NamespaceOptions`], the connection builder.
+//! - [`region`]: data residency: a tenant's [`region::Region`] and the
+//!   JetStream placement that keeps its streams on that region's servers.
 //! - [`namespace`]: [`TenantNamespace`] (publish, subscribe, request, respond).
 //! - [`subscription`]: the verified message stream, bounded in messages and bytes.
 //! - [`budget`]: [`ByteBudget`], the receive byte bound shared by subscriptions.
@@ -55,6 +57,7 @@ pub mod kv;
 pub mod message;
 pub mod namespace;
 pub mod options;
+pub mod region;
 pub mod replay;
 pub mod subject;
 pub mod subscription;

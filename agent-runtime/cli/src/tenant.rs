@@ -87,6 +87,11 @@ pub struct CreateArgs {
     /// reservation does not fit what the servers allow.
     #[arg(long = "no-jetstream")]
     pub no_jetstream: bool,
+    /// Data residency: keep the tenant's streams and buckets on the servers
+    /// tagged `region:<REGION>` in their config. Refused when fewer such
+    /// servers answer than the deployment's replicas; cannot change later.
+    #[arg(long, value_name = "REGION")]
+    pub region: Option<String>,
 }
 
 /// Arguments of `tenant update`.
@@ -197,6 +202,7 @@ pub async fn run(output: Output, args: TenantArgs) -> Result<(), Failure> {
                 agent_types: a.agent_types,
                 quotas: pairs(&a.sets)?.into_iter().collect(),
                 no_jetstream: a.no_jetstream,
+                region: a.region,
             };
             let t = client.create_tenant_with(&a.id, &req).await?;
             print(output, &t, || {

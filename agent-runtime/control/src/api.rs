@@ -314,6 +314,11 @@ pub struct CreateTenant {
     /// refusing when its reservation does not fit the servers.
     #[serde(default)]
     pub no_jetstream: bool,
+    /// Data residency: keep the tenant's streams and buckets on the servers
+    /// tagged `region:<name>` (refused when no such server answers, or fewer
+    /// than the deployment's replica count). Cannot change later.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
 }
 
 /// One server's JetStream limits and reservations, as it reports them.
@@ -330,6 +335,10 @@ pub struct ServerJetStream {
     pub server_reserved_memory: i64,
     /// The same for storage.
     pub server_reserved_storage: i64,
+    /// The server's tags (`server_tags` in its config; `region:<name>` places
+    /// region-bound tenants).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
 }
 
 /// JetStream reserved by the tenants' records against what the servers allow

@@ -262,6 +262,10 @@ impl Controller {
                 settings = settings.quota(k, "0");
             }
         }
+        if let Some(name) = &req.region {
+            let region = tenant_bus::region::Region::new(name).map_err(|e| bad(e.to_string()))?;
+            settings.region = Some(region.to_string());
+        }
         let account = KeyPair::new_account();
         let signing = KeyPair::new_account();
         let now = now_ms();
@@ -280,6 +284,10 @@ impl Controller {
         record.check().map_err(registry_error)?;
         if let Ok(existing) = self.store.registry.get(id).await {
             return self.existing_create(caller, existing).await;
+        }
+        if let Some(name) = &record.settings.region {
+            let region = tenant_bus::region::Region::new(name).map_err(|e| bad(e.to_string()))?;
+            self.check_region(&region).await?;
         }
         // Check and write under one lock: no two creates fit the same room.
         let _reservation = self.js_reservations.lock().await;
@@ -969,6 +977,12 @@ fn apply_update(r: &mut TenantRecord, req: &UpdateTenant, tenant_admin: bool) ->
             }
             "disallow-agent-type" => {
                 r.settings.allowed_agent_types.remove(value);
+            }
+            "region" => {
+                return Err(ApiError::new(
+                    ErrorCode::Refused,
+                    "the region is set at creation and cannot change: the tenant's data lives there",
+                ));
             }
             field => {
                 let mut q = Quotas::for_tier(r.tier);

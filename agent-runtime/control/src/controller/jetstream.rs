@@ -21,6 +21,7 @@
 use std::time::Duration;
 
 use serde_json::Value;
+use tenant_bus::region::Region;
 use tenant_bus::TenantId;
 
 use super::Controller;
@@ -93,6 +94,14 @@ impl Controller {
                 max_storage: n("/data/config/max_storage"),
                 server_reserved_memory: n("/data/reserved_memory"),
                 server_reserved_storage: n("/data/reserved_storage"),
+                tags: v
+                    .pointer("/server/tags")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(Value::as_str)
+                    .map(str::to_string)
+                    .collect(),
             });
         }
         servers.sort_by(|a, b| a.server.cmp(&b.server));
@@ -165,5 +174,49 @@ impl Controller {
             }
         }
         Ok(())
+    }
+
+    /// Refuses `region` unless at least as many JetStream servers tagged
+    /// `region:<name>` answer as the deployment keeps replicas (its streams
+    /// could not be placed otherwise). When fewer servers answered than the
+    /// deployment lists, a missing region may be a region that is down: that
+    /// is reported as unavailable, not as bad input.
+    pub(super) async fn check_region(&self, region: &Region) -> Result<(), ApiError> {
+        let cap = self.jetstream_capacity(None).await?;
+        let in_region = cap
+            .servers
+            .iter()
+            .filter(|s| {
+                Region::of_tags(s.tags.iter().map(String::as_str)).contains(region)
+            })
+            .count();
+        if in_region >= self.config.replicas {
+            return Ok(());
+        }
+        let mut known: Vec<String> = cap
+            .servers
+            .iter()
+            .flat_map(|s| Region::of_tags(s.tags.iter().map(String::as_str)))
+            .map(|r| r.to_string())
+            .collect();
+        known.sort();
+        known.dedup();
+        let listed = self.urls.split(',').filter(|u| !u.trim().is_empty()).count();
+        let code = if cap.servers.len() < listed {
+            ErrorCode::Unavailable
+        } else {
+            ErrorCode::InvalidInput
+        };
+        Err(ApiError::new(
+            code,
+            format!(
+                "region {region}: {in_region} JetStream server(s) tagged {} answered, the deployment keeps {} replica(s); regions answering: {}; {} of {} listed servers answered",
+                region.tag(),
+                self.config.replicas,
+                if known.is_empty() { "none".to_string() } else { known.join(", ") },
+                cap.servers.len(),
+                listed
+            ),
+        ))
     }
 }

@@ -162,6 +162,10 @@ pub struct TenantSettings {
     /// Tool configuration by tool name (slugs). A tool not listed is disabled.
     #[serde(default)]
     pub tools: BTreeMap<String, ToolSettings>,
+    /// Data residency: the region whose servers (tagged `region:<name>`) hold
+    /// every stream and bucket of the tenant's account. Set at creation only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
 }
 
 impl TenantSettings {

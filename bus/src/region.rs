@@ -1,0 +1,133 @@
+//! Data residency: a tenant's region and the JetStream placement that keeps
+//! its streams and buckets on that region's servers.
+//!
+//! A cluster's servers carry tags in their configuration
+//! (`server_tags: ["region:eu"]`). A stream created with placement tag
+//! `region:<r>` has every replica on servers carrying that tag; when no such
+//! servers can take it (the region is down or too small for the replica
+//! count) JetStream refuses the stream instead of placing it elsewhere. So
+//! residency needs only the tag on creation, plus a check that a stream found
+//! already existing (created by someone else) carries the same tag
+//! ([`Region::holds`]).
+//!
+//! The region is a slug like tenant ids (`eu`, `us-east-1`): lowercase
+//! letters, digits and single inner hyphens, at most 64 characters.
+
+use async_nats::jetstream::stream::Placement;
+
+use crate::error::Error;
+use crate::ids::{validate_slug, IdErrorKind};
+
+/// The prefix of a region's server tag: `region:<name>`.
+pub const TAG_PREFIX: &str = "region:";
+
+/// An invalid region name (the kinds of an invalid id).
+pub type RegionError = Error<IdErrorKind>;
+
+/// A validated region name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Region(String);
+
+impl Region {
+    /// Validates `name` (the slug rule of tenant ids).
+    pub fn new(name: &str) -> Result<Self, RegionError> {
+        validate_slug(name).map_err(|kind| {
+            let shown: String = name.chars().take(80).collect();
+            Error::new(kind, format!("invalid region {shown:?}"))
+        })?;
+        Ok(Self(name.to_string()))
+    }
+
+    /// The name.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The server tag of this region: `region:<name>`.
+    pub fn tag(&self) -> String {
+        format!("{TAG_PREFIX}{}", self.0)
+    }
+
+    /// The placement that keeps a stream on this region's servers.
+    pub fn placement(&self) -> Placement {
+        Placement {
+            cluster: None,
+            tags: vec![self.tag()],
+        }
+    }
+
+    /// Whether a stream with `placement` is kept in this region (its
+    /// placement carries this region's tag).
+    pub fn holds(&self, placement: Option<&Placement>) -> bool {
+        let tag = self.tag();
+        placement.is_some_and(|p| p.tags.iter().any(|t| t.eq_ignore_ascii_case(&tag)))
+    }
+
+    /// The regions named by a server's tags (`region:<r>` tags only; tags
+    /// that are not valid region names are ignored).
+    pub fn of_tags<'a>(tags: impl IntoIterator<Item = &'a str>) -> Vec<Region> {
+        tags.into_iter()
+            .filter_map(|t| {
+                t.get(..TAG_PREFIX.len())
+                    .filter(|p| p.eq_ignore_ascii_case(TAG_PREFIX))
+                    .and_then(|_| t.get(TAG_PREFIX.len()..))
+            })
+            .filter_map(|name| Region::new(&name.to_ascii_lowercase()).ok())
+            .collect()
+    }
+}
+
+impl std::fmt::Display for Region {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_the_slug_rule() {
+        assert!(Region::new("eu").is_ok());
+        assert!(Region::new("us-east-1").is_ok());
+        for bad in [
+            "",
+            "EU",
+            "eu west",
+            "-eu",
+            "eu-",
+            "a--b",
+            "region:eu",
+            "eu.x",
+        ] {
+            assert!(Region::new(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn placement_carries_the_tag_and_holds_checks_it() {
+        let eu = Region::new("eu").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(eu.tag(), "region:eu");
+        let p = eu.placement();
+        assert_eq!(p.tags, vec!["region:eu".to_string()]);
+        assert!(eu.holds(Some(&p)));
+        // Server tags are matched case-insensitively by the server, so here too.
+        let upper = Placement {
+            cluster: None,
+            tags: vec!["REGION:EU".into()],
+        };
+        assert!(eu.holds(Some(&upper)));
+        let us = Region::new("us").unwrap_or_else(|e| panic!("{e}"));
+        assert!(!eu.holds(Some(&us.placement())));
+        assert!(!eu.holds(None));
+        assert!(!eu.holds(Some(&Placement::default())));
+    }
+
+    #[test]
+    fn regions_of_server_tags() {
+        let got = Region::of_tags(["region:eu", "az:1", "Region:US", "region:", "region:a b"]);
+        let names: Vec<&str> = got.iter().map(Region::as_str).collect();
+        assert_eq!(names, vec!["eu", "us"]);
+    }
+}

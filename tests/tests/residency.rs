@@ -1,0 +1,276 @@
+//! Data residency on three loopback nodes in two regions (issue 13, item 6):
+//! `n1` and `n2` carry `server_tags: ["region:eu"]`, `n3` carries
+//! `["region:us"]`.
+//!
+//! - The controller takes a tenant's `region` only when enough of that
+//!   region's JetStream servers answer (the deployment's replica count), and
+//!   never lets it change.
+//! - A tenant's state store created for a region lives only on that region's
+//!   nodes (stream info says where); with the region down it gets a clear
+//!   error and nothing is placed elsewhere; a bucket found without the
+//!   region's placement is refused.
+
+// Test code: a failed set-up step should abort the test with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use agentbus_control::api::{CreateTenant, ErrorCode, UpdateTenant};
+use agentbus_control::local_server::{ClusterOptions, LocalCluster};
+use agentbus_control::server_config::{render_operator_snippet, render_resolver_block};
+use agentbus_control::{AdminClient, Controller, ControllerConfig, Installation};
+use async_nats::jetstream;
+use tenant_bus::kv::{KvErrorKind, KvOptions};
+use tenant_bus::region::Region;
+use tenant_bus::{AgentId, CredentialBundle, MasterSecret, TenantId, TenantNamespace};
+
+/// `server_tags` of node `i`: two nodes in `eu`, one in `us`.
+fn tags(i: usize) -> String {
+    let region = if i < 2 { "eu" } else { "us" };
+    format!("server_tags: [\"region:{region}\"]\n")
+}
+
+/// The nodes holding `stream` (its leader and replicas).
+async fn holders(js: &jetstream::Context, stream: &str) -> BTreeSet<String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let info = js
+            .get_stream(stream)
+            .await
+            .unwrap()
+            .info()
+            .await
+            .unwrap()
+            .clone();
+        if let Some(c) = info.cluster {
+            if let Some(leader) = c.leader {
+                let mut nodes: BTreeSet<String> = c.replicas.into_iter().map(|p| p.name).collect();
+                nodes.insert(leader);
+                return nodes;
+            }
+        }
+        assert!(Instant::now() < deadline, "{stream} has no leader");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn set(names: &[&str]) -> BTreeSet<String> {
+    names.iter().map(|s| s.to_string()).collect()
+}
+
+#[tokio::test]
+async fn the_controller_takes_a_region_only_where_servers_can_hold_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut install = Installation::init(tmp.path().join("state")).unwrap();
+    let cluster = LocalCluster::start(
+        ClusterOptions::new()
+            .nodes(3)
+            .config(render_operator_snippet(&install.operator_facts()))
+            .node_config(|i, dir| {
+                format!(
+                    "{}{}",
+                    render_resolver_block(&dir.join("resolver")),
+                    tags(i)
+                )
+            })
+            .probe_creds(install.creds("sys.creds").unwrap())
+            .dir(tmp.path().join("cluster")),
+    )
+    .await
+    .unwrap();
+    let urls = cluster.urls();
+    install
+        .set_urls(urls.split(',').map(str::to_string).collect(), 2)
+        .unwrap();
+    // Replicas 2: `eu` (two servers) can hold the tenant's streams, `us`
+    // (one server) cannot.
+    let controller = Controller::connect(&install, ControllerConfig::new(&urls).replicas(2))
+        .await
+        .unwrap();
+    let shutdown = agentbus_control::controller::shutdown::Shutdown::new();
+    tokio::spawn(controller.serve(shutdown.clone()));
+    let cp = AdminClient::connect(&urls, &install.creds("admin.creds").unwrap())
+        .await
+        .unwrap();
+    let create = |id: &'static str, region: &'static str| {
+        let cp = cp.clone();
+        async move {
+            cp.create_tenant_with(
+                id,
+                &CreateTenant {
+                    region: Some(region.to_string()),
+                    ..Default::default()
+                },
+            )
+            .await
+        }
+    };
+
+    let eu = create("acme", "eu").await.unwrap();
+    assert_eq!(eu.record.settings.region.as_deref(), Some("eu"));
+    assert_eq!(
+        cp.tenant("acme")
+            .await
+            .unwrap()
+            .record
+            .settings
+            .region
+            .as_deref(),
+        Some("eu"),
+        "the region is in the stored record"
+    );
+
+    // A region no server carries: bad input, naming the regions that exist.
+    let err = create("nowhere", "ap").await.unwrap_err();
+    assert_eq!(err.code, ErrorCode::InvalidInput, "{err}");
+    assert!(err.message.contains("regions answering: eu, us"), "{err}");
+    // A region with fewer servers than the deployment's replicas.
+    let err = create("small", "us").await.unwrap_err();
+    assert_eq!(err.code, ErrorCode::InvalidInput, "{err}");
+    assert!(err.message.contains("1 JetStream server(s)"), "{err}");
+    // Not a region name at all.
+    let err = create("badname", "EU west").await.unwrap_err();
+    assert_eq!(err.code, ErrorCode::InvalidInput, "{err}");
+    // None of the refused tenants exists.
+    for id in ["nowhere", "small", "badname"] {
+        let err = cp.tenant(id).await.unwrap_err();
+        assert_eq!(err.code, ErrorCode::NotFound, "{id}: {err}");
+    }
+    // The region never changes.
+    let err = cp
+        .update_tenant(
+            "acme",
+            &UpdateTenant {
+                set: vec![("region".into(), "us".into())],
+                unset: vec![],
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code, ErrorCode::Refused, "{err}");
+    assert_eq!(
+        cp.tenant("acme")
+            .await
+            .unwrap()
+            .record
+            .settings
+            .region
+            .as_deref(),
+        Some("eu")
+    );
+    shutdown.fire();
+}
+
+#[tokio::test]
+async fn a_regions_state_store_lives_only_on_its_nodes_and_never_moves() {
+    let mut c = LocalCluster::start(ClusterOptions::new().nodes(3).node_config(|i, _| tags(i)))
+        .await
+        .unwrap();
+    let urls = c.urls();
+    let observer = async_nats::ConnectOptions::new()
+        .connect(urls.split(',').collect::<Vec<_>>())
+        .await
+        .unwrap();
+    let js = jetstream::new(observer);
+    let ready = Instant::now() + Duration::from_secs(20);
+    while js.query_account().await.is_err() {
+        assert!(Instant::now() < ready, "JetStream never became ready");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let master = MasterSecret::generate().unwrap();
+    let tenant = TenantId::new("acme").unwrap();
+    let ns = TenantNamespace::connect(&CredentialBundle {
+        url: urls.clone(),
+        tenant: tenant.clone(),
+        agent: AgentId::new("agent").unwrap(),
+        creds: None,
+        keys: master.key_set(&tenant, [1], 1).unwrap(),
+    })
+    .await
+    .unwrap();
+    let eu = Region::new("eu").unwrap();
+    let us = Region::new("us").unwrap();
+
+    // eu, two replicas: on n1 and n2, never n3.
+    let store = ns
+        .kv_with(
+            "sessions",
+            KvOptions::new()
+                .bucket("STATE_eu")
+                .replicas(2)
+                .region(eu.clone()),
+        )
+        .await
+        .unwrap();
+    store.put("s1", b"hello").await.unwrap();
+    assert_eq!(holders(&js, "KV_STATE_eu").await, set(&["n1", "n2"]));
+    // us, one replica: on n3.
+    ns.kv_with(
+        "sessions",
+        KvOptions::new().bucket("STATE_us").region(us.clone()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(holders(&js, "KV_STATE_us").await, set(&["n3"]));
+    // eu with three replicas cannot be placed: refused, not spread to us.
+    let err = ns
+        .kv_with(
+            "sessions",
+            KvOptions::new()
+                .bucket("STATE_eu3")
+                .replicas(3)
+                .region(eu.clone()),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), KvErrorKind::Unavailable, "{err}");
+    assert!(err.to_string().contains("region eu"), "{err}");
+    assert!(
+        js.get_stream("KV_STATE_eu3").await.is_err(),
+        "a stream was created anyway"
+    );
+
+    // A bucket made by someone else without the placement is not used.
+    ns.kv_with("sessions", KvOptions::new().bucket("STATE_plain"))
+        .await
+        .unwrap();
+    let err = ns
+        .kv_with(
+            "sessions",
+            KvOptions::new().bucket("STATE_plain").region(eu.clone()),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), KvErrorKind::OutsideRegion, "{err}");
+
+    // The us region goes down: a new us store is refused with a clear error
+    // and nothing is placed on the eu nodes; eu keeps working.
+    c.kill_node(2).unwrap();
+    let err = ns
+        .kv_with(
+            "sessions",
+            KvOptions::new().bucket("STATE_us2").region(us.clone()),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), KvErrorKind::Unavailable, "{err}");
+    assert!(err.to_string().contains("region us"), "{err}");
+    assert!(
+        js.get_stream("KV_STATE_us2").await.is_err(),
+        "placed outside its region"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match store.get("s1").await {
+            Ok(v) => {
+                assert_eq!(&v.value[..], b"hello");
+                break;
+            }
+            other => {
+                assert!(Instant::now() < deadline, "eu store unreadable: {other:?}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}
