@@ -100,6 +100,7 @@ async fn connect(
         agent: AgentId::new(agent)?,
         creds: None,
         keys: master.key_set(tenant.id(), [1], 1)?,
+        placement: Default::default(),
     };
     // Every publish of this namespace passes the tenant's admission.
     Ok(tenant.connect(&bundle, NamespaceOptions::new()).await?)

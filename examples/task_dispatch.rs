@@ -39,6 +39,7 @@ async fn connect(
         agent: AgentId::new(agent)?,
         creds: None,
         keys: master.key_set(tenant, [1], 1)?,
+        placement: Default::default(),
     };
     Ok(TenantNamespace::connect(&bundle).await?)
 }

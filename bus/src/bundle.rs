@@ -4,13 +4,16 @@
 //!
 //! ```json
 //! { "url": "nats://127.0.0.1:4222", "tenant": "acme", "agent": "planner",
-//!   "creds": "-----BEGIN NATS USER JWT-----\n...", "keys": { "tenant": "acme", ... } }
+//!   "creds": "-----BEGIN NATS USER JWT-----\n...", "keys": { "tenant": "acme", ... },
+//!   "placement": { "replicas": 3, "region": "eu" } }
 //! ```
 //!
 //! `creds` is the text of a standard NATS `.creds` file (user JWT and nkey seed),
 //! usable by any NATS client; it may be absent for a server without auth (tests,
 //! laptops). `keys` is the tenant's [`TenantKeySet`]. Loading checks that the key set
-//! belongs to the bundle's tenant. `Debug` never prints the creds or keys.
+//! belongs to the bundle's tenant. `placement` (optional) says how many replicas,
+//! and in which region, the streams and buckets the agent creates get
+//! ([`crate::region::StorePlacement`]). `Debug` never prints the creds or keys.
 
 use std::fmt;
 use std::path::Path;
@@ -18,6 +21,7 @@ use std::path::Path;
 use crate::error::Error;
 use crate::ids::{AgentId, TenantId};
 use crate::keys::TenantKeySet;
+use crate::region::StorePlacement;
 
 /// What went wrong reading or writing a bundle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -54,6 +58,11 @@ pub struct CredentialBundle {
     pub creds: Option<String>,
     /// The tenant's key set.
     pub keys: TenantKeySet,
+    /// Replicas and region of the streams and buckets this agent creates
+    /// (written by the control plane from the deployment and the tenant;
+    /// absent: one replica, no region). See [`crate::region`].
+    #[serde(default, skip_serializing_if = "StorePlacement::is_unset")]
+    pub placement: StorePlacement,
 }
 
 impl CredentialBundle {
@@ -107,6 +116,12 @@ impl CredentialBundle {
     }
 
     fn check(&self) -> Result<(), BundleError> {
+        if !self.placement.is_valid() {
+            return Err(Error::new(
+                BundleErrorKind::Invalid,
+                "placement.replicas must be 1 to 5",
+            ));
+        }
         self.keys
             .ensure_tenant(&self.tenant)
             .map_err(|e| Error::new(BundleErrorKind::TenantMismatch, e.detail().to_string()))
@@ -162,6 +177,7 @@ mod tests {
             keys: m
                 .key_set(&TenantId::new(key_tenant).unwrap(), [1], 1)
                 .unwrap(),
+            placement: Default::default(),
         }
     }
 

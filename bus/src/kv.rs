@@ -146,7 +146,7 @@ pub type KvError = Error<KvErrorKind>;
 #[derive(Debug, Clone)]
 pub struct KvOptions {
     bucket: String,
-    replicas: usize,
+    replicas: Option<usize>,
     ttl: Option<Duration>,
     max_value_len: usize,
     max_keys: usize,
@@ -166,7 +166,7 @@ impl KvOptions {
     pub fn new() -> Self {
         Self {
             bucket: STATE_BUCKET.to_string(),
-            replicas: 1,
+            replicas: None,
             ttl: None,
             max_value_len: DEFAULT_MAX_VALUE_LEN,
             max_keys: DEFAULT_MAX_KEYS,
@@ -176,8 +176,10 @@ impl KvOptions {
     }
 
     /// Keeps the bucket in `region` (data residency, see
-    /// [`crate::region`]): created with that region's placement tag, and an
-    /// existing bucket without it is refused ([`KvErrorKind::OutsideRegion`]).
+    /// [`crate::region`]; default: the bundle's
+    /// [`placement`](crate::TenantNamespace::placement)): created with that
+    /// region's placement tag, and an existing bucket without it is refused
+    /// ([`KvErrorKind::OutsideRegion`]).
     /// When none of the region's servers can hold it, opening fails
     /// ([`KvErrorKind::Unavailable`]); it is never placed elsewhere.
     pub fn region(mut self, region: crate::region::Region) -> Self {
@@ -196,9 +198,10 @@ impl KvOptions {
     }
 
     /// Replicas of the bucket if this call creates it (1 to 5; an existing
-    /// bucket is used as it is).
+    /// bucket is used as it is). Default: the bundle's
+    /// [`placement`](crate::TenantNamespace::placement), else 1.
     pub fn replicas(mut self, replicas: usize) -> Self {
-        self.replicas = replicas;
+        self.replicas = Some(replicas);
         self
     }
 
@@ -236,8 +239,8 @@ impl KvOptions {
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
         let bad = if !bucket_ok {
             Some(format!("bucket {:?}", truncate(&self.bucket)))
-        } else if !(1..=5).contains(&self.replicas) {
-            Some(format!("replicas {} (1 to 5)", self.replicas))
+        } else if self.replicas.is_some_and(|r| !(1..=5).contains(&r)) {
+            Some(format!("replicas {:?} (1 to 5)", self.replicas))
         } else if !(1..=MAX_VALUE_LEN).contains(&self.max_value_len) {
             Some(format!("max_value_len {}", self.max_value_len))
         } else if !(1..=MAX_KEYS).contains(&self.max_keys) {
@@ -382,6 +385,12 @@ impl TenantKv {
     ) -> Result<Self, KvError> {
         validate_store(store)?;
         options.check()?;
+        let mut options = options;
+        let placement = ns.placement();
+        let replicas = options.replicas.or(placement.replicas).unwrap_or(1);
+        if options.region.is_none() {
+            options.region = placement.region.clone();
+        }
         let js = jetstream::new(ns.nats().clone());
         let bucket = options.bucket.clone();
         let kv = match js.get_key_value(bucket.as_str()).await {
@@ -393,7 +402,7 @@ impl TenantKv {
                         description: format!("agentbus state of tenant {}", ns.tenant()),
                         history: 1,
                         storage: jetstream::stream::StorageType::File,
-                        num_replicas: options.replicas,
+                        num_replicas: replicas,
                         placement: options.region.as_ref().map(|r| r.placement()),
                         ..Default::default()
                     })

@@ -175,6 +175,8 @@ struct Inner {
     events: broadcast::Sender<BusEvent>,
     muxer: OnceCell<Arc<Muxer>>,
     probes: AtomicU64,
+    /// The bundle's placement (replicas and region of what the agent creates).
+    placement: crate::region::StorePlacement,
 }
 
 impl std::fmt::Debug for TenantNamespace {
@@ -275,6 +277,7 @@ impl TenantNamespace {
                 events,
                 muxer: OnceCell::new(),
                 probes: AtomicU64::new(0),
+                placement: bundle.placement.clone(),
             }),
         })
     }
@@ -287,6 +290,13 @@ impl TenantNamespace {
     /// This agent's id.
     pub fn agent(&self) -> &AgentId {
         &self.inner.agent
+    }
+
+    /// Replicas and region for the streams and buckets this agent creates,
+    /// from its bundle ([`crate::region::StorePlacement`]): the state store
+    /// and task dispatch use them unless their options say otherwise.
+    pub fn placement(&self) -> &crate::region::StorePlacement {
+        &self.inner.placement
     }
 
     /// The tenant's key set.

@@ -24,9 +24,52 @@ pub const TAG_PREFIX: &str = "region:";
 /// An invalid region name (the kinds of an invalid id).
 pub type RegionError = Error<IdErrorKind>;
 
-/// A validated region name.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// A validated region name (serialized as the plain name).
+#[derive(
+    Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(try_from = "String", into = "String")]
 pub struct Region(String);
+
+impl TryFrom<String> for Region {
+    type Error = RegionError;
+    fn try_from(name: String) -> Result<Self, Self::Error> {
+        Region::new(&name)
+    }
+}
+
+impl From<Region> for String {
+    fn from(r: Region) -> String {
+        r.0
+    }
+}
+
+/// Where a tenant's streams and buckets go: the deployment's replica count
+/// and the tenant's region. The control plane writes it into every bundle it
+/// issues (`placement` in the bundle's JSON), so an agent's state store and
+/// task streams are created replicated and in place without the agent knowing
+/// the deployment; explicit options still win.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StorePlacement {
+    /// Replicas of the streams and buckets an agent creates (1 to 5).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<usize>,
+    /// The tenant's region, if it is bound to one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<Region>,
+}
+
+impl StorePlacement {
+    /// Nothing set (a bundle without `placement`).
+    pub fn is_unset(&self) -> bool {
+        self.replicas.is_none() && self.region.is_none()
+    }
+
+    /// Whether the replica count, if set, is 1 to 5.
+    pub fn is_valid(&self) -> bool {
+        self.replicas.is_none_or(|r| (1..=5).contains(&r))
+    }
+}
 
 impl Region {
     /// Validates `name` (the slug rule of tenant ids).
@@ -122,6 +165,25 @@ mod tests {
         assert!(!eu.holds(Some(&us.placement())));
         assert!(!eu.holds(None));
         assert!(!eu.holds(Some(&Placement::default())));
+    }
+
+    #[test]
+    fn placement_round_trips_and_validates_the_region() {
+        let p: StorePlacement =
+            serde_json::from_str(r#"{"replicas":3,"region":"eu"}"#).unwrap_or_default();
+        assert_eq!(p.replicas, Some(3));
+        assert_eq!(p.region.as_ref().map(Region::as_str), Some("eu"));
+        assert_eq!(
+            serde_json::to_string(&p).unwrap_or_default(),
+            r#"{"replicas":3,"region":"eu"}"#
+        );
+        assert!(serde_json::from_str::<StorePlacement>(r#"{"region":"EU west"}"#).is_err());
+        assert!(StorePlacement::default().is_unset());
+        assert!(!StorePlacement {
+            replicas: Some(7),
+            region: None
+        }
+        .is_valid());
     }
 
     #[test]

@@ -85,6 +85,7 @@ impl Fixture {
             agent: AgentId::new(agent).unwrap(),
             creds: None,
             keys: self.master.key_set(&t, [1], 1).unwrap(),
+            placement: Default::default(),
         };
         TenantNamespace::connect(&bundle).await.unwrap()
     }

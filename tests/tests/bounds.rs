@@ -24,6 +24,7 @@ fn bundle(url: &str, agent: &str) -> CredentialBundle {
             .unwrap()
             .key_set(&tenant, [1], 1)
             .unwrap(),
+        placement: Default::default(),
     }
 }
 

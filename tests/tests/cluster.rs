@@ -220,6 +220,7 @@ async fn a_url_list_with_a_dead_first_entry_connects() {
         agent: AgentId::new(agent).unwrap(),
         creds: None,
         keys: master.key_set(&tenant, [1], 1).unwrap(),
+        placement: Default::default(),
     };
     let a = TenantNamespace::connect(&bundle("a")).await.unwrap();
     let b = TenantNamespace::connect(&bundle("b")).await.unwrap();

@@ -108,6 +108,7 @@ async fn three_workers_on_three_instances_never_run_more_than_the_cap() {
             agent: AgentId::new(&format!("w{i}")).unwrap(),
             creds: None,
             keys: master.key_set(&t, [1], 1).unwrap(),
+            placement: Default::default(),
         };
         let ns = TenantNamespace::connect(&bundle).await.unwrap();
         let options = DispatchOptions::new()

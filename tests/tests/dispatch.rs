@@ -27,6 +27,7 @@ async fn connect(
         agent: AgentId::new(agent).unwrap(),
         creds: None,
         keys: master.key_set(&t, [1], 1).unwrap(),
+        placement: Default::default(),
     };
     TenantNamespace::connect(&bundle).await.unwrap()
 }

@@ -169,6 +169,7 @@ async fn scenario(target: Target, replicas: usize, outage: Duration) -> Outcome 
         agent: AgentId::new(agent).unwrap(),
         creds: None,
         keys: master.key_set(&tenant, [1], 1).unwrap(),
+        placement: Default::default(),
     };
     let observer = async_nats::ConnectOptions::new()
         .connect(urls.split(',').collect::<Vec<_>>())
@@ -242,13 +243,15 @@ async fn scenario(target: Target, replicas: usize, outage: Duration) -> Outcome 
     let pause = Arc::new(Mutex::new(Duration::ZERO));
     let submitted = Arc::new(AtomicU64::new(0));
     let producing = {
-        let (stop, acked, submitted, producer) = (
+        let (stop, acked, submitted, producer, pause) = (
             stop.clone(),
             acked.clone(),
             submitted.clone(),
             producer.clone(),
+            pause.clone(),
         );
         tokio::spawn(async move {
+            let mut last_ack = Instant::now();
             let mut tick = tokio::time::interval(Duration::from_millis(1000 / RATE));
             let mut i = 0u64;
             while !stop.load(Ordering::Relaxed) {

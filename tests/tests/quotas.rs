@@ -57,6 +57,7 @@ fn bundle(server: &Server, master: &MasterSecret, tenant: &str, agent: &str) -> 
         agent: AgentId::new(agent).unwrap(),
         creds: None,
         keys: master.key_set(&t, [1], 1).unwrap(),
+        placement: Default::default(),
     }
 }
 

@@ -51,6 +51,7 @@ fn bundle(url: &str, master: &MasterSecret, tenant: &str, agent: &str) -> Creden
         agent: AgentId::new(agent).unwrap(),
         creds: None,
         keys: master.key_set(&tenant, [1], 1).unwrap(),
+        placement: Default::default(),
     }
 }
 

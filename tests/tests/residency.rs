@@ -22,7 +22,7 @@ use agentbus_control::server_config::{render_operator_snippet, render_resolver_b
 use agentbus_control::{AdminClient, Controller, ControllerConfig, Installation};
 use async_nats::jetstream;
 use tenant_bus::kv::{KvErrorKind, KvOptions};
-use tenant_bus::region::Region;
+use tenant_bus::region::{Region, StorePlacement};
 use tenant_bus::{AgentId, CredentialBundle, MasterSecret, TenantId, TenantNamespace};
 
 /// `server_tags` of node `i`: two nodes in `eu`, one in `us`.
@@ -121,6 +121,14 @@ async fn the_controller_takes_a_region_only_where_servers_can_hold_it() {
         "the region is in the stored record"
     );
 
+    // Its agents' bundles carry the placement: the deployment's replicas and
+    // the tenant's region (what their state stores and task streams use).
+    let bundle = cp.issue_agent("acme", "worker", "default").await.unwrap();
+    assert_eq!(bundle.placement.replicas, Some(2));
+    assert_eq!(bundle.placement.region, Some(Region::new("eu").unwrap()));
+    let back = CredentialBundle::from_json(&bundle.to_json().unwrap()).unwrap();
+    assert_eq!(back.placement, bundle.placement);
+
     // A region no server carries: bad input, naming the regions that exist.
     let err = create("nowhere", "ap").await.unwrap_err();
     assert_eq!(err.code, ErrorCode::InvalidInput, "{err}");
@@ -186,6 +194,7 @@ async fn a_regions_state_store_lives_only_on_its_nodes_and_never_moves() {
         agent: AgentId::new("agent").unwrap(),
         creds: None,
         keys: master.key_set(&tenant, [1], 1).unwrap(),
+        placement: Default::default(),
     })
     .await
     .unwrap();
@@ -230,6 +239,24 @@ async fn a_regions_state_store_lives_only_on_its_nodes_and_never_moves() {
         js.get_stream("KV_STATE_eu3").await.is_err(),
         "a stream was created anyway"
     );
+
+    // A bundle's placement is the default: an agent of a us tenant opens the
+    // default STATE bucket in us without saying so.
+    let us_agent = TenantNamespace::connect(&CredentialBundle {
+        url: urls.clone(),
+        tenant: tenant.clone(),
+        agent: AgentId::new("us-agent").unwrap(),
+        creds: None,
+        keys: master.key_set(&tenant, [1], 1).unwrap(),
+        placement: StorePlacement {
+            replicas: Some(1),
+            region: Some(us.clone()),
+        },
+    })
+    .await
+    .unwrap();
+    us_agent.kv("sessions").await.unwrap();
+    assert_eq!(holders(&js, "KV_STATE").await, set(&["n3"]));
 
     // A bucket made by someone else without the placement is not used.
     ns.kv_with("sessions", KvOptions::new().bucket("STATE_plain"))

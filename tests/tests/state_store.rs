@@ -41,6 +41,7 @@ fn bundle(
         keys: master
             .key_set(&t, versions.iter().copied(), current)
             .unwrap(),
+        placement: Default::default(),
     }
 }
 

@@ -25,6 +25,7 @@ fn bundle(url: String, agent: &str) -> CredentialBundle {
         agent: AgentId::new(agent).unwrap(),
         creds: None,
         keys: master.key_set(&tenant, [1], 1).unwrap(),
+        placement: Default::default(),
     }
 }
 

@@ -172,6 +172,7 @@ fn tenant_bundle(url: &str, tenant: &str, agent: &str) -> Result<CredentialBundl
         keys: master
             .key_set(&tenant, [1], 1)
             .map_err(|e| BenchError(e.to_string()))?,
+        placement: Default::default(),
     })
 }
 

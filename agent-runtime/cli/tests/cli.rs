@@ -656,6 +656,7 @@ mod messaging {
             agent: AgentId::new(agent).unwrap(),
             creds: None,
             keys: master.key_set(&tenant, [1], 1).unwrap(),
+            placement: Default::default(),
         };
         let path = dir.join(format!("{agent}-{}.json", rand_suffix()));
         b.write_to_file(&path).unwrap();

@@ -534,6 +534,13 @@ pub struct KeysAnswer {
     pub keys: tenant_bus::TenantKeySet,
     /// When to ask again at the latest (a staged rotation promotes then), Unix ms.
     pub refresh_at_ms: u64,
+    /// Replicas and region of the streams and buckets the agent creates (the
+    /// deployment's replica count, the tenant's region).
+    #[serde(
+        default,
+        skip_serializing_if = "tenant_bus::region::StorePlacement::is_unset"
+    )]
+    pub placement: tenant_bus::region::StorePlacement,
 }
 
 /// `status`.

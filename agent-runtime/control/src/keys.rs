@@ -208,6 +208,7 @@ pub async fn connect_with_key(
         agent: key_agent_id(id)?,
         creds: None,
         keys: answer.keys,
+        placement: answer.placement,
     };
     let options = options.auth_token(key);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(3);

@@ -41,6 +41,7 @@ pub fn bundle(server: &Server, keys: TenantKeySet, agent_id: &str) -> Credential
         agent: agent(agent_id),
         creds: None,
         keys,
+        placement: Default::default(),
     }
 }
 

@@ -179,6 +179,19 @@ impl Controller {
         }
     }
 
+    /// Where the streams and buckets of `record`'s agents go: the deployment's
+    /// replica count and the tenant's region (written into its bundles).
+    pub(super) fn placement_of(&self, record: &TenantRecord) -> tenant_bus::region::StorePlacement {
+        tenant_bus::region::StorePlacement {
+            replicas: Some(self.config.replicas),
+            region: record
+                .settings
+                .region
+                .as_deref()
+                .and_then(|r| tenant_bus::region::Region::new(r).ok()),
+        }
+    }
+
     pub(super) async fn tenant(&self, id: &TenantId) -> Result<TenantRecord> {
         let r = self.store.registry.get(id).await.map_err(registry_error)?;
         if r.deleting {
@@ -705,6 +718,7 @@ impl Controller {
             agent: aid,
             creds: Some(crate::jwt::format_creds(&user_jwt, &seed(&user)?)),
             keys,
+            placement: self.placement_of(&record),
         };
         Ok(IssuedAgent { agent, bundle })
     }
@@ -849,6 +863,7 @@ impl Controller {
         json(&KeysAnswer {
             keys,
             refresh_at_ms,
+            placement: self.placement_of(&record),
         })
     }
 

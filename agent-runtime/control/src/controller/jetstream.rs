@@ -186,9 +186,7 @@ impl Controller {
         let in_region = cap
             .servers
             .iter()
-            .filter(|s| {
-                Region::of_tags(s.tags.iter().map(String::as_str)).contains(region)
-            })
+            .filter(|s| Region::of_tags(s.tags.iter().map(String::as_str)).contains(region))
             .count();
         if in_region >= self.config.replicas {
             return Ok(());
@@ -201,7 +199,11 @@ impl Controller {
             .collect();
         known.sort();
         known.dedup();
-        let listed = self.urls.split(',').filter(|u| !u.trim().is_empty()).count();
+        let listed = self
+            .urls
+            .split(',')
+            .filter(|u| !u.trim().is_empty())
+            .count();
         let code = if cap.servers.len() < listed {
             ErrorCode::Unavailable
         } else {
