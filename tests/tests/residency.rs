@@ -129,6 +129,53 @@ async fn the_controller_takes_a_region_only_where_servers_can_hold_it() {
     let back = CredentialBundle::from_json(&bundle.to_json().unwrap()).unwrap();
     assert_eq!(back.placement, bundle.placement);
 
+    // The agent's default state store lands in eu with the deployment's two
+    // replicas; a raw client with the same creds creates TASKS in us (the
+    // library would refuse, NATS cannot): `tenant stats` shows where each
+    // stream lives, from the servers, and flags the one outside the region.
+    let ns = TenantNamespace::connect(&bundle).await.unwrap();
+    ns.kv("sessions")
+        .await
+        .unwrap()
+        .put("k", b"v")
+        .await
+        .unwrap();
+    let (opts, _events) = nats_harness::raw_options(&bundle, Duration::from_secs(5));
+    let raw = opts
+        .connect(urls.split(',').collect::<Vec<_>>())
+        .await
+        .unwrap();
+    jetstream::new(raw)
+        .create_stream(jetstream::stream::Config {
+            name: "TASKS".into(),
+            subjects: vec!["tenant.acme.tasks.queue.>".into()],
+            retention: jetstream::stream::RetentionPolicy::WorkQueue,
+            placement: Some(Region::new("us").unwrap().placement()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let streams = loop {
+        let stats = cp.tenant_stats("acme").await.unwrap();
+        if stats.streams.len() >= 2 {
+            break stats.streams;
+        }
+        assert!(Instant::now() < deadline, "streams: {:?}", stats.streams);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let state = streams.iter().find(|s| s.name == "KV_STATE").unwrap();
+    assert_eq!(state.replicas, 2, "{state:?}");
+    assert_eq!(
+        state.nodes.iter().cloned().collect::<BTreeSet<_>>(),
+        set(&["n1", "n2"]),
+        "{state:?}"
+    );
+    assert_eq!(state.in_region, Some(true), "{state:?}");
+    let tasks = streams.iter().find(|s| s.name == "TASKS").unwrap();
+    assert_eq!(tasks.nodes, vec!["n3".to_string()], "{tasks:?}");
+    assert_eq!(tasks.in_region, Some(false), "{tasks:?}");
+
     // A region no server carries: bad input, naming the regions that exist.
     let err = create("nowhere", "ap").await.unwrap_err();
     assert_eq!(err.code, ErrorCode::InvalidInput, "{err}");

@@ -315,5 +315,18 @@ fn stats_table(s: &agentbus_control::api::TenantStats) -> String {
             b.remaining
         ));
     }
+    for st in &s.streams {
+        let place = match st.in_region {
+            Some(true) => "; in region",
+            Some(false) => "; OUTSIDE its region",
+            None => "",
+        };
+        out.push_str(&format!(
+            "\nstream       {} R{} on {}{place}",
+            st.name,
+            st.replicas,
+            st.nodes.join(", ")
+        ));
+    }
     out
 }

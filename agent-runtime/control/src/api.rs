@@ -420,6 +420,26 @@ pub struct TenantStats {
     pub agents_revoked: usize,
     /// API keys that work now.
     pub api_keys_active: usize,
+    /// The streams of the tenant's account (buckets are `KV_<bucket>`), as the
+    /// servers report them: where each one's replicas are, and for a tenant
+    /// bound to a region whether all of them are on that region's servers.
+    #[serde(default)]
+    pub streams: Vec<TenantStream>,
+}
+
+/// One stream of a tenant's account and where it lives.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TenantStream {
+    /// The stream's name (`KV_<bucket>` for a bucket).
+    pub name: String,
+    /// Its configured replica count.
+    pub replicas: usize,
+    /// The servers holding it, leader first.
+    pub nodes: Vec<String>,
+    /// For a tenant with a region: whether every node holding the stream is
+    /// tagged with that region. Absent for a tenant without one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub in_region: Option<bool>,
 }
 
 /// `agent.<tenant>.create`.
