@@ -71,13 +71,15 @@ def _free_port() -> int:
 class NatsServer:
     """A nats-server process (plain, no auth, JetStream) for the session."""
 
-    def __init__(self, binary: str) -> None:
+    def __init__(self, binary: str, config: Optional[str] = None, port: Optional[int] = None) -> None:
         self.dir = tempfile.mkdtemp(prefix="tenantbus-nats-")
-        self.port = _free_port()
+        self.port = port or _free_port()
         self.url = f"nats://127.0.0.1:{self.port}"
         self.log = open(os.path.join(self.dir, "server.log"), "wb")
+        # A config file (``config``: server tags, a cluster) adds to the flags.
         self.proc = subprocess.Popen(
-            [binary, "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", os.path.join(self.dir, "js")],
+            [binary, *(["-c", config] if config else []), "-a", "127.0.0.1", "-p", str(self.port),
+             "-js", "-sd", os.path.join(self.dir, "js")],
             stdout=self.log,
             stderr=subprocess.STDOUT,
         )
@@ -103,6 +105,86 @@ class NatsServer:
                 self.proc.wait(5)
         self.log.close()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class NatsCluster:
+    """A JetStream cluster of ``n`` nats-server processes on 127.0.0.1 whose
+    servers all carry ``tags`` (``server_tags``, e.g. ``["region:eu"]``).
+
+    Data-residency tests need a cluster: a standalone server ignores a
+    stream's placement tags (it creates a stream placed in a region it is not
+    tagged with), while a clustered one refuses it ("no suitable peers for
+    placement"). Two servers are the smallest cluster that elects a meta
+    leader; each is a ``NatsServer`` (``url`` is the first's)."""
+
+    def __init__(self, binary: str, n: int = 2, tags: Optional[List[str]] = None) -> None:
+        self.dir = tempfile.mkdtemp(prefix="tenantbus-cluster-")
+        ports = [(_free_port(), _free_port()) for _ in range(n)]
+        routes = json.dumps([f"nats://127.0.0.1:{c}" for _, c in ports])
+        self.servers: List[NatsServer] = []
+        try:
+            for i, (port, cport) in enumerate(ports):
+                conf = os.path.join(self.dir, f"n{i + 1}.conf")
+                with open(conf, "w") as f:
+                    f.write(
+                        f"server_name: n{i + 1}\n"
+                        f"server_tags: {json.dumps(tags or [])}\n"
+                        f"cluster {{ name: c{os.getpid()}, listen: \"127.0.0.1:{cport}\", routes: {routes} }}\n"
+                    )
+                self.servers.append(NatsServer(binary, config=conf, port=port))
+        except BaseException:
+            self.stop()
+            raise
+        self.url = self.servers[0].url
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Waits until JetStream answers with a meta leader (a stream can be
+        created), about 5 s after the start."""
+        async def ready() -> None:
+            import nats
+
+            nc = await nats.connect(self.url)
+            try:
+                js = nc.jetstream()
+                deadline = time.monotonic() + timeout
+                while True:
+                    try:
+                        await js.account_info()
+                        return
+                    except Exception:
+                        if time.monotonic() > deadline:
+                            raise
+                        await asyncio.sleep(0.2)
+            finally:
+                await nc.close()
+
+        asyncio.run(ready())
+
+    def stop(self) -> None:
+        for s in self.servers:
+            s.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _server_binary() -> str:
+    binary = nats_server_bin()
+    if not binary:
+        msg = "no nats-server (set NATS_SERVER_BIN or run scripts/install-nats-server.sh)"
+        if _require_rust():
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return binary
+
+
+@pytest.fixture(scope="session")
+def eu_cluster() -> Iterator[NatsCluster]:
+    """Two JetStream servers tagged ``region:eu`` in one cluster."""
+    cluster = NatsCluster(_server_binary(), 2, ["region:eu"])
+    try:
+        cluster.wait_ready()
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 @pytest.fixture(scope="session")

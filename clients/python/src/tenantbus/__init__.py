@@ -25,7 +25,7 @@ Task dispatch interoperating with the Rust dispatcher is in :mod:`tenantbus.disp
 """
 
 from .apikey import KeyRefresher, connect_with_key, is_api_key, parse_api_key
-from .bundle import CredentialBundle
+from .bundle import CredentialBundle, Placement
 from .envelope import (
     FORMAT_VERSION,
     Header,
@@ -103,6 +103,7 @@ __all__ = [
     "KeySetErrorKind",
     "MessageId",
     "NamespaceOptions",
+    "Placement",
     "PublishError",
     "PublishErrorKind",
     "ReplayGuard",

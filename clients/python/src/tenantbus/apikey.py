@@ -16,7 +16,8 @@ sealed :class:`~tenantbus.TenantNamespace` without a credential bundle:
    the server which account it was placed in (``$SYS.REQ.USER.INFO``; the
    tenant comes from the server, the account's name is ``tenant-<id>``) and
    fetches the tenant's key set from the key service
-   (``agentbus.keys.v1.<account>``);
+   (``agentbus.keys.v1.<account>``), with the tenant's ``placement``
+   (replicas and region of what the agent creates, as in a bundle);
 3. closes that connection and connects the namespace as agent
    ``key-<key id in lowercase>`` with the key as its token and the tenant's
    inbox prefix ``tenant.<id>._INBOX``;
@@ -40,11 +41,12 @@ import json
 import logging
 import time
 import zlib
+from dataclasses import dataclass
 from typing import Any, List, Mapping, Optional, Sequence, Tuple, Union
 
 from nats.aio.client import Client as NatsClient
 
-from .bundle import CredentialBundle
+from .bundle import CredentialBundle, Placement
 from .errors import (
     ApiKeyError,
     ApiKeyErrorKind,
@@ -161,15 +163,37 @@ def _unavailable(what: str, e: Any) -> ConnectError:
 _REFUSING_CODES = frozenset({"forbidden", "refused", "not_found", "invalid_input"})
 
 
+@dataclass(frozen=True)
+class KeysAnswer:
+    """The key service's answer (``KeysAnswer`` of ``api.rs``)."""
+
+    #: The tenant's key set.
+    keys: TenantKeySet
+    #: When to ask again at the latest (a staged rotation promotes then), Unix ms.
+    refresh_at_ms: int
+    #: Replicas and region of the streams and buckets the agent creates (the
+    #: deployment's replica count, the tenant's region); unset when absent.
+    placement: Placement = Placement()
+
+
 def parse_keys_answer(data: Union[bytes, str], tenant: str) -> Tuple[TenantKeySet, int]:
     """Parses the key service's answer (``{"ok": {"keys": ..., "refresh_at_ms":
     ...}}`` or ``{"error": {"code": ..., "message": ...}}``) into the key set of
-    ``tenant`` and the time to refresh at the latest (Unix ms).
+    ``tenant`` and the time to refresh at the latest (Unix ms). See
+    :func:`parse_keys_reply` for the whole answer (with ``placement``).
 
     Raises :class:`~tenantbus.ConnectError`: ``refused`` when the service
     refused (``forbidden``, ``refused``, ``not_found``, ``invalid_input``),
     ``connection`` for other errors or an unreadable answer, ``keys`` for a key
     set of another tenant."""
+    answer = parse_keys_reply(data, tenant)
+    return answer.keys, answer.refresh_at_ms
+
+
+def parse_keys_reply(data: Union[bytes, str], tenant: str) -> KeysAnswer:
+    """:func:`parse_keys_answer`, returning the whole :class:`KeysAnswer`:
+    also its ``placement``, which an API-key login's namespace uses as a
+    bundle's (an invalid one makes the answer unreadable: ``connection``)."""
     try:
         obj = json.loads(data)
     except ValueError as e:
@@ -188,13 +212,15 @@ def parse_keys_answer(data: Union[bytes, str], tenant: str) -> Tuple[TenantKeySe
         refresh_at_ms = answer.get("refresh_at_ms", 0)
         if isinstance(refresh_at_ms, bool) or not isinstance(refresh_at_ms, int):
             raise ValueError("refresh_at_ms is not an integer")
+        # BundleError is a ValueError: a placement the Rust client would refuse.
+        placement = Placement.from_dict(answer.get("placement"))
     except (KeyError, ValueError, TypeError) as e:
         raise _unavailable("the key service's answer", e) from None
     try:
         keys.ensure_tenant(tenant)
     except KeySetError as e:
         raise ConnectError(ConnectErrorKind.KEYS, str(e)) from e
-    return keys, refresh_at_ms
+    return KeysAnswer(keys, refresh_at_ms, placement)
 
 
 async def fetch_key_set(
@@ -202,12 +228,20 @@ async def fetch_key_set(
 ) -> Tuple[TenantKeySet, int]:
     """Asks the key service for ``tenant``'s current key set on connection
     ``nc`` (a user of ``account``): returns the set and ``refresh_at_ms``."""
+    answer = await fetch_keys_answer(nc, account, tenant, timeout)
+    return answer.keys, answer.refresh_at_ms
+
+
+async def fetch_keys_answer(
+    nc: NatsClient, account: str, tenant: str, timeout: float = BOOTSTRAP_TIMEOUT
+) -> KeysAnswer:
+    """:func:`fetch_key_set`, returning the whole :class:`KeysAnswer`."""
     body = json.dumps({"tenant": tenant}, separators=(",", ":")).encode()
     try:
         reply = await nc.request(keys_subject(account), body, timeout=timeout)
     except Exception as e:
         raise _unavailable("the key service", e) from None
-    return parse_keys_answer(reply.data, tenant)
+    return parse_keys_reply(reply.data, tenant)
 
 
 class KeyRefresher:
@@ -293,9 +327,9 @@ _BOOTSTRAP_OWN = frozenset(
 
 async def _bootstrap(
     servers: Sequence[str], key: str, key_id: str, opts: NamespaceOptions
-) -> Tuple[str, str, TenantKeySet, int]:
+) -> Tuple[str, str, KeysAnswer]:
     """Logs in with the key on the bootstrap inbox; returns (account, tenant,
-    key set, refresh_at_ms). The connection is closed before returning. The
+    the key service's answer). The connection is closed before returning. The
     namespace options' ``nats_options`` (TLS, ...) apply to it too, except
     what it sets itself."""
     timeout = BOOTSTRAP_TIMEOUT
@@ -346,8 +380,8 @@ async def _bootstrap(
             validate_tenant_id(tenant)
         except IdError:
             raise _unavailable("the server's user info", "not a tenant account") from None
-        keys, refresh_at_ms = await fetch_key_set(boot, account, tenant, timeout)
-        return account, tenant, keys, refresh_at_ms
+        answer = await fetch_keys_answer(boot, account, tenant, timeout)
+        return account, tenant, answer
     finally:
         try:
             await asyncio.wait_for(boot.close(), timeout)
@@ -392,10 +426,14 @@ async def connect_with_key(
     servers = _servers(url)
     # A copy: the caller's options never hold the key.
     opts = dataclasses.replace(_apply_overrides(options, overrides), auth_token=key)
-    account, tenant, keys, refresh_at_ms = await _bootstrap(servers, key, key_id, opts)
+    account, tenant, answer = await _bootstrap(servers, key, key_id, opts)
+    refresh_at_ms = answer.refresh_at_ms
     try:
+        # The answer's placement makes the namespace's streams and buckets
+        # replicated and in the tenant's region, as a bundle's would.
         bundle = CredentialBundle(
-            url=",".join(servers), tenant=tenant, agent=key_agent_id(key_id), keys=keys, creds=None
+            url=",".join(servers), tenant=tenant, agent=key_agent_id(key_id), keys=answer.keys,
+            creds=None, placement=answer.placement,
         )
     except (BundleError, IdError) as e:  # pragma: no cover - ids were validated
         raise ConnectError(ConnectErrorKind.CREDENTIALS, str(e)) from e
@@ -427,6 +465,7 @@ __all__ = [
     "KEYS_PREFIX",
     "KEY_LEN",
     "KeyRefresher",
+    "KeysAnswer",
     "LOGIN_RETRY_FOR",
     "PREFIX",
     "SECRET_LEN",
@@ -434,9 +473,11 @@ __all__ = [
     "bootstrap_inbox",
     "connect_with_key",
     "fetch_key_set",
+    "fetch_keys_answer",
     "is_api_key",
     "key_agent_id",
     "keys_subject",
     "parse_api_key",
     "parse_keys_answer",
+    "parse_keys_reply",
 ]

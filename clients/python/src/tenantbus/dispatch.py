@@ -32,6 +32,16 @@ control plane's allow-list has no ``STREAM.UPDATE``), so the dispatcher refuses
 (``STREAM_CONFLICT``) a stream whose subjects are not exactly the tenant's task
 subjects or whose configuration would lose, move or copy tasks, and a done
 bucket that forgets sooner than ``task_max_age``, as the Rust dispatcher does.
+
+Placement (data residency): the stream and the done bucket are created with
+``DispatchOptions.replicas``, else the bundle's ``placement.replicas``, else 1
+replica, and, when the bundle names a region, with the JetStream placement tag
+``region:<r>`` so every replica lives on that region's servers. When the region
+cannot hold them JetStream refuses, and so does :meth:`Dispatcher.create`
+(``UNAVAILABLE``, naming the region): they are never created elsewhere. A
+stream or bucket found existing without the region's tag (created by someone
+else) is refused (``STREAM_CONFLICT``) rather than used: tasks put there would
+leave the region.
 """
 
 from __future__ import annotations
@@ -50,6 +60,7 @@ import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js import api
 
+from .bundle import MAX_REPLICAS, MIN_REPLICAS, Placement, region_holds
 from .envelope import MessageId, now_ms, open_envelope
 from .errors import DispatchError, DispatchErrorKind, EnvelopeError, IdError, SealError
 from .ids import validate_id
@@ -92,6 +103,10 @@ class DispatchOptions:
     done_retention: float = 7 * 24 * 3600.0
     #: How often a waiting requester re-reads the done bucket, seconds.
     result_poll: float = 1.0
+    #: Replicas of the stream and the done bucket when :meth:`Dispatcher.create`
+    #: creates them (1 to 5; existing ones are used as they are). ``None``: the
+    #: bundle's ``placement.replicas`` (the deployment's count), else 1.
+    replicas: Optional[int] = None
 
     def names(self, tenant: str) -> Tuple[str, str]:
         """The stream and bucket names for ``tenant``."""
@@ -227,12 +242,59 @@ def _unavailable(what: str, e: BaseException) -> DispatchError:
     return DispatchError(DispatchErrorKind.UNAVAILABLE, f"{what}: {type(e).__name__}: {e}")
 
 
+def _cannot_create(what: str, where: str, e: BaseException) -> DispatchError:
+    """JetStream refused to create ``what``: with a region, that is its
+    servers being unable to hold it (down, or too few for the replicas), an
+    outage of the region rather than a conflict; never retried elsewhere."""
+    detail = getattr(e, "description", None) or str(e)
+    return DispatchError(DispatchErrorKind.UNAVAILABLE, f"cannot create {what}{where}: {detail}")
+
+
 def validate_task_type(task_type: str) -> str:
     """A task type is a slug (one subject token)."""
     try:
         return validate_id(task_type, "task type")
     except IdError as e:
         raise DispatchError(DispatchErrorKind.INVALID_TASK_TYPE, str(e)) from e
+
+
+def _placement_tags(placement: Any) -> List[str]:
+    """The tags of a stream's configured placement (for messages)."""
+    return list(getattr(placement, "tags", None) or [])
+
+
+#: nats-py's StreamConfig fields (older releases lack some).
+_STREAM_FIELDS = frozenset(getattr(api.StreamConfig, "__dataclass_fields__", {}))
+
+
+def _kv_stream_config(
+    bucket: str, description: str, ttl: float, replicas: int, placement: Optional[api.Placement]
+) -> api.StreamConfig:
+    """The stream of a done bucket (``KV_<bucket>``) as nats-py's and
+    async-nats's ``create_key_value`` build it, plus ``placement``: nats-py's
+    ``create_key_value`` does not pass ``KeyValueConfig.placement`` on to the
+    stream (2.16), and a bucket in the region must never be created without
+    it, so the dispatcher creates the stream itself."""
+    fields: Dict[str, Any] = dict(
+        name=f"KV_{bucket}",
+        description=description,
+        subjects=[f"$KV.{bucket}.>"],
+        allow_rollup_hdrs=True,
+        deny_delete=True,
+        discard=api.DiscardPolicy.NEW,
+        duplicate_window=min(120.0, ttl) if ttl else 120.0,
+        max_age=ttl,
+        max_bytes=-1,
+        max_consumers=-1,
+        max_msg_size=-1,
+        max_msgs=-1,
+        max_msgs_per_subject=1,
+        num_replicas=replicas,
+        storage=api.StorageType.FILE,
+        placement=placement,
+        allow_msg_ttl=True,
+    )
+    return api.StreamConfig(**{k: v for k, v in fields.items() if k in _STREAM_FIELDS})
 
 
 def _unusable_task_stream(config: Any, subjects: List[str]) -> Optional[str]:
@@ -277,9 +339,23 @@ class Dispatcher:
 
     @classmethod
     async def create(cls, ns: TenantNamespace, options: Optional[DispatchOptions] = None) -> "Dispatcher":
-        """Creates (or opens) the tenant's stream and done bucket."""
+        """Creates (or opens) the tenant's stream and done bucket, replicated
+        and placed as the options and the bundle's ``placement`` say (see the
+        module docs). Raises :class:`~tenantbus.DispatchError`:
+        ``STREAM_CONFLICT`` for an existing stream or bucket that would lose
+        tasks or is not placed in the bundle's region, ``UNAVAILABLE`` when
+        JetStream cannot be reached or cannot hold them (in the region)."""
         options = options or DispatchOptions()
         options.done_retention = max(options.done_retention, options.task_max_age)
+        placement: Placement = getattr(ns, "placement", None) or Placement()
+        replicas = options.replicas if options.replicas is not None else (placement.replicas or 1)
+        if isinstance(replicas, bool) or not isinstance(replicas, int) or not MIN_REPLICAS <= replicas <= MAX_REPLICAS:
+            raise ValueError(f"replicas must be {MIN_REPLICAS} to {MAX_REPLICAS}, not {replicas!r}")
+        region = placement.region
+        js_placement = api.Placement(tags=placement.tags) if region is not None else None
+        # Named in every failure to create, so "the region cannot hold it"
+        # reads as such and not as a generic outage.
+        where = f" in region {region} (servers tagged {placement.tags[0]})" if region is not None else ""
         stream, bucket = options.names(ns.tenant)
         js = ns.nats.jetstream()
         subjects = [scope(ns.tenant, "tasks.queue.>"), scope(ns.tenant, "tasks.dead.>")]
@@ -296,38 +372,76 @@ class Dispatcher:
                             retention=api.RetentionPolicy.WORK_QUEUE,
                             storage=api.StorageType.FILE,
                             duplicate_window=options.duplicate_window,
+                            num_replicas=replicas,
+                            placement=js_placement,
                         )
                     )
-                except nats.js.errors.BadRequestError:
-                    info = await js.stream_info(stream)  # created concurrently
+                except nats.js.errors.BadRequestError as refused:
+                    # Created concurrently (a different config: checked below),
+                    # or refused, e.g. no server of the region can hold it.
+                    try:
+                        info = await js.stream_info(stream)
+                    except nats.js.errors.NotFoundError:
+                        raise _cannot_create(f"stream {stream} of tenant {ns.tenant}", where, refused) from refused
         except DispatchError:
             raise
         except Exception as e:
-            raise _unavailable(f"stream {stream}", e) from e
+            raise _unavailable(f"stream {stream}{where}", e) from e
         why = _unusable_task_stream(info.config, subjects)
         if why is not None:
             raise DispatchError(DispatchErrorKind.STREAM_CONFLICT, f"stream {stream}: {why}")
+        if region is not None and not region_holds(region, info.config.placement):
+            raise DispatchError(
+                DispatchErrorKind.STREAM_CONFLICT,
+                f"stream {stream} of tenant {ns.tenant} is not placed in region {region} "
+                f"(placement tags {_placement_tags(info.config.placement)})",
+            )
+        description = f"agentbus finished tasks of tenant {ns.tenant}"
         created = False
         try:
             try:
                 kv = await js.key_value(bucket)
             except nats.js.errors.BucketNotFoundError:
-                kv = await js.create_key_value(
-                    api.KeyValueConfig(
-                        bucket=bucket,
-                        description=f"agentbus finished tasks of tenant {ns.tenant}",
-                        history=1,
-                        ttl=options.done_retention,
-                        storage=api.StorageType.FILE,
+                if js_placement is None:
+                    kv = await js.create_key_value(
+                        api.KeyValueConfig(
+                            bucket=bucket,
+                            description=description,
+                            history=1,
+                            ttl=options.done_retention,
+                            storage=api.StorageType.FILE,
+                            replicas=replicas,
+                        )
                     )
-                )
-                created = True
+                    created = True
+                else:
+                    try:
+                        await js.add_stream(
+                            _kv_stream_config(bucket, description, options.done_retention, replicas, js_placement)
+                        )
+                        created = True
+                    except nats.js.errors.BadRequestError as refused:
+                        try:
+                            await js.stream_info(f"KV_{bucket}")  # created concurrently?
+                        except nats.js.errors.NotFoundError:
+                            raise _cannot_create(f"bucket {bucket} of tenant {ns.tenant}", where, refused) from refused
+                    kv = await js.key_value(bucket)
             # Someone else's bucket: a done record must outlive the task max age,
             # or a replayed copy of a finished task would be neither recognised as
-            # done nor refused as expired (ours keeps at least that long).
-            kept = 0.0 if created else ((await js.stream_info(f"KV_{bucket}")).config.max_age or 0)
+            # done nor refused as expired (ours keeps at least that long). And it
+            # must be in the region: done records hold sealed task outputs.
+            kv_config = None if created else (await js.stream_info(f"KV_{bucket}")).config
+        except DispatchError:
+            raise
         except Exception as e:
-            raise _unavailable(f"bucket {bucket}", e) from e
+            raise _unavailable(f"bucket {bucket}{where}", e) from e
+        kept = 0.0 if kv_config is None else (kv_config.max_age or 0)
+        if kv_config is not None and region is not None and not region_holds(region, kv_config.placement):
+            raise DispatchError(
+                DispatchErrorKind.STREAM_CONFLICT,
+                f"bucket {bucket} of tenant {ns.tenant} is not placed in region {region} "
+                f"(placement tags {_placement_tags(kv_config.placement)})",
+            )
         if kept > 0 and kept < options.task_max_age:
             raise DispatchError(
                 DispatchErrorKind.STREAM_CONFLICT,

@@ -33,7 +33,7 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.client import RawCredentials
 from nats.aio.msg import Msg
 
-from .bundle import CredentialBundle, PathLike
+from .bundle import CredentialBundle, PathLike, Placement
 from .envelope import MessageId, Sealer
 from .errors import (
     ConnectError,
@@ -293,6 +293,10 @@ class TenantNamespace:
         self._nc = nc
         self.tenant: str = bundle.tenant
         self.agent: str = bundle.agent
+        #: Replicas and region for the streams and buckets this agent creates,
+        #: from its bundle (``placement``): task dispatch uses them unless its
+        #: options say otherwise, as the Rust state store and dispatcher do.
+        self.placement: Placement = bundle.placement
         self.options = options
         self.sealer = Sealer(bundle.keys, bundle.agent)
         self.verifier = Verifier(bundle.keys, options.freshness, counters)
