@@ -518,3 +518,322 @@ async fn a_done_bucket_outage_neither_counts_as_a_delivery_nor_dead_letters() {
     assert_eq!(worker.stats().dead_lettered(), 0);
     worker.shutdown(Duration::from_secs(5)).await;
 }
+
+/// Runs tasks of `task_type` counting the runs; the output is `ran <payload>`.
+async fn counting_worker(
+    d: &Dispatcher,
+    task_type: &str,
+    runs: &Arc<AtomicU64>,
+    concurrency: usize,
+) -> agent_runtime::dispatch::Worker {
+    let r = runs.clone();
+    d.worker(
+        task_type,
+        move |task: Task| {
+            let r = r.clone();
+            async move {
+                r.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, String>(Bytes::from(format!(
+                    "ran {}",
+                    String::from_utf8_lossy(&task.payload)
+                )))
+            }
+        },
+        WorkerOptions::new().concurrency(concurrency),
+    )
+    .await
+    .unwrap()
+}
+
+/// Messages left in the dispatcher's stream.
+async fn queued(server: &Server, d: &Dispatcher) -> u64 {
+    let js = async_nats::jetstream::new(server.raw_client().await);
+    let mut stream = js.get_stream(d.stream_name()).await.unwrap();
+    stream.info().await.unwrap().state.messages
+}
+
+/// A finished task submitted again with its own `Nats-Msg-Id` after the
+/// stream's duplicate window (JetStream stores it a second time) is found in the
+/// done bucket and not run again; the copy is acked and counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finished_task_resubmitted_after_the_duplicate_window_runs_once() {
+    let server = Server::jetstream();
+    let master = MasterSecret::generate().unwrap();
+    let ns = connect(&server, &master, "acme", "planner").await;
+    let d = Dispatcher::new(&ns, options().duplicate_window(Duration::from_millis(300)))
+        .await
+        .unwrap();
+    let runs = Arc::new(AtomicU64::new(0));
+    let worker = counting_worker(&d, "email", &runs, 4).await;
+    let task = d.seal("email", b"welcome").unwrap();
+    let mut handle = d.handle(task.id()).await.unwrap();
+    let first = d.submit(&task).await.unwrap();
+    let outcome = handle.wait(WAIT).await.unwrap();
+    assert_eq!(
+        outcome,
+        TaskOutcome::Completed(Bytes::from_static(b"ran welcome"))
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut again = d.handle(task.id()).await.unwrap();
+    let second = d.submit(&task).await.unwrap();
+    assert!(!second.duplicate, "the window is over: stored again");
+    assert_ne!(first.sequence, second.sequence);
+    let seen = eventually(WAIT, || async {
+        (worker.stats().duplicates() == 1).then_some(())
+    })
+    .await;
+    assert!(seen.is_some(), "{:?}", worker.stats());
+    assert_eq!(
+        again.wait(WAIT).await.unwrap(),
+        outcome,
+        "the first outcome"
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "the handler ran once");
+    assert_eq!(worker.stats().completed(), 1);
+    let acked = eventually(WAIT, || async {
+        (queued(&server, &d).await == 0).then_some(())
+    })
+    .await;
+    assert!(acked.is_some(), "the copy was acked");
+    worker.shutdown(Duration::from_secs(5)).await;
+}
+
+/// Many tasks at once (their lookups batched), then a copy of each under
+/// another `Nats-Msg-Id`: every task runs once, every copy is recognised.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_tasks_and_their_copies_each_run_once() {
+    const N: usize = 200;
+    let server = Server::jetstream();
+    let master = MasterSecret::generate().unwrap();
+    let ns = connect(&server, &master, "acme", "planner").await;
+    let d = Dispatcher::new(&ns, options()).await.unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..N {
+        let task = d.seal("load", format!("t{i}").as_bytes()).unwrap();
+        d.submit(&task).await.unwrap();
+        tasks.push(task);
+    }
+    let runs = Arc::new(AtomicU64::new(0));
+    let worker = counting_worker(&d, "load", &runs, 32).await;
+    let all = eventually(WAIT, || async {
+        (worker.stats().completed() == N as u64).then_some(())
+    })
+    .await;
+    assert!(all.is_some(), "{:?}", worker.stats());
+    let js = async_nats::jetstream::new(server.raw_client().await);
+    for task in &tasks {
+        js.send_publish(
+            task.subject().to_string(),
+            async_nats::jetstream::message::PublishMessage::build()
+                .payload(task.body().clone())
+                .message_id(format!("copy-{}", task.id().to_hex())),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    }
+    let copies = eventually(WAIT, || async {
+        (worker.stats().duplicates() == N as u64).then_some(())
+    })
+    .await;
+    assert!(copies.is_some(), "{:?}", worker.stats());
+    assert_eq!(runs.load(Ordering::SeqCst), N as u64);
+    assert_eq!(worker.stats().unverified_done(), 0);
+    for (i, task) in tasks.iter().enumerate().step_by(37) {
+        assert_eq!(
+            d.outcome(&task.id()).await.unwrap(),
+            Some(TaskOutcome::Completed(Bytes::from(format!("ran t{i}"))))
+        );
+    }
+    worker.shutdown(Duration::from_secs(5)).await;
+}
+
+/// A record that is not the task's sealed outcome never makes it look done:
+/// one there before the task arrives is ignored by the lookup, one written
+/// while the task runs is found by the conditional write; both are replaced by
+/// the real outcome and counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_done_records_before_or_during_a_run_are_replaced() {
+    let server = Server::jetstream();
+    let master = MasterSecret::generate().unwrap();
+    let ns = connect(&server, &master, "acme", "planner").await;
+    let d = Dispatcher::new(&ns, options()).await.unwrap();
+    let js = async_nats::jetstream::new(server.raw_client().await);
+    let kv = js.get_key_value(d.done_bucket()).await.unwrap();
+    let forger = kv.clone();
+    let runs = Arc::new(AtomicU64::new(0));
+    let r = runs.clone();
+    let worker = d
+        .worker(
+            "resize",
+            move |task: Task| {
+                let r = r.clone();
+                let forger = forger.clone();
+                async move {
+                    r.fetch_add(1, Ordering::SeqCst);
+                    if task.payload.as_ref() == b"during" {
+                        forger
+                            .put(task.id.to_hex(), Bytes::from_static(b"forged"))
+                            .await
+                            .map_err(|e| e.to_string())?;
+                    }
+                    Ok::<_, String>(Bytes::from(format!(
+                        "ran {}",
+                        String::from_utf8_lossy(&task.payload)
+                    )))
+                }
+            },
+            WorkerOptions::new(),
+        )
+        .await
+        .unwrap();
+    for payload in ["before", "during"] {
+        let task = d.seal("resize", payload.as_bytes()).unwrap();
+        if payload == "before" {
+            kv.put(task.id().to_hex(), Bytes::from_static(b"forged"))
+                .await
+                .unwrap();
+        }
+        let mut handle = d.handle(task.id()).await.unwrap();
+        d.submit(&task).await.unwrap();
+        let want = TaskOutcome::Completed(Bytes::from(format!("ran {payload}")));
+        assert_eq!(handle.wait(WAIT).await.unwrap(), want, "{payload}");
+        assert_eq!(
+            d.outcome(&task.id()).await.unwrap(),
+            Some(want),
+            "{payload}"
+        );
+    }
+    let counted = eventually(WAIT, || async {
+        (worker.stats().completed() == 2).then_some(())
+    })
+    .await;
+    assert!(counted.is_some(), "{:?}", worker.stats());
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+    assert_eq!(worker.stats().unverified_done(), 2);
+    assert_eq!(worker.stats().duplicates(), 0);
+    worker.shutdown(Duration::from_secs(5)).await;
+}
+
+/// Two copies of one task id in two workers at the same time (both looked up
+/// before either finished): both run, but only the first outcome is recorded;
+/// the other copy is acked as a duplicate, and every requester sees the
+/// recorded outcome.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_with_copies_of_one_id_record_one_outcome() {
+    let server = Server::jetstream();
+    let master = MasterSecret::generate().unwrap();
+    let ns = connect(&server, &master, "acme", "planner").await;
+    let d = Dispatcher::new(&ns, options().ack_wait(Duration::from_secs(10)))
+        .await
+        .unwrap();
+    let started = Arc::new(AtomicU64::new(0));
+    let mut workers = Vec::new();
+    for name in ["one", "two"] {
+        let s = started.clone();
+        workers.push(
+            d.worker(
+                "charge",
+                move |_task: Task| {
+                    let s = s.clone();
+                    async move {
+                        s.fetch_add(1, Ordering::SeqCst);
+                        // Both copies in hand before either finishes.
+                        eventually(Duration::from_secs(5), || async {
+                            (s.load(Ordering::SeqCst) >= 2).then_some(())
+                        })
+                        .await;
+                        Ok::<_, String>(Bytes::from(format!("charged by {name}")))
+                    }
+                },
+                WorkerOptions::new().concurrency(1),
+            )
+            .await
+            .unwrap(),
+        );
+    }
+    let task = d.seal("charge", b"order-9").unwrap();
+    let mut handle = d.handle(task.id()).await.unwrap();
+    d.submit(&task).await.unwrap();
+    let js = async_nats::jetstream::new(server.raw_client().await);
+    js.send_publish(
+        task.subject().to_string(),
+        async_nats::jetstream::message::PublishMessage::build()
+            .payload(task.body().clone())
+            .message_id("the-copy"),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    let outcome = handle.wait(WAIT).await.unwrap();
+    let settled = eventually(WAIT, || async {
+        let completed: u64 = workers.iter().map(|w| w.stats().completed()).sum();
+        let duplicates: u64 = workers.iter().map(|w| w.stats().duplicates()).sum();
+        (completed == 1 && duplicates == 1).then_some(())
+    })
+    .await;
+    assert!(
+        settled.is_some(),
+        "{:?}",
+        workers.iter().map(|w| w.stats()).collect::<Vec<_>>()
+    );
+    assert_eq!(started.load(Ordering::SeqCst), 2, "both copies ran");
+    assert_eq!(d.outcome(&task.id()).await.unwrap(), Some(outcome.clone()));
+    let mut late = d.handle(task.id()).await.unwrap();
+    assert_eq!(late.wait(WAIT).await.unwrap(), outcome);
+    assert_eq!(queued(&server, &d).await, 0, "both copies acked");
+    for w in workers {
+        w.shutdown(Duration::from_secs(5)).await;
+    }
+}
+
+/// A done bucket whose stream serves no direct gets (created by another client
+/// that way): lookups fall back to one get per key and still find finished
+/// tasks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_done_bucket_without_direct_gets_still_finds_finished_tasks() {
+    let server = Server::jetstream();
+    let master = MasterSecret::generate().unwrap();
+    let ns = connect(&server, &master, "acme", "planner").await;
+    let js = async_nats::jetstream::new(server.raw_client().await);
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "KV_TASKS_DONE_acme".into(),
+        subjects: vec!["$KV.TASKS_DONE_acme.>".into()],
+        max_messages_per_subject: 1,
+        max_age: Duration::from_secs(7 * 24 * 3600),
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: false,
+        storage: async_nats::jetstream::stream::StorageType::File,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let d = Dispatcher::new(&ns, options()).await.unwrap();
+    let runs = Arc::new(AtomicU64::new(0));
+    let worker = counting_worker(&d, "email", &runs, 4).await;
+    let task = d.seal("email", b"hello").unwrap();
+    let mut handle = d.handle(task.id()).await.unwrap();
+    d.submit(&task).await.unwrap();
+    let outcome = handle.wait(WAIT).await.unwrap();
+    js.send_publish(
+        task.subject().to_string(),
+        async_nats::jetstream::message::PublishMessage::build()
+            .payload(task.body().clone())
+            .message_id("the-copy"),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    let seen = eventually(WAIT, || async {
+        (worker.stats().duplicates() == 1).then_some(())
+    })
+    .await;
+    assert!(seen.is_some(), "{:?}", worker.stats());
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    assert_eq!(d.outcome(&task.id()).await.unwrap(), Some(outcome));
+    worker.shutdown(Duration::from_secs(5)).await;
+}

@@ -335,12 +335,14 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
         report.rows.push(Row::higher(
             "JetStream 1 KiB consume msgs/s".into(),
             pick(&runs, "consume_per_sec"),
-            Some(0.90),
+            // Issue 13 item 3: a dispatch worker also looks each task up and
+            // records its sealed outcome durably, which a raw consumer does not.
+            Some(0.60),
         ));
         report.rows.push(Row::higher(
             "JetStream 1 KiB end-to-end msgs/s".into(),
             pick(&runs, "end_to_end_per_sec"),
-            Some(0.90),
+            Some(0.70),
         ));
         report.rows.push(Row::memory(
             "JetStream 1 KiB peak RSS (MiB)".into(),

@@ -794,9 +794,10 @@ const JS_CONCURRENCY: usize = 64;
 
 /// Publishes `count` messages into a work-queue stream with up to [`JS_WINDOW`]
 /// acks in flight, then consumes and acks them all; reports both phases.
-/// Sealed mode does the same through `Dispatcher::seal`/`submit` and a dispatch
-/// `Worker` (open and verify, idempotency check in the done bucket, handler,
-/// sealed outcome stored, ack).
+/// Sealed mode does the same through `Dispatcher::seal`/`send` (the stream acks
+/// awaited in the same window) and a dispatch `Worker` (open and verify,
+/// idempotency check in the done bucket batched across the tasks in hand,
+/// handler, sealed outcome stored with one conditional write, ack).
 async fn jetstream(a: JetstreamArgs) -> Result<serde_json::Value, BenchError> {
     use async_nats::jetstream::{self, consumer, stream};
     use futures::stream::FuturesUnordered;
@@ -914,8 +915,12 @@ async fn jetstream(a: JetstreamArgs) -> Result<serde_json::Value, BenchError> {
                 let task = dispatcher
                     .seal("load", &payload)
                     .map_err(|e| fail("seal")(e.to_string()))?;
-                let d = &dispatcher;
-                acks.push(async move { d.submit(&task).await.map(|_| ()) });
+                // Sent now, ack awaited in the window: as the raw publisher does.
+                let ack = dispatcher
+                    .send(&task)
+                    .await
+                    .map_err(|e| fail("submit")(e.to_string()))?;
+                acks.push(async move { ack.ack().await.map(|_| ()) });
             }
             while let Some(r) = acks.next().await {
                 r.map_err(|e| fail("submit")(e.to_string()))?;

@@ -32,30 +32,58 @@
 //!   [`SealedTask`] can be submitted again (a retry after a lost ack): JetStream
 //!   drops the copy inside the duplicate window ([`Submitted::duplicate`]).
 //! - **Workers** pull with a concurrency cap (never more messages than free
-//!   slots), send progress acks while a handler runs, ack on success, and
-//!   `Nak(backoff)` on failure. The delivery count is the server's. After
-//!   `max_deliveries` failures the task is dead-lettered (sealed, with the reason)
-//!   and terminated (`AckKind::Term`). The consumer itself has no delivery limit,
-//!   so a task whose worker died mid-run is redelivered, and one that reaches
-//!   `max_deliveries` without any outcome is dead-lettered as such: never stuck,
-//!   never looping.
+//!   slots: one pull request for all the slots free at that moment, answered on
+//!   one long-lived inbox), send progress acks while a handler runs, ack on
+//!   success, and `Nak(backoff)` on failure. The delivery count is the server's.
+//!   After `max_deliveries` failures the task is dead-lettered (sealed, with the
+//!   reason) and terminated (`AckKind::Term`). The consumer itself has no
+//!   delivery limit, so a task whose worker died mid-run is redelivered, and one
+//!   that reaches `max_deliveries` without any outcome is dead-lettered as such:
+//!   never stuck, never looping.
 //! - **Outages are not failures.** When the done bucket (or JetStream) cannot be
 //!   read or written, the worker holds the task with progress acks and retries
 //!   until it answers: the outage neither counts as a delivery nor dead-letters a
 //!   task that never ran (`WorkerStats::outage_waits` counts the waits). Only a
 //!   handler's own failure, or a worker that dies mid-task, uses up deliveries.
-//! - **Completion** is recorded before the ack: the sealed result is stored in
-//!   the done bucket under the task id, then published to the requester, then the
-//!   message is acked. A task delivered again whose id is in the done bucket (a
-//!   lost ack, a server restart, a second copy outside the duplicate window) is
-//!   not run again: its stored result is re-published and it is acked. The
-//!   stored result must open as this task's sealed outcome (sealed under the
-//!   tenant's key for `tasks.results.<this id>`): a record that does not (written
-//!   without the key, or another task's outcome copied under this id) is
-//!   ignored and counted (`WorkerStats::unverified_done`), and the task runs and
-//!   overwrites it. So
-//!   side effects run once per message id except when a worker dies between the
-//!   handler's end and the done record (inherent to at-least-once).
+//! - **Already done?** Every delivery is looked up in the done bucket before it
+//!   runs. The lookups of all the tasks a worker has in hand at that moment go
+//!   to the server as one batched direct get (`multi_last`, nats-server 2.11+;
+//!   one get per key on a bucket without direct gets). A task whose id is there
+//!   (a lost ack, a server restart, a second copy outside the duplicate window)
+//!   is not run again: its stored result is re-published and it is acked
+//!   (`WorkerStats::duplicates`). The stored result must open as this task's
+//!   sealed outcome (sealed under the tenant's key for `tasks.results.<this
+//!   id>`): a record that does not (written without the key, or another task's
+//!   outcome copied under this id) is ignored and counted
+//!   (`WorkerStats::unverified_done`), and the task runs and replaces it.
+//! - **Completion** is recorded before the ack, with one conditional write: the
+//!   sealed result is stored in the done bucket under the task id only if the
+//!   key is still as the lookup saw it (absent, or the unverified record being
+//!   replaced: `Nats-Expected-Last-Subject-Sequence`), then published to the
+//!   requester, then the message is acked (a plain ack: the outcome is already
+//!   durable, so a lost ack only means a redelivery that finds it done). If
+//!   another copy of the task recorded a genuine outcome in between, the write
+//!   is refused and that outcome stands: it is re-published, this copy is acked
+//!   and counted as a duplicate, so a requester only ever sees one outcome per
+//!   id.
+//! - **When a handler can run twice** for one message id: (1) a worker dies (or
+//!   loses its connection for longer than `ack_wait`) between the handler's end
+//!   and the done record: the redelivery finds no record and runs it again
+//!   (inherent to at-least-once); (2) two copies of the id are in hand at the
+//!   same time in two workers (two deliveries racing, e.g. a redelivery after
+//!   `ack_wait` while the first worker still runs it, or a copy submitted
+//!   outside the duplicate window while the first is running): both run, the
+//!   first record wins and the second copy is counted as a duplicate. Copies in
+//!   one worker never overlap (a second one is handed back for 1 s). A copy
+//!   delivered after the outcome is recorded is not run (on a replicated
+//!   bucket, a direct get answered by a replica that has not applied the record
+//!   yet can miss it for a moment: that copy then runs and ends as in (2)).
+//! - **Server work per task** (one delivery, nothing failing): its share of one
+//!   pull request, its share of one batched lookup, one conditional write (a
+//!   stored message), one core publish of the result (no stream) and one plain
+//!   ack; with a JetStream scheduler also a task-slot create and delete (see
+//!   below). Before, each task cost its own lookup request and an unconditional
+//!   put, and each pull its own inbox subscription.
 //! - **Durability**: the stream and bucket use file storage and consumers are
 //!   durable, so a queued or in-flight task survives a worker or a nats-server
 //!   restart (the client reconnects by itself; every JetStream step is retried).
@@ -95,7 +123,8 @@
 //!   nothing is published;
 //! - every worker holds one of the tenant's task permits
 //!   ([`acquire_task`](crate::scheduler::TenantScheduler::acquire_task)) per task
-//!   it runs, taken *before* it pulls the task, so `max_concurrent_tasks` caps the
+//!   it runs, taken *before* it pulls the task and released when its handler
+//!   ends (the outcome is recorded after that), so `max_concurrent_tasks` caps the
 //!   tenant across all of its workers, and no pulled task waits in a worker for
 //!   a permit while its ack timer runs. With a JetStream scheduler
 //!   ([`Scheduler::connect`](crate::scheduler::Scheduler::connect)) the permit
@@ -103,6 +132,7 @@
 //!   holds across every runtime instance; this costs one KV create and one
 //!   delete per task, plus a heartbeat every `ttl / 3` while it runs.
 
+mod done;
 pub mod wire;
 pub mod worker;
 
@@ -456,6 +486,38 @@ pub(crate) struct Shared {
     pub(crate) stream_name: String,
 }
 
+/// A task sent by [`Dispatcher::send`], whose stream ack is still to come.
+pub struct SubmitAck {
+    id: MessageId,
+    ack: jetstream::context::PublishAckFuture,
+}
+
+impl std::fmt::Debug for SubmitAck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SubmitAck").field("id", &self.id).finish()
+    }
+}
+
+impl SubmitAck {
+    /// The task's message id.
+    pub fn id(&self) -> MessageId {
+        self.id
+    }
+
+    /// Waits for the stream's ack.
+    pub async fn ack(self) -> Result<Submitted, DispatchError> {
+        let ack = self
+            .ack
+            .await
+            .map_err(|e| unavailable("task publish ack", e))?;
+        Ok(Submitted {
+            id: self.id,
+            sequence: ack.sequence,
+            duplicate: ack.duplicate,
+        })
+    }
+}
+
 /// Dispatches tasks of one tenant and starts its workers. Cheap to clone.
 #[derive(Clone)]
 pub struct Dispatcher {
@@ -664,7 +726,21 @@ impl Dispatcher {
         self.publish_sealed(task).await
     }
 
+    /// Publishes a sealed task like [`submit`](Self::submit) but returns as soon
+    /// as it is sent, before the stream's ack: await [`SubmitAck::ack`] for it.
+    /// For many submissions in flight at once (the way raw JetStream publishers
+    /// pipeline), each still de-duplicated by its message id.
+    pub async fn send(&self, task: &SealedTask) -> Result<SubmitAck, DispatchError> {
+        self.ensure_active()?;
+        self.admit(task.payload_len).await?;
+        self.send_sealed(task).await
+    }
+
     async fn publish_sealed(&self, task: &SealedTask) -> Result<Submitted, DispatchError> {
+        self.send_sealed(task).await?.ack().await
+    }
+
+    async fn send_sealed(&self, task: &SealedTask) -> Result<SubmitAck, DispatchError> {
         let ack = self
             .shared
             .js
@@ -675,14 +751,8 @@ impl Dispatcher {
                     .message_id(task.id.to_hex()),
             )
             .await
-            .map_err(|e| unavailable("publish task", e))?
-            .await
-            .map_err(|e| unavailable("task publish ack", e))?;
-        Ok(Submitted {
-            id: task.id,
-            sequence: ack.sequence,
-            duplicate: ack.duplicate,
-        })
+            .map_err(|e| unavailable("publish task", e))?;
+        Ok(SubmitAck { id: task.id, ack })
     }
 
     /// Seals and submits a task, returning a handle to await its outcome. With a

@@ -1,8 +1,12 @@
 //! Workers: pull tasks of one type with a concurrency cap and run a handler.
 //!
 //! The loop takes a free slot (a semaphore permit) before it pulls, and pulls at
-//! most as many messages as it holds slots, so no task waits in the client while
-//! its ack timer runs. With the tenant's scheduler
+//! most as many messages as it holds slots (one pull request for all of them, on
+//! the worker's one pull inbox), so no task waits in the client while its ack
+//! timer runs. A slot is held from the pull to the handler's end: the outcome is
+//! then recorded while the slot already serves the next task (up to 512
+//! outcomes of a worker on their way at once; past that a task keeps its slot
+//! until one lands). With the tenant's scheduler
 //! ([`DispatchOptions::scheduler`](super::DispatchOptions::scheduler)), a slot is
 //! a local permit *and* one of the tenant's task permits: the first is awaited
 //! (the scheduler's overflow policy: FIFO queue or refusal with a retry-after),
@@ -12,8 +16,9 @@
 //! [`dispatch`](super) for why): open and verify -> already done? -> tenant
 //! suspended? (hold it, sending progress, until active) -> expired? -> delivery
 //! limit? -> run the handler (progress acks every `ack_wait / 3`, a time limit)
-//! -> record and publish the outcome -> ack; or `Nak(backoff)`; or dead-letter
-//! and `Term`.
+//! -> record (one conditional write) and publish the outcome -> ack; or
+//! `Nak(backoff)`; or dead-letter and `Term`. The "already done?" lookups of the
+//! tasks in hand are batched (see `done.rs`).
 //!
 //! [`Worker::shutdown`] stops pulling, lets running tasks finish until the
 //! timeout, then naks the ones still running so another worker gets them at
@@ -36,6 +41,7 @@ use tenant_bus::{AgentId, MessageId};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
+use super::done::{self, Lookups};
 use super::wire::{DeadLetter, TaskOutcome};
 use super::{unavailable, DispatchError, Dispatcher, TaskType};
 use crate::scheduler::{SchedulerErrorKind, TaskGrant, TenantScheduler};
@@ -109,7 +115,8 @@ impl WorkerOptions {
         Self::default()
     }
 
-    /// Tasks run at once by this worker (at least 1). For a tenant-wide cap
+    /// Handlers run at once by this worker (at least 1; outcomes of finished
+    /// handlers are recorded meanwhile, without a slot). For a tenant-wide cap
     /// (`max_concurrent_tasks` across workers), give the dispatcher the tenant's
     /// scheduler ([`DispatchOptions::scheduler`](super::DispatchOptions::scheduler)).
     pub fn concurrency(mut self, n: usize) -> Self {
@@ -245,7 +252,13 @@ struct Ctx {
     stats: Arc<WorkerStats>,
     in_flight: Mutex<HashSet<MessageId>>,
     abandon: watch::Receiver<bool>,
+    lookups: Lookups,
+    records: Arc<Semaphore>,
 }
+
+/// Outcomes of one worker being recorded at once after their handlers ended
+/// (each holds its message, ack pending, and its sealed outcome).
+const RECORDS_IN_FLIGHT: usize = 512;
 
 pub(crate) async fn start(
     d: Dispatcher,
@@ -275,6 +288,15 @@ pub(crate) async fn start(
     let (stop, stop_rx) = watch::channel(false);
     let (abandon, abandon_rx) = watch::channel(false);
     let stats = Arc::new(WorkerStats::default());
+    // One inbox for all of this worker's pull requests (`<inbox>.<n>`, one
+    // subject per request), instead of a subscription per pull.
+    let nats = d.shared.ns.nats().clone();
+    let inbox = nats.new_inbox();
+    let pulls = nats
+        .subscribe(format!("{inbox}.*"))
+        .await
+        .map_err(|e| unavailable("pull inbox", e))?;
+    let lookups = Lookups::start(nats, d.shared.done.clone());
     let ctx = Arc::new(Ctx {
         audit: options.audit.clone(),
         meter: options.meter.clone(),
@@ -284,8 +306,20 @@ pub(crate) async fn start(
         stats: stats.clone(),
         in_flight: Mutex::new(HashSet::new()),
         abandon: abandon_rx,
+        lookups,
+        records: Arc::new(Semaphore::new(RECORDS_IN_FLIGHT)),
     });
-    let task = tokio::spawn(run(ctx, consumer, options, stop_rx));
+    let task = tokio::spawn(run(
+        ctx,
+        consumer,
+        Pulls {
+            sub: pulls,
+            inbox,
+            n: 0,
+        },
+        options,
+        stop_rx,
+    ));
     Ok(Worker {
         stop,
         abandon,
@@ -355,9 +389,71 @@ async fn try_slot(slots: &Arc<Semaphore>, tenant: Option<&Arc<TenantScheduler>>)
     })
 }
 
+/// The worker's pull requests: one subscription, one reply subject per request.
+struct Pulls {
+    sub: async_nats::Subscriber,
+    inbox: String,
+    n: u64,
+}
+
+impl Pulls {
+    /// Sends a pull request for `batch` messages; returns its reply subject.
+    async fn request(
+        &mut self,
+        consumer: &consumer::Consumer<pull::Config>,
+        batch: usize,
+        expires: Duration,
+    ) -> Result<String, DispatchError> {
+        self.n += 1;
+        let reply = format!("{}.{}", self.inbox, self.n);
+        consumer
+            .request_batch(
+                pull::BatchConfig {
+                    batch,
+                    expires: Some(expires),
+                    ..Default::default()
+                },
+                reply.clone().into(),
+            )
+            .await
+            .map_err(|e| unavailable("pull request", e))?;
+        Ok(reply)
+    }
+
+    /// The next task for request `reply` (or, late, for an earlier one), until
+    /// `deadline`. `None`: nothing more is coming for it (its end status: 408
+    /// expired, 409 refused or leadership change; the deadline; a closed inbox).
+    async fn next(
+        &mut self,
+        ctx: &Ctx,
+        reply: &str,
+        deadline: tokio::time::Instant,
+    ) -> Option<Message> {
+        loop {
+            let msg = match tokio::time::timeout_at(deadline, self.sub.next()).await {
+                Ok(Some(m)) => m,
+                Ok(None) | Err(_) => return None,
+            };
+            match msg.status {
+                None | Some(async_nats::StatusCode::OK) if msg.reply.is_some() => {
+                    return Some(Message {
+                        message: msg,
+                        context: ctx.d.shared.js.clone(),
+                    })
+                }
+                Some(async_nats::StatusCode::IDLE_HEARTBEAT) => {}
+                // This request is over. The status of an earlier one is stale.
+                _ if msg.subject.as_str() == reply => return None,
+                _ => {}
+            }
+        }
+    }
+}
+
 async fn run(
     ctx: Arc<Ctx>,
     consumer: consumer::Consumer<pull::Config>,
+    mut pulls: Pulls,
     options: WorkerOptions,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -393,16 +489,14 @@ async fn run(
         while let Some(p) = try_slot(&slots, tenant.as_ref()).await {
             permits.push(p);
         }
-        let batch = consumer
-            .batch()
-            .max_messages(permits.len())
-            .expires(options.fetch_expires)
-            .messages()
-            .await;
-        let mut batch = match batch {
-            Ok(b) => {
+        let wanted = permits.len();
+        let reply = match pulls
+            .request(&consumer, wanted, options.fetch_expires)
+            .await
+        {
+            Ok(r) => {
                 backoff = Duration::from_millis(100);
-                b
+                r
             }
             Err(e) => {
                 tracing::debug!(error = %e, "task pull failed; retrying");
@@ -414,28 +508,25 @@ async fn run(
                 continue;
             }
         };
+        // The server ends an unfilled request with a 408 when it expires; a
+        // request lost with the connection ends at this deadline instead.
+        let deadline = tokio::time::Instant::now() + options.fetch_expires + Duration::from_secs(2);
+        let mut got = 0;
         // Read the pull to its end even when stopping: messages it delivers are
         // handed straight back, so none waits out its ack timer unseen.
-        while let Some(item) = batch.next().await {
-            match item {
-                Ok(msg) => {
-                    let permit = if *stop.borrow() { None } else { permits.pop() };
-                    match permit {
-                        Some(p) => {
-                            let ctx = ctx.clone();
-                            running.spawn(async move {
-                                process(&ctx, msg).await;
-                                drop(p);
-                            });
-                        }
-                        None => {
-                            let _ = msg.ack_with(AckKind::Nak(None)).await;
-                        }
-                    }
+        while got < wanted {
+            let Some(msg) = pulls.next(&ctx, &reply, deadline).await else {
+                break;
+            };
+            got += 1;
+            let permit = if *stop.borrow() { None } else { permits.pop() };
+            match permit {
+                Some(p) => {
+                    let ctx = ctx.clone();
+                    running.spawn(async move { process(&ctx, msg, p).await });
                 }
-                Err(e) => {
-                    tracing::debug!(error = %e, "task pull ended");
-                    break;
+                None => {
+                    let _ = msg.ack_with(AckKind::Nak(None)).await;
                 }
             }
         }
@@ -537,7 +628,7 @@ impl Drop for InFlight<'_> {
     }
 }
 
-async fn process(ctx: &Ctx, msg: Message) {
+async fn process(ctx: &Ctx, msg: Message, slot: Slot) {
     let d = &ctx.d;
     let opts = &d.shared.options;
     let delivered = msg
@@ -584,36 +675,36 @@ async fn process(ctx: &Ctx, msg: Message) {
     // An outage (the done bucket, its leader, the server) is not the task's
     // failure: the task is held with progress acks while the lookup is retried, so
     // the outage neither counts as a delivery nor dead-letters a task that never ran.
+    // The lookups of all tasks arriving together go out as one batched get.
     let progress_every = (opts.ack_wait / 3).max(Duration::from_millis(100));
     let done = match hold_until_ok(ctx, &msg, progress_every, "done lookup", || {
-        d.shared.done.get(hex.clone())
+        ctx.lookups.get(&hex)
     })
     .await
     {
         Some(v) => v,
         None => return, // abandoned (the worker is stopping): handed back
     };
-    if let Some(result) = done {
-        // Any agent of the tenant may write the done bucket (workers are agents),
-        // so a record is trusted only if it opens as this task's sealed outcome:
-        // sealed under the tenant's key for this task's result subject. Garbage,
-        // or another task's outcome copied under this id, would otherwise make
-        // the task look finished without ever running.
-        match d.open_result(&d.result_subject(&id), &result) {
-            Ok(_) => {
-                ctx.stats.duplicates.fetch_add(1, Ordering::Relaxed);
-                let _ = d
-                    .shared
-                    .ns
-                    .nats()
-                    .publish(d.result_subject(&id), result)
-                    .await;
-                settle(&msg, AckKind::Ack).await;
-                return;
-            }
-            Err(e) => {
-                ctx.stats.unverified_done.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(task = %id, error = %e, "ignoring a done record that fails verification; running the task");
+    // The revision the outcome record expects: 0 (no record), or that of a
+    // record seen here and found not to be this task's outcome.
+    let mut expect = 0;
+    if let Some(record) = done {
+        expect = record.revision;
+        if record.live {
+            // Any agent of the tenant may write the done bucket (workers are agents),
+            // so a record is trusted only if it opens as this task's sealed outcome:
+            // sealed under the tenant's key for this task's result subject. Garbage,
+            // or another task's outcome copied under this id, would otherwise make
+            // the task look finished without ever running.
+            match d.open_result(&d.result_subject(&id), &record.value) {
+                Ok(_) => {
+                    already_done(ctx, &msg, &id, record.value).await;
+                    return;
+                }
+                Err(e) => {
+                    ctx.stats.unverified_done.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(task = %id, error = %e, "ignoring a done record that fails verification; running the task");
+                }
             }
         }
     }
@@ -641,7 +732,7 @@ async fn process(ctx: &Ctx, msg: Message) {
         delivery: delivered,
         max_deliveries: opts.max_deliveries,
     };
-    let give_up = |reason: String| give_up(ctx, &msg, &task, reason);
+    let give_up = |reason: String| give_up(ctx, &msg, &task, reason, expect);
 
     let age = Duration::from_millis(now.saturating_sub(stamp.timestamp_ms));
     if age > opts.task_max_age {
@@ -689,17 +780,27 @@ async fn process(ctx: &Ctx, msg: Message) {
         settle(&msg, AckKind::Nak(None)).await;
         return;
     };
+    // The handler is done: its slot (and the tenant's task permit) goes to the
+    // next task while this outcome is recorded, so a slow record does not idle
+    // a handler slot. At most RECORDS_IN_FLIGHT outcomes are on their way at
+    // once; past that the slot is kept until one lands.
+    let _recording = ctx.records.clone().acquire_owned().await;
+    drop(slot);
     match result {
         Ok(output) => {
-            if finish(ctx, &msg, &id, &TaskOutcome::Completed(output)).await {
-                // A plain ack, not a confirmed one: the outcome is already durable
-                // in the done bucket, so a lost ack only means a redelivery, which
-                // finds the task done and acks it without running it again.
-                if retry("ack", || msg.ack()).await.is_err() {
-                    tracing::debug!(task = %id, "ack not sent; a redelivery will find it done");
+            match finish(ctx, &msg, &id, &TaskOutcome::Completed(output), expect).await {
+                Finished::Recorded => {
+                    // A plain ack, not a confirmed one: the outcome is already durable
+                    // in the done bucket, so a lost ack only means a redelivery, which
+                    // finds the task done and acks it without running it again.
+                    if retry("ack", || msg.ack()).await.is_err() {
+                        tracing::debug!(task = %id, "ack not sent; a redelivery will find it done");
+                    }
+                    ctx.stats.completed.fetch_add(1, Ordering::Relaxed);
+                    meter("tasks.completed");
                 }
-                ctx.stats.completed.fetch_add(1, Ordering::Relaxed);
-                meter("tasks.completed");
+                Finished::AlreadyDone(stored) => already_done(ctx, &msg, &id, stored).await,
+                Finished::HandedBack => {}
             }
         }
         Err(reason) if delivered >= u64::from(opts.max_deliveries) => {
@@ -715,9 +816,44 @@ async fn process(ctx: &Ctx, msg: Message) {
     }
 }
 
-/// Records `outcome` (sealed, in the done bucket) and publishes it to the
-/// requester. `false` if it could not be recorded: the message was handed back.
-async fn finish(ctx: &Ctx, msg: &Message, id: &MessageId, outcome: &TaskOutcome) -> bool {
+/// Acks a delivery of a task whose sealed outcome `stored` is in the done
+/// bucket, re-publishing that outcome to the requester; counts a duplicate.
+async fn already_done(ctx: &Ctx, msg: &Message, id: &MessageId, stored: Bytes) {
+    ctx.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+    let d = &ctx.d;
+    let _ = d
+        .shared
+        .ns
+        .nats()
+        .publish(d.result_subject(id), stored)
+        .await;
+    settle(msg, AckKind::Ack).await;
+}
+
+/// How [`finish`] ended.
+enum Finished {
+    /// This outcome is the task's record, and was published.
+    Recorded,
+    /// Another copy of the task recorded its outcome first (sealed, verified):
+    /// this one was not written.
+    AlreadyDone(Bytes),
+    /// Not recorded (the worker is stopping, or sealing failed): the message
+    /// was handed back.
+    HandedBack,
+}
+
+/// Records `outcome` (sealed, in the done bucket: one conditional write that
+/// expects the key's revision to be `expect`, 0 for none) and publishes it to
+/// the requester. If another copy recorded a genuine outcome first, that one
+/// stays ([`Finished::AlreadyDone`]); a record that fails verification (or a
+/// delete marker) is replaced, expecting its revision.
+async fn finish(
+    ctx: &Ctx,
+    msg: &Message,
+    id: &MessageId,
+    outcome: &TaskOutcome,
+    mut expect: u64,
+) -> Finished {
     let d = &ctx.d;
     let subject = d.result_subject(id);
     let sealed = match d.shared.ns.sealer().seal(&subject, None, &outcome.encode()) {
@@ -725,28 +861,53 @@ async fn finish(ctx: &Ctx, msg: &Message, id: &MessageId, outcome: &TaskOutcome)
         Err(e) => {
             tracing::warn!(task = %id, error = %e, "cannot seal the task outcome");
             settle(msg, AckKind::Nak(Some(Duration::from_secs(1)))).await;
-            return false;
+            return Finished::HandedBack;
         }
     };
     let hex = id.to_hex();
     // Hold the task (progress acks) until the outcome is durable: an outage must
     // not turn a task that ran into a redelivery that counts against its limit.
     let progress_every = (d.shared.options.ack_wait / 3).max(Duration::from_millis(100));
-    let recorded = hold_until_ok(ctx, msg, progress_every, "done record", || {
-        d.shared.done.put(hex.clone(), sealed.clone())
-    })
-    .await;
-    if recorded.is_none() {
-        tracing::warn!(task = %id, "worker stopping before the outcome was recorded; handed back");
-        return false;
+    let mut seen = std::collections::HashSet::new();
+    loop {
+        let written = hold_until_ok(ctx, msg, progress_every, "done record", || {
+            done::record(&d.shared.done, &hex, sealed.clone(), expect)
+        })
+        .await;
+        let Some(written) = written else {
+            tracing::warn!(task = %id, "worker stopping before the outcome was recorded; handed back");
+            return Finished::HandedBack;
+        };
+        let now = match written {
+            done::Recorded::Written => break,
+            done::Recorded::Conflict(now) => now,
+        };
+        match now {
+            // Our own write, whose ack was lost and which was retried.
+            Some(r) if r.live && r.value == sealed => break,
+            Some(r) if r.live => {
+                if d.open_result(&subject, &r.value).is_ok() {
+                    return Finished::AlreadyDone(r.value);
+                }
+                // Written since our lookup and not this task's outcome: count it
+                // once per record, and replace it.
+                if seen.insert(r.revision) {
+                    ctx.stats.unverified_done.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(task = %id, "replacing a done record that fails verification");
+                }
+                expect = r.revision;
+            }
+            Some(r) => expect = r.revision,
+            None => expect = 0,
+        }
     }
     // Best effort: a requester that misses it reads the done bucket.
     let _ = d.shared.ns.nats().publish(subject, sealed).await;
-    true
+    Finished::Recorded
 }
 
 /// Dead-letters the task with `reason`, records the outcome, terminates it.
-async fn give_up(ctx: &Ctx, msg: &Message, task: &Task, reason: String) {
+async fn give_up(ctx: &Ctx, msg: &Message, task: &Task, reason: String, expect: u64) {
     let d = &ctx.d;
     let deliveries = u32::try_from(task.delivery).unwrap_or(u32::MAX);
     let letter = DeadLetter::new(
@@ -824,9 +985,15 @@ async fn give_up(ctx: &Ctx, msg: &Message, task: &Task, reason: String) {
         return;
     }
     let outcome = TaskOutcome::DeadLettered { reason, deliveries };
-    if finish(ctx, msg, &task.id, &outcome).await {
-        settle(msg, AckKind::Term).await;
-        ctx.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
-        tracing::info!(task = %task.id, task_type = %task.task_type, deliveries, "task dead-lettered");
+    match finish(ctx, msg, &task.id, &outcome, expect).await {
+        Finished::Recorded => {
+            settle(msg, AckKind::Term).await;
+            ctx.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(task = %task.id, task_type = %task.task_type, deliveries, "task dead-lettered");
+        }
+        // Another copy finished meanwhile: its outcome stands (the dead letter
+        // published above is then a stale one, kept for the record).
+        Finished::AlreadyDone(stored) => already_done(ctx, msg, &task.id, stored).await,
+        Finished::HandedBack => {}
     }
 }
