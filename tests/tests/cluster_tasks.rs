@@ -64,8 +64,18 @@ async fn three_instances_hold_at_most_the_cap_together() {
                 assert!(g.is_cluster_wide());
                 held.push(g)
             }
+            // Refused by the cluster-wide slots (Concurrency), or, on a busy
+            // machine, by the instance's own queue while its two local permit
+            // holders were still asking the server (WaitTimeout): both are
+            // the cap holding.
             Err(e) => match e.kind() {
-                SchedulerErrorKind::Rejected(r) => assert_eq!(r.reason, RejectReason::Concurrency),
+                SchedulerErrorKind::Rejected(r) => assert!(
+                    matches!(
+                        r.reason,
+                        RejectReason::Concurrency | RejectReason::WaitTimeout
+                    ),
+                    "{r:?}"
+                ),
                 other => panic!("unexpected {other:?}"),
             },
         }
