@@ -40,11 +40,29 @@ fn event(log: &str, i: u64) -> AuditEvent {
     }
 }
 
+/// Events one runtime-style caller hands over at once in [`appends`] with
+/// `batch` > 1 (a runtime host's sink sends up to 48 KiB, about 100 of these).
+pub const RUNTIME_BATCH: u64 = 50;
+
+/// What [`appends`] measured in one run.
+#[derive(Debug, Clone, Copy)]
+pub struct AppendRun {
+    /// Events appended per second, the last checkpoints included.
+    pub per_sec: f64,
+    /// Events per stream round trip (group commit batch).
+    pub per_batch: f64,
+    /// Checkpoints signed during the run.
+    pub checkpoints: u64,
+}
+
 /// Appends `count` events over [`LOGS`] logs ([`LOGS`] appenders, one per
 /// log) to the AUDIT stream of a fresh operator-mode server through a serving
-/// controller, then signs the last checkpoints; returns events per second
-/// (checkpoints included) for each of `repeats` runs.
-pub async fn appends(count: u64, repeats: usize) -> Result<Vec<f64>, BenchError> {
+/// controller, then signs the last checkpoints; one [`AppendRun`] for each of
+/// `repeats` runs. With `batch` = 1 each appender waits for its event before
+/// the next, as an admin request does (`AuditLog::record`); with more, it hands
+/// over `batch` events at once and waits for all of them, as the controller
+/// does with a runtime host's batch (`AuditLog::record_many`).
+pub async fn appends(count: u64, repeats: usize, batch: u64) -> Result<Vec<AppendRun>, BenchError> {
     let platform = crate::platform::OperatorPlatform::start().await?;
     let audit = platform.controller.audit().clone();
     let per_log = (count / LOGS as u64).max(1);
@@ -58,10 +76,19 @@ pub async fn appends(count: u64, repeats: usize) -> Result<Vec<f64>, BenchError>
             let log = format!("bench{r}x{l}");
             tasks.push(tokio::spawn(async move {
                 let mut ok = 0u64;
-                for i in 0..per_log {
-                    if audit.record(event(&log, i)).await.is_some() {
-                        ok += 1;
+                let mut i = 0;
+                while i < per_log {
+                    let n = batch.clamp(1, per_log - i);
+                    if n == 1 {
+                        if audit.record(event(&log, i)).await.is_some() {
+                            ok += 1;
+                        }
+                    } else {
+                        let events = (i..i + n).map(|j| event(&log, j)).collect();
+                        let done = audit.record_many(events).await;
+                        ok += done.iter().filter(|d| d.is_some()).count() as u64;
                     }
+                    i += n;
                 }
                 if let Err(e) = audit.checkpoint(&log).await {
                     return Err(BenchError(format!("checkpoint of {log}: {e}")));
@@ -83,7 +110,12 @@ pub async fn appends(count: u64, repeats: usize) -> Result<Vec<f64>, BenchError>
                 per_log * LOGS as u64
             )));
         }
-        rates.push(appended as f64 / secs);
+        rates.push(AppendRun {
+            per_sec: appended as f64 / secs,
+            per_batch: (after.appended - before.appended) as f64
+                / (after.batches - before.batches).max(1) as f64,
+            checkpoints: after.checkpoints - before.checkpoints,
+        });
     }
     Ok(rates)
 }

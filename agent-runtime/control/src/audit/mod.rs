@@ -134,6 +134,7 @@ impl Default for AuditConfig {
 pub struct AuditCounters {
     appended: AtomicU64,
     append_failed: AtomicU64,
+    batches: AtomicU64,
     checkpoints: AtomicU64,
     checkpoint_failed: AtomicU64,
     tamper_detected: AtomicU64,
@@ -147,6 +148,10 @@ pub struct AuditCountersSnapshot {
     pub appended: u64,
     /// Events that could not be appended within the timeout (logged at error).
     pub append_failed: u64,
+    /// Appends that reached the stream: atomic batches and lone publishes
+    /// (`appended / batches` is the group commit's events per round trip).
+    #[serde(default)]
+    pub batches: u64,
     /// Checkpoints signed and stored.
     pub checkpoints: u64,
     /// Checkpoint passes that failed (outage, or tampering: see below).
@@ -166,6 +171,7 @@ impl AuditCounters {
         AuditCountersSnapshot {
             appended: g(&self.appended),
             append_failed: g(&self.append_failed),
+            batches: g(&self.batches),
             checkpoints: g(&self.checkpoints),
             checkpoint_failed: g(&self.checkpoint_failed),
             tamper_detected: g(&self.tamper_detected),
@@ -196,6 +202,23 @@ struct RangeState {
     // The prune point of the anchor this state started from (0: none).
     anchored: u64,
 }
+
+/// A leaf this instance appended, fed to the checkpointer so that it need not
+/// read the entry back: `after` is the stream sequence of the log's previous
+/// entry (the expected last subject sequence the append carried, or the batch's
+/// previous event of the same log), `prev` that entry's leaf hash.
+#[derive(Debug, Clone, Copy)]
+struct Fed {
+    after: u64,
+    seq: u64,
+    index: u64,
+    prev: Option<Hash>,
+    leaf: Hash,
+}
+
+/// Fed leaves one log keeps at most; past this the log's feed is dropped and
+/// its checkpointer reads the entries back instead.
+const MAX_FED_PER_LOG: usize = 4096;
 
 /// What one prune did.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -311,6 +334,8 @@ pub struct AuditLog {
     heads: std::sync::Mutex<HashMap<String, Head>>,
     ranges: tokio::sync::Mutex<HashMap<String, RangeState>>,
     dirty: std::sync::Mutex<HashMap<String, u64>>,
+    /// Leaves appended here and not yet taken by the checkpointer, per log.
+    fed: std::sync::Mutex<HashMap<String, Vec<Fed>>>,
     wake: tokio::sync::Notify,
     locks: Stripes,
     /// One checkpoint or prune of a log at a time (per log, so logs proceed
@@ -337,10 +362,44 @@ struct Group {
 /// Batches in flight at once (over disjoint logs).
 const MAX_DRAINERS: usize = 4;
 
+/// Queued events that start a batch while another is in flight; fewer wait
+/// for a batch to end (so that they go together instead of one round trip
+/// each: the latency is the same, the round trips far fewer).
+const PIPELINE_MIN: usize = 32;
+
 /// An event waiting for the group commit, and where its outcome goes.
 struct Pending {
     event: AuditEvent,
     done: tokio::sync::oneshot::Sender<Result<u64, String>>,
+}
+
+/// A batch in flight: dropping it frees its logs and its drainer slot, and
+/// wakes a waiting caller to take the next batch.
+struct DrainSlot<'a> {
+    audit: &'a AuditLog,
+    logs: Vec<String>,
+}
+
+impl Drop for DrainSlot<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut g) = self.audit.group.lock() {
+            for log in &self.logs {
+                g.busy.remove(log);
+            }
+            g.drainers = g.drainers.saturating_sub(1);
+        }
+        self.audit.batch_done.notify_one();
+    }
+}
+
+/// One event of a `record_many` call: what its failure is logged with, and
+/// its outcome once known.
+struct Waiting {
+    log: String,
+    id: String,
+    brief: (String, String, event::Outcome, String),
+    rx: Option<tokio::sync::oneshot::Receiver<Result<u64, String>>>,
+    outcome: Option<Result<u64, String>>,
 }
 
 /// Logs checkpointed at once by the checkpointer.
@@ -424,6 +483,7 @@ impl AuditLog {
             heads: std::sync::Mutex::new(HashMap::new()),
             ranges: tokio::sync::Mutex::new(HashMap::new()),
             dirty: std::sync::Mutex::new(HashMap::new()),
+            fed: std::sync::Mutex::new(HashMap::new()),
             wake: tokio::sync::Notify::new(),
             locks: Stripes::new(),
             cp_locks: Stripes::new(),
@@ -467,76 +527,157 @@ impl AuditLog {
     /// which is re-read and retried); the others wait for their event to be
     /// done. One event alone goes as a plain publish with its id for
     /// de-duplication. Events per round trip grow with the callers waiting.
-    pub async fn record(&self, mut event: AuditEvent) -> Option<u64> {
-        event.controller = self.instance.clone();
-        event.version = event::SCHEMA_VERSION;
-        let log = event.tenant.clone();
-        let id = event.id.clone();
-        let brief = (
-            event.action.clone(),
-            event.actor.id.clone(),
-            event.outcome,
-            event.request_id.clone(),
-        );
-        let outcome: Result<u64, String> = match check_log(&log) {
-            Err(e) => Err(e.to_string()),
-            Ok(()) => {
-                let (tx, mut rx) = tokio::sync::oneshot::channel();
-                match self.group.lock() {
-                    Ok(mut g) => g.queue.push_back(Pending { event, done: tx }),
-                    Err(_) => return None,
-                }
-                let deadline = tokio::time::Instant::now() + self.config.append_timeout;
-                loop {
-                    if let Ok(r) = rx.try_recv() {
-                        break r;
-                    }
-                    if self.drain_once().await {
-                        continue;
-                    }
-                    if tokio::time::Instant::now() >= deadline {
-                        // Still queued: taken out, so it is certainly not
-                        // appended. Already taken: its batch may still land.
-                        let removed = self.group.lock().ok().map(|mut g| {
-                            let before = g.queue.len();
-                            g.queue.retain(|p| p.event.id != id);
-                            before != g.queue.len()
-                        });
-                        break Err(if removed == Some(true) {
-                            "timed out".to_string()
-                        } else {
-                            "timed out while its batch was in flight (it may be appended)"
-                                .to_string()
-                        });
-                    }
-                    // A short wait also covers a wake-up missed between the
-                    // check above and this wait.
-                    let _ =
-                        tokio::time::timeout(Duration::from_millis(2), self.batch_done.notified())
-                            .await;
+    pub async fn record(&self, event: AuditEvent) -> Option<u64> {
+        self.record_many(vec![event]).await.pop().flatten()
+    }
+
+    /// Appends `events` as [`AuditLog::record`] does, all queued at once (so
+    /// they share batches), each log's in the order given; their indices, or
+    /// `None` for each one not appended (logged and counted like a failed
+    /// `record`). Waits at most the append timeout.
+    pub async fn record_many(&self, events: Vec<AuditEvent>) -> Vec<Option<u64>> {
+        let mut waiting = Vec::with_capacity(events.len());
+        let mut pending = Vec::with_capacity(events.len());
+        for mut event in events {
+            event.controller = self.instance.clone();
+            event.version = event::SCHEMA_VERSION;
+            let mut w = Waiting {
+                log: event.tenant.clone(),
+                id: event.id.clone(),
+                brief: (
+                    event.action.clone(),
+                    event.actor.id.clone(),
+                    event.outcome,
+                    event.request_id.clone(),
+                ),
+                rx: None,
+                outcome: None,
+            };
+            match check_log(&w.log) {
+                Err(e) => w.outcome = Some(Err(e.to_string())),
+                Ok(()) => {
+                    let (tx, rx) = tokio::sync::oneshot::channel();
+                    w.rx = Some(rx);
+                    pending.push(Pending { event, done: tx });
                 }
             }
-        };
-        match outcome {
-            Ok(index) => {
-                bump(&self.counters.appended);
-                self.mark_dirty(&log);
-                Some(index)
-            }
-            Err(reason) => {
-                bump(&self.counters.append_failed);
-                // Dropping the cached head makes the next append re-read it.
-                if let Ok(mut heads) = self.heads.lock() {
-                    heads.remove(&log);
-                }
-                let (action, actor, outcome, request_id) = brief;
-                tracing::error!(
-                    %log, %action, %actor, %outcome, %request_id, error = %reason,
-                    "audit event NOT appended"
-                );
-                None
+            waiting.push(w);
+        }
+        if !pending.is_empty() {
+            match self.group.lock() {
+                Ok(mut g) => g.queue.extend(pending),
+                Err(_) => return waiting.iter().map(|_| None).collect(),
             }
         }
+        let deadline = tokio::time::Instant::now() + self.config.append_timeout;
+        loop {
+            let mut open = false;
+            for w in &mut waiting {
+                if let Some(rx) = &mut w.rx {
+                    match rx.try_recv() {
+                        Ok(r) => {
+                            w.outcome = Some(r);
+                            w.rx = None;
+                        }
+                        Err(tokio::sync::oneshot::error::TryRecvError::Closed) => {
+                            w.outcome = Some(Err("its batch ended without an answer".into()));
+                            w.rx = None;
+                        }
+                        Err(tokio::sync::oneshot::error::TryRecvError::Empty) => open = true,
+                    }
+                }
+            }
+            if !open {
+                break;
+            }
+            if self.drain_once().await {
+                continue;
+            }
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                self.give_up(&mut waiting);
+                break;
+            }
+            // Wait for an answer, or for a batch to end (then this caller may
+            // take the next one). The end of a batch wakes one waiter, and a
+            // waiter leaving passes it on (below); the timeout is a safety net.
+            let Some(w) = waiting.iter_mut().find(|w| w.rx.is_some()) else {
+                break;
+            };
+            let Some(rx) = w.rx.as_mut() else {
+                break;
+            };
+            let nap = (deadline - now).min(Duration::from_millis(20));
+            let got = tokio::select! {
+                r = rx => Some(r),
+                () = self.batch_done.notified() => None,
+                () = tokio::time::sleep(nap) => None,
+            };
+            if let Some(r) = got {
+                w.rx = None;
+                w.outcome =
+                    Some(r.unwrap_or_else(|_| Err("its batch ended without an answer".into())));
+            }
+        }
+        // A wake-up meant for the next batch may have come to this caller.
+        if self.group.lock().is_ok_and(|g| !g.queue.is_empty()) {
+            self.batch_done.notify_one();
+        }
+        waiting.into_iter().map(|w| self.settle(w)).collect()
+    }
+
+    /// At the deadline: events still queued are taken out (so certainly not
+    /// appended); those already taken may still land with their batch.
+    fn give_up(&self, waiting: &mut [Waiting]) {
+        let ids: std::collections::HashSet<String> = waiting
+            .iter()
+            .filter(|w| w.rx.is_some())
+            .map(|w| w.id.clone())
+            .collect();
+        let mut removed = std::collections::HashSet::new();
+        if let Ok(mut g) = self.group.lock() {
+            g.queue.retain(|p| {
+                let mine = ids.contains(&p.event.id);
+                if mine {
+                    removed.insert(p.event.id.clone());
+                }
+                !mine
+            });
+        }
+        for w in waiting.iter_mut() {
+            if w.rx.take().is_some() {
+                w.outcome = Some(Err(if removed.contains(&w.id) {
+                    "timed out".to_string()
+                } else {
+                    "timed out while its batch was in flight (it may be appended)".to_string()
+                }));
+            }
+        }
+    }
+
+    /// Counts one event's outcome; a failure is logged at error level.
+    fn settle(&self, w: Waiting) -> Option<u64> {
+        let reason = match w.outcome {
+            Some(Ok(index)) => {
+                bump(&self.counters.appended);
+                self.mark_dirty(&w.log);
+                return Some(index);
+            }
+            Some(Err(reason)) => reason,
+            None => "no outcome".to_string(),
+        };
+        bump(&self.counters.append_failed);
+        // Dropping the cached head makes the next append re-read it.
+        if let Ok(mut heads) = self.heads.lock() {
+            heads.remove(&w.log);
+        }
+        let (action, actor, outcome, request_id) = w.brief;
+        let log = w.log;
+        tracing::error!(
+            %log, %action, %actor, %outcome, %request_id, error = %reason,
+            "audit event NOT appended"
+        );
+        None
     }
 
     /// Takes one batch of queued events for logs with nothing in flight (if
@@ -547,23 +688,26 @@ impl AuditLog {
             let Ok(mut g) = self.group.lock() else {
                 return false;
             };
-            if g.drainers >= MAX_DRAINERS || g.queue.is_empty() {
+            if g.drainers >= MAX_DRAINERS
+                || g.queue.is_empty()
+                || (g.drainers > 0 && g.queue.len() < PIPELINE_MIN)
+            {
                 return false;
             }
             let mut taken = Vec::new();
             let mut left = std::collections::VecDeque::new();
             let mut mine = std::collections::HashSet::new();
+            // Logs with an event left behind: their later events stay too.
+            let mut held = std::collections::HashSet::new();
             while let Some(p) = g.queue.pop_front() {
                 let log = &p.event.tenant;
                 let free = mine.contains(log) || !g.busy.contains(log);
                 // A log cut off by the size limit waits whole for the next batch.
-                if free
-                    && taken.len() < MAX_BATCH
-                    && !left.iter().any(|q: &Pending| q.event.tenant == *log)
-                {
+                if free && taken.len() < MAX_BATCH && !held.contains(log) {
                     mine.insert(log.clone());
                     taken.push(p);
                 } else {
+                    held.insert(log.clone());
                     left.push_back(p);
                 }
             }
@@ -577,7 +721,12 @@ impl AuditLog {
             g.drainers += 1;
             taken
         };
-        let logs: Vec<String> = batch.iter().map(|p| p.event.tenant.clone()).collect();
+        // Frees the logs and the drainer slot however this ends, also if the
+        // caller's future is dropped mid-batch (its events then fail).
+        let _release = DrainSlot {
+            audit: self,
+            logs: batch.iter().map(|p| p.event.tenant.clone()).collect(),
+        };
         let (mut events, senders): (Vec<AuditEvent>, Vec<_>) =
             batch.into_iter().map(|p| (p.event, p.done)).unzip();
         let result = if events.len() == 1 {
@@ -590,6 +739,7 @@ impl AuditLog {
         };
         match result {
             Ok(indices) => {
+                bump(&self.counters.batches);
                 for (tx, index) in senders.into_iter().zip(indices) {
                     let _ = tx.send(Ok(index));
                 }
@@ -600,13 +750,6 @@ impl AuditLog {
                 }
             }
         }
-        if let Ok(mut g) = self.group.lock() {
-            for log in &logs {
-                g.busy.remove(log);
-            }
-            g.drainers = g.drainers.saturating_sub(1);
-        }
-        self.batch_done.notify_waiters();
         true
     }
 
@@ -631,6 +774,7 @@ impl AuditLog {
             let mut next = heads.clone();
             let mut first_of_log = std::collections::HashSet::new();
             let mut messages = Vec::with_capacity(events.len());
+            let mut leaves = Vec::with_capacity(events.len());
             for e in events.iter_mut() {
                 let Some(h) = next.get_mut(&e.tenant) else {
                     return Err(ApiError::new(ErrorCode::Internal, "a log's head vanished"));
@@ -640,7 +784,9 @@ impl AuditLog {
                 let bytes = e.canonical();
                 let expected = first_of_log.insert(e.tenant.clone()).then_some(h.seq);
                 h.next_index += 1;
-                h.prev = Some(merkle::leaf_hash(&bytes));
+                let leaf = merkle::leaf_hash(&bytes);
+                h.prev = Some(leaf);
+                leaves.push(leaf);
                 messages.push((log_subject(&e.tenant), bytes, expected));
             }
             let batch_id = format!("audit-{}", event::new_event_id());
@@ -696,17 +842,42 @@ impl AuditLog {
                 })?;
             // The batch is stored contiguously, ending at `last`.
             let first = last + 1 - n as u64;
-            let mut cache = self.heads.lock().map_err(lock_err)?;
-            if cache.len() >= MAX_CACHED_LOGS {
-                cache.clear();
-            }
-            for (i, e) in events.iter().enumerate() {
-                if let Some(h) = next.get_mut(&e.tenant) {
-                    h.seq = h.seq.max(first + i as u64);
+            // Each log's leaves, for the checkpointer, chained from the head
+            // this batch was appended after.
+            let mut fed: HashMap<&str, Vec<Fed>> = HashMap::new();
+            let mut tip: HashMap<&str, (u64, Option<Hash>)> = heads
+                .iter()
+                .map(|(log, h)| (log.as_str(), (h.seq, h.prev)))
+                .collect();
+            for (i, (e, leaf)) in events.iter().zip(&leaves).enumerate() {
+                let seq = first + i as u64;
+                if let Some(t) = tip.get_mut(e.tenant.as_str()) {
+                    fed.entry(e.tenant.as_str()).or_default().push(Fed {
+                        after: t.0,
+                        seq,
+                        index: e.index,
+                        prev: t.1,
+                        leaf: *leaf,
+                    });
+                    *t = (seq, Some(*leaf));
                 }
             }
-            for (log, h) in next {
-                cache.insert(log, h);
+            {
+                let mut cache = self.heads.lock().map_err(lock_err)?;
+                if cache.len() >= MAX_CACHED_LOGS {
+                    cache.clear();
+                }
+                for (log, h) in &mut next {
+                    if let Some(t) = tip.get(log.as_str()) {
+                        h.seq = t.0;
+                    }
+                }
+                for (log, h) in next {
+                    cache.insert(log, h);
+                }
+            }
+            for (log, leaves) in fed {
+                self.feed(log, leaves);
             }
             return Ok(events.iter().map(|e| e.index).collect());
         }
@@ -724,6 +895,45 @@ impl AuditLog {
         *n += 1;
         if *n >= self.config.checkpoint_every || dirty.len() >= MAX_CACHED_LOGS {
             self.wake.notify_one();
+        }
+    }
+
+    /// Hands leaves this instance appended (acknowledged by the stream) to
+    /// the checkpointer, in append order.
+    fn feed(&self, log: &str, leaves: Vec<Fed>) {
+        let Ok(mut fed) = self.fed.lock() else {
+            return;
+        };
+        if fed.len() >= MAX_CACHED_LOGS && !fed.contains_key(log) {
+            fed.clear();
+        }
+        let mine = fed.entry(log.to_string()).or_default();
+        if mine.len() + leaves.len() > MAX_FED_PER_LOG {
+            // The checkpointer is behind: it reads these back instead.
+            mine.clear();
+            return;
+        }
+        mine.extend(leaves);
+    }
+
+    fn take_fed(&self, log: &str) -> Vec<Fed> {
+        self.fed
+            .lock()
+            .ok()
+            .and_then(|mut f| f.remove(log))
+            .unwrap_or_default()
+    }
+
+    /// The stream sequence of `log`'s newest entry (0: none).
+    async fn head_seq(&self, log: &str) -> Result<u64, ApiError> {
+        match self
+            .stream
+            .get_last_raw_message_by_subject(&log_subject(log))
+            .await
+        {
+            Ok(msg) => Ok(msg.sequence),
+            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(0),
+            Err(e) => Err(unavailable("reading the audit log head", e)),
         }
     }
 
@@ -791,18 +1001,35 @@ impl AuditLog {
                 .await;
             match ack {
                 Ok(ack) => {
-                    let mut heads = self.heads.lock().map_err(lock_err)?;
-                    if heads.len() >= MAX_CACHED_LOGS {
-                        heads.clear();
+                    let leaf = merkle::leaf_hash(&bytes);
+                    {
+                        let mut heads = self.heads.lock().map_err(lock_err)?;
+                        if heads.len() >= MAX_CACHED_LOGS {
+                            heads.clear();
+                        }
+                        heads.insert(
+                            log.clone(),
+                            Head {
+                                seq: ack.sequence,
+                                next_index: event.index + 1,
+                                prev: Some(leaf),
+                            },
+                        );
                     }
-                    heads.insert(
-                        log.clone(),
-                        Head {
-                            seq: ack.sequence,
-                            next_index: event.index + 1,
-                            prev: Some(merkle::leaf_hash(&bytes)),
-                        },
-                    );
+                    // A duplicate (an earlier attempt landed) is read back
+                    // by the checkpointer instead.
+                    if !ack.duplicate {
+                        self.feed(
+                            &log,
+                            vec![Fed {
+                                after: head.seq,
+                                seq: ack.sequence,
+                                index: event.index,
+                                prev: head.prev,
+                                leaf,
+                            }],
+                        );
+                    }
                     return Ok(event.index);
                 }
                 Err(e) if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => {
@@ -957,14 +1184,20 @@ impl AuditLog {
     /// signed it first).
     pub async fn checkpoint(&self, log: &str) -> Result<Option<Checkpoint>, ApiError> {
         check_log(log)?;
-        let result = self.checkpoint_inner(log).await;
+        let result = self.checkpoint_inner(log, true).await;
         if result.is_err() {
             bump(&self.counters.checkpoint_failed);
         }
         result
     }
 
-    async fn checkpoint_inner(&self, log: &str) -> Result<Option<Checkpoint>, ApiError> {
+    /// A checkpoint of `log`: of every stored entry when `to_head`, else (the
+    /// checkpointer's pass) at least of the leaves this instance appended.
+    async fn checkpoint_inner(
+        &self,
+        log: &str,
+        to_head: bool,
+    ) -> Result<Option<Checkpoint>, ApiError> {
         let _guard = self.cp_locks.lock(log).await;
         let last = self.last_checkpoint(log).await?;
         let mut st = self.ranges.lock().await.remove(log).unwrap_or_default();
@@ -977,9 +1210,49 @@ impl AuditLog {
         if st.last_seq == 0 && st.range.size() == 0 {
             st = self.fresh_state(log).await?;
         }
-        let (entries, _) = self
-            .read(&log_subject(log), st.last_seq, usize::MAX)
-            .await?;
+        // The leaves this instance appended right after what the state has
+        // seen need no reading back: this instance wrote those bytes, and the
+        // stream acknowledged each one directly after its predecessor.
+        let (mut fed, mut broken) = (false, false);
+        for f in self.take_fed(log) {
+            if f.seq <= st.last_seq {
+                continue;
+            }
+            if f.after != st.last_seq || f.index != st.range.size() || f.prev != st.prev {
+                // Another instance appended in between, or this state started
+                // elsewhere: the rest is read from the stream below.
+                broken = true;
+                break;
+            }
+            self.absorb(log, &mut st, last.as_ref(), f.seq, f.leaf)?;
+            fed = true;
+        }
+        // Anything newer (another instance's entries, or what the feed did
+        // not cover) is read back and checked: always when asked for a
+        // checkpoint of the whole log, else when the feed did not suffice.
+        let head = if to_head || broken || !fed {
+            self.head_seq(log).await?
+        } else {
+            st.last_seq
+        };
+        if head < st.last_seq {
+            // Entries already checked are gone (truncated). Counted and
+            // logged; the checkpoint below still signs them as appended, so
+            // `verify` names the missing ones even if the stored checkpoints
+            // went with them.
+            bump(&self.counters.tamper_detected);
+            tracing::error!(
+                %log, had = st.last_seq, head,
+                "audit log truncated: its newest entries are gone"
+            );
+        }
+        let entries = if head > st.last_seq {
+            self.read(&log_subject(log), st.last_seq, usize::MAX)
+                .await?
+                .0
+        } else {
+            Vec::new()
+        };
         for e in entries {
             let i = st.range.size();
             let event = AuditEvent::decode(&e.data).map_err(|err| {
@@ -1006,24 +1279,13 @@ impl AuditLog {
                     format!("entry {i} does not chain to entry {}", i.saturating_sub(1)),
                 ));
             }
-            let leaf = merkle::leaf_hash(&e.data);
-            st.range.push_leaf_hash(leaf);
-            st.prev = Some(leaf);
-            st.last_seq = e.seq;
-            if let Some((_, cp)) = &last {
-                if cp.size == st.range.size() {
-                    if cp.root != st.range.root() {
-                        return Err(self.tampered(
-                            log,
-                            format!(
-                                "entries up to {i} do not match the checkpoint of size {}",
-                                cp.size
-                            ),
-                        ));
-                    }
-                    st.verified_cp_size = cp.size;
-                }
-            }
+            self.absorb(
+                log,
+                &mut st,
+                last.as_ref(),
+                e.seq,
+                merkle::leaf_hash(&e.data),
+            )?;
         }
         let size = st.range.size();
         let last_seq = match &last {
@@ -1076,6 +1338,38 @@ impl AuditLog {
         Ok(signed)
     }
 
+    /// Adds the leaf at stream sequence `seq` to the checkpointer's state of
+    /// `log`, checking the root against `last` (the newest stored checkpoint)
+    /// when the tree reaches its size.
+    fn absorb(
+        &self,
+        log: &str,
+        st: &mut RangeState,
+        last: Option<&(u64, Checkpoint)>,
+        seq: u64,
+        leaf: Hash,
+    ) -> Result<(), ApiError> {
+        st.range.push_leaf_hash(leaf);
+        st.prev = Some(leaf);
+        st.last_seq = seq;
+        if let Some((_, cp)) = last {
+            if cp.size == st.range.size() {
+                if cp.root != st.range.root() {
+                    return Err(self.tampered(
+                        log,
+                        format!(
+                            "entries up to {} do not match the checkpoint of size {}",
+                            cp.size - 1,
+                            cp.size
+                        ),
+                    ));
+                }
+                st.verified_cp_size = cp.size;
+            }
+        }
+        Ok(())
+    }
+
     /// Signs checkpoints of every log with events appended here since the last
     /// pass, every [`AuditConfig::checkpoint_interval`] or as soon as one log has
     /// [`AuditConfig::checkpoint_every`] unsigned events, until `shutdown`.
@@ -1097,7 +1391,11 @@ impl AuditLog {
                 .for_each_concurrent(CHECKPOINT_CONCURRENCY, |log| {
                     let me = &self;
                     async move {
-                        if let Err(e) = me.checkpoint(&log).await {
+                        let result = me.checkpoint_inner(&log, false).await;
+                        if result.is_err() {
+                            bump(&me.counters.checkpoint_failed);
+                        }
+                        if let Err(e) = result {
                             tracing::warn!(%log, error = %e, "audit checkpoint failed");
                         }
                     }

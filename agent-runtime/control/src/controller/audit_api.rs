@@ -240,6 +240,7 @@ impl Controller {
             appended: 0,
             rejected: 0,
         };
+        let mut events = Vec::with_capacity(batch.events.len());
         for e in batch.events {
             let valid = tenant_bus::TenantId::new(&e.tenant).is_ok()
                 && tenant_bus::AgentId::new(&e.agent).is_ok()
@@ -251,7 +252,7 @@ impl Controller {
                 answer.rejected += 1;
                 continue;
             }
-            let event = AuditEvent {
+            events.push(AuditEvent {
                 action: e.action,
                 actor: Actor {
                     id: e.agent,
@@ -270,8 +271,12 @@ impl Controller {
                 tenant: e.tenant,
                 time_ms: tenant_bus::envelope::now_ms(),
                 version: audit::event::SCHEMA_VERSION,
-            };
-            match self.audit.record(event).await {
+            });
+        }
+        // All at once: they share the group commit's batches, each log's in
+        // the batch's order.
+        for appended in self.audit.record_many(events).await {
+            match appended {
                 Some(_) => answer.appended += 1,
                 // The log is unreachable: the runtime retries the batch (events
                 // already appended from it are appended again: at least once).
