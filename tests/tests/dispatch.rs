@@ -837,3 +837,53 @@ async fn a_done_bucket_without_direct_gets_still_finds_finished_tasks() {
     assert_eq!(d.outcome(&task.id()).await.unwrap(), Some(outcome));
     worker.shutdown(Duration::from_secs(5)).await;
 }
+
+/// With prefetch, a worker holds more tasks than handlers: tasks pulled ahead
+/// wait (ack timers kept alive with progress acks, here longer than ack_wait)
+/// and never run more than `concurrency` at once; each runs once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefetched_tasks_wait_for_a_handler_and_run_once() {
+    const N: u64 = 12;
+    let server = Server::jetstream();
+    let master = MasterSecret::generate().unwrap();
+    let ns = connect(&server, &master, "acme", "planner").await;
+    let d = Dispatcher::new(&ns, options().ack_wait(Duration::from_secs(1)))
+        .await
+        .unwrap();
+    let running = Arc::new(AtomicU64::new(0));
+    let most = Arc::new(AtomicU64::new(0));
+    let runs = Arc::new(AtomicU64::new(0));
+    let (r, m, n) = (running.clone(), most.clone(), runs.clone());
+    let worker = d
+        .worker(
+            "crunch",
+            move |_task: Task| {
+                let (r, m, n) = (r.clone(), m.clone(), n.clone());
+                async move {
+                    n.fetch_add(1, Ordering::SeqCst);
+                    let now = r.fetch_add(1, Ordering::SeqCst) + 1;
+                    m.fetch_max(now, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(700)).await;
+                    r.fetch_sub(1, Ordering::SeqCst);
+                    Ok::<_, String>(Bytes::from_static(b"ok"))
+                }
+            },
+            WorkerOptions::new().concurrency(2).prefetch(4),
+        )
+        .await
+        .unwrap();
+    for i in 0..N {
+        d.submit(&d.seal("crunch", format!("job-{i}").as_bytes()).unwrap())
+            .await
+            .unwrap();
+    }
+    let all = eventually(Duration::from_secs(30), || async {
+        (worker.stats().completed() == N).then_some(())
+    })
+    .await;
+    assert!(all.is_some(), "{:?}", worker.stats());
+    assert_eq!(most.load(Ordering::SeqCst), 2, "never more than 2 handlers");
+    assert_eq!(runs.load(Ordering::SeqCst), N, "each ran once");
+    assert_eq!(worker.stats().duplicates(), 0);
+    worker.shutdown(Duration::from_secs(5)).await;
+}

@@ -935,7 +935,11 @@ async fn jetstream(a: JetstreamArgs) -> Result<serde_json::Value, BenchError> {
                         std::hint::black_box(&task.payload);
                         Ok::<Bytes, String>(Bytes::new())
                     },
-                    WorkerOptions::new().concurrency(JS_CONCURRENCY),
+                    // 64 handlers and one batch of 64 pulled ahead of them (the
+                    // raw consumer's `messages()` keeps up to 200 prefetched).
+                    WorkerOptions::new()
+                        .concurrency(JS_CONCURRENCY)
+                        .prefetch(JS_CONCURRENCY),
                 )
                 .await
                 .map_err(|e| fail("worker")(e.to_string()))?;

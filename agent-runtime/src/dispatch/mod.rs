@@ -33,7 +33,9 @@
 //!   drops the copy inside the duplicate window ([`Submitted::duplicate`]).
 //! - **Workers** pull with a concurrency cap (never more messages than free
 //!   slots: one pull request for all the slots free at that moment, answered on
-//!   one long-lived inbox), send progress acks while a handler runs, ack on
+//!   one long-lived inbox; with [`WorkerOptions::prefetch`] a worker also holds
+//!   that many tasks ahead of its handlers, looked up and waiting for a handler
+//!   with progress acks), send progress acks while a handler runs, ack on
 //!   success, and `Nak(backoff)` on failure. The delivery count is the server's.
 //!   After `max_deliveries` failures the task is dead-lettered (sealed, with the
 //!   reason) and terminated (`AckKind::Term`). The consumer itself has no
@@ -123,10 +125,10 @@
 //!   nothing is published;
 //! - every worker holds one of the tenant's task permits
 //!   ([`acquire_task`](crate::scheduler::TenantScheduler::acquire_task)) per task
-//!   it runs, taken *before* it pulls the task and released when its handler
-//!   ends (the outcome is recorded after that), so `max_concurrent_tasks` caps the
-//!   tenant across all of its workers, and no pulled task waits in a worker for
-//!   a permit while its ack timer runs. With a JetStream scheduler
+//!   it holds (from before it pulls the task until its outcome is recorded), so
+//!   `max_concurrent_tasks` caps the tenant across all of its workers (with
+//!   prefetch it caps the tasks held, running or waiting), and no pulled task
+//!   waits in a worker for a permit while its ack timer runs. With a JetStream scheduler
 //!   ([`Scheduler::connect`](crate::scheduler::Scheduler::connect)) the permit
 //!   includes a cluster-wide task slot (a KV lease, as agent slots), so the cap
 //!   holds across every runtime instance; this costs one KV create and one

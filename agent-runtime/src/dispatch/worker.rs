@@ -3,10 +3,11 @@
 //! The loop takes a free slot (a semaphore permit) before it pulls, and pulls at
 //! most as many messages as it holds slots (one pull request for all of them, on
 //! the worker's one pull inbox), so no task waits in the client while its ack
-//! timer runs. A slot is held from the pull to the handler's end: the outcome is
-//! then recorded while the slot already serves the next task (up to 512
-//! outcomes of a worker on their way at once; past that a task keeps its slot
-//! until one lands). With the tenant's scheduler
+//! timer runs. A slot is held from the pull until the outcome is recorded. With
+//! [`WorkerOptions::prefetch`] there are `concurrency + prefetch` slots but only
+//! `concurrency` handlers: a task pulled ahead is opened and looked up at once
+//! and waits for a handler (progress acks keep its ack timer), and a handler
+//! goes to the next task as soon as it returns, while its outcome is recorded. With the tenant's scheduler
 //! ([`DispatchOptions::scheduler`](super::DispatchOptions::scheduler)), a slot is
 //! a local permit *and* one of the tenant's task permits: the first is awaited
 //! (the scheduler's overflow policy: FIFO queue or refusal with a retry-after),
@@ -93,6 +94,7 @@ where
 #[derive(Debug, Clone)]
 pub struct WorkerOptions {
     concurrency: usize,
+    prefetch: usize,
     fetch_expires: Duration,
     audit: Option<Arc<agentbus_control::audit::sink::AuditSink>>,
     meter: Option<agentbus_control::meter::UsageMeter>,
@@ -102,6 +104,7 @@ impl Default for WorkerOptions {
     fn default() -> Self {
         Self {
             concurrency: 4,
+            prefetch: 0,
             fetch_expires: Duration::from_secs(2),
             audit: None,
             meter: None,
@@ -115,8 +118,7 @@ impl WorkerOptions {
         Self::default()
     }
 
-    /// Handlers run at once by this worker (at least 1; outcomes of finished
-    /// handlers are recorded meanwhile, without a slot). For a tenant-wide cap
+    /// Handlers run at once by this worker (at least 1). For a tenant-wide cap
     /// (`max_concurrent_tasks` across workers), give the dispatcher the tenant's
     /// scheduler ([`DispatchOptions::scheduler`](super::DispatchOptions::scheduler)).
     pub fn concurrency(mut self, n: usize) -> Self {
@@ -138,6 +140,18 @@ impl WorkerOptions {
     /// retried or dead-lettered).
     pub fn usage_meter(mut self, meter: agentbus_control::meter::UsageMeter) -> Self {
         self.meter = Some(meter);
+        self
+    }
+
+    /// Tasks pulled ahead of free handlers (default 0: never more tasks in hand
+    /// than handlers). A task pulled ahead is opened and looked up at once,
+    /// then waits for a handler with progress acks keeping its ack timer, so
+    /// pull and lookup round trips overlap running handlers: more throughput
+    /// for short handlers. The cost: tasks waiting here cannot be taken by an
+    /// idle worker elsewhere, and with the tenant's scheduler each holds a task
+    /// permit while it waits. Keep it 0 for long handlers.
+    pub fn prefetch(mut self, n: usize) -> Self {
+        self.prefetch = n;
         self
     }
 
@@ -253,12 +267,10 @@ struct Ctx {
     in_flight: Mutex<HashSet<MessageId>>,
     abandon: watch::Receiver<bool>,
     lookups: Lookups,
-    records: Arc<Semaphore>,
+    /// With prefetch: the handler slots (the pull slots also count the tasks
+    /// pulled ahead). Without: none, a pull slot is a handler slot.
+    handlers: Option<Arc<Semaphore>>,
 }
-
-/// Outcomes of one worker being recorded at once after their handlers ended
-/// (each holds its message, ack pending, and its sealed outcome).
-const RECORDS_IN_FLIGHT: usize = 512;
 
 pub(crate) async fn start(
     d: Dispatcher,
@@ -307,7 +319,7 @@ pub(crate) async fn start(
         in_flight: Mutex::new(HashSet::new()),
         abandon: abandon_rx,
         lookups,
-        records: Arc::new(Semaphore::new(RECORDS_IN_FLIGHT)),
+        handlers: (options.prefetch > 0).then(|| Arc::new(Semaphore::new(options.concurrency))),
     });
     let task = tokio::spawn(run(
         ctx,
@@ -457,7 +469,9 @@ async fn run(
     options: WorkerOptions,
     mut stop: watch::Receiver<bool>,
 ) {
-    let slots = Arc::new(Semaphore::new(options.concurrency));
+    let slots = Arc::new(Semaphore::new(
+        options.concurrency.saturating_add(options.prefetch),
+    ));
     let tenant = ctx.d.shared.options.scheduler.clone();
     let mut running = JoinSet::new();
     let mut backoff = Duration::from_millis(100);
@@ -628,7 +642,7 @@ impl Drop for InFlight<'_> {
     }
 }
 
-async fn process(ctx: &Ctx, msg: Message, slot: Slot) {
+async fn process(ctx: &Ctx, msg: Message, _slot: Slot) {
     let d = &ctx.d;
     let opts = &d.shared.options;
     let delivered = msg
@@ -753,6 +767,37 @@ async fn process(ctx: &Ctx, msg: Message, slot: Slot) {
         return;
     }
 
+    // Pulled ahead (prefetch): wait for a handler, keeping the ack timer alive.
+    let handler_slot = match &ctx.handlers {
+        None => None,
+        Some(h) => {
+            let acquire = h.clone().acquire_owned();
+            tokio::pin!(acquire);
+            let mut abandon = ctx.abandon.clone();
+            if *abandon.borrow_and_update() {
+                settle(&msg, AckKind::Nak(None)).await;
+                return;
+            }
+            loop {
+                tokio::select! {
+                    p = &mut acquire => match p {
+                        Ok(p) => break Some(p),
+                        Err(_) => {
+                            settle(&msg, AckKind::Nak(None)).await;
+                            return;
+                        }
+                    },
+                    _ = tokio::time::sleep(progress_every) => settle(&msg, AckKind::Progress).await,
+                    changed = abandon.changed() => {
+                        if changed.is_err() || *abandon.borrow() {
+                            settle(&msg, AckKind::Nak(None)).await;
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+    };
     ctx.stats.runs.fetch_add(1, Ordering::Relaxed);
     let meter = |unit: &str| {
         if let Some(m) = &ctx.meter {
@@ -780,12 +825,12 @@ async fn process(ctx: &Ctx, msg: Message, slot: Slot) {
         settle(&msg, AckKind::Nak(None)).await;
         return;
     };
-    // The handler is done: its slot (and the tenant's task permit) goes to the
-    // next task while this outcome is recorded, so a slow record does not idle
-    // a handler slot. At most RECORDS_IN_FLIGHT outcomes are on their way at
-    // once; past that the slot is kept until one lands.
-    let _recording = ctx.records.clone().acquire_owned().await;
-    drop(slot);
+    // The handler is done: with prefetch, its handler slot goes to a task
+    // pulled ahead while this outcome is recorded. The pull slot (and the
+    // tenant's task permit) is held until the outcome is recorded, so at most
+    // `concurrency + prefetch` tasks of a worker are ever between their
+    // handler's end and their record.
+    drop(handler_slot);
     match result {
         Ok(output) => {
             match finish(ctx, &msg, &id, &TaskOutcome::Completed(output), expect).await {
