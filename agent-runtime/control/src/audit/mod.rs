@@ -405,8 +405,8 @@ struct Waiting {
 /// Logs checkpointed at once by the checkpointer.
 const CHECKPOINT_CONCURRENCY: usize = 8;
 
-/// Events appended in one atomic batch at most (the server's limit is 1,000).
-const MAX_BATCH: usize = 256;
+/// Events appended in one atomic batch at most: the server's limit (ADR-50).
+const MAX_BATCH: usize = 1_000;
 
 impl std::fmt::Debug for AuditLog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -519,14 +519,17 @@ impl AuditLog {
     /// caller. Returns the index, or `None` if it was not appended.
     ///
     /// # Group commit
-    /// Callers queue their events. Up to four of them at a time (`MAX_DRAINERS`)
-    /// take what is queued for logs with no batch in flight (each log's
-    /// events in order) and append it, of every log, in one atomic JetStream
-    /// batch (each log's first event in it carries the log's expected last
-    /// sequence, so a concurrent controller's append fails the whole batch,
-    /// which is re-read and retried); the others wait for their event to be
-    /// done. One event alone goes as a plain publish with its id for
-    /// de-duplication. Events per round trip grow with the callers waiting.
+    /// Callers queue their events. Up to four of them at a time take what is
+    /// queued for logs with no batch in flight (each log's events in order;
+    /// a second batch starts while one is in flight only once 32 events
+    /// wait) and append it in one round trip: with one event per log, as
+    /// plain publishes sent together, each with its log's expected last
+    /// sequence and its id (de-duplication); with several events of a log,
+    /// as one atomic JetStream batch (each log's first event in it carries
+    /// the log's expected last sequence, so a concurrent controller's append
+    /// fails the whole batch, which is re-read and retried). The others wait
+    /// for their event to be done. Events per round trip grow with the
+    /// callers waiting.
     pub async fn record(&self, event: AuditEvent) -> Option<u64> {
         self.record_many(vec![event]).await.pop().flatten()
     }
@@ -729,14 +732,22 @@ impl AuditLog {
         };
         let (mut events, senders): (Vec<AuditEvent>, Vec<_>) =
             batch.into_iter().map(|p| (p.event, p.done)).unzip();
-        let result = if events.len() == 1 {
-            match events.first_mut() {
-                Some(e) => self.append(e).await.map(|i| vec![i]),
-                None => Ok(Vec::new()),
+        let mut logs = std::collections::HashSet::new();
+        if events.iter().all(|e| logs.insert(e.tenant.as_str())) {
+            // One event per log (a lone event too): plain publishes, each with
+            // its log's expected last sequence and its id, sent together and
+            // acknowledged each on its own; no atomic batch to stage.
+            let results =
+                futures::future::join_all(events.iter_mut().map(|e| self.append(e))).await;
+            if results.iter().any(Result::is_ok) {
+                bump(&self.counters.batches);
             }
-        } else {
-            self.append_batch(&mut events).await
-        };
+            for (tx, r) in senders.into_iter().zip(results) {
+                let _ = tx.send(r.map_err(|e| e.to_string()));
+            }
+            return true;
+        }
+        let result = { self.append_batch(&mut events).await };
         match result {
             Ok(indices) => {
                 bump(&self.counters.batches);
