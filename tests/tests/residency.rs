@@ -8,7 +8,8 @@
 //! - A tenant's state store created for a region lives only on that region's
 //!   nodes (stream info says where); with the region down it gets a clear
 //!   error and nothing is placed elsewhere; a bucket found without the
-//!   region's placement is refused.
+//!   region's placement is refused. Task dispatch (stream and done bucket)
+//!   takes the same placement from the agent's bundle.
 
 // Test code: a failed set-up step should abort the test with its message.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -16,6 +17,7 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
+use agent_runtime::dispatch::{DispatchErrorKind, DispatchOptions, Dispatcher};
 use agentbus_control::api::{CreateTenant, ErrorCode, UpdateTenant};
 use agentbus_control::local_server::{ClusterOptions, LocalCluster};
 use agentbus_control::server_config::{render_operator_snippet, render_resolver_block};
@@ -305,6 +307,57 @@ async fn a_regions_state_store_lives_only_on_its_nodes_and_never_moves() {
     us_agent.kv("sessions").await.unwrap();
     assert_eq!(holders(&js, "KV_STATE").await, set(&["n3"]));
 
+    // Task dispatch takes the same placement from the bundle: a us tenant's
+    // stream and done bucket on n3, an eu tenant's (two replicas) on n1 and n2.
+    let agent_of = |t: &str, placement: StorePlacement| {
+        let t = TenantId::new(t).unwrap();
+        CredentialBundle {
+            url: urls.clone(),
+            tenant: t.clone(),
+            agent: AgentId::new("worker").unwrap(),
+            creds: None,
+            keys: master.key_set(&t, [1], 1).unwrap(),
+            placement,
+        }
+    };
+    let placed = |replicas, region: &Region| StorePlacement {
+        replicas: Some(replicas),
+        region: Some(region.clone()),
+    };
+    let us_ns = TenantNamespace::connect(&agent_of("usco", placed(1, &us)))
+        .await
+        .unwrap();
+    Dispatcher::new(&us_ns, DispatchOptions::new().per_tenant_names(true))
+        .await
+        .unwrap();
+    assert_eq!(holders(&js, "TASKS_usco").await, set(&["n3"]));
+    assert_eq!(holders(&js, "KV_TASKS_DONE_usco").await, set(&["n3"]));
+    let eu_ns = TenantNamespace::connect(&agent_of("euco", placed(2, &eu)))
+        .await
+        .unwrap();
+    Dispatcher::new(&eu_ns, DispatchOptions::new().per_tenant_names(true))
+        .await
+        .unwrap();
+    assert_eq!(holders(&js, "TASKS_euco").await, set(&["n1", "n2"]));
+    assert_eq!(holders(&js, "KV_TASKS_DONE_euco").await, set(&["n1", "n2"]));
+    // A task stream someone made without the placement is refused.
+    let plain_ns = TenantNamespace::connect(&agent_of("plainco", StorePlacement::default()))
+        .await
+        .unwrap();
+    Dispatcher::new(&plain_ns, DispatchOptions::new().per_tenant_names(true))
+        .await
+        .unwrap();
+    let err = Dispatcher::new(
+        &plain_ns,
+        DispatchOptions::new()
+            .per_tenant_names(true)
+            .region(eu.clone()),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.kind(), DispatchErrorKind::StreamConflict, "{err}");
+    assert!(err.to_string().contains("region eu"), "{err}");
+
     // A bucket made by someone else without the placement is not used.
     ns.kv_with("sessions", KvOptions::new().bucket("STATE_plain"))
         .await
@@ -332,6 +385,18 @@ async fn a_regions_state_store_lives_only_on_its_nodes_and_never_moves() {
     assert!(err.to_string().contains("region us"), "{err}");
     assert!(
         js.get_stream("KV_STATE_us2").await.is_err(),
+        "placed outside its region"
+    );
+    let late_ns = TenantNamespace::connect(&agent_of("lateco", placed(1, &us)))
+        .await
+        .unwrap();
+    let err = Dispatcher::new(&late_ns, DispatchOptions::new().per_tenant_names(true))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), DispatchErrorKind::Unavailable, "{err}");
+    assert!(err.to_string().contains("region us"), "{err}");
+    assert!(
+        js.get_stream("TASKS_lateco").await.is_err(),
         "placed outside its region"
     );
     let deadline = Instant::now() + Duration::from_secs(10);

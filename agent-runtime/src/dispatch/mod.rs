@@ -282,7 +282,8 @@ pub struct DispatchOptions {
     pub(crate) result_poll: Duration,
     pub(crate) gate: Option<TenantGate>,
     pub(crate) scheduler: Option<Arc<TenantScheduler>>,
-    pub(crate) replicas: usize,
+    pub(crate) replicas: Option<usize>,
+    pub(crate) region: Option<tenant_bus::region::Region>,
 }
 
 impl Default for DispatchOptions {
@@ -305,7 +306,8 @@ impl Default for DispatchOptions {
             result_poll: Duration::from_secs(1),
             gate: None,
             scheduler: None,
-            replicas: 1,
+            replicas: None,
+            region: None,
         }
     }
 }
@@ -317,11 +319,24 @@ impl DispatchOptions {
     }
 
     /// Replicas of the stream and the done bucket when they are created (1 to
-    /// 5). Default 1; on a cluster pass the deployment's setting, which the
-    /// runtime reads from the registry bucket
+    /// 5). Default: the bundle's placement
+    /// ([`TenantNamespace::placement`], which the control plane sets to the
+    /// deployment's setting), else 1. A runtime instance can also read the
+    /// setting from the registry bucket
     /// ([`Registry::replicas`](crate::registry::Registry::replicas)).
     pub fn replicas(mut self, replicas: usize) -> Self {
-        self.replicas = replicas.clamp(1, 5);
+        self.replicas = Some(replicas.clamp(1, 5));
+        self
+    }
+
+    /// Keeps the stream and the done bucket in `region` (data residency, see
+    /// [`tenant_bus::region`]). Default: the bundle's placement. They are
+    /// created with the region's placement tag (refused, never placed
+    /// elsewhere, when its servers cannot take them), and an existing stream
+    /// or bucket without that tag is refused
+    /// ([`DispatchErrorKind::StreamConflict`]).
+    pub fn region(mut self, region: tenant_bus::region::Region) -> Self {
+        self.region = Some(region);
         self
     }
 
@@ -557,6 +572,18 @@ impl Dispatcher {
             }
         }
         let (stream_name, bucket) = options.names(ns);
+        let placement = ns.placement();
+        let replicas = options.replicas.or(placement.replicas).unwrap_or(1);
+        if options.region.is_none() {
+            options.region = placement.region.clone();
+        }
+        let region = options.region.clone();
+        // Named in a creation error: a region that cannot hold the stream is
+        // the usual reason, and it is never placed elsewhere instead.
+        let where_ = region
+            .as_ref()
+            .map(|r| format!(" in region {r} (servers tagged {})", r.tag()))
+            .unwrap_or_default();
         let js = jetstream::new(ns.nats().clone());
         let subjects = vec![
             scope(ns.tenant(), "tasks.queue.>"),
@@ -570,11 +597,12 @@ impl Dispatcher {
                 retention: stream::RetentionPolicy::WorkQueue,
                 storage: stream::StorageType::File,
                 duplicate_window: options.duplicate_window,
-                num_replicas: options.replicas,
+                num_replicas: replicas,
+                placement: region.as_ref().map(|r| r.placement()),
                 ..Default::default()
             })
             .await
-            .map_err(|e| unavailable(format!("stream {stream_name}"), e))?;
+            .map_err(|e| unavailable(format!("stream {stream_name}{where_}"), e))?;
         // Agents may create the stream but never change it afterwards (the
         // control plane's allow-list has no STREAM.UPDATE), so whoever creates it
         // first fixes its configuration. One that would drop, move or copy queued
@@ -586,6 +614,14 @@ impl Dispatcher {
                 format!("stream {stream_name}: {why}"),
             ));
         }
+        if let Some(r) = &region {
+            if !r.holds(config.placement.as_ref()) {
+                return Err(Error::new(
+                    DispatchErrorKind::StreamConflict,
+                    format!("stream {stream_name} is not placed in region {r}"),
+                ));
+            }
+        }
         let done = match js.get_key_value(&bucket).await {
             Ok(kv) => {
                 // Someone else created it. A done record must outlive the task's
@@ -594,11 +630,19 @@ impl Dispatcher {
                 // module docs); agents cannot change a bucket, so one that
                 // forgets sooner is refused. (One created below has our
                 // retention, which is never shorter than the maximum age.)
-                let kept = kv
+                let status = kv
                     .status()
                     .await
-                    .map_err(|e| unavailable(format!("bucket {bucket}"), e))?
-                    .max_age();
+                    .map_err(|e| unavailable(format!("bucket {bucket}"), e))?;
+                if let Some(r) = &region {
+                    if !r.holds(status.info.config.placement.as_ref()) {
+                        return Err(Error::new(
+                            DispatchErrorKind::StreamConflict,
+                            format!("bucket {bucket} is not placed in region {r}"),
+                        ));
+                    }
+                }
+                let kept = status.max_age();
                 if !kept.is_zero() && kept < options.task_max_age {
                     return Err(Error::new(
                         DispatchErrorKind::StreamConflict,
@@ -618,11 +662,12 @@ impl Dispatcher {
                     history: 1,
                     max_age: options.done_retention,
                     storage: stream::StorageType::File,
-                    num_replicas: options.replicas,
+                    num_replicas: replicas,
+                    placement: region.as_ref().map(|r| r.placement()),
                     ..Default::default()
                 })
                 .await
-                .map_err(|e| unavailable(format!("bucket {bucket}"), e))?,
+                .map_err(|e| unavailable(format!("bucket {bucket}{where_}"), e))?,
         };
         Ok(Self {
             shared: Arc::new(Shared {

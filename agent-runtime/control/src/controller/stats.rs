@@ -184,11 +184,11 @@ impl Controller {
         // make a stream look misplaced; one known to be elsewhere does.
         if let Some(region) = region {
             for s in &mut out {
-                s.in_region = Some(s.nodes.iter().all(|n| {
-                    regions_of
-                        .get(n)
-                        .is_none_or(|rs| rs.contains(&region))
-                }));
+                s.in_region = Some(
+                    s.nodes
+                        .iter()
+                        .all(|n| regions_of.get(n).is_none_or(|rs| rs.contains(&region))),
+                );
             }
         }
         Ok(out)
