@@ -105,6 +105,8 @@ pub enum Section {
     Latency,
     /// JetStream publish, consume and task dispatch.
     Jetstream,
+    /// The same on a three-node loopback cluster with R3 streams.
+    JetstreamCluster,
     /// Receiver memory under sustained load.
     Soak,
     /// Admission cost and memory per tenant.
@@ -305,49 +307,49 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
 
     // JetStream: raw publish + consume against sealed task dispatch.
     if on(Section::Jetstream) {
-        let js_count = plan.js_count.to_string();
-        let runs = paired(&started, plan.repeats, "JetStream 1 KiB", |mode, r| {
-            // Each run gets its own stream and tenant, so runs share no state.
-            let run = format!("r{r}{}", mode_arg(mode));
-            worker(
-                &exe,
-                None,
-                &[
-                    "jetstream",
-                    "--url",
-                    &url,
-                    "--mode",
-                    mode_arg(mode),
-                    "--size",
-                    "1024",
-                    "--count",
-                    &js_count,
-                    "--run",
-                    &run,
-                ],
-            )
-        })?;
-        report.rows.push(Row::higher(
-            "JetStream 1 KiB publish msgs/s".into(),
-            pick(&runs, "publish_per_sec"),
-            Some(0.90),
-        ));
-        report.rows.push(Row::higher(
-            "JetStream 1 KiB consume msgs/s".into(),
-            pick(&runs, "consume_per_sec"),
-            // Issue 13 item 3: a dispatch worker also looks each task up and
-            // records its sealed outcome durably, which a raw consumer does not.
-            Some(0.60),
-        ));
-        report.rows.push(Row::higher(
-            "JetStream 1 KiB end-to-end msgs/s".into(),
-            pick(&runs, "end_to_end_per_sec"),
-            Some(0.70),
-        ));
-        report.rows.push(Row::memory(
-            "JetStream 1 KiB peak RSS (MiB)".into(),
-            pick_mib(&runs, "peak_rss_kib"),
-        ));
+        jetstream_rows(
+            &mut report,
+            &started,
+            &plan,
+            &exe,
+            &url,
+            1,
+            "JetStream 1 KiB",
+        )?;
+    }
+
+    // The same on three nodes, every stream R3 (issue 13: the targets hold
+    // on a cluster too).
+    if on(Section::JetstreamCluster) {
+        progress(&started, "starting a three-node cluster for JetStream R3");
+        let cluster = agentbus_control::local_server::LocalCluster::start(
+            agentbus_control::local_server::ClusterOptions::new().nodes(3),
+        )
+        .await
+        .map_err(|e| BenchError(crate::one_line(&e.to_string())))?;
+        // Streams can be created once the cluster has a JetStream meta leader.
+        let probe = async_nats::connect(cluster.url_list())
+            .await
+            .map_err(|e| BenchError(format!("connect to the cluster: {e}")))?;
+        let js = async_nats::jetstream::new(probe);
+        let deadline = Instant::now() + std::time::Duration::from_secs(30);
+        while js.query_account().await.is_err() {
+            if Instant::now() > deadline {
+                return Err(BenchError(
+                    "the cluster's JetStream never became ready".into(),
+                ));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+        jetstream_rows(
+            &mut report,
+            &started,
+            &plan,
+            &exe,
+            &cluster.urls(),
+            3,
+            "JetStream R3 (3 nodes) 1 KiB",
+        )?;
     }
 
     // Memory under sustained load.
@@ -501,6 +503,70 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
 
 /// Runs `measure` for raw and sealed, `repeats` times each, alternating which goes
 /// first so drift affects both; returns the raw runs, then the sealed ones.
+/// Raw JetStream publish and consume against sealed task dispatch, `replicas`
+/// replicas, against the server(s) at `url`; four rows labelled `label`.
+fn jetstream_rows(
+    report: &mut Report,
+    started: &Instant,
+    plan: &Plan,
+    exe: &std::path::Path,
+    url: &str,
+    replicas: usize,
+    label: &str,
+) -> Result<(), BenchError> {
+    let js_count = plan.js_count.to_string();
+    let replicas_s = replicas.to_string();
+    let runs = paired(started, plan.repeats, label, |mode, r| {
+        // Each run gets its own stream and tenant, so runs share no state.
+        let run = format!(
+            "r{r}{}{}",
+            mode_arg(mode),
+            if replicas > 1 { "c" } else { "" }
+        );
+        worker(
+            exe,
+            None,
+            &[
+                "jetstream",
+                "--url",
+                url,
+                "--mode",
+                mode_arg(mode),
+                "--size",
+                "1024",
+                "--count",
+                &js_count,
+                "--run",
+                &run,
+                "--replicas",
+                &replicas_s,
+            ],
+        )
+    })?;
+    report.rows.push(Row::higher(
+        format!("{label} publish msgs/s"),
+        pick(&runs, "publish_per_sec"),
+        Some(0.90),
+    ));
+    report.rows.push(Row::higher(
+        format!("{label} consume msgs/s"),
+        pick(&runs, "consume_per_sec"),
+        // Issue 13 item 3: a dispatch worker also looks each task up and
+        // records its sealed outcome durably, which a raw consumer does not.
+        Some(0.60),
+    ));
+    report.rows.push(Row::higher(
+        format!("{label} end-to-end msgs/s"),
+        pick(&runs, "end_to_end_per_sec"),
+        Some(0.70),
+    ));
+    report.rows.push(Row::memory(
+        format!("{label} peak RSS (MiB)"),
+        pick_mib(&runs, "peak_rss_kib"),
+    ));
+    Ok(())
+}
+
 fn paired(
     started: &Instant,
     repeats: usize,

@@ -62,6 +62,9 @@ pub struct JetstreamArgs {
     /// A distinct name for this run's stream, so runs do not share state.
     #[arg(long)]
     pub run: String,
+    /// Replicas of the streams and buckets (3 on a three-node cluster).
+    #[arg(long, default_value_t = 1)]
+    pub replicas: usize,
 }
 
 /// Arguments of the throughput measurement.
@@ -268,8 +271,9 @@ impl RawTarget {
                 .map_err(|e| BenchError(format!("creds: {e}")))?
                 .custom_inbox_prefix(format!("tenant.{}._INBOX", self.tenant)),
         };
+        // `url` may be a comma-separated list (a cluster).
         opts.subscription_capacity(1 << 20)
-            .connect(url)
+            .connect(url.split(',').map(str::trim).collect::<Vec<_>>())
             .await
             .map_err(|e| BenchError(format!("connect {url}: {e}")))
     }
@@ -818,6 +822,7 @@ async fn jetstream(a: JetstreamArgs) -> Result<serde_json::Value, BenchError> {
                     subjects: vec![subject.clone()],
                     retention: stream::RetentionPolicy::WorkQueue,
                     storage: stream::StorageType::File,
+                    num_replicas: a.replicas,
                     ..Default::default()
                 })
                 .await
@@ -899,7 +904,8 @@ async fn jetstream(a: JetstreamArgs) -> Result<serde_json::Value, BenchError> {
                 &ns,
                 DispatchOptions::new()
                     .stream(&format!("TASKS_{}", a.run))
-                    .done_bucket(&format!("DONE_{}", a.run)),
+                    .done_bucket(&format!("DONE_{}", a.run))
+                    .replicas(a.replicas),
             )
             .await
             .map_err(|e| fail("dispatcher")(e.to_string()))?;
