@@ -81,6 +81,19 @@ pub async fn cluster(options: ClusterOptions) -> LocalCluster {
     }
 }
 
+/// Waits until `js` answers JetStream requests (a fresh cluster does once it
+/// has a meta leader), polling every 200 ms; panics after `limit`.
+pub async fn jetstream_ready(js: &async_nats::jetstream::Context, limit: Duration) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while js.query_account().await.is_err() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "JetStream never became ready"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// Runs `f` until it returns `Some`, polling every 10 ms, for at most `limit`.
 pub async fn eventually<T, F, Fut>(limit: Duration, mut f: F) -> Option<T>
 where

@@ -176,12 +176,7 @@ async fn scenario(target: Target, replicas: usize, outage: Duration) -> Outcome 
         .await
         .unwrap();
     let js = jetstream::new(observer.clone());
-    // A fresh cluster answers JetStream requests once it has a meta leader.
-    let ready = Instant::now() + Duration::from_secs(20);
-    while js.query_account().await.is_err() {
-        assert!(Instant::now() < ready, "JetStream never became ready");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    nats_harness::jetstream_ready(&js, Duration::from_secs(20)).await;
 
     // The runtime: a scheduler with cluster-wide task slots (a generous cap, so
     // the slots are exercised but never the limit), a worker, a dispatcher.

@@ -230,11 +230,7 @@ async fn a_regions_state_store_lives_only_on_its_nodes_and_never_moves() {
         .await
         .unwrap();
     let js = jetstream::new(observer);
-    let ready = Instant::now() + Duration::from_secs(20);
-    while js.query_account().await.is_err() {
-        assert!(Instant::now() < ready, "JetStream never became ready");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    nats_harness::jetstream_ready(&js, Duration::from_secs(20)).await;
     let master = MasterSecret::generate().unwrap();
     let tenant = TenantId::new("acme").unwrap();
     let ns = TenantNamespace::connect(&CredentialBundle {

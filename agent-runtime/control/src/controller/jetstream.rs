@@ -94,14 +94,7 @@ impl Controller {
                 max_storage: n("/data/config/max_storage"),
                 server_reserved_memory: n("/data/reserved_memory"),
                 server_reserved_storage: n("/data/reserved_storage"),
-                tags: v
-                    .pointer("/server/tags")
-                    .and_then(Value::as_array)
-                    .into_iter()
-                    .flatten()
-                    .filter_map(Value::as_str)
-                    .map(str::to_string)
-                    .collect(),
+                tags: super::ping::server_tags(v).map(str::to_string).collect(),
             });
         }
         servers.sort_by(|a, b| a.server.cmp(&b.server));

@@ -68,3 +68,15 @@ impl Controller {
         Ok(answers)
     }
 }
+
+/// The tags a server's `$SYS` answer carries (`server.tags`: its
+/// `server_tags`), as the JSZ pings of the reservation check and of
+/// `tenant stats` both read them.
+pub(super) fn server_tags(answer: &Value) -> impl Iterator<Item = &str> {
+    answer
+        .pointer("/server/tags")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+}

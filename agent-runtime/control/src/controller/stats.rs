@@ -120,13 +120,10 @@ impl Controller {
             let Some(server) = v.pointer("/server/name").and_then(Value::as_str) else {
                 continue;
             };
-            let tags = v
-                .pointer("/server/tags")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-                .filter_map(Value::as_str);
-            regions_of.insert(server.to_string(), Region::of_tags(tags));
+            regions_of.insert(
+                server.to_string(),
+                Region::of_tags(super::ping::server_tags(v)),
+            );
             for detail in v
                 .pointer("/data/account_details")
                 .and_then(Value::as_array)
