@@ -42,6 +42,31 @@ async def test_publish_subscribe_stamp_and_counters(nats_server) -> None:
         await b.close()
 
 
+async def test_a_subscription_is_live_when_subscribe_returns(nats_server) -> None:
+    # A message published from another connection right after subscribe()
+    # returns must arrive. With one nats-py flush as the barrier it did not in
+    # about 1 of 100 rounds (nats-py writes the PING ahead of the queued SUB),
+    # so 150 fresh subscriptions make a regression fail almost surely.
+    t = unique_tenant()
+    a = await connect(nats_server, t, "alice")
+    b = await connect(nats_server, t, "bob")
+    try:
+        lost = []
+        for i in range(150):
+            sub = await b.subscribe(f"round.{i}")
+            await a.publish(f"round.{i}", b"x")
+            try:
+                m = await sub.next_msg(timeout=2)
+                assert m.subject == f"round.{i}"
+            except tb.SubscribeError:
+                lost.append(i)
+            await sub.unsubscribe()
+        assert lost == []
+    finally:
+        await a.close()
+        await b.close()
+
+
 async def test_async_for_ends_when_the_namespace_closes(nats_server) -> None:
     t = unique_tenant()
     ns = await connect(nats_server, t, "solo")

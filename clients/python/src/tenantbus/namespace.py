@@ -116,6 +116,23 @@ def _validate_creds(creds: str) -> None:
         raise ConnectError(ConnectErrorKind.CREDENTIALS, "bundle creds is not a NATS .creds file")
 
 
+async def server_barrier(nc: NatsClient, timeout: int) -> None:
+    """Returns once the server has processed every command ``nc`` was given
+    before the call (a SUB is then live, a PUB delivered to its subscribers).
+
+    One ``nc.flush()`` is not that barrier: nats-py (2.16) writes the flush's
+    PING straight to the socket while commands it queued for its flusher task
+    (a SUB, a PUB) may still wait in the client, so the PONG can arrive before
+    the server has seen them, and a message published from another connection
+    right after a ``subscribe`` was lost (seen in CI, reproduced in about 1 of
+    100 subscribe-then-publish rounds). Two round trips are: the flusher task
+    is already runnable when the first PING goes out and runs before the
+    first PONG can be read, so everything queued before the call is on the
+    socket ahead of the second PING."""
+    await nc.flush(timeout=timeout)
+    await nc.flush(timeout=timeout)
+
+
 async def connect(
     bundle: Union[CredentialBundle, Mapping[str, Any], PathLike],
     options: Optional[NamespaceOptions] = None,
@@ -427,9 +444,9 @@ class TenantNamespace:
 
     async def sync(self) -> None:
         """Waits until the server has processed everything this connection sent
-        (a PING/PONG round trip)."""
+        (see :func:`server_barrier`)."""
         try:
-            await self._nc.flush(timeout=max(1, int(self.options.request_timeout)))
+            await server_barrier(self._nc, max(1, int(self.options.request_timeout)))
         except Exception as e:
             raise SubscribeError(SubscribeErrorKind.SEND, f"sync: {type(e).__name__}: {e}") from e
 
@@ -523,9 +540,10 @@ class TenantNamespace:
     # -- lifecycle -------------------------------------------------------
 
     async def flush(self) -> None:
-        """Writes buffered messages and waits for the server's PONG."""
+        """Writes buffered messages and waits until the server has processed
+        them (see :func:`server_barrier`)."""
         try:
-            await self._nc.flush()
+            await server_barrier(self._nc, 2)
         except Exception as e:
             raise PublishError(PublishErrorKind.SEND, f"flush: {type(e).__name__}: {e}") from e
 
@@ -587,7 +605,9 @@ class _Muxer:
     async def start(self) -> None:
         try:
             await self._ns._nc.subscribe(f"{self.prefix}.*", cb=self._on_msg)
-            await self._ns._nc.flush()
+            # The inbox must be live before the first request goes out, or a
+            # fast responder's answer finds no subscription.
+            await server_barrier(self._ns._nc, 2)
         except Exception as e:
             raise RequestError(RequestErrorKind.SEND, f"inbox subscribe: {type(e).__name__}: {e}") from e
 
