@@ -349,6 +349,33 @@ async fn invalid_task_type_is_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_outside_one_to_five_are_refused_and_nothing_is_created() {
+    let server = Server::jetstream();
+    let master = MasterSecret::generate().unwrap();
+    let ns = connect(&server, &master, "acme", "planner").await;
+    for bad in [0, 6, 100] {
+        let e = Dispatcher::new(&ns, options().replicas(bad))
+            .await
+            .map(|_| ())
+            .unwrap_err();
+        assert_eq!(e.kind(), DispatchErrorKind::InvalidOptions, "{bad}: {e}");
+        assert!(e.to_string().contains(&format!("not {bad}")), "{e}");
+    }
+    let js = async_nats::jetstream::new(ns.nats().clone());
+    let streams: Vec<String> = futures::StreamExt::collect::<Vec<_>>(js.stream_names())
+        .await
+        .into_iter()
+        .map(|n| n.unwrap())
+        .collect();
+    assert!(
+        streams.is_empty(),
+        "created despite the refusal: {streams:?}"
+    );
+    // In range (this server is a single node: R1) still works.
+    Dispatcher::new(&ns, options().replicas(1)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tenants_queues_are_separate_and_a_shared_stream_name_is_refused() {
     let server = Server::jetstream();
     let master = MasterSecret::generate().unwrap();

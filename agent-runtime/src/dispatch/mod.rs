@@ -188,7 +188,8 @@ pub enum DispatchErrorKind {
     /// The tenant's scheduler refused the dispatch (message or byte window spent,
     /// message too large): why, and when a retry may succeed.
     Rejected(Rejection),
-    /// The options do not fit the namespace (a scheduler of another tenant).
+    /// The options do not fit the namespace (a scheduler of another tenant)
+    /// or are out of range (replicas outside 1 to 5).
     InvalidOptions,
 }
 
@@ -319,13 +320,15 @@ impl DispatchOptions {
     }
 
     /// Replicas of the stream and the done bucket when they are created (1 to
-    /// 5). Default: the bundle's placement
+    /// 5; another count makes [`Dispatcher::new`] fail with
+    /// [`DispatchErrorKind::InvalidOptions`] rather than create something
+    /// other than asked). Default: the bundle's placement
     /// ([`TenantNamespace::placement`], which the control plane sets to the
     /// deployment's setting), else 1. A runtime instance can also read the
     /// setting from the registry bucket
     /// ([`Registry::replicas`](crate::registry::Registry::replicas)).
     pub fn replicas(mut self, replicas: usize) -> Self {
-        self.replicas = Some(replicas.clamp(1, 5));
+        self.replicas = Some(replicas);
         self
     }
 
@@ -574,6 +577,14 @@ impl Dispatcher {
         let (stream_name, bucket) = options.names(ns);
         let placement = ns.placement();
         let replicas = options.replicas.or(placement.replicas).unwrap_or(1);
+        if !(1..=5).contains(&replicas) {
+            // JetStream takes 1 to 5; a silent clamp would create something
+            // other than asked (R5 for R7) and a zero would fail late.
+            return Err(Error::new(
+                DispatchErrorKind::InvalidOptions,
+                format!("replicas must be 1 to 5, not {replicas}"),
+            ));
+        }
         if options.region.is_none() {
             options.region = placement.region.clone();
         }
