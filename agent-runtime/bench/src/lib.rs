@@ -560,6 +560,13 @@ fn jetstream_rows(
         pick(&runs, "end_to_end_per_sec"),
         Some(0.70),
     ));
+    // Where the consume gap goes: the client's CPU per task (on this
+    // machine the server shares the same two cores).
+    report.rows.push(Row::lower(
+        format!("{label} consume client CPU (us/task)"),
+        pick(&runs, "consume_client_cpu_us_per_task"),
+        None,
+    ));
     report.rows.push(Row::memory(
         format!("{label} peak RSS (MiB)"),
         pick_mib(&runs, "peak_rss_kib"),

@@ -65,6 +65,9 @@ pub struct JetstreamArgs {
     /// Replicas of the streams and buckets (3 on a three-node cluster).
     #[arg(long, default_value_t = 1)]
     pub replicas: usize,
+    /// Tasks the dispatch worker pulls ahead of its handlers (sealed mode).
+    #[arg(long, default_value_t = JS_CONCURRENCY)]
+    pub prefetch: usize,
 }
 
 /// Arguments of the throughput measurement.
@@ -810,6 +813,11 @@ async fn jetstream(a: JetstreamArgs) -> Result<serde_json::Value, BenchError> {
     let count = a.count;
     let publish_secs;
     let consume_secs;
+    // This process's CPU while consuming (on 2 shared cores, what the client
+    // burns the server cannot use), and for dispatch the server requests a
+    // task costs beside its delivery, ack and outcome write.
+    let consume_cpu_secs;
+    let mut per_task = serde_json::Value::Null;
     match a.mode {
         Mode::Raw => {
             let client = raw_client(&a.url).await?;
@@ -861,6 +869,7 @@ async fn jetstream(a: JetstreamArgs) -> Result<serde_json::Value, BenchError> {
                 .await
                 .map_err(|e| fail("consumer")(e.to_string()))?;
             let t = Instant::now();
+            let cpu = crate::stats::cpu_secs();
             let mut messages = consumer
                 .messages()
                 .await
@@ -887,6 +896,7 @@ async fn jetstream(a: JetstreamArgs) -> Result<serde_json::Value, BenchError> {
                 r.map_err(|e| fail("ack")(e.to_string()))?;
             }
             consume_secs = t.elapsed().as_secs_f64();
+            consume_cpu_secs = crate::stats::cpu_secs() - cpu;
             let _ = js.delete_stream(&name).await;
         }
         Mode::Sealed => {
@@ -934,6 +944,7 @@ async fn jetstream(a: JetstreamArgs) -> Result<serde_json::Value, BenchError> {
             publish_secs = t.elapsed().as_secs_f64();
             drop(acks);
             let t = Instant::now();
+            let cpu = crate::stats::cpu_secs();
             let worker = dispatcher
                 .worker(
                     "load",
@@ -945,7 +956,7 @@ async fn jetstream(a: JetstreamArgs) -> Result<serde_json::Value, BenchError> {
                     // raw consumer's `messages()` keeps up to 200 prefetched).
                     WorkerOptions::new()
                         .concurrency(JS_CONCURRENCY)
-                        .prefetch(JS_CONCURRENCY),
+                        .prefetch(a.prefetch),
                 )
                 .await
                 .map_err(|e| fail("worker")(e.to_string()))?;
@@ -960,6 +971,13 @@ async fn jetstream(a: JetstreamArgs) -> Result<serde_json::Value, BenchError> {
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
             consume_secs = t.elapsed().as_secs_f64();
+            consume_cpu_secs = crate::stats::cpu_secs() - cpu;
+            let stats = worker.stats();
+            let tasks = stats.completed().max(1) as f64;
+            per_task = serde_json::json!({
+                "pull_requests": stats.pull_requests() as f64 / tasks,
+                "lookup_requests": stats.lookup_requests() as f64 / tasks,
+            });
             worker.abort();
             let js = jetstream::new(ns.nats().clone());
             let _ = js.delete_stream(format!("TASKS_{}", a.run)).await;
@@ -971,6 +989,8 @@ async fn jetstream(a: JetstreamArgs) -> Result<serde_json::Value, BenchError> {
         "publish_per_sec": n / publish_secs.max(1e-9),
         "consume_per_sec": n / consume_secs.max(1e-9),
         "end_to_end_per_sec": n / (publish_secs + consume_secs).max(1e-9),
+        "consume_client_cpu_us_per_task": consume_cpu_secs * 1e6 / n.max(1.0),
+        "consume_requests_per_task": per_task,
         "peak_rss_kib": peak_rss_kib(),
     }))
 }

@@ -23,6 +23,7 @@
 //!   outcome instead of overwriting it.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -58,12 +59,22 @@ pub(crate) struct Lookups {
 }
 
 impl Lookups {
-    /// Starts the coalescing tasks for `store` on `nats`.
-    pub(crate) fn start(nats: async_nats::Client, store: kv::Store) -> Self {
+    /// Starts the coalescing tasks for `store` on `nats`; each request they
+    /// send to the server is counted in `requests`.
+    pub(crate) fn start(
+        nats: async_nats::Client,
+        store: kv::Store,
+        requests: Arc<AtomicU64>,
+    ) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         let rx = Arc::new(Mutex::new(rx));
         for _ in 0..LOOKUPS_IN_FLIGHT {
-            tokio::spawn(coalesce(nats.clone(), store.clone(), rx.clone()));
+            tokio::spawn(coalesce(
+                nats.clone(),
+                store.clone(),
+                rx.clone(),
+                requests.clone(),
+            ));
         }
         Self { tx }
     }
@@ -86,6 +97,7 @@ async fn coalesce(
     nats: async_nats::Client,
     store: kv::Store,
     rx: Arc<Mutex<mpsc::UnboundedReceiver<(String, Reply)>>>,
+    requests: Arc<AtomicU64>,
 ) {
     let mut direct = store.stream.cached_info().config.allow_direct;
     let mut inbox: Option<(async_nats::Subscriber, String)> = None;
@@ -110,16 +122,19 @@ async fn coalesce(
         keys.dedup();
         let found = if direct {
             n += 1;
+            requests.fetch_add(1, Ordering::Relaxed);
             match multi_last(&nats, &store, &mut inbox, n, &keys).await {
                 Ok(found) => Ok(found),
                 Err(Fallback::Unsupported(why)) => {
                     tracing::info!(bucket = %store.name, %why, "batched direct gets refused; one get per key from now on");
                     direct = false;
+                    requests.fetch_add(keys.len() as u64, Ordering::Relaxed);
                     one_by_one(&store, &keys).await
                 }
                 Err(Fallback::Failed(e)) => Err(e),
             }
         } else {
+            requests.fetch_add(keys.len() as u64, Ordering::Relaxed);
             one_by_one(&store, &keys).await
         };
         let prefix = store.prefix.as_str();

@@ -173,6 +173,8 @@ pub struct WorkerStats {
     rejected: AtomicU64,
     outage_waits: AtomicU64,
     unverified_done: AtomicU64,
+    pull_requests: AtomicU64,
+    lookup_requests: Arc<AtomicU64>,
 }
 
 impl WorkerStats {
@@ -209,6 +211,17 @@ impl WorkerStats {
     /// the task ran as if there were none).
     pub fn unverified_done(&self) -> u64 {
         self.unverified_done.load(Ordering::Relaxed)
+    }
+    /// Pull requests sent to the task stream's consumer (each asks for as
+    /// many tasks as the worker has free slots).
+    pub fn pull_requests(&self) -> u64 {
+        self.pull_requests.load(Ordering::Relaxed)
+    }
+    /// Requests sent to the done bucket to look tasks up before they run (one
+    /// batched get covers every task waiting at that moment; a bucket without
+    /// direct gets costs one per task).
+    pub fn lookup_requests(&self) -> u64 {
+        self.lookup_requests.load(Ordering::Relaxed)
     }
 }
 
@@ -308,7 +321,7 @@ pub(crate) async fn start(
         .subscribe(format!("{inbox}.*"))
         .await
         .map_err(|e| unavailable("pull inbox", e))?;
-    let lookups = Lookups::start(nats, d.shared.done.clone());
+    let lookups = Lookups::start(nats, d.shared.done.clone(), stats.lookup_requests.clone());
     let ctx = Arc::new(Ctx {
         audit: options.audit.clone(),
         meter: options.meter.clone(),
@@ -509,6 +522,7 @@ async fn run(
             .await
         {
             Ok(r) => {
+                ctx.stats.pull_requests.fetch_add(1, Ordering::Relaxed);
                 backoff = Duration::from_millis(100);
                 r
             }
