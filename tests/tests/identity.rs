@@ -97,7 +97,9 @@ async fn a_key_logs_in_to_its_own_tenant_only() {
         .await
         .unwrap();
     client.flush().await.unwrap();
-    let got = tokio::time::timeout(Duration::from_secs(2), sub.next())
+    // Delivery, not latency, is what this checks: 10 s, as CI failed once at
+    // 2 s with a benchmark saturating both cores beside the tests.
+    let got = tokio::time::timeout(Duration::from_secs(10), sub.next())
         .await
         .unwrap()
         .unwrap();
