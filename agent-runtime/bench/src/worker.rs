@@ -66,7 +66,7 @@ pub struct JetstreamArgs {
     #[arg(long, default_value_t = 1)]
     pub replicas: usize,
     /// Tasks the dispatch worker pulls ahead of its handlers (sealed mode).
-    #[arg(long, default_value_t = JS_CONCURRENCY)]
+    #[arg(long, default_value_t = JS_PREFETCH)]
     pub prefetch: usize,
 }
 
@@ -798,6 +798,11 @@ async fn tenants(a: TenantsArgs) -> Result<serde_json::Value, BenchError> {
 const JS_WINDOW: usize = 1024;
 /// Tasks worked at once, for both modes.
 const JS_CONCURRENCY: usize = 64;
+/// Tasks the dispatch worker pulls ahead of its 64 handlers: 512 in hand at
+/// most, against the raw consumer's up to 4,096 unacked (its max_ack_pending).
+/// Measured on one node: prefetch 64 gave 23k tasks/s, 192 gave 29k, 448
+/// 31-34k and 960 no more; deeper pulls also cost the server less per task.
+const JS_PREFETCH: usize = 448;
 
 /// Publishes `count` messages into a work-queue stream with up to [`JS_WINDOW`]
 /// acks in flight, then consumes and acks them all; reports both phases.
@@ -952,8 +957,8 @@ async fn jetstream(a: JetstreamArgs) -> Result<serde_json::Value, BenchError> {
                         std::hint::black_box(&task.payload);
                         Ok::<Bytes, String>(Bytes::new())
                     },
-                    // 64 handlers and one batch of 64 pulled ahead of them (the
-                    // raw consumer's `messages()` keeps up to 200 prefetched).
+                    // 64 handlers and up to `a.prefetch` tasks pulled ahead
+                    // of them (see JS_PREFETCH).
                     WorkerOptions::new()
                         .concurrency(JS_CONCURRENCY)
                         .prefetch(a.prefetch),
