@@ -647,6 +647,18 @@ async fn a_burst_of_tasks_and_their_copies_each_run_once() {
     })
     .await;
     assert!(all.is_some(), "{:?}", worker.stats());
+    // Counted: a batched get covers at least one task, so never more lookup
+    // requests than tasks (how many fewer depends on timing); pulls at least
+    // one, at most one per task plus the ones that expired empty (2 s each).
+    let stats = worker.stats();
+    assert!(
+        (1..=N as u64).contains(&stats.lookup_requests()),
+        "{stats:?}"
+    );
+    assert!(
+        (1..=N as u64 + 15).contains(&stats.pull_requests()),
+        "{stats:?}"
+    );
     let js = async_nats::jetstream::new(server.raw_client().await);
     for task in &tasks {
         js.send_publish(
@@ -861,6 +873,8 @@ async fn a_done_bucket_without_direct_gets_still_finds_finished_tasks() {
     .await;
     assert!(seen.is_some(), "{:?}", worker.stats());
     assert_eq!(runs.load(Ordering::SeqCst), 1);
+    // Without direct gets, each delivery was one get of its own.
+    assert_eq!(worker.stats().lookup_requests(), 2, "{:?}", worker.stats());
     assert_eq!(d.outcome(&task.id()).await.unwrap(), Some(outcome));
     worker.shutdown(Duration::from_secs(5)).await;
 }
