@@ -29,6 +29,7 @@ from typing import (
 )
 
 import nats
+from nats.aio.client import DEFAULT_FLUSH_TIMEOUT
 from nats.aio.client import Client as NatsClient
 from nats.aio.client import RawCredentials
 from nats.aio.msg import Msg
@@ -116,7 +117,7 @@ def _validate_creds(creds: str) -> None:
         raise ConnectError(ConnectErrorKind.CREDENTIALS, "bundle creds is not a NATS .creds file")
 
 
-async def server_barrier(nc: NatsClient, timeout: int) -> None:
+async def server_barrier(nc: NatsClient, timeout: int = DEFAULT_FLUSH_TIMEOUT) -> None:
     """Returns once the server has processed every command ``nc`` was given
     before the call (a SUB is then live, a PUB delivered to its subscribers).
 
@@ -128,7 +129,8 @@ async def server_barrier(nc: NatsClient, timeout: int) -> None:
     100 subscribe-then-publish rounds). Two round trips are: the flusher task
     is already runnable when the first PING goes out and runs before the
     first PONG can be read, so everything queued before the call is on the
-    socket ahead of the second PING."""
+    socket ahead of the second PING. ``timeout`` (seconds) applies to each
+    round trip; the default is nats-py's own flush timeout."""
     await nc.flush(timeout=timeout)
     await nc.flush(timeout=timeout)
 
@@ -543,7 +545,7 @@ class TenantNamespace:
         """Writes buffered messages and waits until the server has processed
         them (see :func:`server_barrier`)."""
         try:
-            await server_barrier(self._nc, 2)
+            await server_barrier(self._nc)
         except Exception as e:
             raise PublishError(PublishErrorKind.SEND, f"flush: {type(e).__name__}: {e}") from e
 
@@ -607,7 +609,7 @@ class _Muxer:
             await self._ns._nc.subscribe(f"{self.prefix}.*", cb=self._on_msg)
             # The inbox must be live before the first request goes out, or a
             # fast responder's answer finds no subscription.
-            await server_barrier(self._ns._nc, 2)
+            await server_barrier(self._ns._nc)
         except Exception as e:
             raise RequestError(RequestErrorKind.SEND, f"inbox subscribe: {type(e).__name__}: {e}") from e
 
