@@ -239,7 +239,10 @@ impl KvOptions {
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
         let bad = if !bucket_ok {
             Some(format!("bucket {:?}", truncate(&self.bucket)))
-        } else if self.replicas.is_some_and(|r| !(1..=5).contains(&r)) {
+        } else if self
+            .replicas
+            .is_some_and(|r| !crate::region::REPLICAS.contains(&r))
+        {
             Some(format!("replicas {:?} (1 to 5)", self.replicas))
         } else if !(1..=MAX_VALUE_LEN).contains(&self.max_value_len) {
             Some(format!("max_value_len {}", self.max_value_len))

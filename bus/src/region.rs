@@ -13,6 +13,8 @@
 //! The region is a slug like tenant ids (`eu`, `us-east-1`): lowercase
 //! letters, digits and single inner hyphens, at most 64 characters.
 
+use std::ops::RangeInclusive;
+
 use async_nats::jetstream::stream::Placement;
 
 use crate::error::Error;
@@ -59,6 +61,11 @@ pub struct StorePlacement {
     pub region: Option<Region>,
 }
 
+/// The replica counts JetStream accepts for a stream or bucket (1 to 5): the
+/// one range every replica option of the bus and the runtime is checked
+/// against.
+pub const REPLICAS: RangeInclusive<usize> = 1..=5;
+
 impl StorePlacement {
     /// Nothing set (a bundle without `placement`).
     pub fn is_unset(&self) -> bool {
@@ -67,7 +74,7 @@ impl StorePlacement {
 
     /// Whether the replica count, if set, is 1 to 5.
     pub fn is_valid(&self) -> bool {
-        self.replicas.is_none_or(|r| (1..=5).contains(&r))
+        self.replicas.is_none_or(|r| REPLICAS.contains(&r))
     }
 }
 

@@ -128,14 +128,12 @@ async fn coalesce(
                 Err(Fallback::Unsupported(why)) => {
                     tracing::info!(bucket = %store.name, %why, "batched direct gets refused; one get per key from now on");
                     direct = false;
-                    requests.fetch_add(keys.len() as u64, Ordering::Relaxed);
-                    one_by_one(&store, &keys).await
+                    one_by_one(&store, &keys, &requests).await
                 }
                 Err(Fallback::Failed(e)) => Err(e),
             }
         } else {
-            requests.fetch_add(keys.len() as u64, Ordering::Relaxed);
-            one_by_one(&store, &keys).await
+            one_by_one(&store, &keys, &requests).await
         };
         let prefix = store.prefix.as_str();
         for (key, reply) in batch {
@@ -253,11 +251,13 @@ async fn multi_last(
     }
 }
 
-/// One get per key (a bucket without direct gets).
+/// One get per key (a bucket without direct gets); each counted in `requests`.
 async fn one_by_one(
     store: &kv::Store,
     keys: &[&str],
+    requests: &AtomicU64,
 ) -> Result<HashMap<String, DoneRecord>, String> {
+    requests.fetch_add(keys.len() as u64, Ordering::Relaxed);
     let entries = futures::future::join_all(keys.iter().map(|k| store.entry(k.to_string()))).await;
     let mut found = HashMap::with_capacity(keys.len());
     for (key, entry) in keys.iter().zip(entries) {

@@ -577,7 +577,7 @@ impl Dispatcher {
         let (stream_name, bucket) = options.names(ns);
         let placement = ns.placement();
         let replicas = options.replicas.or(placement.replicas).unwrap_or(1);
-        if !(1..=5).contains(&replicas) {
+        if !tenant_bus::region::REPLICAS.contains(&replicas) {
             // JetStream takes 1 to 5; a silent clamp would create something
             // other than asked (R5 for R7) and a zero would fail late.
             return Err(Error::new(
