@@ -94,6 +94,41 @@ pub async fn jetstream_ready(js: &async_nats::jetstream::Context, limit: Duratio
     }
 }
 
+/// Waits until the server has processed everything `client` sent before the
+/// call, so that its subscriptions are live for every other connection.
+///
+/// async-nats' `flush` only writes the client's buffer to the socket: a message
+/// another connection publishes right after it can still reach the server
+/// before this client's SUB (CI lost one such message in about one run of
+/// three on a loaded machine). The server handles one connection's protocol in
+/// order, so a marker published on `subject` and echoed back through a fresh
+/// subscription of the same client is a barrier. `subject` must be one the
+/// client may publish and subscribe to; a subscription of the test that
+/// matches it receives the marker (payload `server-sync`). Panics after 10 s.
+pub async fn server_sync(client: &async_nats::Client, subject: &str) {
+    let mut probe = client
+        .subscribe(subject.to_string())
+        .await
+        .unwrap_or_else(|e| panic!("server_sync: subscribe {subject}: {e}"));
+    client
+        .publish(subject.to_string(), "server-sync".into())
+        .await
+        .unwrap_or_else(|e| panic!("server_sync: publish {subject}: {e}"));
+    client
+        .flush()
+        .await
+        .unwrap_or_else(|e| panic!("server_sync: flush: {e}"));
+    let echoed = tokio::time::timeout(
+        Duration::from_secs(10),
+        futures::StreamExt::next(&mut probe),
+    )
+    .await;
+    assert!(
+        matches!(echoed, Ok(Some(_))),
+        "server_sync: the server did not echo the marker on {subject} in 10 s"
+    );
+}
+
 /// Runs `f` until it returns `Some`, polling every 10 ms, for at most `limit`.
 pub async fn eventually<T, F, Fut>(limit: Duration, mut f: F) -> Option<T>
 where

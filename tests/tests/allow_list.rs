@@ -41,7 +41,7 @@ use agent_runtime::tiers::Tier;
 use async_nats::jetstream::{self, kv, stream};
 use bytes::Bytes;
 use futures::StreamExt as _;
-use nats_harness::{eventually, platform, raw_options, Events};
+use nats_harness::{eventually, platform, raw_options, server_sync, Events};
 use serde_json::json;
 use tenant_bus::{CredentialBundle, TenantNamespace};
 
@@ -471,7 +471,8 @@ async fn push_consumers_that_pass_the_allow_list_reach_nothing_an_agent_cannot()
     // globex listens on the subject mallory aims at (in globex's own account).
     let (globex, _globex_events) = raw_connect(&url, &victim).await;
     let mut globex_loot = globex.subscribe("tenant.globex.loot").await.unwrap();
-    globex.flush().await.unwrap();
+    // Live before mallory aims at it, or "nothing arrived" would prove nothing.
+    server_sync(&globex, "tenant.globex.sync").await;
 
     let (raw, mut events) = raw_connect(&url, &mallory).await;
     let js = jetstream::new(raw.clone());

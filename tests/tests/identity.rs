@@ -9,7 +9,7 @@ use agentbus_control::api::CreateApiKey;
 use agentbus_control::identity::apikey;
 use agentbus_control::tiers::Tier;
 use futures::StreamExt as _;
-use nats_harness::{eventually, platform, Platform};
+use nats_harness::{eventually, platform, server_sync, Platform};
 
 /// A raw client logging in with `token` only; `Err` is the connect error text.
 async fn connect_with(url: &str, token: &str) -> Result<async_nats::Client, String> {
@@ -91,15 +91,14 @@ async fn a_key_logs_in_to_its_own_tenant_only() {
         .await
         .unwrap();
     let mut sub = listener.subscribe("tenant.acme.probe").await.unwrap();
-    listener.flush().await.unwrap();
+    // Live at the server before the key publishes (flush is not a barrier).
+    server_sync(&listener, "tenant.acme.sync").await;
     client
         .publish("tenant.acme.probe", "hi".into())
         .await
         .unwrap();
     client.flush().await.unwrap();
-    // Delivery, not latency, is what this checks: 10 s, as CI failed once at
-    // 2 s with a benchmark saturating both cores beside the tests.
-    let got = tokio::time::timeout(Duration::from_secs(10), sub.next())
+    let got = tokio::time::timeout(Duration::from_secs(3), sub.next())
         .await
         .unwrap()
         .unwrap();
