@@ -96,7 +96,7 @@ impl From<agentbus_control::ControlError> for Failure {
         use agentbus_control::ControlErrorKind as K;
         let code = match e.kind() {
             K::NotInitialized => EXIT_NOT_FOUND,
-            K::InvalidUrl | K::InvalidId => EXIT_USAGE,
+            K::InvalidUrl | K::InvalidId | K::InvalidReplicas => EXIT_USAGE,
             K::Connect => EXIT_UNAVAILABLE,
             _ => EXIT_INTERNAL,
         };

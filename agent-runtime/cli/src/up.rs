@@ -17,7 +17,7 @@ use agentbus_control::controller::shutdown::Shutdown;
 use agentbus_control::local_server::{ClusterOptions, LocalCluster, LocalServer, ServerOptions};
 use agentbus_control::{Controller, ControllerConfig, Installation};
 
-use crate::output::{usage, Failure, EXIT_INTERNAL, EXIT_REFUSED, EXIT_UNAVAILABLE};
+use crate::output::{usage, Failure, EXIT_INTERNAL, EXIT_REFUSED, EXIT_UNAVAILABLE, EXIT_USAGE};
 
 /// Restarts of a failed server allowed within [`RESTART_WINDOW`].
 pub const MAX_RESTARTS: usize = 5;
@@ -39,7 +39,8 @@ pub struct UpArgs {
     /// Run a local cluster of this many nodes (3 for development and tests).
     #[arg(long)]
     pub cluster: Option<usize>,
-    /// Replicas of every bucket (default: 1 on one node, 3 on three or more).
+    /// Replicas of every bucket and stream: 1 to the number of nodes, at most 5
+    /// (default: 1 on one node, 3 on three or more).
     #[arg(long)]
     pub replicas: Option<usize>,
     /// With --cluster: TLS for routes, this certificate (PEM; valid for 127.0.0.1).
@@ -219,8 +220,31 @@ impl Servers {
 /// Runs `agentbus up`.
 pub async fn run(args: UpArgs) -> Result<(), Failure> {
     let state = args.state.as_path();
-    // Creating is atomic (built aside, renamed into place), so it comes first; the
-    // lock file then lives inside the installation.
+    let nodes = args.cluster.unwrap_or(1).max(1);
+    // Checked before anything is created. An explicit count that JetStream or
+    // this cluster cannot hold is refused, not quietly lowered: the operator
+    // asked for that many copies.
+    let most = nodes.min(*tenant_bus::region::REPLICAS.end());
+    let replicas = match args.replicas {
+        None => {
+            if nodes >= 3 {
+                3
+            } else {
+                1
+            }
+        }
+        Some(r) if (1..=most).contains(&r) => r,
+        Some(r) => {
+            let why = if nodes == 1 {
+                "one node keeps 1 copy (more need --cluster)".to_string()
+            } else {
+                format!("must be 1 to {most} with {nodes} nodes")
+            };
+            return Err(fail(EXIT_USAGE, format!("--replicas {r}: {why}")));
+        }
+    };
+    // Creating is atomic (built aside, renamed into place), so it comes before
+    // the lock; the lock file then lives inside the installation.
     let (mut install, created) = Installation::open_or_init(state)?;
     let _lock = lock(state)?;
     if created {
@@ -229,11 +253,6 @@ pub async fn run(args: UpArgs) -> Result<(), Failure> {
             state.display()
         );
     }
-    let nodes = args.cluster.unwrap_or(1).max(1);
-    let replicas = args
-        .replicas
-        .unwrap_or(if nodes >= 3 { 3 } else { 1 })
-        .clamp(1, nodes.min(5));
     let mut servers = if nodes == 1 {
         if args.port != 0 && std::net::TcpStream::connect((args.host.as_str(), args.port)).is_ok() {
             return Err(fail(
@@ -330,6 +349,16 @@ pub async fn controller(args: ControllerArgs) -> Result<(), Failure> {
     let install = Installation::open(state)?;
     let urls = args.url.unwrap_or_else(|| install.url_list());
     let replicas = args.replicas.unwrap_or(install.facts().replicas);
+    if !tenant_bus::region::REPLICAS.contains(&replicas) {
+        return Err(fail(
+            EXIT_USAGE,
+            format!(
+                "--replicas {replicas}: JetStream keeps {} to {} copies",
+                tenant_bus::region::REPLICAS.start(),
+                tenant_bus::region::REPLICAS.end()
+            ),
+        ));
+    }
     serve_metrics(args.metrics)?;
     let config = with_platform_jwt(
         ControllerConfig::new(&urls).replicas(replicas),

@@ -190,6 +190,53 @@ fn admin_commands_json_exit_codes_and_a_second_up() {
         "the old directory was changed"
     );
 
+    // Exit 2: a replica count the nodes (or JetStream) cannot keep is refused
+    // before anything is created, not lowered to what fits.
+    let fresh = tmp.path().join("fresh");
+    for (args, needle) in [
+        (
+            vec!["--replicas", "3"],
+            "--replicas 3: one node keeps 1 copy",
+        ),
+        (
+            vec!["--replicas", "0"],
+            "--replicas 0: one node keeps 1 copy",
+        ),
+        (
+            vec!["--cluster", "3", "--replicas", "4"],
+            "--replicas 4: must be 1 to 3 with 3 nodes",
+        ),
+    ] {
+        let out = Command::new(BIN)
+            .args(["up", "--state", fresh.to_str().unwrap(), "--port", "0"])
+            .args(&args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+        assert!(!fresh.exists(), "{args:?} created the state directory");
+    }
+    // And a controller asked for more than JetStream keeps.
+    let out = Command::new(BIN)
+        .args([
+            "controller",
+            "--state",
+            state.to_str().unwrap(),
+            "--replicas",
+            "6",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("--replicas 6: JetStream keeps 1 to 5 copies"),
+        "{stderr}"
+    );
+
     // Exit 1: a broken installation (the KEK readable by others) stops a
     // controller before it touches anything.
     use std::os::unix::fs::PermissionsExt as _;

@@ -19,6 +19,9 @@ pub enum ControlErrorKind {
     InvalidId,
     /// A server URL is not `nats://`, `tls://`, `ws://` or `wss://` (comma-separated).
     InvalidUrl,
+    /// A replica count outside what JetStream accepts
+    /// ([`tenant_bus::region::REPLICAS`], 1 to 5).
+    InvalidReplicas,
     /// A tenant with this id already exists.
     DuplicateTenant,
     /// No tenant with this id exists.
@@ -49,6 +52,7 @@ tenant_bus::kind_display!(ControlErrorKind {
     InvalidState => "invalid control-plane state",
     InvalidId => "invalid id",
     InvalidUrl => "invalid server URL",
+    InvalidReplicas => "invalid replica count",
     DuplicateTenant => "tenant already exists",
     UnknownTenant => "unknown tenant",
     DuplicateAgent => "agent already exists",

@@ -392,14 +392,26 @@ impl Installation {
         &self.facts
     }
 
-    /// Sets the server URLs and replicas (persisted).
+    /// Sets the server URLs and replicas (persisted). A replica count outside
+    /// [`tenant_bus::region::REPLICAS`] is refused
+    /// ([`ControlErrorKind::InvalidReplicas`]) and nothing is written.
     pub fn set_urls(&mut self, urls: Vec<String>, replicas: usize) -> Result<()> {
         for u in &urls {
             crate::parse_urls(u)?;
         }
+        if !tenant_bus::region::REPLICAS.contains(&replicas) {
+            return Err(Error::new(
+                ControlErrorKind::InvalidReplicas,
+                format!(
+                    "replicas {replicas}: JetStream keeps {} to {} copies",
+                    tenant_bus::region::REPLICAS.start(),
+                    tenant_bus::region::REPLICAS.end()
+                ),
+            ));
+        }
         let mut next = self.facts.clone();
         next.urls = urls;
-        next.replicas = replicas.clamp(1, 5);
+        next.replicas = replicas;
         let text = serde_json::to_vec_pretty(&next)
             .map_err(|e| Error::with_source(ControlErrorKind::InvalidState, "install.json", e))?;
         write_public(&self.root.join("install.json"), &text)?;
@@ -472,5 +484,31 @@ impl Installation {
     /// The single-node server config text (no secret).
     pub fn server_config(&self, options: &crate::server_config::ServerConfigOptions) -> String {
         crate::server_config::render_server_config(&self.operator_facts(), options)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replicas_outside_one_to_five_are_refused_and_nothing_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut install = Installation::init(dir.path()).unwrap();
+        let url = "nats://127.0.0.1:4222".to_string();
+        install.set_urls(vec![url.clone()], 3).unwrap();
+        let before = std::fs::read(install.root().join("install.json")).unwrap();
+        for bad in [0, 6, usize::MAX] {
+            let e = install
+                .set_urls(vec!["nats://127.0.0.1:5222".to_string()], bad)
+                .unwrap_err();
+            assert_eq!(e.kind(), ControlErrorKind::InvalidReplicas, "{bad}: {e}");
+            assert_eq!(install.facts().replicas, 3);
+            assert_eq!(install.facts().urls, vec![url.clone()]);
+        }
+        let after = std::fs::read(install.root().join("install.json")).unwrap();
+        assert_eq!(before, after);
+        // A reopened installation reads what was written last.
+        assert_eq!(Installation::open(dir.path()).unwrap().facts().replicas, 3);
     }
 }

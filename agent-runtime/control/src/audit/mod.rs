@@ -1187,6 +1187,18 @@ impl AuditLog {
         ApiError::new(ErrorCode::Internal, format!("audit log {log}: {message}"))
     }
 
+    /// The entries of `log` a signed checkpoint of `size` covers hash to
+    /// another root: they were altered since it was signed.
+    fn checkpoint_mismatch(&self, log: &str, size: u64) -> ApiError {
+        self.tampered(
+            log,
+            format!(
+                "entries up to {} do not match the checkpoint of size {size}",
+                size.saturating_sub(1)
+            ),
+        )
+    }
+
     /// Signs and stores a checkpoint of `log` if it has entries no checkpoint
     /// covers. The entries since the last one this instance saw are checked
     /// (canonical, contiguous, chained, and the previous checkpoint's root):
@@ -1366,14 +1378,7 @@ impl AuditLog {
         if let Some((_, cp)) = last {
             if cp.size == st.range.size() {
                 if cp.root != st.range.root() {
-                    return Err(self.tampered(
-                        log,
-                        format!(
-                            "entries up to {} do not match the checkpoint of size {}",
-                            cp.size - 1,
-                            cp.size
-                        ),
-                    ));
+                    return Err(self.checkpoint_mismatch(log, cp.size));
                 }
                 st.verified_cp_size = cp.size;
             }
@@ -1555,14 +1560,7 @@ impl AuditLog {
             range.push_leaf_hash(*leaf);
         }
         if range.root() != cp.root {
-            return Err(self.tampered(
-                log,
-                format!(
-                    "entries up to {} do not match the checkpoint of size {}",
-                    cp.size - 1,
-                    cp.size
-                ),
-            ));
+            return Err(self.checkpoint_mismatch(log, cp.size));
         }
         let now = tenant_bus::envelope::now_ms();
         let anchor = Anchor {

@@ -109,9 +109,14 @@ impl ControllerConfig {
         self
     }
 
-    /// Replicas of the buckets it creates (1 to 5).
+    /// Replicas of the buckets it creates, held to
+    /// [`tenant_bus::region::REPLICAS`] (1 to 5; the CLI refuses other counts
+    /// before it gets here).
     pub fn replicas(mut self, replicas: usize) -> Self {
-        self.replicas = replicas.clamp(1, 5);
+        self.replicas = replicas.clamp(
+            *tenant_bus::region::REPLICAS.start(),
+            *tenant_bus::region::REPLICAS.end(),
+        );
         self
     }
 

@@ -536,10 +536,14 @@ impl RegistryOptions {
         self
     }
 
-    /// Replicas when the bucket is created (1 to 5). Default 1; the controller
+    /// Replicas when the bucket is created, held to
+    /// [`tenant_bus::region::REPLICAS`] (1 to 5). Default 1; the controller
     /// passes the deployment's setting (3 on a cluster).
     pub fn replicas(mut self, replicas: usize) -> Self {
-        self.replicas = replicas.clamp(1, 5);
+        self.replicas = replicas.clamp(
+            *tenant_bus::region::REPLICAS.start(),
+            *tenant_bus::region::REPLICAS.end(),
+        );
         self
     }
 }
