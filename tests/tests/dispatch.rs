@@ -928,3 +928,82 @@ async fn prefetched_tasks_wait_for_a_handler_and_run_once() {
     assert_eq!(worker.stats().duplicates(), 0);
     worker.shutdown(Duration::from_secs(5)).await;
 }
+
+/// The done bucket republishes each recorded outcome to its result subject, so
+/// the server hands it to the requester and the worker sends nothing more. A
+/// bucket created before that (without the republish, and agents cannot change
+/// it) still works: the worker publishes the outcome itself. Either way one
+/// copy reaches the result subject.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outcome_reaches_its_requester_once_from_the_bucket_or_from_the_worker() {
+    use futures::StreamExt as _;
+
+    let server = Server::jetstream();
+    let master = MasterSecret::generate().unwrap();
+    // globex's bucket predates the republish: created as a plain bucket.
+    let globex = connect(&server, &master, "globex", "planner").await;
+    async_nats::jetstream::new(globex.nats().clone())
+        .create_key_value(async_nats::jetstream::kv::Config {
+            bucket: "TASKS_DONE_globex".into(),
+            history: 1,
+            max_age: Duration::from_secs(7 * 24 * 3600),
+            storage: async_nats::jetstream::stream::StorageType::File,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let acme = connect(&server, &master, "acme", "planner").await;
+    for (ns, by_bucket) in [(&acme, true), (&globex, false)] {
+        let tenant = ns.tenant().to_string();
+        let d = Dispatcher::new(ns, options()).await.unwrap();
+        let info = async_nats::jetstream::new(ns.nats().clone())
+            .get_stream(format!("KV_TASKS_DONE_{tenant}"))
+            .await
+            .unwrap()
+            .info()
+            .await
+            .unwrap()
+            .config
+            .clone();
+        assert_eq!(info.republish.is_some(), by_bucket, "{tenant}: {info:?}");
+        let raw = ns.nats().clone();
+        let mut results = raw
+            .subscribe(format!("tenant.{tenant}.tasks.results.>"))
+            .await
+            .unwrap();
+        nats_harness::server_sync(&raw, &format!("tenant.{tenant}.sync")).await;
+        let worker = d
+            .worker(
+                "resize",
+                |task: Task| async move { Ok::<_, String>(task.payload) },
+                WorkerOptions::new(),
+            )
+            .await
+            .unwrap();
+        let mut handle = d.dispatch("resize", b"img").await.unwrap();
+        assert_eq!(
+            handle.wait(WAIT).await.unwrap(),
+            TaskOutcome::Completed(Bytes::from_static(b"img"))
+        );
+        let first = tokio::time::timeout(WAIT, results.next())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            first.subject.as_str(),
+            format!("tenant.{tenant}.tasks.results.{}", handle.id().to_hex())
+        );
+        // Republished messages carry the stream's headers; the worker's do not.
+        let stream = first
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("Nats-Stream"))
+            .map(|v| v.to_string());
+        let expected = by_bucket.then(|| format!("KV_TASKS_DONE_{tenant}"));
+        assert_eq!(stream, expected, "{tenant}: who published the outcome");
+        // And only one copy.
+        let second = tokio::time::timeout(Duration::from_millis(500), results.next()).await;
+        assert!(second.is_err(), "{tenant}: a second copy: {second:?}");
+        worker.shutdown(Duration::from_secs(5)).await;
+    }
+}

@@ -9,7 +9,7 @@
 //! | worker consumer | durable `work-<type>` | pull, explicit ack, filter `tasks.queue.<type>` |
 //! | dead letter | `tasks.dead.<type>` | sealed JSON [`DeadLetter`] with the reason; `Nats-Msg-Id` = `dead-<task id>`; kept in the stream until read through [`Dispatcher::dead_letters`] (durable `dead-letters`) |
 //! | result | `tasks.results.<task id hex>` | sealed [`TaskOutcome`], core NATS (not stored in the stream) |
-//! | done bucket | `TASKS_DONE` ([`DEFAULT_DONE_BUCKET`]) | key = task id hex, value = the sealed result; `max_age` = done retention (default 7 days) |
+//! | done bucket | `TASKS_DONE` ([`DEFAULT_DONE_BUCKET`]) | key = task id hex, value = the sealed result; `max_age` = done retention (default 7 days); republishes every write to `tasks.results.<key>` |
 //!
 //! In an operator-mode deployment every tenant has its own account, so these
 //! names are the same for every tenant and the server keeps them apart. On a
@@ -63,7 +63,10 @@
 //!   key is still as the lookup saw it (absent, or the unverified record being
 //!   replaced: `Nats-Expected-Last-Subject-Sequence`), then published to the
 //!   requester, then the message is acked (a plain ack: the outcome is already
-//!   durable, so a lost ack only means a redelivery that finds it done). If
+//!   durable, so a lost ack only means a redelivery that finds it done). The
+//!   bucket republishes the write to the result subject, so the server, not
+//!   the worker, hands the outcome to the requester (a bucket created before
+//!   it did, which agents cannot change, leaves that publish to the worker). If
 //!   another copy of the task recorded a genuine outcome in between, the write
 //!   is refused and that outcome stands: it is re-published, this copy is acked
 //!   and counted as a duplicate, so a requester only ever sees one outcome per
@@ -82,7 +85,7 @@
 //!   yet can miss it for a moment: that copy then runs and ends as in (2)).
 //! - **Server work per task** (one delivery, nothing failing): its share of one
 //!   pull request, its share of one batched lookup, one conditional write (a
-//!   stored message), one core publish of the result (no stream) and one plain
+//!   stored message the bucket republishes to the requester) and one plain
 //!   ack; with a JetStream scheduler also a task-slot create and delete (see
 //!   below). Before, each task cost its own lookup request and an unconditional
 //!   put, and each pull its own inbox subscription.
@@ -502,6 +505,8 @@ pub(crate) struct Shared {
     pub(crate) js: jetstream::Context,
     pub(crate) stream: stream::Stream,
     pub(crate) done: kv::Store,
+    /// The done bucket republishes each write to the task's result subject.
+    pub(crate) republishes: bool,
     pub(crate) options: DispatchOptions,
     pub(crate) stream_name: String,
 }
@@ -633,7 +638,15 @@ impl Dispatcher {
                 ));
             }
         }
-        let done = match js.get_key_value(&bucket).await {
+        // The server hands each recorded outcome to its requester: the done
+        // bucket republishes every write to the result subject, so a worker
+        // sends one message per outcome instead of two.
+        let republish = stream::Republish {
+            source: format!("$KV.{bucket}.>"),
+            destination: scope(ns.tenant(), "tasks.results.>"),
+            headers_only: false,
+        };
+        let (done, republishes) = match js.get_key_value(&bucket).await {
             Ok(kv) => {
                 // Someone else created it. A done record must outlive the task's
                 // maximum age, or a replayed copy of a finished task would be
@@ -664,21 +677,28 @@ impl Dispatcher {
                         ),
                     ));
                 }
-                kv
+                // A bucket created before outcomes were republished (agents
+                // cannot change it): workers publish each outcome themselves.
+                let republishes = status.info.config.republish.as_ref() == Some(&republish);
+                (kv, republishes)
             }
-            Err(_) => js
-                .create_key_value(kv::Config {
-                    bucket: bucket.clone(),
-                    description: format!("agentbus finished tasks of tenant {}", ns.tenant()),
-                    history: 1,
-                    max_age: options.done_retention,
-                    storage: stream::StorageType::File,
-                    num_replicas: replicas,
-                    placement: region.as_ref().map(|r| r.placement()),
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| unavailable(format!("bucket {bucket}{where_}"), e))?,
+            Err(_) => {
+                let kv = js
+                    .create_key_value(kv::Config {
+                        bucket: bucket.clone(),
+                        description: format!("agentbus finished tasks of tenant {}", ns.tenant()),
+                        history: 1,
+                        max_age: options.done_retention,
+                        storage: stream::StorageType::File,
+                        num_replicas: replicas,
+                        placement: region.as_ref().map(|r| r.placement()),
+                        republish: Some(republish),
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(|e| unavailable(format!("bucket {bucket}{where_}"), e))?;
+                (kv, true)
+            }
         };
         Ok(Self {
             shared: Arc::new(Shared {
@@ -686,6 +706,7 @@ impl Dispatcher {
                 js,
                 stream,
                 done,
+                republishes,
                 options,
                 stream_name,
             }),

@@ -894,7 +894,8 @@ async fn already_done(ctx: &Ctx, msg: &Message, id: &MessageId, stored: Bytes) {
 
 /// How [`finish`] ended.
 enum Finished {
-    /// This outcome is the task's record, and was published.
+    /// This outcome is the task's record, and was published (by the bucket's
+    /// republish, or by the worker on a bucket without one).
     Recorded,
     /// Another copy of the task recorded its outcome first (sealed, verified):
     /// this one was not written.
@@ -963,8 +964,11 @@ async fn finish(
             None => expect = 0,
         }
     }
-    // Best effort: a requester that misses it reads the done bucket.
-    let _ = d.shared.ns.nats().publish(subject, sealed).await;
+    // The bucket republished the write to the requester; an older bucket did
+    // not. Best effort either way: a requester that misses it reads the bucket.
+    if !d.shared.republishes {
+        let _ = d.shared.ns.nats().publish(subject, sealed).await;
+    }
     Finished::Recorded
 }
 

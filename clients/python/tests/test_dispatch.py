@@ -64,6 +64,54 @@ async def test_python_dispatcher_and_worker(nats_server) -> None:
         await ns.close()
 
 
+async def test_the_done_bucket_republishes_outcomes_and_an_older_bucket_still_works(nats_server) -> None:
+    """A bucket the dispatcher creates republishes each recorded outcome, so the
+    worker does not publish it; on a bucket created without that (before it),
+    the worker publishes it. One copy reaches the result subject either way."""
+    from nats.js import api
+
+    from tenantbus.namespace import server_barrier
+
+    for by_bucket in (True, False):
+        t = unique_tenant("rp")
+        ns = await tb.connect(make_bundle(nats_server.url, t, "py"))
+        try:
+            js = ns.nats.jetstream()
+            if not by_bucket:
+                await js.create_key_value(
+                    api.KeyValueConfig(bucket=f"TASKS_DONE_{t}", history=1, ttl=7 * 24 * 3600.0)
+                )
+            d = await Dispatcher.create(ns, opts())
+            assert d.republishes is by_bucket
+            config = (await js.stream_info(f"KV_TASKS_DONE_{t}")).config
+            if by_bucket:
+                assert (config.republish.src, config.republish.dest) == (
+                    f"$KV.TASKS_DONE_{t}.>", f"tenant.{t}.tasks.results.>")
+            else:
+                assert config.republish is None
+            seen = []
+
+            async def collect(msg) -> None:
+                seen.append(msg)
+
+            await ns.nats.subscribe(f"tenant.{t}.tasks.results.>", cb=collect)
+            await server_barrier(ns.nats)
+
+            async def handler(task: Task) -> bytes:
+                return b"ok:" + task.payload
+
+            worker = await d.worker("resize", handler, concurrency=1, fetch_expires=0.5)
+            h = await d.dispatch("resize", b"img")
+            assert await h.wait(20) == TaskOutcome(True, output=b"ok:img")
+            await asyncio.sleep(0.5)
+            await worker.shutdown(5)
+            assert [m.subject for m in seen] == [d.result_subject(h.id)]
+            stream = (seen[0].headers or {}).get("Nats-Stream")
+            assert stream == (f"KV_TASKS_DONE_{t}" if by_bucket else None)
+        finally:
+            await ns.close()
+
+
 async def test_forged_done_records_and_crippled_streams_are_refused(nats_server) -> None:
     """Agents may write the done bucket and create (never change) the stream: a
     done record that is not the task's sealed outcome is ignored, and a stream

@@ -16,8 +16,14 @@ dead letter         ``tasks.dead.<type>``: sealed JSON, ``Nats-Msg-Id`` =
                     ``dead-<task id>``
 result              ``tasks.results.<task id hex>``: sealed outcome, core NATS
 done bucket         ``TASKS_DONE`` (``TASKS_DONE_<id>``): key = task id hex,
-                    value = the sealed result
+                    value = the sealed result; republishes every write to
+                    ``tasks.results.<key>``
 ==================  ==========================================================
+
+The done bucket republishes each recorded outcome to its result subject, so the
+server hands it to the requester and a worker sends one message per outcome. A
+bucket created before it did (agents cannot change it) is used as it is, and
+workers then publish each outcome themselves.
 
 A result plaintext is ``0x00 || output`` (completed) or ``0x01 || u32 deliveries
 || UTF-8 reason`` (dead-lettered). Workers open tasks with the envelope alone
@@ -267,8 +273,30 @@ def _placement_tags(placement: Any) -> List[str]:
 _STREAM_FIELDS = frozenset(getattr(api.StreamConfig, "__dataclass_fields__", {}))
 
 
+def _results_republish(tenant: str, bucket: str) -> api.RePublish:
+    """The done bucket's republish: every write to ``tasks.results.<key>``
+    (as the Rust dispatcher creates it)."""
+    return api.RePublish(src=f"$KV.{bucket}.>", dest=scope(tenant, "tasks.results.>"), headers_only=False)
+
+
+def _republishes(config: Any, expected: api.RePublish) -> bool:
+    """Whether a bucket's stream config republishes as ``expected``."""
+    got = getattr(config, "republish", None)
+    return (
+        got is not None
+        and got.src == expected.src
+        and got.dest == expected.dest
+        and not got.headers_only
+    )
+
+
 def _kv_stream_config(
-    bucket: str, description: str, ttl: float, replicas: int, placement: Optional[api.Placement]
+    bucket: str,
+    description: str,
+    ttl: float,
+    replicas: int,
+    placement: Optional[api.Placement],
+    republish: api.RePublish,
 ) -> api.StreamConfig:
     """The stream of a done bucket (``KV_<bucket>``) as nats-py's and
     async-nats's ``create_key_value`` build it, plus ``placement``: nats-py's
@@ -293,6 +321,7 @@ def _kv_stream_config(
         storage=api.StorageType.FILE,
         placement=placement,
         allow_msg_ttl=True,
+        republish=republish,
     )
     return api.StreamConfig(**{k: v for k, v in fields.items() if k in _STREAM_FIELDS})
 
@@ -329,13 +358,17 @@ class Dispatcher:
     """Dispatches tasks of one tenant and starts its workers. Create with
     ``await Dispatcher.create(ns, options)``."""
 
-    def __init__(self, ns: TenantNamespace, options: DispatchOptions, js: Any, kv: Any, stream: str) -> None:
+    def __init__(
+        self, ns: TenantNamespace, options: DispatchOptions, js: Any, kv: Any, stream: str, republishes: bool = False
+    ) -> None:
         self.ns = ns
         self.options = options
         self.js = js
         self.done = kv
         self.stream_name = stream
         self.done_bucket = options.names(ns.tenant)[1]
+        #: The done bucket republishes each recorded outcome to its requester.
+        self.republishes = republishes
 
     @classmethod
     async def create(cls, ns: TenantNamespace, options: Optional[DispatchOptions] = None) -> "Dispatcher":
@@ -397,6 +430,7 @@ class Dispatcher:
                 f"(placement tags {_placement_tags(info.config.placement)})",
             )
         description = f"agentbus finished tasks of tenant {ns.tenant}"
+        republish = _results_republish(ns.tenant, bucket)
         created = False
         try:
             try:
@@ -411,13 +445,16 @@ class Dispatcher:
                             ttl=options.done_retention,
                             storage=api.StorageType.FILE,
                             replicas=replicas,
+                            republish=republish,
                         )
                     )
                     created = True
                 else:
                     try:
                         await js.add_stream(
-                            _kv_stream_config(bucket, description, options.done_retention, replicas, js_placement)
+                            _kv_stream_config(
+                                bucket, description, options.done_retention, replicas, js_placement, republish
+                            )
                         )
                         created = True
                     except nats.js.errors.BadRequestError as refused:
@@ -448,7 +485,8 @@ class Dispatcher:
                 f"bucket {bucket} keeps records {int(kept)} s, less than the task max age of "
                 f"{int(options.task_max_age)} s",
             )
-        return cls(ns, options, js, kv, stream)
+        republishes = kv_config is None or _republishes(kv_config, republish)
+        return cls(ns, options, js, kv, stream, republishes)
 
     # -- subjects --------------------------------------------------------
 
@@ -911,10 +949,11 @@ class Worker:
             log.warning("cannot record the outcome of %s (%s); handing it back", tid, e)
             await _settle(msg, "nak", 1.0)
             return False
-        try:
-            await d.ns.nats.publish(subject, sealed)
-        except Exception:
-            pass  # best effort: a requester that misses it reads the done bucket
+        if not d.republishes:  # the bucket did not hand it over
+            try:
+                await d.ns.nats.publish(subject, sealed)
+            except Exception:
+                pass  # best effort: a requester that misses it reads the done bucket
         return True
 
     async def _give_up(self, msg: Msg, task: Task, reason: str) -> None:
