@@ -170,9 +170,7 @@ async fn refused_calls_are_refused_and_dispatch_and_state_keep_working() {
         .get_stream("KV_TASKS_DONE")
         .await
         .unwrap()
-        .info()
-        .await
-        .unwrap()
+        .cached_info()
         .config
         .clone();
     done_config.max_age = Duration::from_secs(1);
@@ -187,9 +185,7 @@ async fn refused_calls_are_refused_and_dispatch_and_state_keep_working() {
         .get_stream("KV_STATE")
         .await
         .unwrap()
-        .info()
-        .await
-        .unwrap()
+        .cached_info()
         .config
         .clone();
     state_config.max_messages = 1;

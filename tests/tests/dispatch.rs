@@ -499,9 +499,7 @@ async fn a_done_bucket_outage_neither_counts_as_a_delivery_nor_dead_letters() {
         .get_stream(format!("KV_{bucket}"))
         .await
         .unwrap()
-        .info()
-        .await
-        .unwrap()
+        .cached_info()
         .config
         .clone();
     // The outage: the done bucket's stream is gone.
@@ -960,9 +958,7 @@ async fn an_outcome_reaches_its_requester_once_from_the_bucket_or_from_the_worke
             .get_stream(format!("KV_TASKS_DONE_{tenant}"))
             .await
             .unwrap()
-            .info()
-            .await
-            .unwrap()
+            .cached_info()
             .config
             .clone();
         assert_eq!(info.republish.is_some(), by_bucket, "{tenant}: {info:?}");
