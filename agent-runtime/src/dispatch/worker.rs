@@ -283,6 +283,8 @@ struct Ctx {
     in_flight: Mutex<HashSet<MessageId>>,
     abandon: watch::Receiver<bool>,
     lookups: Lookups,
+    /// The outcome writes (`None`: through async-nats' KV client).
+    writes: Option<done::Writes>,
     /// With prefetch: the handler slots (the pull slots also count the tasks
     /// pulled ahead). Without: none, a pull slot is a handler slot.
     handlers: Option<Arc<Semaphore>>,
@@ -324,6 +326,9 @@ pub(crate) async fn start(
         .subscribe(format!("{inbox}.*"))
         .await
         .map_err(|e| unavailable("pull inbox", e))?;
+    let writes = done::Writes::start(nats.clone(), &d.shared.done)
+        .await
+        .map_err(|e| unavailable("done record inbox", e))?;
     let lookups = Lookups::start(nats, d.shared.done.clone(), stats.lookup_requests.clone());
     let ctx = Arc::new(Ctx {
         audit: options.audit.clone(),
@@ -335,6 +340,7 @@ pub(crate) async fn start(
         in_flight: Mutex::new(HashSet::new()),
         abandon: abandon_rx,
         lookups,
+        writes,
         handlers: (options.prefetch > 0).then(|| Arc::new(Semaphore::new(options.concurrency))),
     });
     let task = tokio::spawn(run(
@@ -943,7 +949,13 @@ async fn finish(
     let mut seen = std::collections::HashSet::new();
     loop {
         let written = hold_until_ok(ctx, msg, progress_every, "done record", || {
-            Box::pin(done::record(&d.shared.done, &hex, sealed.clone(), expect))
+            Box::pin(done::record(
+                &d.shared.done,
+                ctx.writes.as_ref(),
+                &hex,
+                sealed.clone(),
+                expect,
+            ))
         })
         .await;
         let Some(written) = written else {
