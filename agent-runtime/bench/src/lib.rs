@@ -560,6 +560,46 @@ fn jetstream_rows(
         pick(&runs, "end_to_end_per_sec"),
         Some(0.70),
     ));
+    // The floor of any consumer that records its outcomes durably: raw
+    // async-nats with one conditional KV create per message before its ack
+    // (no sealing, no lookup), against the same dispatch runs.
+    let mut floor = Vec::with_capacity(plan.repeats);
+    for r in 0..plan.repeats {
+        progress(
+            started,
+            &format!(
+                "{label} raw recording outcomes, repeat {}/{}",
+                r + 1,
+                plan.repeats
+            ),
+        );
+        let run = format!("r{r}floor{}", if replicas > 1 { "c" } else { "" });
+        floor.push(worker(
+            exe,
+            None,
+            &[
+                "jetstream",
+                "--url",
+                url,
+                "--mode",
+                "raw",
+                "--record-outcomes",
+                "--size",
+                "1024",
+                "--count",
+                &js_count,
+                "--run",
+                &run,
+                "--replicas",
+                &replicas_s,
+            ],
+        )?);
+    }
+    report.rows.push(Row::higher(
+        format!("{label} consume msgs/s, raw also recording each outcome"),
+        pick(&[floor, runs[1].clone()], "consume_per_sec"),
+        None,
+    ));
     // Where the consume gap goes: the client's CPU per task (on this
     // machine the server shares the same two cores).
     report.rows.push(Row::lower(

@@ -68,6 +68,12 @@ pub struct JetstreamArgs {
     /// Tasks the dispatch worker pulls ahead of its handlers (sealed mode).
     #[arg(long, default_value_t = JS_PREFETCH)]
     pub prefetch: usize,
+    /// Raw mode only: before each ack, store a small outcome record under the
+    /// message's sequence in a KV bucket with a conditional create (one
+    /// durable write per task, what dispatch also pays): the floor of any
+    /// consumer that records its outcomes, measured against plain raw.
+    #[arg(long)]
+    pub record_outcomes: bool,
 }
 
 /// Arguments of the throughput measurement.
@@ -873,6 +879,26 @@ async fn jetstream(a: JetstreamArgs) -> Result<serde_json::Value, BenchError> {
                 })
                 .await
                 .map_err(|e| fail("consumer")(e.to_string()))?;
+            let outcomes = if a.record_outcomes {
+                Some(
+                    js.create_key_value(jetstream::kv::Config {
+                        bucket: format!("RAWDONE_{}", a.run),
+                        num_replicas: a.replicas,
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(|e| fail("outcome bucket")(e.to_string()))?,
+                )
+            } else {
+                None
+            };
+            // Recording, as many tasks in hand as a dispatch worker holds
+            // (its handlers and the tasks pulled ahead).
+            let window = if outcomes.is_some() {
+                JS_CONCURRENCY + JS_PREFETCH
+            } else {
+                JS_CONCURRENCY
+            };
             let t = Instant::now();
             let cpu = crate::stats::cpu_secs();
             let mut messages = consumer
@@ -888,21 +914,43 @@ async fn jetstream(a: JetstreamArgs) -> Result<serde_json::Value, BenchError> {
                     .ok_or_else(|| BenchError("raw consumer ended".into()))?
                     .map_err(|e| fail("message")(e.to_string()))?;
                 std::hint::black_box(&m.payload);
-                // The same work per task as a dispatch handler here: none, then ack.
-                acking.push(async move { m.ack().await });
-                if acking.len() >= JS_CONCURRENCY {
+                // The same work per task as a dispatch handler here: none, then
+                // (with --record-outcomes) a durable record, then ack.
+                let record = outcomes.clone().map(|kv| {
+                    let key = m.info().map(|i| i.stream_sequence).unwrap_or(done);
+                    async move {
+                        kv.create(key.to_string(), Bytes::from_static(b"done"))
+                            .await
+                            .map(|_| ())
+                    }
+                });
+                acking.push(async move {
+                    if let Some(record) = record {
+                        record.await.map_err(|e| e.to_string())?;
+                    }
+                    m.ack().await.map_err(|e| e.to_string())
+                });
+                if acking.len() >= window {
                     if let Some(r) = acking.next().await {
-                        r.map_err(|e| fail("ack")(e.to_string()))?;
+                        r.map_err(fail("ack"))?;
                     }
                 }
                 done += 1;
             }
             while let Some(r) = acking.next().await {
-                r.map_err(|e| fail("ack")(e.to_string()))?;
+                r.map_err(fail("ack"))?;
             }
             consume_secs = t.elapsed().as_secs_f64();
             consume_cpu_secs = crate::stats::cpu_secs() - cpu;
             let _ = js.delete_stream(&name).await;
+            if outcomes.is_some() {
+                let _ = js.delete_key_value(format!("RAWDONE_{}", a.run)).await;
+            }
+        }
+        Mode::Sealed if a.record_outcomes => {
+            return Err(BenchError(
+                "--record-outcomes is for raw mode (dispatch always records)".into(),
+            ))
         }
         Mode::Sealed => {
             use agent_runtime::dispatch::{DispatchOptions, Dispatcher, Task, WorkerOptions};
