@@ -241,7 +241,7 @@ impl KvOptions {
             Some(format!("bucket {:?}", truncate(&self.bucket)))
         } else if self
             .replicas
-            .is_some_and(|r| !crate::region::REPLICAS.contains(&r))
+            .is_some_and(|r| crate::region::check_replicas(r).is_err())
         {
             Some(format!("replicas {:?} (1 to 5)", self.replicas))
         } else if !(1..=MAX_VALUE_LEN).contains(&self.max_value_len) {

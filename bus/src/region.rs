@@ -66,6 +66,23 @@ pub struct StorePlacement {
 /// against.
 pub const REPLICAS: RangeInclusive<usize> = 1..=5;
 
+/// Checks a replica count against [`REPLICAS`]. The error reads
+/// `"<n>: JetStream keeps 1 to 5 copies"`, for callers to prefix with the
+/// option's name (`--replicas`, `replicas`). Every replica option of the
+/// project is checked here, none clamped: a silent clamp creates something
+/// other than asked (R5 for R7), and a zero fails late, at the server.
+pub fn check_replicas(n: usize) -> Result<usize, String> {
+    if REPLICAS.contains(&n) {
+        Ok(n)
+    } else {
+        Err(format!(
+            "{n}: JetStream keeps {} to {} copies",
+            REPLICAS.start(),
+            REPLICAS.end()
+        ))
+    }
+}
+
 impl StorePlacement {
     /// Nothing set (a bundle without `placement`).
     pub fn is_unset(&self) -> bool {
@@ -74,7 +91,7 @@ impl StorePlacement {
 
     /// Whether the replica count, if set, is 1 to 5.
     pub fn is_valid(&self) -> bool {
-        self.replicas.is_none_or(|r| REPLICAS.contains(&r))
+        self.replicas.is_none_or(|r| check_replicas(r).is_ok())
     }
 }
 
@@ -136,6 +153,17 @@ impl std::fmt::Display for Region {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn replica_counts_outside_one_to_five_are_refused_with_the_range() {
+        for n in 1..=5 {
+            assert_eq!(check_replicas(n), Ok(n));
+        }
+        for n in [0, 6, 7, usize::MAX] {
+            let e = check_replicas(n).unwrap_err();
+            assert_eq!(e, format!("{n}: JetStream keeps 1 to 5 copies"));
+        }
+    }
 
     #[test]
     fn names_follow_the_slug_rule() {

@@ -349,16 +349,8 @@ pub async fn controller(args: ControllerArgs) -> Result<(), Failure> {
     let install = Installation::open(state)?;
     let urls = args.url.unwrap_or_else(|| install.url_list());
     let replicas = args.replicas.unwrap_or(install.facts().replicas);
-    if !tenant_bus::region::REPLICAS.contains(&replicas) {
-        return Err(fail(
-            EXIT_USAGE,
-            format!(
-                "--replicas {replicas}: JetStream keeps {} to {} copies",
-                tenant_bus::region::REPLICAS.start(),
-                tenant_bus::region::REPLICAS.end()
-            ),
-        ));
-    }
+    tenant_bus::region::check_replicas(replicas)
+        .map_err(|e| fail(EXIT_USAGE, format!("--replicas {e}")))?;
     serve_metrics(args.metrics)?;
     let config = with_platform_jwt(
         ControllerConfig::new(&urls).replicas(replicas),

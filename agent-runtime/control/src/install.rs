@@ -399,16 +399,8 @@ impl Installation {
         for u in &urls {
             crate::parse_urls(u)?;
         }
-        if !tenant_bus::region::REPLICAS.contains(&replicas) {
-            return Err(Error::new(
-                ControlErrorKind::InvalidReplicas,
-                format!(
-                    "replicas {replicas}: JetStream keeps {} to {} copies",
-                    tenant_bus::region::REPLICAS.start(),
-                    tenant_bus::region::REPLICAS.end()
-                ),
-            ));
-        }
+        tenant_bus::region::check_replicas(replicas)
+            .map_err(|e| Error::new(ControlErrorKind::InvalidReplicas, format!("replicas {e}")))?;
         let mut next = self.facts.clone();
         next.urls = urls;
         next.replicas = replicas;

@@ -582,14 +582,8 @@ impl Dispatcher {
         let (stream_name, bucket) = options.names(ns);
         let placement = ns.placement();
         let replicas = options.replicas.or(placement.replicas).unwrap_or(1);
-        if !tenant_bus::region::REPLICAS.contains(&replicas) {
-            // JetStream takes 1 to 5; a silent clamp would create something
-            // other than asked (R5 for R7) and a zero would fail late.
-            return Err(Error::new(
-                DispatchErrorKind::InvalidOptions,
-                format!("replicas must be 1 to 5, not {replicas}"),
-            ));
-        }
+        tenant_bus::region::check_replicas(replicas)
+            .map_err(|e| Error::new(DispatchErrorKind::InvalidOptions, format!("replicas {e}")))?;
         if options.region.is_none() {
             options.region = placement.region.clone();
         }
