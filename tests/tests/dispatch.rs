@@ -1007,3 +1007,76 @@ async fn an_outcome_reaches_its_requester_once_from_the_bucket_or_from_the_worke
         worker.shutdown(Duration::from_secs(5)).await;
     }
 }
+
+/// A handler longer than `ack_wait` is kept alive by progress acks (run once,
+/// not redelivered meanwhile); one past `handler_timeout` fails its attempt
+/// with the limit as the reason. With and without tasks pulled ahead, whose
+/// wait for a handler also outlasts `ack_wait`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_handlers_outlive_ack_wait_and_the_time_limit_fails_the_attempt() {
+    let server = Server::jetstream();
+    let master = MasterSecret::generate().unwrap();
+    let ns = connect(&server, &master, "acme", "planner").await;
+    let d = Dispatcher::new(
+        &ns,
+        options()
+            .ack_wait(Duration::from_secs(1))
+            .handler_timeout(Duration::from_millis(3500))
+            .max_deliveries(1),
+    )
+    .await
+    .unwrap();
+    for prefetch in [0, 2] {
+        let kind = format!("slow{prefetch}");
+        let runs = Arc::new(AtomicU64::new(0));
+        let r = runs.clone();
+        let worker = d
+            .worker(
+                kind.as_str(),
+                move |task: Task| {
+                    let r = r.clone();
+                    async move {
+                        r.fetch_add(1, Ordering::SeqCst);
+                        // "2000": two ack waits; "forever": past the limit.
+                        let ms = if &task.payload[..] == b"forever" {
+                            60_000
+                        } else {
+                            2000
+                        };
+                        tokio::time::sleep(Duration::from_millis(ms)).await;
+                        Ok::<_, String>(task.payload)
+                    }
+                },
+                // One handler: with prefetch the second task waits 2 s for it.
+                WorkerOptions::new().concurrency(1).prefetch(prefetch),
+            )
+            .await
+            .unwrap();
+        let mut first = d.dispatch(kind.as_str(), b"2000").await.unwrap();
+        let mut second = d.dispatch(kind.as_str(), b"2000").await.unwrap();
+        assert_eq!(
+            first.wait(WAIT).await.unwrap(),
+            TaskOutcome::Completed(Bytes::from_static(b"2000")),
+            "prefetch {prefetch}"
+        );
+        assert_eq!(
+            second.wait(WAIT).await.unwrap(),
+            TaskOutcome::Completed(Bytes::from_static(b"2000")),
+            "prefetch {prefetch}"
+        );
+        let mut stuck = d.dispatch(kind.as_str(), b"forever").await.unwrap();
+        assert_eq!(
+            stuck.wait(WAIT).await.unwrap(),
+            TaskOutcome::DeadLettered {
+                reason: "handler timed out after 3500 ms".into(),
+                deliveries: 1
+            },
+            "prefetch {prefetch}"
+        );
+        // Each ran once: no redelivery while running or waiting for a handler.
+        assert_eq!(runs.load(Ordering::SeqCst), 3, "prefetch {prefetch}");
+        assert_eq!(worker.stats().duplicates(), 0, "prefetch {prefetch}");
+        assert_eq!(worker.stats().running_copies(), 0, "prefetch {prefetch}");
+        worker.shutdown(Duration::from_secs(5)).await;
+    }
+}

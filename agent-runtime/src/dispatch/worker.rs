@@ -173,6 +173,7 @@ pub struct WorkerStats {
     retried: AtomicU64,
     dead_lettered: AtomicU64,
     duplicates: AtomicU64,
+    running_copies: AtomicU64,
     rejected: AtomicU64,
     outage_waits: AtomicU64,
     unverified_done: AtomicU64,
@@ -205,6 +206,12 @@ impl WorkerStats {
     /// Deliveries of already finished task ids (not run again).
     pub fn duplicates(&self) -> u64 {
         self.duplicates.load(Ordering::Relaxed)
+    }
+    /// Deliveries of a task that was running here at that moment (handed
+    /// back, not run twice). Nonzero means the server redelivered a task in
+    /// hand: its progress acks did not arrive within `ack_wait`.
+    pub fn running_copies(&self) -> u64 {
+        self.running_copies.load(Ordering::Relaxed)
     }
     /// Messages that failed verification (terminated).
     pub fn rejected(&self) -> u64 {
@@ -706,6 +713,7 @@ async fn process(ctx: &Ctx, msg: Message, _slot: Slot) {
         .unwrap_or(false);
     if !fresh {
         // Another copy of this id is running here right now.
+        ctx.stats.running_copies.fetch_add(1, Ordering::Relaxed);
         settle(&msg, AckKind::Nak(Some(Duration::from_secs(1)))).await;
         return;
     }
@@ -795,33 +803,14 @@ async fn process(ctx: &Ctx, msg: Message, _slot: Slot) {
     // Pulled ahead (prefetch): wait for a handler, keeping the ack timer alive.
     let handler_slot = match &ctx.handlers {
         None => None,
-        Some(h) => {
-            let acquire = h.clone().acquire_owned();
-            tokio::pin!(acquire);
-            let mut abandon = ctx.abandon.clone();
-            if *abandon.borrow_and_update() {
-                settle(&msg, AckKind::Nak(None)).await;
-                return;
-            }
-            loop {
-                tokio::select! {
-                    p = &mut acquire => match p {
-                        Ok(p) => break Some(p),
-                        Err(_) => {
-                            settle(&msg, AckKind::Nak(None)).await;
-                            return;
-                        }
-                    },
-                    _ = tokio::time::sleep(progress_every) => settle(&msg, AckKind::Progress).await,
-                    changed = abandon.changed() => {
-                        if changed.is_err() || *abandon.borrow() {
-                            settle(&msg, AckKind::Nak(None)).await;
-                            return;
-                        }
-                    }
-                }
-            }
-        }
+        // A free handler: taken at once, no timer.
+        Some(h) => match h.clone().try_acquire_owned() {
+            Ok(p) if !*ctx.abandon.borrow() => Some(p),
+            _ => match Box::pin(wait_for_handler(ctx, &msg, h, progress_every)).await {
+                Some(p) => Some(p),
+                None => return,
+            },
+        },
     };
     ctx.stats.runs.fetch_add(1, Ordering::Relaxed);
     let meter = |unit: &str| {
@@ -831,16 +820,28 @@ async fn process(ctx: &Ctx, msg: Message, _slot: Slot) {
     };
     meter("tasks.run");
     let mut run = ctx.handler.handle(task.clone());
-    let limit = tokio::time::sleep(opts.handler_timeout);
-    tokio::pin!(limit);
+    // One timer for both the progress acks and the time limit, armed only if
+    // the handler does not finish at its first poll (`biased`: the handler is
+    // polled first).
+    let limit_at = tokio::time::Instant::now() + opts.handler_timeout;
+    let timer =
+        tokio::time::sleep_until((tokio::time::Instant::now() + progress_every).min(limit_at));
+    tokio::pin!(timer);
     let mut abandon = ctx.abandon.clone();
     let result = loop {
         tokio::select! {
+            biased;
             r = &mut run => break Some(r),
-            _ = tokio::time::sleep(progress_every) => settle(&msg, AckKind::Progress).await,
-            _ = &mut limit => break Some(Err(format!(
-                "handler timed out after {} ms", opts.handler_timeout.as_millis()
-            ))),
+            _ = &mut timer => {
+                let now = tokio::time::Instant::now();
+                if now >= limit_at {
+                    break Some(Err(format!(
+                        "handler timed out after {} ms", opts.handler_timeout.as_millis()
+                    )));
+                }
+                settle(&msg, AckKind::Progress).await;
+                timer.as_mut().reset((now + progress_every).min(limit_at));
+            }
             changed = abandon.changed() => {
                 if changed.is_err() || *abandon.borrow() { break None; }
             }
@@ -889,6 +890,42 @@ async fn process(ctx: &Ctx, msg: Message, _slot: Slot) {
             tracing::debug!(task = %id, delivered, %reason, "task attempt failed; retrying");
             ctx.stats.retried.fetch_add(1, Ordering::Relaxed);
             settle(&msg, AckKind::Nak(Some(opts.backoff_for(delivered)))).await;
+        }
+    }
+}
+
+/// Waits for a free handler for a task pulled ahead, keeping its ack timer
+/// alive with progress acks. `None`: the worker is stopping (or the handler
+/// slots are closed); the task was handed back (Nak).
+async fn wait_for_handler(
+    ctx: &Ctx,
+    msg: &Message,
+    handlers: &Arc<Semaphore>,
+    progress_every: Duration,
+) -> Option<OwnedSemaphorePermit> {
+    let acquire = handlers.clone().acquire_owned();
+    tokio::pin!(acquire);
+    let mut abandon = ctx.abandon.clone();
+    if *abandon.borrow_and_update() {
+        settle(msg, AckKind::Nak(None)).await;
+        return None;
+    }
+    loop {
+        tokio::select! {
+            p = &mut acquire => match p {
+                Ok(p) => return Some(p),
+                Err(_) => {
+                    settle(msg, AckKind::Nak(None)).await;
+                    return None;
+                }
+            },
+            _ = tokio::time::sleep(progress_every) => settle(msg, AckKind::Progress).await,
+            changed = abandon.changed() => {
+                if changed.is_err() || *abandon.borrow() {
+                    settle(msg, AckKind::Nak(None)).await;
+                    return None;
+                }
+            }
         }
     }
 }
