@@ -10,15 +10,20 @@
 //!   error and nothing is placed elsewhere; a bucket found without the
 //!   region's placement is refused. Task dispatch (stream and done bucket)
 //!   takes the same placement from the agent's bundle.
+//! - A stream an agent's raw client creates on another region's servers is
+//!   moved into the tenant's region by the controller's residency policing,
+//!   its messages intact, with a `residency.move` audit event.
 
 // Test code: a failed set-up step should abort the test with its message.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeSet;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use agent_runtime::dispatch::{DispatchErrorKind, DispatchOptions, Dispatcher};
 use agentbus_control::api::{CreateTenant, ErrorCode, UpdateTenant};
+use agentbus_control::controller::shutdown::Shutdown;
 use agentbus_control::local_server::{ClusterOptions, LocalCluster};
 use agentbus_control::server_config::{render_operator_snippet, render_resolver_block};
 use agentbus_control::{AdminClient, Controller, ControllerConfig, Installation};
@@ -61,10 +66,15 @@ fn set(names: &[&str]) -> BTreeSet<String> {
     names.iter().map(|s| s.to_string()).collect()
 }
 
-#[tokio::test]
-async fn the_controller_takes_a_region_only_where_servers_can_hold_it() {
-    let tmp = tempfile::tempdir().unwrap();
-    let mut install = Installation::init(tmp.path().join("state")).unwrap();
+/// An operator-mode deployment on the two-region cluster: the cluster, its
+/// URLs, an admin client and the shutdown of a controller serving it with
+/// `replicas` and `config`'s other settings.
+async fn operator_deployment(
+    dir: &Path,
+    replicas: usize,
+    config: impl FnOnce(ControllerConfig) -> ControllerConfig,
+) -> (LocalCluster, String, AdminClient, Shutdown) {
+    let mut install = Installation::init(dir.join("state")).unwrap();
     let cluster = LocalCluster::start(
         ClusterOptions::new()
             .nodes(3)
@@ -77,24 +87,39 @@ async fn the_controller_takes_a_region_only_where_servers_can_hold_it() {
                 )
             })
             .probe_creds(install.creds("sys.creds").unwrap())
-            .dir(tmp.path().join("cluster")),
+            .dir(dir.join("cluster")),
     )
     .await
     .unwrap();
     let urls = cluster.urls();
     install
-        .set_urls(urls.split(',').map(str::to_string).collect(), 2)
+        .set_urls(urls.split(',').map(str::to_string).collect(), replicas)
         .unwrap();
-    // Replicas 2: `eu` (two servers) can hold the tenant's streams, `us`
-    // (one server) cannot.
-    let controller = Controller::connect(&install, ControllerConfig::new(&urls).replicas(2))
-        .await
-        .unwrap();
-    let shutdown = agentbus_control::controller::shutdown::Shutdown::new();
+    let controller = Controller::connect(
+        &install,
+        config(ControllerConfig::new(&urls).replicas(replicas)),
+    )
+    .await
+    .unwrap();
+    let shutdown = Shutdown::new();
     tokio::spawn(controller.serve(shutdown.clone()));
     let cp = AdminClient::connect(&urls, &install.creds("admin.creds").unwrap())
         .await
         .unwrap();
+    (cluster, urls, cp, shutdown)
+}
+
+#[tokio::test]
+async fn the_controller_takes_a_region_only_where_servers_can_hold_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Replicas 2: `eu` (two servers) can hold the tenant's streams, `us`
+    // (one server) cannot.
+    // No residency pass while this test looks at the misplaced stream (the
+    // first pass runs at start, before there is any).
+    let (_cluster, urls, cp, shutdown) = operator_deployment(tmp.path(), 2, |c| {
+        c.residency_every(Duration::from_secs(3600))
+    })
+    .await;
     let create = |id: &'static str, region: &'static str| {
         let cp = cp.clone();
         async move {
@@ -215,6 +240,90 @@ async fn the_controller_takes_a_region_only_where_servers_can_hold_it() {
             .region
             .as_deref(),
         Some("eu")
+    );
+    shutdown.fire();
+}
+
+#[tokio::test]
+async fn a_stream_a_raw_client_creates_outside_the_region_is_moved_into_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_cluster, urls, cp, shutdown) = operator_deployment(tmp.path(), 1, |c| {
+        c.residency_every(Duration::from_millis(500))
+    })
+    .await;
+    cp.create_tenant_with(
+        "acme",
+        &CreateTenant {
+            region: Some("eu".to_string()),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let bundle = cp.issue_agent("acme", "worker", "default").await.unwrap();
+    // The agent's raw client puts TASKS on n3 (us) and three tasks in it.
+    let (opts, _events) = nats_harness::raw_options(&bundle, Duration::from_secs(5));
+    let raw = opts
+        .connect(urls.split(',').collect::<Vec<_>>())
+        .await
+        .unwrap();
+    let js = jetstream::new(raw);
+    js.create_stream(jetstream::stream::Config {
+        name: "TASKS".into(),
+        subjects: vec!["tenant.acme.tasks.queue.>".into()],
+        retention: jetstream::stream::RetentionPolicy::WorkQueue,
+        placement: Some(Region::new("us").unwrap().placement()),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    for i in 0..3 {
+        js.publish("tenant.acme.tasks.queue.resize", format!("task {i}").into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+
+    // Within a few passes the servers report it on an eu node.
+    let deadline = Instant::now() + Duration::from_secs(45);
+    let tasks = loop {
+        let stats = cp.tenant_stats("acme").await.unwrap();
+        if let Some(t) = stats.streams.iter().find(|s| s.name == "TASKS") {
+            if t.in_region == Some(true) {
+                break t.clone();
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "TASKS not moved into eu: {:?}",
+            stats.streams
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert_eq!(tasks.nodes.len(), 1, "{tasks:?}");
+    assert!(set(&["n1", "n2"]).contains(&tasks.nodes[0]), "{tasks:?}");
+    // The stream says the same, with the region's placement and its tasks.
+    let info = js.get_stream("TASKS").await.unwrap().cached_info().clone();
+    assert_eq!(
+        info.config.placement,
+        Some(Region::new("eu").unwrap().placement())
+    );
+    assert_eq!(info.state.messages, 3, "{info:?}");
+    assert!(set(&["n1", "n2"]).contains(&info.cluster.unwrap().leader.unwrap()));
+    // The move is in the tenant's audit log, saying from where.
+    let (events, _) = agentbus_control::audit::fetch_events(&cp, "acme")
+        .await
+        .unwrap();
+    let moved: Vec<_> = events
+        .iter()
+        .filter(|e| e.action == "residency.move")
+        .collect();
+    assert_eq!(moved.len(), 1, "{moved:?}");
+    assert!(
+        moved[0].reason.contains("stream TASKS") && moved[0].reason.contains("region:us"),
+        "{}",
+        moved[0].reason
     );
     shutdown.fire();
 }

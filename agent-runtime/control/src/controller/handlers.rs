@@ -507,10 +507,17 @@ impl Controller {
         Ok(())
     }
 
-    async fn remove_jetstream(&self, record: &TenantRecord) -> Result<()> {
-        use futures::TryStreamExt as _;
+    /// A connection as a fresh user of `record`'s account, named `name`,
+    /// with the account's full permissions (the controller's own JetStream
+    /// administration of the tenant: cleanup, residency moves). `None` when
+    /// the account's signing key is gone (the tenant is being deleted).
+    pub(super) async fn tenant_client(
+        &self,
+        record: &TenantRecord,
+        name: &str,
+    ) -> Result<Option<async_nats::Client>> {
         let Some(signing) = self.tenant_signing(record).await? else {
-            return Ok(()); // secrets already gone: an earlier attempt got past this
+            return Ok(None);
         };
         let revoked_at = record.revocations.get(REVOKE_ALL).copied().unwrap_or(0);
         let user = KeyPair::new_user();
@@ -518,7 +525,7 @@ impl Controller {
             &signing,
             Some(&record.account),
             &user.public_key(),
-            "agentbus-cleanup",
+            name,
             Permission::default(),
             Permission::default(),
             vec![],
@@ -526,9 +533,17 @@ impl Controller {
         )
         .map_err(internal)?;
         let creds = crate::jwt::format_creds(&jwt, &seed(&user)?);
-        let client = super::connect(&self.urls, &creds, "agentbus-cleanup")
+        super::connect(&self.urls, &creds, name)
             .await
-            .map_err(|e| ApiError::new(ErrorCode::Unavailable, e.to_string()))?;
+            .map(Some)
+            .map_err(|e| ApiError::new(ErrorCode::Unavailable, e.to_string()))
+    }
+
+    async fn remove_jetstream(&self, record: &TenantRecord) -> Result<()> {
+        use futures::TryStreamExt as _;
+        let Some(client) = self.tenant_client(record, "agentbus-cleanup").await? else {
+            return Ok(()); // secrets already gone: an earlier attempt got past this
+        };
         let js = async_nats::jetstream::new(client.clone());
         let names: Vec<String> =
             js.stream_names().try_collect().await.map_err(|e| {

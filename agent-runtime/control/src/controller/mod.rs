@@ -19,6 +19,8 @@
 //! - [`auth`]: request signatures and roles.
 //! - [`callout`]: the NATS auth callout (logins by API key).
 //! - [`police`]: rate caps enforced from the servers' counters.
+//! - `residency`: streams of a region-bound tenant found outside its region
+//!   are moved into it (policed every `residency_every`).
 //! - [`claims`]: pushing, listing and deleting accounts on the server.
 //! - [`handlers`]: the operations; `apikeys`: API key operations.
 
@@ -32,6 +34,7 @@ pub mod handlers;
 mod jetstream;
 mod ping;
 pub mod police;
+mod residency;
 mod stats;
 mod usage_poll;
 
@@ -69,6 +72,7 @@ pub struct ControllerConfig {
     platform_jwt: Option<Arc<crate::identity::platform_jwt::JwksVerifier>>,
     usage_every: Duration,
     police_every: Duration,
+    residency_every: Duration,
 }
 
 impl ControllerConfig {
@@ -85,6 +89,7 @@ impl ControllerConfig {
             platform_jwt: None,
             usage_every: Duration::from_secs(10),
             police_every: Duration::from_secs(1),
+            residency_every: Duration::from_secs(30),
         }
     }
 
@@ -92,6 +97,14 @@ impl ControllerConfig {
     /// see `controller::police`): a flood is cut within two of these.
     pub fn police_every(mut self, every: Duration) -> Self {
         self.police_every = every.max(Duration::from_millis(100));
+        self
+    }
+
+    /// How often the streams of region-bound tenants are checked and any
+    /// found outside the region moved into it (default 30 s; see
+    /// `controller::residency`).
+    pub fn residency_every(mut self, every: Duration) -> Self {
+        self.residency_every = every.max(Duration::from_millis(100));
         self
     }
 

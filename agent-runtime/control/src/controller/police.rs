@@ -126,7 +126,7 @@ impl Controller {
         }
     }
 
-    async fn hold_lease(&self) -> bool {
+    pub(super) async fn hold_lease(&self) -> bool {
         let now = tenant_bus::envelope::now_ms();
         let key = "police.lease";
         let current = self.store.usage_get::<Lease>(key).await.ok().flatten();

@@ -90,7 +90,7 @@ impl Controller {
     /// every server's JSZ (with the account's stream details): what the
     /// servers say, so a stream a raw client created without the region's
     /// placement shows up here (`in_region: false`) whatever the library did.
-    async fn tenant_streams(
+    pub(super) async fn tenant_streams(
         &self,
         record: &crate::registry::TenantRecord,
     ) -> Result<Vec<TenantStream>, ApiError> {

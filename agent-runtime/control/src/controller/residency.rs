@@ -1,0 +1,122 @@
+//! Residency policing: a stream of a region-bound tenant that lives outside
+//! its region is moved into it.
+//!
+//! The servers check the name of a stream an agent creates against its
+//! permissions (`TASKS`, `KV_STATE`, `KV_TASKS_DONE`), not its placement, so
+//! an agent's raw client can create one on another region's servers; the
+//! library never does. Every `residency_every` (default 30 s,
+//! [`ControllerConfig::residency_every`](super::ControllerConfig::residency_every))
+//! the policing controller (the holder of the policing lease, so one instance
+//! of an HA deployment does it) asks the servers where each region-bound
+//! tenant's streams live (JSZ: the answer `tenant stats` shows) and updates
+//! each stream found outside the region with the region's placement, as a
+//! short-lived user of the tenant's account. JetStream then moves the stream:
+//! new replicas catch up on the region's servers and the old ones are
+//! dropped. Each move is an audit event (`residency.move`).
+//!
+//! Policed, not exact: such a stream lives outside its region from its
+//! creation until the next pass plus the time its move takes. A stream
+//! already placed with the region's tag whose replicas are still elsewhere is
+//! a move in progress and is left to finish. A region with too few servers to
+//! hold the stream makes the update fail: the stream stays where it is, the
+//! failure is logged, and the next pass tries again.
+
+use std::collections::HashMap;
+
+use tenant_bus::region::Region;
+
+use super::Controller;
+use crate::api::{ApiError, ErrorCode};
+use crate::registry::TenantRecord;
+
+impl Controller {
+    /// One residency pass over `tenants` (by account), if this instance holds
+    /// the policing lease.
+    pub(crate) async fn police_residency(&self, tenants: &HashMap<String, TenantRecord>) {
+        if !self.hold_lease().await {
+            return;
+        }
+        for record in tenants.values() {
+            let Some(region) = record
+                .settings
+                .region
+                .as_deref()
+                .and_then(|r| Region::new(r).ok())
+            else {
+                continue;
+            };
+            if let Err(e) = self.move_misplaced(record, &region).await {
+                tracing::warn!(tenant = %record.id, %region, error = %e, "residency check failed; retried at the next pass");
+            }
+        }
+    }
+
+    /// Moves `record`'s streams that live outside `region` into it; returns
+    /// the names of the streams it moved.
+    pub(super) async fn move_misplaced(
+        &self,
+        record: &TenantRecord,
+        region: &Region,
+    ) -> Result<Vec<String>, ApiError> {
+        let misplaced: Vec<String> = self
+            .tenant_streams(record)
+            .await?
+            .into_iter()
+            .filter(|s| s.in_region == Some(false))
+            .map(|s| s.name)
+            .collect();
+        if misplaced.is_empty() {
+            return Ok(Vec::new());
+        }
+        let Some(client) = self.tenant_client(record, "agentbus-residency").await? else {
+            return Ok(Vec::new()); // the tenant is being deleted
+        };
+        let js = async_nats::jetstream::new(client.clone());
+        let mut moved = Vec::new();
+        let mut failed = None;
+        for name in misplaced {
+            let stream = match js.get_stream(&name).await {
+                Ok(s) => s,
+                Err(e) => {
+                    failed = Some(format!("reading stream {name}: {e}"));
+                    continue;
+                }
+            };
+            let mut config = stream.cached_info().config.clone();
+            if region.holds(config.placement.as_ref()) {
+                continue; // placed in the region already: a move in progress
+            }
+            let from = config
+                .placement
+                .as_ref()
+                .map(|p| p.tags.join(","))
+                .unwrap_or_default();
+            config.placement = Some(region.placement());
+            if let Err(e) = js.update_stream(config).await {
+                failed = Some(format!("moving stream {name} into {region}: {e}"));
+                continue;
+            }
+            tracing::warn!(tenant = %record.id, stream = %name, %region, "stream outside the tenant's region; moving it in");
+            let reason = if from.is_empty() {
+                format!("stream {name} was created without placement outside region {region}; moved to servers tagged {}", region.tag())
+            } else {
+                format!(
+                    "stream {name} was placed on servers tagged {from}, outside region {region}; moved to servers tagged {}",
+                    region.tag()
+                )
+            };
+            self.audit_system(&record.id, "residency.move", &reason)
+                .await;
+            moved.push(name);
+        }
+        let _ = client.drain().await;
+        match failed {
+            Some(e) if moved.is_empty() => Err(ApiError::new(ErrorCode::Unavailable, e)),
+            Some(e) => {
+                tracing::warn!(tenant = %record.id, error = %e, "residency: some streams not moved");
+                Ok(moved)
+            }
+            None => Ok(moved),
+        }
+    }
+}
