@@ -268,15 +268,26 @@ async fn a_stream_a_raw_client_creates_outside_the_region_is_moved_into_it() {
         .await
         .unwrap();
     let js = jetstream::new(raw);
-    js.create_stream(jetstream::stream::Config {
+    let config = jetstream::stream::Config {
         name: "TASKS".into(),
         subjects: vec!["tenant.acme.tasks.queue.>".into()],
         retention: jetstream::stream::RetentionPolicy::WorkQueue,
         placement: Some(Region::new("us").unwrap().placement()),
         ..Default::default()
-    })
-    .await
-    .unwrap();
+    };
+    // A new account's JetStream reaches every node of the cluster shortly
+    // after its JWT (seen in CI: 503 "JetStream not enabled for account"
+    // right after the tenant was created); only that error is retried.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match js.create_stream(config.clone()).await {
+            Ok(_) => break,
+            Err(e) if e.to_string().contains("not enabled") && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await
+            }
+            Err(e) => panic!("creating TASKS on the us node: {e}"),
+        }
+    }
     for i in 0..3 {
         js.publish("tenant.acme.tasks.queue.resize", format!("task {i}").into())
             .await
