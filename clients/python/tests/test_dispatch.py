@@ -64,6 +64,38 @@ async def test_python_dispatcher_and_worker(nats_server) -> None:
         await ns.close()
 
 
+async def test_long_handlers_outlive_ack_wait_and_the_time_limit_fails_the_attempt(nats_server) -> None:
+    """A handler longer than ``ack_wait`` is kept alive by progress acks (run
+    once, no copy redelivered meanwhile); one past ``handler_timeout`` fails
+    its attempt with the limit as the reason (the Rust worker's test twin)."""
+    t = unique_tenant("lh")
+    ns = await tb.connect(make_bundle(nats_server.url, t, "py"))
+    try:
+        d = await Dispatcher.create(ns, opts(ack_wait=1.0, handler_timeout=3.5, max_deliveries=1))
+        runs = []
+
+        async def handler(task: Task) -> bytes:
+            runs.append(task.payload)
+            # "2000": two ack waits; "forever": past the limit.
+            await asyncio.sleep(60 if task.payload == b"forever" else 2.0)
+            return task.payload
+
+        # Two slots, one task at a time: the free slot's pull is where the
+        # server would redeliver a task whose ack timer ran out.
+        worker = await d.worker("slow", handler, concurrency=2, fetch_expires=0.5)
+        for _ in range(2):
+            h = await d.dispatch("slow", b"2000")
+            assert await h.wait(20) == TaskOutcome(True, output=b"2000")
+        stuck = await (await d.dispatch("slow", b"forever")).wait(20)
+        assert (stuck.completed, stuck.reason, stuck.deliveries) == (
+            False, "handler timed out after 3500 ms", 1)
+        await worker.shutdown(5)
+        assert runs == [b"2000", b"2000", b"forever"]
+        assert worker.stats.duplicates == 0 and worker.stats.running_copies == 0
+    finally:
+        await ns.close()
+
+
 async def test_the_done_bucket_republishes_outcomes_and_an_older_bucket_still_works(nats_server) -> None:
     """A bucket the dispatcher creates republishes each recorded outcome, so the
     worker does not publish it; on a bucket created without that (before it),

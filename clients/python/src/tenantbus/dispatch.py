@@ -689,6 +689,10 @@ class WorkerStats:
     retried: int = 0
     dead_lettered: int = 0
     duplicates: int = 0
+    #: Deliveries of a task running here at that moment (handed back, not run
+    #: twice). Nonzero means the server redelivered a task in hand: its
+    #: progress acks did not arrive within ``ack_wait``.
+    running_copies: int = 0
     rejected: int = 0
     #: Done records that did not open as the task's sealed outcome (ignored).
     unverified_done: int = 0
@@ -827,6 +831,7 @@ class Worker:
             return
         tid = stamp.msg_id
         if tid in self._in_flight:
+            self.stats.running_copies += 1
             await _settle(msg, "nak", 1.0)
             return
         self._in_flight.add(tid)
