@@ -458,6 +458,7 @@ impl Controller {
         }
         tokio::spawn(self.audit.clone().run(shutdown.clone()));
         tokio::spawn(self.clone().run_usage(shutdown.clone()));
+        tokio::spawn(self.clone().run_residency(shutdown.clone()));
         if let Some(state) = self.callout.clone() {
             tokio::spawn(self.clone().run_callout(state, shutdown.clone()));
         }

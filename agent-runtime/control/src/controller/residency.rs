@@ -21,8 +21,6 @@
 //! hold the stream makes the update fail: the stream stays where it is, the
 //! failure is logged, and the next pass tries again.
 
-use std::collections::HashMap;
-
 use tenant_bus::region::Region;
 
 use super::Controller;
@@ -30,13 +28,38 @@ use crate::api::{ApiError, ErrorCode};
 use crate::registry::TenantRecord;
 
 impl Controller {
-    /// One residency pass over `tenants` (by account), if this instance holds
-    /// the policing lease.
-    pub(crate) async fn police_residency(&self, tenants: &HashMap<String, TenantRecord>) {
+    /// Runs a residency pass every `residency_every` until `shutdown`. Its own
+    /// task, not a step of the policing loop: a pass asks the servers once per
+    /// region-bound tenant (each ping waits its full window), and that must
+    /// not hold up the per-second rate policing.
+    pub(crate) async fn run_residency(
+        self: std::sync::Arc<Self>,
+        shutdown: super::shutdown::Shutdown,
+    ) {
+        let mut tick = tokio::time::interval(self.config.residency_every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.wait() => return,
+                _ = tick.tick() => {}
+            }
+            match self.store.registry.list().await {
+                Ok(tenants) => self.police_residency(&tenants).await,
+                Err(e) => tracing::warn!(error = %e, "residency pass: listing tenants failed"),
+            }
+        }
+    }
+
+    /// One residency pass over `tenants`, if this instance holds the policing
+    /// lease.
+    async fn police_residency(&self, tenants: &[TenantRecord]) {
         if !self.hold_lease().await {
             return;
         }
-        for record in tenants.values() {
+        for record in tenants
+            .iter()
+            .filter(|r| !r.account.is_empty() && !r.deleting)
+        {
             let Some(region) = record
                 .settings
                 .region

@@ -214,7 +214,6 @@ impl Controller {
         let mut tick = tokio::time::interval(self.config.police_every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_usage: Option<tokio::time::Instant> = None;
-        let mut last_residency: Option<tokio::time::Instant> = None;
         loop {
             tokio::select! {
                 _ = shutdown.wait() => {
@@ -235,10 +234,6 @@ impl Controller {
             if last_usage.is_none_or(|t| t.elapsed() >= self.config.usage_every) {
                 self.record_usage(&seen, &tenants).await;
                 last_usage = Some(tokio::time::Instant::now());
-            }
-            if last_residency.is_none_or(|t| t.elapsed() >= self.config.residency_every) {
-                self.police_residency(&tenants).await;
-                last_residency = Some(tokio::time::Instant::now());
             }
         }
     }
