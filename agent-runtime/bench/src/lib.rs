@@ -516,31 +516,29 @@ fn jetstream_rows(
 ) -> Result<(), BenchError> {
     let js_count = plan.js_count.to_string();
     let replicas_s = replicas.to_string();
+    let cluster = if replicas > 1 { "c" } else { "" };
+    // One bench-worker run; `run` names its own stream and tenant, so runs
+    // share no state.
+    let measure = |mode: &str, extra: Option<&str>, run: &str| {
+        let mut args = vec!["jetstream", "--url", url, "--mode", mode];
+        args.extend(extra);
+        args.extend([
+            "--size",
+            "1024",
+            "--count",
+            &js_count,
+            "--run",
+            run,
+            "--replicas",
+            &replicas_s,
+        ]);
+        worker(exe, None, &args)
+    };
     let runs = paired(started, plan.repeats, label, |mode, r| {
-        // Each run gets its own stream and tenant, so runs share no state.
-        let run = format!(
-            "r{r}{}{}",
+        measure(
             mode_arg(mode),
-            if replicas > 1 { "c" } else { "" }
-        );
-        worker(
-            exe,
             None,
-            &[
-                "jetstream",
-                "--url",
-                url,
-                "--mode",
-                mode_arg(mode),
-                "--size",
-                "1024",
-                "--count",
-                &js_count,
-                "--run",
-                &run,
-                "--replicas",
-                &replicas_s,
-            ],
+            &format!("r{r}{}{cluster}", mode_arg(mode)),
         )
     })?;
     report.rows.push(Row::higher(
@@ -573,26 +571,10 @@ fn jetstream_rows(
                 plan.repeats
             ),
         );
-        let run = format!("r{r}floor{}", if replicas > 1 { "c" } else { "" });
-        floor.push(worker(
-            exe,
-            None,
-            &[
-                "jetstream",
-                "--url",
-                url,
-                "--mode",
-                "raw",
-                "--record-outcomes",
-                "--size",
-                "1024",
-                "--count",
-                &js_count,
-                "--run",
-                &run,
-                "--replicas",
-                &replicas_s,
-            ],
+        floor.push(measure(
+            "raw",
+            Some("--record-outcomes"),
+            &format!("r{r}floor{cluster}"),
         )?);
     }
     report.rows.push(Row::higher(
