@@ -399,17 +399,17 @@ impl TenantKv {
         let kv = match js.get_key_value(bucket.as_str()).await {
             Ok(kv) => kv,
             Err(get_err) => {
-                let created = js
-                    .create_key_value(kv::Config {
-                        bucket: bucket.clone(),
-                        description: format!("agentbus state of tenant {}", ns.tenant()),
-                        history: 1,
-                        storage: jetstream::stream::StorageType::File,
-                        num_replicas: replicas,
-                        placement: options.region.as_ref().map(|r| r.placement()),
-                        ..Default::default()
-                    })
-                    .await;
+                let config = kv::Config {
+                    bucket: bucket.clone(),
+                    description: format!("agentbus state of tenant {}", ns.tenant()),
+                    history: 1,
+                    storage: jetstream::stream::StorageType::File,
+                    num_replicas: replicas,
+                    placement: options.region.as_ref().map(|r| r.placement()),
+                    ..Default::default()
+                };
+                let created =
+                    crate::settle::while_settling(|| js.create_key_value(config.clone())).await;
                 match created {
                     Ok(kv) => kv,
                     // Created by someone else meanwhile: open theirs.

@@ -43,6 +43,8 @@
 //! - [`admission`]: the hook through which a scheduler admits each message.
 //! - [`kv`]: [`TenantKv`], the tenant's sealed key-value state store
 //!   (`ns.kv("sessions")`) on its `STATE` bucket.
+//! - [`settle`]: retrying stream and bucket creation while a new account's
+//!   JetStream settles across a cluster.
 
 pub mod admission;
 pub mod budget;
@@ -59,6 +61,7 @@ pub mod namespace;
 pub mod options;
 pub mod region;
 pub mod replay;
+pub mod settle;
 pub mod subject;
 pub mod subscription;
 pub mod verify;

@@ -30,6 +30,7 @@ use agentbus_control::{AdminClient, Controller, ControllerConfig, Installation};
 use async_nats::jetstream;
 use tenant_bus::kv::{KvErrorKind, KvOptions};
 use tenant_bus::region::{Region, StorePlacement};
+use tenant_bus::settle::while_settling;
 use tenant_bus::{AgentId, CredentialBundle, MasterSecret, TenantId, TenantNamespace};
 
 /// `server_tags` of node `i`: two nodes in `eu`, one in `us`.
@@ -172,14 +173,15 @@ async fn the_controller_takes_a_region_only_where_servers_can_hold_it() {
         .connect(urls.split(',').collect::<Vec<_>>())
         .await
         .unwrap();
-    jetstream::new(raw)
-        .create_stream(jetstream::stream::Config {
-            name: "TASKS".into(),
-            subjects: vec!["tenant.acme.tasks.queue.>".into()],
-            retention: jetstream::stream::RetentionPolicy::WorkQueue,
-            placement: Some(Region::new("us").unwrap().placement()),
-            ..Default::default()
-        })
+    let raw_js = jetstream::new(raw);
+    let config = jetstream::stream::Config {
+        name: "TASKS".into(),
+        subjects: vec!["tenant.acme.tasks.queue.>".into()],
+        retention: jetstream::stream::RetentionPolicy::WorkQueue,
+        placement: Some(Region::new("us").unwrap().placement()),
+        ..Default::default()
+    };
+    while_settling(|| raw_js.create_stream(config.clone()))
         .await
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -277,17 +279,10 @@ async fn a_stream_a_raw_client_creates_outside_the_region_is_moved_into_it() {
     };
     // A new account's JetStream reaches every node of the cluster shortly
     // after its JWT (seen in CI: 503 "JetStream not enabled for account"
-    // right after the tenant was created); only that error is retried.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        match js.create_stream(config.clone()).await {
-            Ok(_) => break,
-            Err(e) if e.to_string().contains("not enabled") && Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(200)).await
-            }
-            Err(e) => panic!("creating TASKS on the us node: {e}"),
-        }
-    }
+    // right after the tenant was created); only that is retried.
+    while_settling(|| js.create_stream(config.clone()))
+        .await
+        .unwrap_or_else(|e| panic!("creating TASKS on the us node: {e}"));
     for i in 0..3 {
         js.publish("tenant.acme.tasks.queue.resize", format!("task {i}").into())
             .await

@@ -150,6 +150,7 @@ use futures::StreamExt as _;
 use tenant_bus::admission::{RejectReason, Rejection};
 use tenant_bus::error::Error;
 use tenant_bus::ids::validate_slug;
+use tenant_bus::settle::while_settling;
 use tenant_bus::subject::scope;
 use tenant_bus::{MessageId, TenantNamespace};
 
@@ -599,18 +600,20 @@ impl Dispatcher {
             scope(ns.tenant(), "tasks.queue.>"),
             scope(ns.tenant(), "tasks.dead.>"),
         ];
-        let stream = js
-            .get_or_create_stream(stream::Config {
-                name: stream_name.clone(),
-                description: Some(format!("agentbus tasks of tenant {}", ns.tenant())),
-                subjects: subjects.clone(),
-                retention: stream::RetentionPolicy::WorkQueue,
-                storage: stream::StorageType::File,
-                duplicate_window: options.duplicate_window,
-                num_replicas: replicas,
-                placement: region.as_ref().map(|r| r.placement()),
-                ..Default::default()
-            })
+        let config = stream::Config {
+            name: stream_name.clone(),
+            description: Some(format!("agentbus tasks of tenant {}", ns.tenant())),
+            subjects: subjects.clone(),
+            retention: stream::RetentionPolicy::WorkQueue,
+            storage: stream::StorageType::File,
+            duplicate_window: options.duplicate_window,
+            num_replicas: replicas,
+            placement: region.as_ref().map(|r| r.placement()),
+            ..Default::default()
+        };
+        // A tenant created a moment ago may not be known to JetStream on
+        // every server yet (see `tenant_bus::settle`).
+        let stream = while_settling(|| js.get_or_create_stream(config.clone()))
             .await
             .map_err(|e| unavailable(format!("stream {stream_name}{where_}"), e))?;
         // Agents may create the stream but never change it afterwards (the
@@ -677,18 +680,18 @@ impl Dispatcher {
                 (kv, republishes)
             }
             Err(_) => {
-                let kv = js
-                    .create_key_value(kv::Config {
-                        bucket: bucket.clone(),
-                        description: format!("agentbus finished tasks of tenant {}", ns.tenant()),
-                        history: 1,
-                        max_age: options.done_retention,
-                        storage: stream::StorageType::File,
-                        num_replicas: replicas,
-                        placement: region.as_ref().map(|r| r.placement()),
-                        republish: Some(republish),
-                        ..Default::default()
-                    })
+                let config = kv::Config {
+                    bucket: bucket.clone(),
+                    description: format!("agentbus finished tasks of tenant {}", ns.tenant()),
+                    history: 1,
+                    max_age: options.done_retention,
+                    storage: stream::StorageType::File,
+                    num_replicas: replicas,
+                    placement: region.as_ref().map(|r| r.placement()),
+                    republish: Some(republish),
+                    ..Default::default()
+                };
+                let kv = while_settling(|| js.create_key_value(config.clone()))
                     .await
                     .map_err(|e| unavailable(format!("bucket {bucket}{where_}"), e))?;
                 (kv, true)

@@ -71,6 +71,7 @@ from .envelope import MessageId, now_ms, open_envelope
 from .errors import DispatchError, DispatchErrorKind, EnvelopeError, IdError, SealError
 from .ids import validate_id
 from .namespace import TenantNamespace, _as_bytes
+from .settle import while_settling
 from .subject import scope
 
 log = logging.getLogger("tenantbus.dispatch")
@@ -397,18 +398,19 @@ class Dispatcher:
                 info = await js.stream_info(stream)
             except nats.js.errors.NotFoundError:
                 try:
-                    info = await js.add_stream(
-                        api.StreamConfig(
-                            name=stream,
-                            description=f"agentbus tasks of tenant {ns.tenant}",
-                            subjects=subjects,
-                            retention=api.RetentionPolicy.WORK_QUEUE,
-                            storage=api.StorageType.FILE,
-                            duplicate_window=options.duplicate_window,
-                            num_replicas=replicas,
-                            placement=js_placement,
-                        )
+                    # A tenant created a moment ago may not be known to
+                    # JetStream on every server yet (see tenantbus.settle).
+                    config = api.StreamConfig(
+                        name=stream,
+                        description=f"agentbus tasks of tenant {ns.tenant}",
+                        subjects=subjects,
+                        retention=api.RetentionPolicy.WORK_QUEUE,
+                        storage=api.StorageType.FILE,
+                        duplicate_window=options.duplicate_window,
+                        num_replicas=replicas,
+                        placement=js_placement,
                     )
+                    info = await while_settling(lambda: js.add_stream(config))
                 except nats.js.errors.BadRequestError as refused:
                     # Created concurrently (a different config: checked below),
                     # or refused, e.g. no server of the region can hold it.
@@ -437,25 +439,23 @@ class Dispatcher:
                 kv = await js.key_value(bucket)
             except nats.js.errors.BucketNotFoundError:
                 if js_placement is None:
-                    kv = await js.create_key_value(
-                        api.KeyValueConfig(
-                            bucket=bucket,
-                            description=description,
-                            history=1,
-                            ttl=options.done_retention,
-                            storage=api.StorageType.FILE,
-                            replicas=replicas,
-                            republish=republish,
-                        )
+                    done_config = api.KeyValueConfig(
+                        bucket=bucket,
+                        description=description,
+                        history=1,
+                        ttl=options.done_retention,
+                        storage=api.StorageType.FILE,
+                        replicas=replicas,
+                        republish=republish,
                     )
+                    kv = await while_settling(lambda: js.create_key_value(done_config))
                     created = True
                 else:
                     try:
-                        await js.add_stream(
-                            _kv_stream_config(
-                                bucket, description, options.done_retention, replicas, js_placement, republish
-                            )
+                        kv_stream = _kv_stream_config(
+                            bucket, description, options.done_retention, replicas, js_placement, republish
                         )
+                        await while_settling(lambda: js.add_stream(kv_stream))
                         created = True
                     except nats.js.errors.BadRequestError as refused:
                         try:

@@ -1,0 +1,146 @@
+//! Waiting out a new account's JetStream settling across a cluster.
+//!
+//! The control plane answers `tenant create` only after every server's
+//! resolver holds the new account's JWT, but each server enables JetStream for
+//! the account a moment later, on its own. Until the JetStream meta leader has
+//! done so, creating a stream or bucket for the account is refused with
+//! "account not found" (10035) or "JetStream not enabled for account"
+//! (10039), though nothing is wrong and a retry a few hundred milliseconds
+//! later succeeds (nats-server issue #2874 describes the same race).
+//!
+//! [`while_settling`] retries an operation that fails with exactly those two
+//! codes, for at most [`SETTLE_LIMIT`]; every other error, and the same
+//! errors after the limit (an account that really lacks JetStream), is
+//! returned at once.
+
+use std::error::Error as StdError;
+use std::future::Future;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use async_nats::jetstream;
+use async_nats::jetstream::context::CreateStreamErrorKind;
+use async_nats::jetstream::ErrorCode;
+
+/// How long a new account's JetStream may take to settle before its errors
+/// are taken as final.
+pub const SETTLE_LIMIT: Duration = Duration::from_secs(10);
+
+/// Whether `error` (or any error in its source chain) is a JetStream API
+/// error saying the account is not (yet) known to JetStream.
+pub fn is_settling(error: &(dyn StdError + 'static)) -> bool {
+    let mut next = Some(error);
+    while let Some(e) = next {
+        if let Some(api) = e.downcast_ref::<jetstream::Error>() {
+            return settling_code(api.error_code());
+        }
+        if let Some(c) = e.downcast_ref::<jetstream::context::CreateStreamError>() {
+            if let CreateStreamErrorKind::JetStream(api) = c.kind() {
+                return settling_code(api.error_code());
+            }
+        }
+        next = e.source();
+    }
+    false
+}
+
+fn settling_code(code: ErrorCode) -> bool {
+    code == ErrorCode::NO_ACCOUNT || code == ErrorCode::JETSTREAM_NOT_ENABLED_FOR_ACCOUNT
+}
+
+/// Runs `op` until it succeeds, fails with an error that is not
+/// [`is_settling`], or [`SETTLE_LIMIT`] has passed; returns its last result.
+pub async fn while_settling<T, E, F, Fut>(mut op: F) -> Result<T, E>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+    E: StdError + 'static,
+{
+    let deadline = Instant::now() + SETTLE_LIMIT;
+    let mut pause = Duration::from_millis(50);
+    loop {
+        match op().await {
+            Err(e) if is_settling(&e) && Instant::now() + pause < deadline => {
+                tracing::debug!(error = %e, "JetStream account still settling; retrying");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(500));
+            }
+            other => return other,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use async_nats::jetstream::context::CreateStreamError;
+    use async_nats::jetstream::context::{CreateKeyValueError, CreateKeyValueErrorKind};
+
+    fn api(code: u64) -> jetstream::Error {
+        serde_json::from_str(&format!(
+            r#"{{"code":503,"err_code":{code},"description":"x"}}"#
+        ))
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn bucket_create(code: u64) -> CreateKeyValueError {
+        CreateKeyValueError::with_source(
+            CreateKeyValueErrorKind::BucketCreate,
+            CreateStreamError::new(CreateStreamErrorKind::JetStream(api(code))),
+        )
+    }
+
+    #[test]
+    fn only_the_two_account_codes_are_settling_wherever_they_sit_in_the_chain() {
+        assert!(is_settling(&api(10035)));
+        assert!(is_settling(&api(10039)));
+        assert!(is_settling(&bucket_create(10035)));
+        assert!(is_settling(&bucket_create(10039)));
+        // Insufficient resources, no suitable peers (a region that is down),
+        // JetStream disabled on the server: final.
+        for code in [10023, 10005, 10076] {
+            assert!(!is_settling(&bucket_create(code)), "{code}");
+        }
+        assert!(!is_settling(&CreateStreamError::new(
+            CreateStreamErrorKind::TimedOut
+        )));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn settling_errors_are_retried_until_success_others_are_returned_at_once() {
+        let mut calls = 0;
+        let out: Result<u32, CreateKeyValueError> = while_settling(|| {
+            calls += 1;
+            let n = calls;
+            async move {
+                if n < 4 {
+                    Err(bucket_create(10039))
+                } else {
+                    Ok(n)
+                }
+            }
+        })
+        .await;
+        assert_eq!(out.ok(), Some(4));
+
+        let mut calls = 0;
+        let out: Result<u32, CreateKeyValueError> = while_settling(|| {
+            calls += 1;
+            async { Err(bucket_create(10023)) }
+        })
+        .await;
+        assert!(out.is_err());
+        assert_eq!(calls, 1, "a final error is not retried");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_account_that_never_settles_fails_after_the_limit() {
+        let start = tokio::time::Instant::now();
+        let out: Result<(), CreateKeyValueError> =
+            while_settling(|| async { Err(bucket_create(10035)) }).await;
+        assert!(out.is_err());
+        assert!(start.elapsed() <= SETTLE_LIMIT, "{:?}", start.elapsed());
+        assert!(start.elapsed() >= SETTLE_LIMIT - Duration::from_secs(1));
+    }
+}

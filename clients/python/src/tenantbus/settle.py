@@ -1,0 +1,48 @@
+"""Waiting out a new account's JetStream settling across a cluster.
+
+The control plane answers ``tenant create`` only after every server's resolver
+holds the new account's JWT, but each server enables JetStream for the account
+a moment later, on its own. Until the JetStream meta leader has done so,
+creating a stream or bucket for the account is refused with "account not
+found" (10035) or "JetStream not enabled for account" (10039), though nothing
+is wrong. :func:`while_settling` retries exactly those two codes for at most
+:data:`SETTLE_LIMIT` seconds, as the Rust ``tenant_bus::settle`` does; every
+other error, and these after the limit, is raised at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Awaitable, Callable, TypeVar
+
+import nats.js.errors
+
+#: Seconds a new account's JetStream may take to settle.
+SETTLE_LIMIT = 10.0
+
+#: "account not found", "JetStream not enabled for account".
+SETTLING_CODES = frozenset({10035, 10039})
+
+T = TypeVar("T")
+
+
+def is_settling(error: BaseException) -> bool:
+    """Whether ``error`` is a JetStream API error saying the account is not
+    (yet) known to JetStream."""
+    return isinstance(error, nats.js.errors.APIError) and error.err_code in SETTLING_CODES
+
+
+async def while_settling(op: Callable[[], Awaitable[T]], limit: float = SETTLE_LIMIT) -> T:
+    """Runs ``op()`` until it succeeds, raises an error that is not
+    :func:`is_settling`, or ``limit`` seconds have passed."""
+    deadline = time.monotonic() + limit
+    pause = 0.05
+    while True:
+        try:
+            return await op()
+        except nats.js.errors.APIError as e:
+            if not is_settling(e) or time.monotonic() + pause >= deadline:
+                raise
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, 0.5)
