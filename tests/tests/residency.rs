@@ -19,13 +19,17 @@
 
 use std::collections::BTreeSet;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use agent_runtime::dispatch::{DispatchErrorKind, DispatchOptions, Dispatcher};
 use agentbus_control::api::{CreateTenant, ErrorCode, UpdateTenant};
+use agentbus_control::audit::event::{Outcome, PLATFORM_LOG};
+use agentbus_control::audit::{self, AuditLog};
 use agentbus_control::controller::shutdown::Shutdown;
 use agentbus_control::local_server::{ClusterOptions, LocalCluster};
 use agentbus_control::server_config::{render_operator_snippet, render_resolver_block};
+use agentbus_control::tiers::Tier;
 use agentbus_control::{AdminClient, Controller, ControllerConfig, Installation};
 use async_nats::jetstream;
 use tenant_bus::kv::{KvErrorKind, KvOptions};
@@ -68,13 +72,13 @@ fn set(names: &[&str]) -> BTreeSet<String> {
 }
 
 /// An operator-mode deployment on the two-region cluster: the cluster, its
-/// URLs, an admin client and the shutdown of a controller serving it with
-/// `replicas` and `config`'s other settings.
+/// URLs, an admin client, the shutdown of a controller serving it with
+/// `replicas` and `config`'s other settings, and that controller's audit log.
 async fn operator_deployment(
     dir: &Path,
     replicas: usize,
     config: impl FnOnce(ControllerConfig) -> ControllerConfig,
-) -> (LocalCluster, String, AdminClient, Shutdown) {
+) -> (LocalCluster, String, AdminClient, Shutdown, Arc<AuditLog>) {
     let mut install = Installation::init(dir.join("state")).unwrap();
     let cluster = LocalCluster::start(
         ClusterOptions::new()
@@ -102,12 +106,13 @@ async fn operator_deployment(
     )
     .await
     .unwrap();
+    let audit = controller.audit().clone();
     let shutdown = Shutdown::new();
     tokio::spawn(controller.serve(shutdown.clone()));
     let cp = AdminClient::connect(&urls, &install.creds("admin.creds").unwrap())
         .await
         .unwrap();
-    (cluster, urls, cp, shutdown)
+    (cluster, urls, cp, shutdown, audit)
 }
 
 #[tokio::test]
@@ -117,7 +122,7 @@ async fn the_controller_takes_a_region_only_where_servers_can_hold_it() {
     // (one server) cannot.
     // No residency pass while this test looks at the misplaced stream (the
     // first pass runs at start, before there is any).
-    let (_cluster, urls, cp, shutdown) = operator_deployment(tmp.path(), 2, |c| {
+    let (_cluster, urls, cp, shutdown, audit) = operator_deployment(tmp.path(), 2, |c| {
         c.residency_every(Duration::from_secs(3600))
     })
     .await;
@@ -243,94 +248,175 @@ async fn the_controller_takes_a_region_only_where_servers_can_hold_it() {
             .as_deref(),
         Some("eu")
     );
-    shutdown.fire();
-}
 
-#[tokio::test]
-async fn a_stream_a_raw_client_creates_outside_the_region_is_moved_into_it() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (_cluster, urls, cp, shutdown) = operator_deployment(tmp.path(), 1, |c| {
-        c.residency_every(Duration::from_millis(500))
-    })
-    .await;
-    cp.create_tenant_with(
-        "acme",
-        &CreateTenant {
-            region: Some("eu".to_string()),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
-    let bundle = cp.issue_agent("acme", "worker", "default").await.unwrap();
-    // The agent's raw client puts TASKS on n3 (us) and three tasks in it.
-    let (opts, _events) = nats_harness::raw_options(&bundle, Duration::from_secs(5));
-    let raw = opts
-        .connect(urls.split(',').collect::<Vec<_>>())
-        .await
-        .unwrap();
-    let js = jetstream::new(raw);
-    let config = jetstream::stream::Config {
-        name: "TASKS".into(),
-        subjects: vec!["tenant.acme.tasks.queue.>".into()],
-        retention: jetstream::stream::RetentionPolicy::WorkQueue,
-        placement: Some(Region::new("us").unwrap().placement()),
-        ..Default::default()
-    };
-    // A new account's JetStream reaches every node of the cluster shortly
-    // after its JWT (seen in CI: 503 "JetStream not enabled for account"
-    // right after the tenant was created); only that is retried.
-    while_settling(|| js.create_stream(config.clone()))
-        .await
-        .unwrap_or_else(|e| panic!("creating TASKS on the us node: {e}"));
-    for i in 0..3 {
-        js.publish("tenant.acme.tasks.queue.resize", format!("task {i}").into())
-            .await
-            .unwrap()
-            .await
-            .unwrap();
-    }
-
-    // Within a few passes the servers report it on an eu node.
-    let deadline = Instant::now() + Duration::from_secs(45);
-    let tasks = loop {
-        let stats = cp.tenant_stats("acme").await.unwrap();
-        if let Some(t) = stats.streams.iter().find(|s| s.name == "TASKS") {
-            if t.in_region == Some(true) {
-                break t.clone();
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "TASKS not moved into eu: {:?}",
-            stats.streams
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    };
-    assert_eq!(tasks.nodes.len(), 1, "{tasks:?}");
-    assert!(set(&["n1", "n2"]).contains(&tasks.nodes[0]), "{tasks:?}");
-    // The stream says the same, with the region's placement and its tasks.
-    let info = js.get_stream("TASKS").await.unwrap().cached_info().clone();
+    // The tenant's audit log lives in eu too: in AUDIT_eu, placed on n1
+    // and n2 with the deployment's replicas, and nothing of it in the
+    // shared AUDIT stream.
+    let home = audit.home("acme").await.unwrap();
+    assert_eq!(home.region, Some(Region::new("eu").unwrap()));
+    assert_eq!(home.stream_name(), "AUDIT_eu");
+    let info = home.stream().info().await.unwrap().clone();
     assert_eq!(
         info.config.placement,
         Some(Region::new("eu").unwrap().placement())
     );
-    assert_eq!(info.state.messages, 3, "{info:?}");
-    assert!(set(&["n1", "n2"]).contains(&info.cluster.unwrap().leader.unwrap()));
-    // The move is in the tenant's audit log, saying from where.
-    let (events, _) = agentbus_control::audit::fetch_events(&cp, "acme")
+    assert_eq!(info.config.num_replicas, 2);
+    let cluster = info.cluster.unwrap();
+    let mut holders: BTreeSet<String> = cluster.replicas.into_iter().map(|r| r.name).collect();
+    holders.extend(cluster.leader);
+    assert_eq!(holders, set(&["n1", "n2"]));
+    let central = audit.home(PLATFORM_LOG).await.unwrap();
+    assert_eq!(central.stream_name(), audit::STREAM);
+    let stray = central
+        .stream()
+        .get_last_raw_message_by_subject(&audit::log_subject("acme"))
+        .await;
+    assert!(stray.is_err(), "acme's events in the shared stream");
+    let events = audit::fetch_events(&cp, "acme").await.unwrap().0;
+    let actions: Vec<&str> = events.iter().map(|e| e.action.as_str()).collect();
+    assert_eq!(
+        actions[..2],
+        ["tenant.create", "agent.create"],
+        "{actions:?}"
+    );
+    assert!(
+        actions.contains(&"tenant.update"),
+        "the refused region change: {actions:?}"
+    );
+    audit.checkpoint("acme").await.unwrap();
+    let (report, _) = audit::verify_remote(&cp, "acme", None).await.unwrap();
+    assert_eq!(
+        (report.entries, report.signed_size),
+        (events.len() as u64, events.len() as u64)
+    );
+    // The refused creates named tenants that never existed: their events
+    // are in the platform log, and no log of theirs has a home.
+    for id in ["nowhere", "small"] {
+        assert!(audit.home(id).await.unwrap().region.is_none());
+        assert!(audit::fetch_events(&cp, id).await.unwrap().0.is_empty());
+    }
+    // An id keeps its log's region: deleted and created again elsewhere
+    // (here: without a region) is refused, naming where the log lives.
+    create("temp", "eu").await.unwrap();
+    cp.delete_tenant("temp").await.unwrap();
+    let err = cp.create_tenant("temp", Tier::Free).await.unwrap_err();
+    assert_eq!(err.code, ErrorCode::InvalidInput, "{err}");
+    assert!(err.message.contains("region eu"), "{err}");
+    create("temp", "eu").await.unwrap();
+    let temp = audit::fetch_events(&cp, "temp").await.unwrap().0;
+    // The refusal is in the id's log (it has a home), then the new create.
+    assert_eq!(
+        temp.iter()
+            .map(|e| (e.action.as_str(), e.outcome))
+            .collect::<Vec<_>>(),
+        [
+            ("tenant.create", Outcome::Allowed),
+            ("tenant.delete", Outcome::Allowed),
+            ("tenant.create", Outcome::Failed),
+            ("tenant.create", Outcome::Allowed),
+        ]
+    );
+    shutdown.fire();
+}
+
+/// Three region-bound tenants, each with a stream its agent's raw client put
+/// in the wrong region: one pass reads where every account's streams live
+/// (JSZ pages that skip each server's first account, which is then asked
+/// for on its own: with three tenants and the platform account both paths
+/// run) and moves all three.
+#[tokio::test]
+async fn a_stream_a_raw_client_creates_outside_the_region_is_moved_into_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_cluster, urls, cp, shutdown, _audit) = operator_deployment(tmp.path(), 1, |c| {
+        c.residency_every(Duration::from_millis(500))
+    })
+    .await;
+    let tenants = ["acme", "globex", "initech"];
+    let mut raw_js = Vec::new();
+    for tenant in tenants {
+        cp.create_tenant_with(
+            tenant,
+            &CreateTenant {
+                region: Some("eu".to_string()),
+                ..Default::default()
+            },
+        )
         .await
         .unwrap();
-    let moved: Vec<_> = events
-        .iter()
-        .filter(|e| e.action == "residency.move")
-        .collect();
-    assert_eq!(moved.len(), 1, "{moved:?}");
-    assert!(
-        moved[0].reason.contains("stream TASKS") && moved[0].reason.contains("region:us"),
-        "{}",
-        moved[0].reason
-    );
+        let bundle = cp.issue_agent(tenant, "worker", "default").await.unwrap();
+        // The agent's raw client puts TASKS on n3 (us) and three tasks in it.
+        let (opts, _events) = nats_harness::raw_options(&bundle, Duration::from_secs(5));
+        let raw = opts
+            .connect(urls.split(',').collect::<Vec<_>>())
+            .await
+            .unwrap();
+        let js = jetstream::new(raw);
+        let config = jetstream::stream::Config {
+            name: "TASKS".into(),
+            subjects: vec![format!("tenant.{tenant}.tasks.queue.>")],
+            retention: jetstream::stream::RetentionPolicy::WorkQueue,
+            placement: Some(Region::new("us").unwrap().placement()),
+            ..Default::default()
+        };
+        // A new account's JetStream reaches every node of the cluster shortly
+        // after its JWT (seen in CI: 503 "JetStream not enabled for account"
+        // right after the tenant was created); only that is retried.
+        while_settling(|| js.create_stream(config.clone()))
+            .await
+            .unwrap_or_else(|e| panic!("creating TASKS of {tenant} on the us node: {e}"));
+        for i in 0..3 {
+            js.publish(
+                format!("tenant.{tenant}.tasks.queue.resize"),
+                format!("task {i}").into(),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        }
+        raw_js.push(js);
+    }
+
+    for (tenant, js) in tenants.into_iter().zip(raw_js) {
+        // Within a few passes the servers report it on an eu node.
+        let deadline = Instant::now() + Duration::from_secs(45);
+        let tasks = loop {
+            let stats = cp.tenant_stats(tenant).await.unwrap();
+            if let Some(t) = stats.streams.iter().find(|s| s.name == "TASKS") {
+                if t.in_region == Some(true) {
+                    break t.clone();
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "TASKS of {tenant} not moved into eu: {:?}",
+                stats.streams
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        };
+        assert_eq!(tasks.nodes.len(), 1, "{tasks:?}");
+        assert!(set(&["n1", "n2"]).contains(&tasks.nodes[0]), "{tasks:?}");
+        // The stream says the same, with the region's placement and its tasks.
+        let info = js.get_stream("TASKS").await.unwrap().cached_info().clone();
+        assert_eq!(
+            info.config.placement,
+            Some(Region::new("eu").unwrap().placement())
+        );
+        assert_eq!(info.state.messages, 3, "{tenant}: {info:?}");
+        assert!(set(&["n1", "n2"]).contains(&info.cluster.unwrap().leader.unwrap()));
+        // The move is in the tenant's audit log, saying from where.
+        let (events, _) = audit::fetch_events(&cp, tenant).await.unwrap();
+        let moved: Vec<_> = events
+            .iter()
+            .filter(|e| e.action == "residency.move")
+            .collect();
+        assert_eq!(moved.len(), 1, "{tenant}: {moved:?}");
+        assert!(
+            moved[0].reason.contains("stream TASKS") && moved[0].reason.contains("region:us"),
+            "{}",
+            moved[0].reason
+        );
+    }
     shutdown.fire();
 }
 

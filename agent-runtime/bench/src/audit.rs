@@ -68,6 +68,17 @@ pub async fn appends(count: u64, repeats: usize, batch: u64) -> Result<Vec<Appen
     let per_log = (count / LOGS as u64).max(1);
     let mut rates = Vec::new();
     for r in 0..repeats.max(1) {
+        // The logs' homes (the shared stream), as `tenant create` would fix
+        // them: events of an id without a home and without a tenant would
+        // go to the platform log instead.
+        for l in 0..LOGS {
+            let id = tenant_bus::TenantId::new(&format!("bench{r}x{l}"))
+                .map_err(|e| BenchError(format!("bench log id: {e}")))?;
+            audit
+                .claim_home(&id, None)
+                .await
+                .map_err(|e| BenchError(format!("audit log home: {e}")))?;
+        }
         let before = audit.counters().snapshot();
         let t = Instant::now();
         let mut tasks = Vec::new();

@@ -3,7 +3,9 @@
 //!
 //! # Storage
 //! One JetStream stream, [`STREAM`] (`AUDIT`), in the platform account, with the
-//! controller's replica count. Each log has two subjects:
+//! controller's replica count; the logs of tenants with a region live in their
+//! region's stream instead (`AUDIT_<region>`, see [`home`]). Each log has three
+//! subjects (shown for `AUDIT`):
 //!
 //! ```text
 //! agentbus.audit.v1.log.<tenant|_platform>          events (leaves), in index order
@@ -20,6 +22,7 @@
 //!
 //! # Layout
 //! - [`event`]: the v1 event and its canonical bytes.
+//! - [`home`]: which stream holds each log (the shared one or its region's).
 //! - [`merkle`]: RFC 6962 hashing, the compact range, proofs.
 //! - [`note`]: C2SP signed-note checkpoints (Ed25519).
 //! - [`verify`]: offline verification of a log and of an inclusion proof.
@@ -28,6 +31,7 @@
 
 pub mod event;
 pub mod export;
+pub mod home;
 pub mod merkle;
 pub mod note;
 pub mod sink;
@@ -326,7 +330,7 @@ fn lock_err<T>(_: T) -> ApiError {
 /// The audit log as one controller instance writes and reads it.
 pub struct AuditLog {
     js: jetstream::Context,
-    stream: stream::Stream,
+    homes: home::Homes,
     signer: Signer,
     key_name: String,
     instance: String,
@@ -370,6 +374,7 @@ const PIPELINE_MIN: usize = 32;
 /// An event waiting for the group commit, and where its outcome goes.
 struct Pending {
     event: AuditEvent,
+    home: Arc<home::Home>,
     done: tokio::sync::oneshot::Sender<Result<u64, String>>,
 }
 
@@ -473,9 +478,10 @@ impl AuditLog {
         let key_name = format!("agentbus/{platform_account}/audit");
         let signer = Signer::from_seed(&key_name, &seed)
             .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?;
+        let homes = home::Homes::open(js.clone(), stream, store.registry.clone(), replicas).await?;
         Ok(Self {
             js,
-            stream,
+            homes,
             signer,
             key_name,
             instance: instance.to_string(),
@@ -544,6 +550,19 @@ impl AuditLog {
         for mut event in events {
             event.controller = self.instance.clone();
             event.version = event::SCHEMA_VERSION;
+            // The log's stream; an event naming a tenant that neither
+            // exists nor has a log goes to the platform log (see `home`).
+            let home = match check_log(&event.tenant) {
+                Err(e) => Err(e),
+                Ok(()) => match self.homes.for_append(&event.tenant).await {
+                    Ok(home::AppendHome::Log(h)) => Ok(h),
+                    Ok(home::AppendHome::Platform) => {
+                        event.tenant = PLATFORM_LOG.to_string();
+                        Ok(self.homes.central().clone())
+                    }
+                    Err(e) => Err(e),
+                },
+            };
             let mut w = Waiting {
                 log: event.tenant.clone(),
                 id: event.id.clone(),
@@ -556,12 +575,16 @@ impl AuditLog {
                 rx: None,
                 outcome: None,
             };
-            match check_log(&w.log) {
+            match home {
                 Err(e) => w.outcome = Some(Err(e.to_string())),
-                Ok(()) => {
+                Ok(home) => {
                     let (tx, rx) = tokio::sync::oneshot::channel();
                     w.rx = Some(rx);
-                    pending.push(Pending { event, done: tx });
+                    pending.push(Pending {
+                        event,
+                        home,
+                        done: tx,
+                    });
                 }
             }
             waiting.push(w);
@@ -697,7 +720,7 @@ impl AuditLog {
             {
                 return false;
             }
-            let mut taken = Vec::new();
+            let mut taken: Vec<Pending> = Vec::new();
             let mut left = std::collections::VecDeque::new();
             let mut mine = std::collections::HashSet::new();
             // Logs with an event left behind: their later events stay too.
@@ -705,8 +728,11 @@ impl AuditLog {
             while let Some(p) = g.queue.pop_front() {
                 let log = &p.event.tenant;
                 let free = mine.contains(log) || !g.busy.contains(log);
+                // One stream per batch (an atomic batch is one stream's):
+                // logs of other homes wait for another batch.
+                let same_home = taken.first().is_none_or(|t| Arc::ptr_eq(&t.home, &p.home));
                 // A log cut off by the size limit waits whole for the next batch.
-                if free && taken.len() < MAX_BATCH && !held.contains(log) {
+                if free && same_home && taken.len() < MAX_BATCH && !held.contains(log) {
                     mine.insert(log.clone());
                     taken.push(p);
                 } else {
@@ -730,6 +756,9 @@ impl AuditLog {
             audit: self,
             logs: batch.iter().map(|p| p.event.tenant.clone()).collect(),
         };
+        let Some(home) = batch.first().map(|p| p.home.clone()) else {
+            return false;
+        };
         let (mut events, senders): (Vec<AuditEvent>, Vec<_>) =
             batch.into_iter().map(|p| (p.event, p.done)).unzip();
         let mut logs = std::collections::HashSet::new();
@@ -738,7 +767,7 @@ impl AuditLog {
             // its log's expected last sequence and its id, sent together and
             // acknowledged each on its own; no atomic batch to stage.
             let results =
-                futures::future::join_all(events.iter_mut().map(|e| self.append(e))).await;
+                futures::future::join_all(events.iter_mut().map(|e| self.append(&home, e))).await;
             if results.iter().any(Result::is_ok) {
                 bump(&self.counters.batches);
             }
@@ -747,7 +776,7 @@ impl AuditLog {
             }
             return true;
         }
-        let result = { self.append_batch(&mut events).await };
+        let result = { self.append_batch(&home, &mut events).await };
         match result {
             Ok(indices) => {
                 bump(&self.counters.batches);
@@ -766,7 +795,11 @@ impl AuditLog {
 
     /// Appends `events` (at least two, any logs) in one atomic batch; their
     /// indices in order.
-    async fn append_batch(&self, events: &mut [AuditEvent]) -> Result<Vec<u64>, ApiError> {
+    async fn append_batch(
+        &self,
+        home: &home::Home,
+        events: &mut [AuditEvent],
+    ) -> Result<Vec<u64>, ApiError> {
         let client = self.js.client();
         for _attempt in 0..8 {
             // Each log's head: cached, or read from the stream.
@@ -778,7 +811,7 @@ impl AuditLog {
                 let cached = self.heads.lock().map_err(lock_err)?.get(&e.tenant).copied();
                 let head = match cached {
                     Some(h) => h,
-                    None => self.load_head(&e.tenant).await?,
+                    None => self.load_head(home, &e.tenant).await?,
                 };
                 heads.insert(e.tenant.clone(), head);
             }
@@ -798,7 +831,7 @@ impl AuditLog {
                 let leaf = merkle::leaf_hash(&bytes);
                 h.prev = Some(leaf);
                 leaves.push(leaf);
-                messages.push((log_subject(&e.tenant), bytes, expected));
+                messages.push((home.log_subject(&e.tenant), bytes, expected));
             }
             let batch_id = format!("audit-{}", event::new_event_id());
             let n = messages.len();
@@ -936,10 +969,10 @@ impl AuditLog {
     }
 
     /// The stream sequence of `log`'s newest entry (0: none).
-    async fn head_seq(&self, log: &str) -> Result<u64, ApiError> {
-        match self
+    async fn head_seq(&self, home: &home::Home, log: &str) -> Result<u64, ApiError> {
+        match home
             .stream
-            .get_last_raw_message_by_subject(&log_subject(log))
+            .get_last_raw_message_by_subject(&home.log_subject(log))
             .await
         {
             Ok(msg) => Ok(msg.sequence),
@@ -948,10 +981,10 @@ impl AuditLog {
         }
     }
 
-    async fn load_head(&self, log: &str) -> Result<Head, ApiError> {
-        match self
+    async fn load_head(&self, home: &home::Home, log: &str) -> Result<Head, ApiError> {
+        match home
             .stream
-            .get_last_raw_message_by_subject(&log_subject(log))
+            .get_last_raw_message_by_subject(&home.log_subject(log))
             .await
         {
             Ok(msg) => {
@@ -986,15 +1019,15 @@ impl AuditLog {
         }
     }
 
-    async fn append(&self, event: &mut AuditEvent) -> Result<u64, ApiError> {
+    async fn append(&self, home: &home::Home, event: &mut AuditEvent) -> Result<u64, ApiError> {
         let log = event.tenant.clone();
         check_log(&log)?;
-        let subject = log_subject(&log);
+        let subject = home.log_subject(&log);
         let _guard = self.locks.lock(&log).await;
         let cached = self.heads.lock().map_err(lock_err)?.get(&log).copied();
         let mut head = match cached {
             Some(h) => h,
-            None => self.load_head(&log).await?,
+            None => self.load_head(home, &log).await?,
         };
         for _attempt in 0..8 {
             event.index = head.next_index;
@@ -1045,7 +1078,7 @@ impl AuditLog {
                 }
                 Err(e) if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => {
                     // Another instance appended (or the log was altered): re-read.
-                    let fresh = self.load_head(&log).await?;
+                    let fresh = self.load_head(home, &log).await?;
                     if fresh.next_index < head.next_index {
                         bump(&self.counters.tamper_detected);
                         tracing::error!(%log, had = head.next_index, now = fresh.next_index,
@@ -1070,11 +1103,12 @@ impl AuditLog {
     /// inactivity threshold (30 s) piled up to the consumer limit under load.
     pub async fn read(
         &self,
+        home: &home::Home,
         subject: &str,
         after: u64,
         max_bytes: usize,
     ) -> Result<(Vec<StoredEntry>, bool), ApiError> {
-        let consumer = self
+        let consumer = home
             .stream
             .create_consumer(consumer::pull::OrderedConfig {
                 filter_subject: subject.to_string(),
@@ -1087,7 +1121,7 @@ impl AuditLog {
             .map_err(|e| unavailable("reading the audit log", e))?;
         let name = consumer.cached_info().name.clone();
         let result = Self::read_from(consumer, max_bytes).await;
-        let _ = self.stream.delete_consumer(&name).await;
+        let _ = home.stream.delete_consumer(&name).await;
         result
     }
 
@@ -1139,12 +1173,39 @@ impl AuditLog {
 
     /// Every stored entry of `log`.
     pub async fn entries(&self, log: &str) -> Result<Vec<StoredEntry>, ApiError> {
-        Ok(self.read(&log_subject(log), 0, usize::MAX).await?.0)
+        let home = self.homes.for_read(log).await?;
+        Ok(self
+            .read(&home, &home.log_subject(log), 0, usize::MAX)
+            .await?
+            .0)
+    }
+
+    /// The stream holding `log` (its region's, or the shared one).
+    pub async fn home(&self, log: &str) -> Result<Arc<home::Home>, ApiError> {
+        check_log(log)?;
+        self.homes.for_read(log).await
+    }
+
+    /// Fixes where the log of `id` lives: `region`'s stream, or the shared
+    /// one (see [`home`]). `tenant create` calls it before the tenant
+    /// exists; a log of an id that is no tenant needs it too, or its events
+    /// go to the platform log. Refused (`invalid_input`) when the log already
+    /// lives elsewhere; `unavailable` when the region's stream cannot be
+    /// opened.
+    pub async fn claim_home(
+        &self,
+        id: &tenant_bus::TenantId,
+        region: Option<&tenant_bus::region::Region>,
+    ) -> Result<(), ApiError> {
+        self.homes.claim_for_tenant(id, region).await
     }
 
     /// Every stored checkpoint of `log`.
     pub async fn checkpoints(&self, log: &str) -> Result<Vec<StoredCheckpoint>, ApiError> {
-        let (items, _) = self.read(&checkpoint_subject(log), 0, usize::MAX).await?;
+        let home = self.homes.for_read(log).await?;
+        let (items, _) = self
+            .read(&home, &home.checkpoint_subject(log), 0, usize::MAX)
+            .await?;
         Ok(items
             .into_iter()
             .map(|e| StoredCheckpoint {
@@ -1154,10 +1215,14 @@ impl AuditLog {
             .collect())
     }
 
-    async fn last_checkpoint(&self, log: &str) -> Result<Option<(u64, Checkpoint)>, ApiError> {
-        match self
+    async fn last_checkpoint(
+        &self,
+        home: &home::Home,
+        log: &str,
+    ) -> Result<Option<(u64, Checkpoint)>, ApiError> {
+        match home
             .stream
-            .get_last_raw_message_by_subject(&checkpoint_subject(log))
+            .get_last_raw_message_by_subject(&home.checkpoint_subject(log))
             .await
         {
             Ok(msg) => {
@@ -1222,7 +1287,8 @@ impl AuditLog {
         to_head: bool,
     ) -> Result<Option<Checkpoint>, ApiError> {
         let _guard = self.cp_locks.lock(log).await;
-        let last = self.last_checkpoint(log).await?;
+        let home = self.homes.for_read(log).await?;
+        let last = self.last_checkpoint(&home, log).await?;
         let mut st = self.ranges.lock().await.remove(log).unwrap_or_default();
         if let Some((_, cp)) = &last {
             if cp.size != st.verified_cp_size && cp.size < st.range.size() {
@@ -1231,7 +1297,7 @@ impl AuditLog {
             }
         }
         if st.last_seq == 0 && st.range.size() == 0 {
-            st = self.fresh_state(log).await?;
+            st = self.fresh_state(&home, log).await?;
         }
         // The leaves this instance appended right after what the state has
         // seen need no reading back: this instance wrote those bytes, and the
@@ -1254,7 +1320,7 @@ impl AuditLog {
         // not cover) is read back and checked: always when asked for a
         // checkpoint of the whole log, else when the feed did not suffice.
         let head = if to_head || broken || !fed {
-            self.head_seq(log).await?
+            self.head_seq(&home, log).await?
         } else {
             st.last_seq
         };
@@ -1270,7 +1336,7 @@ impl AuditLog {
             );
         }
         let entries = if head > st.last_seq {
-            self.read(&log_subject(log), st.last_seq, usize::MAX)
+            self.read(&home, &home.log_subject(log), st.last_seq, usize::MAX)
                 .await?
                 .0
         } else {
@@ -1340,7 +1406,7 @@ impl AuditLog {
             .expected_last_subject_sequence(last_seq);
         let ack = self
             .js
-            .send_publish(checkpoint_subject(log), publish)
+            .send_publish(home.checkpoint_subject(log), publish)
             .await
             .map_err(|e| unavailable("storing a checkpoint", e))?
             .await;
@@ -1434,9 +1500,18 @@ impl AuditLog {
         &self,
         log: &str,
     ) -> Result<Option<(u64, Anchor, Checkpoint, merkle::PartialTree)>, ApiError> {
-        match self
+        let home = self.homes.for_read(log).await?;
+        self.anchor_in(&home, log).await
+    }
+
+    async fn anchor_in(
+        &self,
+        home: &home::Home,
+        log: &str,
+    ) -> Result<Option<(u64, Anchor, Checkpoint, merkle::PartialTree)>, ApiError> {
+        match home
             .stream
-            .get_last_raw_message_by_subject(&anchor_subject(log))
+            .get_last_raw_message_by_subject(&home.anchor_subject(log))
             .await
         {
             Ok(msg) => {
@@ -1455,8 +1530,8 @@ impl AuditLog {
     }
 
     /// The checkpointer's starting state: empty, or the anchor's pruned prefix.
-    async fn fresh_state(&self, log: &str) -> Result<RangeState, ApiError> {
-        let Some((_, anchor, cp, _)) = self.load_anchor(log).await? else {
+    async fn fresh_state(&self, home: &home::Home, log: &str) -> Result<RangeState, ApiError> {
+        let Some((_, anchor, cp, _)) = self.anchor_in(home, log).await? else {
             return Ok(RangeState::default());
         };
         let frontier = verify::parse_hashes(&anchor.frontier)
@@ -1485,14 +1560,17 @@ impl AuditLog {
         check_log(log)?;
         // One prune or checkpoint of a log at a time on this instance.
         let _guard = self.cp_locks.lock(log).await;
-        let prior = self.load_anchor(log).await?;
+        let home = self.homes.for_read(log).await?;
+        let prior = self.anchor_in(&home, log).await?;
         let (prior_seq, first) = match &prior {
             Some((seq, _, cp, _)) => (*seq, cp.size),
             None => (0, 0),
         };
         let verifier = self.verifier()?;
         let origin = self.origin(log);
-        let (raw_cps, _) = self.read(&checkpoint_subject(log), 0, usize::MAX).await?;
+        let (raw_cps, _) = self
+            .read(&home, &home.checkpoint_subject(log), 0, usize::MAX)
+            .await?;
         let mut cps = Vec::with_capacity(raw_cps.len());
         for c in &raw_cps {
             let text = String::from_utf8_lossy(&c.data).into_owned();
@@ -1504,7 +1582,9 @@ impl AuditLog {
             }
             cps.push((c.seq, cp, text));
         }
-        let (entries, _) = self.read(&log_subject(log), 0, usize::MAX).await?;
+        let (entries, _) = self
+            .read(&home, &home.log_subject(log), 0, usize::MAX)
+            .await?;
         let mut leaves: Vec<(u64, Hash)> = Vec::with_capacity(entries.len());
         let mut eligible = first;
         let mut prev: Option<Hash> = None;
@@ -1576,7 +1656,7 @@ impl AuditLog {
             .expected_last_subject_sequence(prior_seq);
         let ack = self
             .js
-            .send_publish(anchor_subject(log), publish)
+            .send_publish(home.anchor_subject(log), publish)
             .await
             .map_err(|e| unavailable("storing a retention anchor", e))?
             .await;
@@ -1592,11 +1672,11 @@ impl AuditLog {
             .map(|(seq, _)| *seq)
             .ok_or_else(|| ApiError::new(ErrorCode::Internal, "prune point past the head"))?;
         for (subject, seq) in [
-            (log_subject(log), keep_from),
-            (checkpoint_subject(log), cp_seq),
-            (anchor_subject(log), anchor_seq),
+            (home.log_subject(log), keep_from),
+            (home.checkpoint_subject(log), cp_seq),
+            (home.anchor_subject(log), anchor_seq),
         ] {
-            self.stream
+            home.stream
                 .purge()
                 .filter(subject)
                 .sequence(seq)
@@ -1620,10 +1700,11 @@ impl AuditLog {
         log: &str,
         req: &VerifyDataRequest,
     ) -> Result<VerifyDataPage, ApiError> {
+        let home = self.homes.for_read(log).await?;
         let subject = match req.kind.as_str() {
-            "log" => log_subject(log),
-            "checkpoint" => checkpoint_subject(log),
-            "anchor" => anchor_subject(log),
+            "log" => home.log_subject(log),
+            "checkpoint" => home.checkpoint_subject(log),
+            "anchor" => home.anchor_subject(log),
             other => {
                 return Err(ApiError::new(
                     ErrorCode::InvalidInput,
@@ -1631,7 +1712,7 @@ impl AuditLog {
                 ))
             }
         };
-        let (items, more) = self.read(&subject, req.after, PAGE_BYTES).await?;
+        let (items, more) = self.read(&home, &subject, req.after, PAGE_BYTES).await?;
         let b64 = base64::engine::general_purpose::STANDARD;
         Ok(VerifyDataPage {
             items: items
@@ -1670,14 +1751,15 @@ impl AuditLog {
         if let Err(e) = self.checkpoint(log).await {
             tracing::warn!(%log, error = %e, "checkpoint before a proof failed");
         }
-        let Some((_, cp)) = self.last_checkpoint(log).await? else {
+        let home = self.homes.for_read(log).await?;
+        let Some((_, cp)) = self.last_checkpoint(&home, log).await? else {
             return Err(ApiError::new(
                 ErrorCode::NotFound,
                 format!("log {log} has no checkpoint"),
             ));
         };
         let entries = self.entries(log).await?;
-        let mut tree = match self.load_anchor(log).await? {
+        let mut tree = match self.anchor_in(&home, log).await? {
             Some((_, _, _, tree)) => tree,
             None => merkle::PartialTree::new(),
         };

@@ -306,6 +306,15 @@ impl Controller {
         let _reservation = self.js_reservations.lock().await;
         self.check_jetstream_reservation(id, &record.quotas())
             .await?;
+        // The audit log's home before the tenant exists: its first event
+        // (this create) lands in its region's stream, never the shared one.
+        let region = match &record.settings.region {
+            Some(name) => {
+                Some(tenant_bus::region::Region::new(name).map_err(|e| bad(e.to_string()))?)
+            }
+            None => None,
+        };
+        self.audit.claim_home(id, region.as_ref()).await?;
         // Secrets first, named by the account key: a crashed or losing attempt
         // leaves only unreferenced secrets, never a record without its keys.
         let mut root = [0u8; 32];
@@ -545,10 +554,13 @@ impl Controller {
             return Ok(()); // secrets already gone: an earlier attempt got past this
         };
         let js = async_nats::jetstream::new(client.clone());
-        let names: Vec<String> =
-            js.stream_names().try_collect().await.map_err(|e| {
-                ApiError::new(ErrorCode::Unavailable, format!("listing streams: {e}"))
-            })?;
+        // A tenant created a moment ago may not be known to JetStream on
+        // every server yet (see `tenant_bus::settle`).
+        let names: Vec<String> = tenant_bus::settle::while_settling(|| async {
+            js.stream_names().try_collect::<Vec<String>>().await
+        })
+        .await
+        .map_err(|e| ApiError::new(ErrorCode::Unavailable, format!("listing streams: {e}")))?;
         for name in names {
             js.delete_stream(&name).await.map_err(|e| {
                 ApiError::new(

@@ -7,8 +7,9 @@
 //! library never does. Every `residency_every` (default 30 s,
 //! [`ControllerConfig::residency_every`](super::ControllerConfig::residency_every))
 //! the policing controller (the holder of the policing lease, so one instance
-//! of an HA deployment does it) asks the servers where each region-bound
-//! tenant's streams live (JSZ: the answer `tenant stats` shows) and updates
+//! of an HA deployment does it) asks the servers once where every account's
+//! streams live (JSZ, paged by 1,024 accounts: what `tenant stats` shows for
+//! one tenant) and updates
 //! each stream found outside the region with the region's placement, as a
 //! short-lived user of the tenant's account. JetStream then moves the stream:
 //! new replicas catch up on the region's servers and the old ones are
@@ -29,9 +30,8 @@ use crate::registry::TenantRecord;
 
 impl Controller {
     /// Runs a residency pass every `residency_every` until `shutdown`. Its own
-    /// task, not a step of the policing loop: a pass asks the servers once per
-    /// region-bound tenant (each ping waits its full window), and that must
-    /// not hold up the per-second rate policing.
+    /// task, not a step of the policing loop: a pass waits for the servers'
+    /// JSZ answers, and that must not hold up the per-second rate policing.
     pub(crate) async fn run_residency(
         self: std::sync::Arc<Self>,
         shutdown: super::shutdown::Shutdown,
@@ -51,46 +51,65 @@ impl Controller {
     }
 
     /// One residency pass over `tenants`, if this instance holds the policing
-    /// lease.
+    /// lease: one JSZ ping per 1,024 accounts says where every account's
+    /// streams live (plus one ping for each account the pages miss, see
+    /// [`Controller::all_placements`]), instead of one per region-bound
+    /// tenant.
     async fn police_residency(&self, tenants: &[TenantRecord]) {
-        if !self.hold_lease().await {
-            return;
-        }
-        for record in tenants
+        let bound: Vec<(&TenantRecord, Region)> = tenants
             .iter()
             .filter(|r| !r.account.is_empty() && !r.deleting)
-        {
-            let Some(region) = record
-                .settings
-                .region
-                .as_deref()
-                .and_then(|r| Region::new(r).ok())
-            else {
-                continue;
+            .filter_map(|r| {
+                let region = Region::new(r.settings.region.as_deref()?).ok()?;
+                Some((r, region))
+            })
+            .collect();
+        if bound.is_empty() || !self.hold_lease().await {
+            return;
+        }
+        let placements = match self.all_placements().await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %e, "residency pass: asking the servers failed; retried at the next pass");
+                return;
+            }
+        };
+        for (record, region) in bound {
+            // The first account of a server's order is not in the pages;
+            // nor is one without JetStream: asked for on its own.
+            let streams = if placements.covers(&record.account) {
+                placements.streams(&record.account, Some(&region))
+            } else {
+                match self.tenant_streams(record).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::warn!(tenant = %record.id, error = %e, "residency check failed; retried at the next pass");
+                        continue;
+                    }
+                }
             };
-            if let Err(e) = self.move_misplaced(record, &region).await {
+            let misplaced: Vec<String> = streams
+                .into_iter()
+                .filter(|s| s.in_region == Some(false))
+                .map(|s| s.name)
+                .collect();
+            if misplaced.is_empty() {
+                continue;
+            }
+            if let Err(e) = self.move_misplaced(record, &region, misplaced).await {
                 tracing::warn!(tenant = %record.id, %region, error = %e, "residency check failed; retried at the next pass");
             }
         }
     }
 
-    /// Moves `record`'s streams that live outside `region` into it; returns
-    /// the names of the streams it moved.
+    /// Moves `record`'s streams named in `misplaced` (found outside
+    /// `region`) into it; returns the names of the streams it moved.
     pub(super) async fn move_misplaced(
         &self,
         record: &TenantRecord,
         region: &Region,
+        misplaced: Vec<String>,
     ) -> Result<Vec<String>, ApiError> {
-        let misplaced: Vec<String> = self
-            .tenant_streams(record)
-            .await?
-            .into_iter()
-            .filter(|s| s.in_region == Some(false))
-            .map(|s| s.name)
-            .collect();
-        if misplaced.is_empty() {
-            return Ok(Vec::new());
-        }
         let Some(client) = self.tenant_client(record, "agentbus-residency").await? else {
             return Ok(Vec::new()); // the tenant is being deleted
         };

@@ -18,6 +18,12 @@ use crate::usage::{hour_of, HOUR_MS};
 /// How long the servers get to answer the statistics ping.
 const STATZ_WINDOW: Duration = Duration::from_millis(500);
 
+/// Accounts one JSZ answer of a residency pass carries at most.
+const JSZ_PAGE: usize = 1024;
+
+/// Pages one [`Controller::all_placements`] reads at most (a million accounts).
+const MAX_JSZ_PAGES: usize = 1024;
+
 impl Controller {
     pub(super) async fn tenant_stats(&self, id: &TenantId) -> Result<TenantStats, ApiError> {
         let record = self.tenant(id).await?;
@@ -109,86 +115,53 @@ impl Controller {
                 "$SYS.REQ.SERVER.PING.JSZ",
                 body,
                 STATZ_WINDOW,
-                None,
+                Some(&self.js_servers_seen),
                 "stream placement",
             )
             .await?;
-        let mut regions_of: BTreeMap<String, Vec<Region>> = BTreeMap::new();
-        let mut streams: BTreeMap<String, TenantStream> = BTreeMap::new();
-        for answer in &answers {
-            let v = &answer.value;
-            let Some(server) = v.pointer("/server/name").and_then(Value::as_str) else {
-                continue;
-            };
-            regions_of.insert(
-                server.to_string(),
-                Region::of_tags(super::ping::server_tags(v)),
-            );
-            for detail in v
-                .pointer("/data/account_details")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-                .filter(|a| a.get("id").and_then(Value::as_str) == Some(record.account.as_str()))
-                .filter_map(|a| a.get("stream_detail").and_then(Value::as_array))
-                .flatten()
-            {
-                let Some(name) = detail.get("name").and_then(Value::as_str) else {
-                    continue;
-                };
-                let leader = detail
-                    .pointer("/cluster/leader")
-                    .and_then(Value::as_str)
-                    .unwrap_or(server);
-                let mut nodes = vec![leader.to_string()];
-                for peer in detail
-                    .pointer("/cluster/replicas")
+        Ok(Placements::of(&answers).streams(&record.account, record_region(record).as_ref()))
+    }
+
+    /// Every account's streams on every server, one JSZ ping per page of
+    /// [`JSZ_PAGE`] accounts: what a residency pass reads once for all
+    /// tenants. The servers sort accounts by name only for a request with a
+    /// non-zero offset (with offset 0 a limited page is an arbitrary
+    /// subset), so the pages start at offset 1 and the first account of each
+    /// server's order is missing: [`Placements::covers`] says which
+    /// accounts were seen, and the caller asks for the others one by one.
+    pub(super) async fn all_placements(&self) -> Result<Placements, ApiError> {
+        let mut all = Placements::default();
+        for page in 0..MAX_JSZ_PAGES {
+            let body = serde_json::json!({
+                "accounts": true,
+                "streams": true,
+                "config": true,
+                "offset": 1 + page * JSZ_PAGE,
+                "limit": JSZ_PAGE,
+            })
+            .to_string();
+            let answers = self
+                .ping_servers(
+                    "$SYS.REQ.SERVER.PING.JSZ",
+                    body,
+                    STATZ_WINDOW,
+                    Some(&self.js_servers_seen),
+                    "stream placement",
+                )
+                .await?;
+            // A server with a full page may have more accounts past it.
+            let full = answers.iter().any(|a| {
+                a.value
+                    .pointer("/data/account_details")
                     .and_then(Value::as_array)
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|p| p.get("name").and_then(Value::as_str))
-                {
-                    if !nodes.iter().any(|n| n == peer) {
-                        nodes.push(peer.to_string());
-                    }
-                }
-                let replicas = detail
-                    .pointer("/config/num_replicas")
-                    .and_then(Value::as_u64)
-                    .map_or(1, |r| usize::try_from(r).unwrap_or(1).max(1));
-                // Every holder reports the stream; the leader's view is the
-                // one to keep (it lists the others as its replicas).
-                let from_leader = leader == server;
-                let entry = streams.entry(name.to_string()).or_insert(TenantStream {
-                    name: name.to_string(),
-                    replicas,
-                    nodes: nodes.clone(),
-                    in_region: None,
-                });
-                if from_leader {
-                    entry.nodes = nodes;
-                    entry.replicas = replicas;
-                }
+                    .is_some_and(|d| d.len() >= JSZ_PAGE)
+            });
+            all.add(&answers);
+            if !full {
+                break;
             }
         }
-        let region = record
-            .settings
-            .region
-            .as_deref()
-            .and_then(|r| Region::new(r).ok());
-        let mut out: Vec<TenantStream> = streams.into_values().collect();
-        // A holder that did not answer (down) has unknown tags: it does not
-        // make a stream look misplaced; one known to be elsewhere does.
-        if let Some(region) = region {
-            for s in &mut out {
-                s.in_region = Some(
-                    s.nodes
-                        .iter()
-                        .all(|n| regions_of.get(n).is_none_or(|rs| rs.contains(&region))),
-                );
-            }
-        }
-        Ok(out)
+        Ok(all)
     }
 
     /// The servers' live figures for one account, summed over the servers
@@ -230,4 +203,227 @@ impl Controller {
 fn add_unit(units: &mut BTreeMap<String, u64>, unit: &str, amount: u64) {
     let v = units.entry(unit.to_string()).or_default();
     *v = v.saturating_add(amount);
+}
+
+fn record_region(record: &crate::registry::TenantRecord) -> Option<Region> {
+    record
+        .settings
+        .region
+        .as_deref()
+        .and_then(|r| Region::new(r).ok())
+}
+
+/// Where streams live, from servers' JSZ answers: each server's regions,
+/// and each account's streams with the nodes holding them.
+#[derive(Debug, Default)]
+pub(super) struct Placements {
+    regions_of: BTreeMap<String, Vec<Region>>,
+    /// account -> stream name -> the stream (every account a server
+    /// reported, also one without streams).
+    streams: BTreeMap<String, BTreeMap<String, TenantStream>>,
+}
+
+impl Placements {
+    fn of(answers: &[super::ping::Answer]) -> Self {
+        let mut p = Self::default();
+        p.add(answers);
+        p
+    }
+
+    /// Adds the answers of one JSZ ping (streams reported by several
+    /// servers keep the leader's view: it lists the others as replicas).
+    fn add(&mut self, answers: &[super::ping::Answer]) {
+        for answer in answers {
+            let v = &answer.value;
+            let Some(server) = v.pointer("/server/name").and_then(Value::as_str) else {
+                continue;
+            };
+            self.regions_of.insert(
+                server.to_string(),
+                Region::of_tags(super::ping::server_tags(v)),
+            );
+            for account in v
+                .pointer("/data/account_details")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                let Some(id) = account.get("id").and_then(Value::as_str) else {
+                    continue;
+                };
+                self.streams.entry(id.to_string()).or_default();
+                for detail in account
+                    .get("stream_detail")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                {
+                    let Some(name) = detail.get("name").and_then(Value::as_str) else {
+                        continue;
+                    };
+                    let leader = detail
+                        .pointer("/cluster/leader")
+                        .and_then(Value::as_str)
+                        .unwrap_or(server);
+                    let mut nodes = vec![leader.to_string()];
+                    for peer in detail
+                        .pointer("/cluster/replicas")
+                        .and_then(Value::as_array)
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|p| p.get("name").and_then(Value::as_str))
+                    {
+                        if !nodes.iter().any(|n| n == peer) {
+                            nodes.push(peer.to_string());
+                        }
+                    }
+                    let replicas = detail
+                        .pointer("/config/num_replicas")
+                        .and_then(Value::as_u64)
+                        .map_or(1, |r| usize::try_from(r).unwrap_or(1).max(1));
+                    let entry = self
+                        .streams
+                        .entry(id.to_string())
+                        .or_default()
+                        .entry(name.to_string())
+                        .or_insert(TenantStream {
+                            name: name.to_string(),
+                            replicas,
+                            nodes: nodes.clone(),
+                            in_region: None,
+                        });
+                    if leader == server {
+                        entry.nodes = nodes;
+                        entry.replicas = replicas;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether some server reported `account` (else its streams are
+    /// unknown, not absent).
+    pub(super) fn covers(&self, account: &str) -> bool {
+        self.streams.contains_key(account)
+    }
+
+    /// `account`'s streams; with `region`, each says whether every node
+    /// holding it is in the region. A holder that did not answer (down) has
+    /// unknown tags: it does not make a stream look misplaced; one known to
+    /// be elsewhere does.
+    pub(super) fn streams(&self, account: &str, region: Option<&Region>) -> Vec<TenantStream> {
+        let mut out: Vec<TenantStream> = self
+            .streams
+            .get(account)
+            .map(|s| s.values().cloned().collect())
+            .unwrap_or_default();
+        if let Some(region) = region {
+            for s in &mut out {
+                s.in_region = Some(
+                    s.nodes
+                        .iter()
+                        .all(|n| self.regions_of.get(n).is_none_or(|rs| rs.contains(region))),
+                );
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::controller::ping::Answer;
+
+    fn answer(server: &str, tags: &[&str], accounts: Value) -> Answer {
+        Answer {
+            at_ms: 0,
+            value: serde_json::json!({
+                "server": {"name": server, "tags": tags},
+                "data": {"account_details": accounts},
+            }),
+        }
+    }
+
+    fn stream(name: &str, leader: &str, replicas: &[&str]) -> Value {
+        serde_json::json!({
+            "name": name,
+            "config": {"num_replicas": 1 + replicas.len()},
+            "cluster": {
+                "leader": leader,
+                "replicas": replicas.iter().map(|r| serde_json::json!({"name": r})).collect::<Vec<_>>(),
+            },
+        })
+    }
+
+    #[test]
+    fn placements_keep_the_leaders_view_and_judge_each_stream_by_its_nodes() {
+        let eu = Region::new("eu").unwrap_or_else(|e| panic!("{e}"));
+        let answers = vec![
+            answer(
+                "n1",
+                &["region:eu"],
+                serde_json::json!([
+                    {"id": "ACME", "stream_detail": [stream("KV_STATE", "n1", &["n2"])]},
+                    {"id": "EMPTY", "stream_detail": []},
+                ]),
+            ),
+            // A replica's partial view (the leader, no peers) does not
+            // replace the leader's.
+            answer(
+                "n2",
+                &["region:eu"],
+                serde_json::json!([
+                    {"id": "ACME", "stream_detail": [stream("KV_STATE", "n1", &[])]},
+                ]),
+            ),
+            answer(
+                "n3",
+                &["region:us"],
+                serde_json::json!([
+                    {"id": "ACME", "stream_detail": [stream("TASKS", "n3", &[])]},
+                ]),
+            ),
+        ];
+        let p = Placements::of(&answers);
+        assert!(p.covers("ACME") && p.covers("EMPTY"));
+        assert!(!p.covers("GLOBEX"), "an account no server reported");
+        assert!(p.streams("EMPTY", Some(&eu)).is_empty());
+        let acme = p.streams("ACME", Some(&eu));
+        assert_eq!(acme.len(), 2, "{acme:?}");
+        let state = acme.iter().find(|s| s.name == "KV_STATE");
+        assert_eq!(
+            state.map(|s| s.nodes.clone()),
+            Some(vec!["n1".into(), "n2".into()])
+        );
+        assert_eq!(
+            state.map(|s| (s.replicas, s.in_region)),
+            Some((2, Some(true)))
+        );
+        let tasks = acme.iter().find(|s| s.name == "TASKS");
+        assert_eq!(tasks.map(|s| s.in_region), Some(Some(false)));
+        // Without a region nothing is judged.
+        assert!(p
+            .streams("ACME", None)
+            .iter()
+            .all(|s| s.in_region.is_none()));
+    }
+
+    #[test]
+    fn a_holder_that_did_not_answer_does_not_make_a_stream_misplaced() {
+        let eu = Region::new("eu").unwrap_or_else(|e| panic!("{e}"));
+        let p = Placements::of(&[answer(
+            "n1",
+            &["region:eu"],
+            serde_json::json!([
+                {"id": "ACME", "stream_detail": [stream("TASKS", "n1", &["n9"])]},
+            ]),
+        )]);
+        assert_eq!(
+            p.streams("ACME", Some(&eu))
+                .first()
+                .and_then(|s| s.in_region),
+            Some(true)
+        );
+    }
 }
