@@ -10,6 +10,8 @@
 //! interop_peer BUNDLE request SUBJECT PAYLOAD TIMEOUT_MS print the response
 //! interop_peer BUNDLE dispatch TYPE PAYLOAD TIMEOUT_MS   submit a task, print its outcome
 //! interop_peer BUNDLE work TYPE COUNT TIMEOUT_MS    run a worker ("done:<payload>")
+//! interop_peer BUNDLE kv-put STORE KEY VALUE        write VALUE to the state store
+//! interop_peer BUNDLE kv-get STORE KEY              print the value (or its error kind)
 //! ```
 //!
 //! Dispatch uses per-tenant stream and bucket names (`TASKS_<id>`,
@@ -27,7 +29,7 @@ use tenant_bus::{CredentialBundle, DropReason, TenantMessage, TenantNamespace};
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
-const USAGE: &str = "usage: interop_peer BUNDLE (pub SUBJECT COUNT PREFIX | sub PATTERN COUNT TIMEOUT_MS | respond SUBJECT COUNT TIMEOUT_MS | request SUBJECT PAYLOAD TIMEOUT_MS | dispatch TYPE PAYLOAD TIMEOUT_MS | work TYPE COUNT TIMEOUT_MS)";
+const USAGE: &str = "usage: interop_peer BUNDLE (pub SUBJECT COUNT PREFIX | sub PATTERN COUNT TIMEOUT_MS | respond SUBJECT COUNT TIMEOUT_MS | request SUBJECT PAYLOAD TIMEOUT_MS | dispatch TYPE PAYLOAD TIMEOUT_MS | work TYPE COUNT TIMEOUT_MS | kv-put STORE KEY VALUE | kv-get STORE KEY)";
 
 #[tokio::main]
 async fn main() {
@@ -230,6 +232,30 @@ async fn run(args: &[String]) -> Result<bool> {
             // Let the last outcome be recorded and acked before stopping.
             worker.shutdown(Duration::from_secs(5)).await;
             done.load(Ordering::Relaxed) >= count
+        }
+        "kv-put" => {
+            let store = ns.kv(arg(args, 2)?).await?;
+            let revision = store.put(arg(args, 3)?, arg(args, 4)?.as_bytes()).await?;
+            emit(json!({"event": "kv", "revision": revision}));
+            true
+        }
+        "kv-get" => {
+            let store = ns.kv(arg(args, 2)?).await?;
+            match store.get(arg(args, 3)?).await {
+                Ok(entry) => {
+                    emit(json!({"event": "kv", "revision": entry.revision,
+                        "value": String::from_utf8_lossy(&entry.value),
+                        "writer": entry.writer.as_ref().map(|a| a.as_str()),
+                        "key_version": entry.key_version}));
+                    true
+                }
+                Err(e) => {
+                    emit(
+                        json!({"event": "kv_error", "kind": format!("{:?}", e.kind()), "error": e.to_string()}),
+                    );
+                    false
+                }
+            }
         }
         _ => return Err(USAGE.into()),
     };

@@ -21,7 +21,9 @@ from the server and fetches the tenant's key set::
 
     ns = await tenantbus.connect_with_key("nats://127.0.0.1:4222", key)
 
-Task dispatch interoperating with the Rust dispatcher is in :mod:`tenantbus.dispatch`.
+Task dispatch interoperating with the Rust dispatcher is in :mod:`tenantbus.dispatch`;
+the tenant's sealed state store, shared with Rust agents, is ``await ns.kv("sessions")``
+(:mod:`tenantbus.kv`).
 """
 
 from .apikey import KeyRefresher, connect_with_key, is_api_key, parse_api_key
@@ -67,6 +69,7 @@ from .errors import (
 )
 from .ids import validate_agent_id, validate_tenant_id
 from .keys import TenantKey, TenantKeySet, derive_key
+from .kv import KvChange, KvEntry, KvError, KvErrorKind, KvOptions, TenantKv
 from .message import TenantMessage
 from .namespace import NamespaceOptions, Subscription, TenantNamespace, connect
 from .replay import ReplayGuard
@@ -77,6 +80,12 @@ from .verify import Counters, CountersSnapshot, Freshness, Verifier
 __version__ = "0.1.0"
 
 __all__ = [
+    "KvChange",
+    "KvEntry",
+    "KvError",
+    "KvErrorKind",
+    "KvOptions",
+    "TenantKv",
     "UsageError",
     "UsageErrorKind",
     "report_usage",

@@ -57,6 +57,7 @@ from .verify import Counters, CountersSnapshot, Freshness, Verifier
 
 if TYPE_CHECKING:  # pragma: no cover
     from .apikey import KeyRefresher
+    from .kv import KvOptions, TenantKv
 
 Payload = Union[bytes, bytearray, memoryview, str]
 #: An admission hook: called with the payload length before every publish,
@@ -343,6 +344,13 @@ class TenantNamespace:
         """The underlying nats-py client (for layers such as task dispatch). The
         server's account permissions still confine it."""
         return self._nc
+
+    async def kv(self, store: str, options: Optional["KvOptions"] = None) -> "TenantKv":
+        """The tenant's sealed state store ``store`` (see :mod:`tenantbus.kv`),
+        the same store Rust agents open with ``ns.kv(store)``."""
+        from .kv import TenantKv
+
+        return await TenantKv.open(self, store, options)
 
     @property
     def keys(self) -> TenantKeySet:
