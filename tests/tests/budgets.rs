@@ -315,6 +315,7 @@ async fn tenant_stats_show_live_connections_metered_units_and_budgets() {
     assert_eq!(stats.budgets[0].spent, 250_000);
     assert_eq!(stats.agents_issued, 1);
     assert_eq!(stats.agents_revoked, 0);
+    assert_eq!(stats.audit_log, "AUDIT", "no region: the shared stream");
     // Another tenant's figures are its own.
     let g = p.cp.tenant_stats("globex").await.unwrap();
     assert!(g.budgets.is_empty());

@@ -252,6 +252,7 @@ async fn the_controller_takes_a_region_only_where_servers_can_hold_it() {
     // The tenant's audit log lives in eu too: in AUDIT_eu, placed on n1
     // and n2 with the deployment's replicas, and nothing of it in the
     // shared AUDIT stream.
+    assert_eq!(cp.tenant_stats("acme").await.unwrap().audit_log, "AUDIT_eu");
     let home = audit.home("acme").await.unwrap();
     assert_eq!(home.region, Some(Region::new("eu").unwrap()));
     assert_eq!(home.stream_name(), "AUDIT_eu");

@@ -315,6 +315,9 @@ fn stats_table(s: &agentbus_control::api::TenantStats) -> String {
             b.remaining
         ));
     }
+    if !s.audit_log.is_empty() {
+        out.push_str(&format!("\naudit log    in stream {}", s.audit_log));
+    }
     for st in &s.streams {
         let place = match st.in_region {
             Some(true) => "; in region",

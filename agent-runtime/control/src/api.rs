@@ -425,6 +425,10 @@ pub struct TenantStats {
     /// bound to a region whether all of them are on that region's servers.
     #[serde(default)]
     pub streams: Vec<TenantStream>,
+    /// The platform stream holding the tenant's audit log: `AUDIT`, or
+    /// `AUDIT_<region>` for a tenant created with a region (docs/audit.md).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub audit_log: String,
 }
 
 /// One stream of a tenant's account and where it lives.

@@ -66,6 +66,7 @@ impl Controller {
         let keys = self.store.apikeys(id).await?;
         let now_s = crate::install::now_unix();
         let streams = self.tenant_streams(&record).await?;
+        let audit_log = self.audit.home(id.as_str()).await?.stream_name();
         Ok(TenantStats {
             tenant: id.to_string(),
             status: record.status.to_string(),
@@ -89,6 +90,7 @@ impl Controller {
             agents_revoked: agents.iter().filter(|a| a.revoked_at.is_some()).count(),
             api_keys_active: keys.iter().filter(|k| k.status(now_s) == "active").count(),
             streams,
+            audit_log,
         })
     }
 
