@@ -395,7 +395,8 @@ class Dispatcher:
         subjects = [scope(ns.tenant, "tasks.queue.>"), scope(ns.tenant, "tasks.dead.>")]
         try:
             try:
-                info = await js.stream_info(stream)
+                # A tenant created a moment ago: see tenantbus.settle.
+                info = await while_settling(lambda: js.stream_info(stream))
             except nats.js.errors.NotFoundError:
                 try:
                     # A tenant created a moment ago may not be known to
@@ -436,7 +437,7 @@ class Dispatcher:
         created = False
         try:
             try:
-                kv = await js.key_value(bucket)
+                kv = await while_settling(lambda: js.key_value(bucket))
             except nats.js.errors.BucketNotFoundError:
                 if js_placement is None:
                     done_config = api.KeyValueConfig(

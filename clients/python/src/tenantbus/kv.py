@@ -198,7 +198,7 @@ class TenantKv:
         bucket = options.bucket
         try:
             try:
-                info = await js.stream_info(f"KV_{bucket}")
+                info = await while_settling(lambda: js.stream_info(f"KV_{bucket}"))
             except nats.js.errors.NotFoundError:
                 config = _kv_stream_config(
                     bucket, f"agentbus state of tenant {ns.tenant}", 0.0, replicas, js_placement, None
