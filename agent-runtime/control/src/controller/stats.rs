@@ -105,23 +105,31 @@ impl Controller {
         if record.account.is_empty() {
             return Ok(Vec::new());
         }
-        let body = serde_json::json!({
-            "account": record.account,
-            "accounts": true,
-            "streams": true,
-            "config": true,
-        })
-        .to_string();
         let answers = self
-            .ping_servers(
-                "$SYS.REQ.SERVER.PING.JSZ",
-                body,
-                STATZ_WINDOW,
-                Some(&self.js_servers_seen),
-                "stream placement",
-            )
+            .placement_ping(serde_json::json!({"account": record.account}))
             .await?;
         Ok(Placements::of(&answers).streams(&record.account, record_region(record).as_ref()))
+    }
+
+    /// One JSZ ping with the accounts' stream details and configs, plus
+    /// `filter`'s fields (an account, or a page): every server's answer.
+    async fn placement_ping(
+        &self,
+        mut filter: Value,
+    ) -> Result<Vec<super::ping::Answer>, ApiError> {
+        if let Some(fields) = filter.as_object_mut() {
+            for field in ["accounts", "streams", "config"] {
+                fields.insert(field.to_string(), Value::Bool(true));
+            }
+        }
+        self.ping_servers(
+            "$SYS.REQ.SERVER.PING.JSZ",
+            filter.to_string(),
+            STATZ_WINDOW,
+            Some(&self.js_servers_seen),
+            "stream placement",
+        )
+        .await
     }
 
     /// Every account's streams on every server, one JSZ ping per page of
@@ -134,22 +142,11 @@ impl Controller {
     pub(super) async fn all_placements(&self) -> Result<Placements, ApiError> {
         let mut all = Placements::default();
         for page in 0..MAX_JSZ_PAGES {
-            let body = serde_json::json!({
-                "accounts": true,
-                "streams": true,
-                "config": true,
-                "offset": 1 + page * JSZ_PAGE,
-                "limit": JSZ_PAGE,
-            })
-            .to_string();
             let answers = self
-                .ping_servers(
-                    "$SYS.REQ.SERVER.PING.JSZ",
-                    body,
-                    STATZ_WINDOW,
-                    Some(&self.js_servers_seen),
-                    "stream placement",
-                )
+                .placement_ping(serde_json::json!({
+                    "offset": 1 + page * JSZ_PAGE,
+                    "limit": JSZ_PAGE,
+                }))
                 .await?;
             // A server with a full page may have more accounts past it.
             let full = answers.iter().any(|a| {
