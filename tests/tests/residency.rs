@@ -123,7 +123,7 @@ async fn the_controller_takes_a_region_only_where_servers_can_hold_it() {
     // No residency pass while this test looks at the misplaced stream (the
     // first pass runs at start, before there is any).
     let (_cluster, urls, cp, shutdown, audit) = operator_deployment(tmp.path(), 2, |c| {
-        c.residency_every(Duration::from_secs(3600))
+        c.placement_every(Duration::from_secs(3600))
     })
     .await;
     let create = |id: &'static str, region: &'static str| {
@@ -329,7 +329,7 @@ async fn the_controller_takes_a_region_only_where_servers_can_hold_it() {
 async fn a_stream_a_raw_client_creates_outside_the_region_is_moved_into_it() {
     let tmp = tempfile::tempdir().unwrap();
     let (_cluster, urls, cp, shutdown, _audit) = operator_deployment(tmp.path(), 1, |c| {
-        c.residency_every(Duration::from_millis(500))
+        c.placement_every(Duration::from_millis(500))
     })
     .await;
     let tenants = ["acme", "globex", "initech"];

@@ -541,22 +541,28 @@ pub async fn status(output: Output, remote: Remote) -> Result<(), Failure> {
     let s = client.status().await?;
     print(output, &s, || {
         let mut out = format!(
-            "server       {}\nurls         {}\ncontrollers  {} (answered: {})\ntenants      {}\nnodes        {}\nstreams and buckets of the platform account",
+            "server       {}\nurls         {}\ncontrollers  {} (answered: {})\ntenants      {}\nnodes        {}\nreplicas     {} (the deployment's)\nstreams and buckets of the platform account",
             s.server,
             s.urls.join(","),
             s.controllers,
             s.controller_id,
             s.tenants,
             if s.nodes.is_empty() { "1 (single node)".to_string() } else { s.nodes.join(", ") },
+            s.replicas,
         );
         for b in &s.buckets {
             out.push_str(&format!(
-                "\n  {:<24} {:<6}  R{}  {} values  leader {}",
+                "\n  {:<24} {:<6}  R{}  {} values  leader {}{}",
                 b.bucket,
                 b.kind,
                 b.replicas,
                 b.values,
-                b.leader.as_deref().unwrap_or("-")
+                b.leader.as_deref().unwrap_or("-"),
+                if b.replicas < s.replicas {
+                    "  BELOW THE DEPLOYMENT'S REPLICAS (raised at the next placement pass)"
+                } else {
+                    ""
+                }
             ));
         }
         let mib = |v: u64| v as f64 / (1024.0 * 1024.0);

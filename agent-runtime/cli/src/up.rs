@@ -76,7 +76,9 @@ pub struct ControllerArgs {
     /// Server URL(s), comma-separated (default: the installation's).
     #[arg(long, env = "AGENTBUS_URL")]
     pub url: Option<String>,
-    /// Replicas of the buckets it creates (default: the installation's).
+    /// The deployment's replicas (default: the installation's): of the
+    /// buckets it creates, and every existing stream kept with fewer is raised
+    /// to it (never lowered).
     #[arg(long)]
     pub replicas: Option<usize>,
     /// Accept logins with the platform identity provider's JWTs (as the NATS

@@ -578,6 +578,10 @@ pub struct Status {
     pub controllers: usize,
     /// The instance that answered.
     pub controller_id: String,
+    /// The replicas the answering controller keeps (the deployment's
+    /// setting): a bucket below it is raised by the next placement pass.
+    #[serde(default)]
+    pub replicas: usize,
     /// Every bucket with its replicas.
     pub buckets: Vec<BucketStatus>,
     /// Tenants.

@@ -951,6 +951,7 @@ impl Controller {
             urls: self.urls.split(',').map(str::to_string).collect(),
             controllers,
             controller_id: self.id.clone(),
+            replicas: self.config.replicas,
             buckets,
             tenants,
             nodes,

@@ -19,8 +19,9 @@
 //! - [`auth`]: request signatures and roles.
 //! - [`callout`]: the NATS auth callout (logins by API key).
 //! - [`police`]: rate caps enforced from the servers' counters.
-//! - `residency`: streams of a region-bound tenant found outside its region
-//!   are moved into it (policed every `residency_every`).
+//! - `placement`: streams kept with fewer replicas than the deployment's are
+//!   raised, and those of a region-bound tenant found outside its region are
+//!   moved into it (policed every `placement_every`).
 //! - [`claims`]: pushing, listing and deleting accounts on the server.
 //! - [`handlers`]: the operations; `apikeys`: API key operations.
 
@@ -33,8 +34,8 @@ pub mod claims;
 pub mod handlers;
 mod jetstream;
 mod ping;
+mod placement;
 pub mod police;
-mod residency;
 mod stats;
 mod usage_poll;
 
@@ -72,7 +73,7 @@ pub struct ControllerConfig {
     platform_jwt: Option<Arc<crate::identity::platform_jwt::JwksVerifier>>,
     usage_every: Duration,
     police_every: Duration,
-    residency_every: Duration,
+    placement_every: Duration,
 }
 
 impl ControllerConfig {
@@ -89,7 +90,7 @@ impl ControllerConfig {
             platform_jwt: None,
             usage_every: Duration::from_secs(10),
             police_every: Duration::from_secs(1),
-            residency_every: Duration::from_secs(30),
+            placement_every: Duration::from_secs(30),
         }
     }
 
@@ -100,11 +101,12 @@ impl ControllerConfig {
         self
     }
 
-    /// How often the streams of region-bound tenants are checked and any
-    /// found outside the region moved into it (default 30 s; see
-    /// `controller::residency`).
-    pub fn residency_every(mut self, every: Duration) -> Self {
-        self.residency_every = every.max(Duration::from_millis(100));
+    /// How often every stream's replicas and placement are checked: one
+    /// kept with fewer replicas than the deployment's is raised, one of a
+    /// region-bound tenant found outside its region is moved into it
+    /// (default 30 s; see `controller::placement`).
+    pub fn placement_every(mut self, every: Duration) -> Self {
+        self.placement_every = every.max(Duration::from_millis(100));
         self
     }
 
@@ -458,7 +460,7 @@ impl Controller {
         }
         tokio::spawn(self.audit.clone().run(shutdown.clone()));
         tokio::spawn(self.clone().run_usage(shutdown.clone()));
-        tokio::spawn(self.clone().run_residency(shutdown.clone()));
+        tokio::spawn(self.clone().run_placement(shutdown.clone()));
         if let Some(state) = self.callout.clone() {
             tokio::spawn(self.clone().run_callout(state, shutdown.clone()));
         }

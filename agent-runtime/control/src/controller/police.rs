@@ -459,8 +459,21 @@ impl Controller {
         answered
     }
 
-    /// Appends an audit event the controller decided on its own.
+    /// Appends an audit event the controller decided on its own about `tenant`.
     pub(super) async fn audit_system(&self, tenant: &TenantId, action: &str, reason: &str) {
+        self.audit_controller_event(tenant.as_str(), &format!("tenant/{tenant}"), action, reason)
+            .await;
+    }
+
+    /// Appends an audit event the controller decided on its own to `log` (a
+    /// tenant's or [`crate::audit::event::PLATFORM_LOG`]) about `resource`.
+    pub(super) async fn audit_controller_event(
+        &self,
+        log: &str,
+        resource: &str,
+        action: &str,
+        reason: &str,
+    ) {
         let event = AuditEvent {
             action: action.to_string(),
             actor: Actor::controller(&self.id),
@@ -471,8 +484,8 @@ impl Controller {
             prev: String::new(),
             reason: reason.to_string(),
             request_id: String::new(),
-            resource: format!("tenant/{tenant}"),
-            tenant: tenant.to_string(),
+            resource: resource.to_string(),
+            tenant: log.to_string(),
             time_ms: tenant_bus::envelope::now_ms(),
             version: crate::audit::event::SCHEMA_VERSION,
         };

@@ -204,7 +204,7 @@ fn add_unit(units: &mut BTreeMap<String, u64>, unit: &str, amount: u64) {
     *v = v.saturating_add(amount);
 }
 
-fn record_region(record: &crate::registry::TenantRecord) -> Option<Region> {
+pub(super) fn record_region(record: &crate::registry::TenantRecord) -> Option<Region> {
     record
         .settings
         .region
