@@ -7,7 +7,8 @@
 //! Every one takes `-o table|json`; exit codes are in [`output`].
 //!
 //! # Layout
-//! - [`up`]: `agentbus up` (server + embedded controller) and `agentbus controller`.
+//! - [`up`]: `agentbus up` (server + embedded controller) and `agentbus controller`;
+//!   [`stores`]: which stores a state directory holds, so `up` never hides them.
 //! - [`tenant`]: `agentbus tenant ...`.
 //! - [`agent`]: `agentbus agent ...`, `agentbus admin ...`, `agentbus status`.
 //! - [`audit`]: `agentbus audit list | verify | proof | check-proof`.
@@ -22,6 +23,7 @@ pub mod key;
 pub mod msg;
 pub mod output;
 pub mod remote;
+pub mod stores;
 pub mod tenant;
 pub mod up;
 pub mod usage;

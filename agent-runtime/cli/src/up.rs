@@ -249,6 +249,10 @@ pub async fn run(args: UpArgs) -> Result<(), Failure> {
     // the lock; the lock file then lives inside the installation.
     let (mut install, created) = Installation::open_or_init(state)?;
     let _lock = lock(state)?;
+    // Checked under the lock: another `up` may have been changing them.
+    if let Some(why) = crate::stores::Stores::of(state).refuse(state, nodes) {
+        return Err(fail(EXIT_REFUSED, why));
+    }
     if created {
         eprintln!(
             "agentbus: created operator, accounts and KEK in {}",

@@ -440,6 +440,33 @@ fn admin_commands_json_exit_codes_and_a_second_up() {
         .unwrap();
     assert!(comp.status.success() && !comp.stdout.is_empty());
     drop(server);
+
+    // The single server's data is not hidden behind an empty cluster: `up
+    // --cluster 3` on this directory is refused, creating nothing, and the
+    // single server still serves acme.
+    up_refused(&state, &["--cluster", "3"], "single server's data");
+    assert!(
+        !state.join("cluster").exists(),
+        "a cluster store was created"
+    );
+    let server = up(&state);
+    assert_eq!(json(&state, &["tenant", "get", "acme"])["id"], "acme");
+    drop(server);
+}
+
+/// `agentbus up --state S --port 0 ARGS` exits 5 at once with one line on
+/// stderr containing `needle`.
+fn up_refused(state: &Path, args: &[&str], needle: &str) {
+    let out = Command::new(BIN)
+        .args(["up", "--state", state.to_str().unwrap(), "--port", "0"])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(5), "{args:?}: {stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{args:?}: {stderr}");
+    assert!(stderr.contains(needle), "{args:?}: {stderr}");
 }
 
 #[test]
@@ -476,6 +503,15 @@ fn up_cluster_3_serves_with_r3_buckets_and_a_url_list() {
     }
     assert_eq!(status["urls"].as_array().unwrap().len(), 3);
     drop(server);
+
+    // Nor is the cluster's hidden behind an empty single server, or stranded
+    // by fewer nodes than hold it.
+    up_refused(&state, &[], "3-node cluster's data");
+    up_refused(&state, &["--cluster", "2"], "lose their quorum");
+    assert!(
+        std::fs::read_dir(state.join("jetstream")).map_or(true, |mut d| d.next().is_none()),
+        "the single server's store was used"
+    );
 }
 
 #[test]
