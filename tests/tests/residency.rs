@@ -26,7 +26,9 @@ use agent_runtime::dispatch::{DispatchErrorKind, DispatchOptions, Dispatcher};
 use agentbus_control::api::{CreateTenant, ErrorCode, UpdateTenant};
 use agentbus_control::audit::event::{Outcome, PLATFORM_LOG};
 use agentbus_control::audit::{self, AuditLog};
+use agentbus_control::budget::{Action, BudgetSpec, Period};
 use agentbus_control::controller::shutdown::Shutdown;
+use agentbus_control::keys::{bundle_account, report_usage};
 use agentbus_control::local_server::{ClusterOptions, LocalCluster};
 use agentbus_control::server_config::{render_operator_snippet, render_resolver_block};
 use agentbus_control::tiers::Tier;
@@ -263,9 +265,9 @@ async fn the_controller_takes_a_region_only_where_servers_can_hold_it() {
     );
     assert_eq!(info.config.num_replicas, 2);
     let cluster = info.cluster.unwrap();
-    let mut holders: BTreeSet<String> = cluster.replicas.into_iter().map(|r| r.name).collect();
-    holders.extend(cluster.leader);
-    assert_eq!(holders, set(&["n1", "n2"]));
+    let mut audit_nodes: BTreeSet<String> = cluster.replicas.into_iter().map(|r| r.name).collect();
+    audit_nodes.extend(cluster.leader);
+    assert_eq!(audit_nodes, set(&["n1", "n2"]));
     let central = audit.home(PLATFORM_LOG).await.unwrap();
     assert_eq!(central.stream_name(), audit::STREAM);
     let stray = central
@@ -290,6 +292,81 @@ async fn the_controller_takes_a_region_only_where_servers_can_hold_it() {
         (report.entries, report.signed_size),
         (events.len() as u64, events.len() as u64)
     );
+    // Its books live in eu as well: a budget and a charged usage report
+    // land in the region's buckets and counter stream (on n1 and n2 only),
+    // nothing of them in the shared ones, and the figures read back.
+    let spec = BudgetSpec {
+        name: "llm".into(),
+        unit: "llm.tokens".into(),
+        period: Period::Day,
+        hard: 1_000,
+        soft: None,
+        action: Action::Block,
+        throttle_interval_ms: 1_000,
+    };
+    cp.set_budget("acme", &spec).await.unwrap();
+    let account = bundle_account(&bundle).unwrap();
+    assert!(report_usage(&ns, &account, "llm.tokens", 300, "r-1")
+        .await
+        .unwrap());
+    let budgets = cp.budgets("acme").await.unwrap();
+    assert_eq!((budgets.len(), budgets[0].spent), (1, 300), "{budgets:?}");
+    let creds = Installation::open(tmp.path().join("state"))
+        .unwrap()
+        .creds("controller.creds")
+        .unwrap();
+    let platform = async_nats::ConnectOptions::with_credentials(&creds)
+        .unwrap()
+        .connect(urls.split(',').collect::<Vec<_>>())
+        .await
+        .unwrap();
+    let pjs = jetstream::new(platform);
+    for stream in [
+        "KV_agentbus-usage-eu",
+        "KV_agentbus-budgets-eu",
+        "KV_agentbus-budget-marks-eu",
+        "agentbus-budget-counters-eu",
+    ] {
+        assert_eq!(holders(&pjs, stream).await, set(&["n1", "n2"]), "{stream}");
+    }
+    let regional = pjs.get_key_value("agentbus-usage-eu").await.unwrap();
+    let ledger = regional
+        .get("acme")
+        .await
+        .unwrap()
+        .expect("acme's ledger in eu");
+    assert!(String::from_utf8_lossy(&ledger).contains("llm.tokens"));
+    let shared = pjs.get_key_value("agentbus-usage").await.unwrap();
+    assert!(
+        shared.get("acme").await.unwrap().is_none(),
+        "acme's ledger in the shared bucket"
+    );
+    assert!(shared.get("acme.police").await.unwrap().is_none());
+    let shared_budgets = pjs.get_key_value("agentbus-budgets").await.unwrap();
+    assert!(shared_budgets.get("spec.acme.llm").await.unwrap().is_none());
+    let regional_budgets = pjs.get_key_value("agentbus-budgets-eu").await.unwrap();
+    assert!(regional_budgets
+        .get("spec.acme.llm")
+        .await
+        .unwrap()
+        .is_some());
+    let counters = pjs.get_stream("agentbus-budget-counters-eu").await.unwrap();
+    let period = &budgets[0].period_id;
+    counters
+        .direct_get_last_for_subject(format!("agentbus.budget-region.eu.acme.llm.{period}"))
+        .await
+        .expect("acme's counter in eu");
+    let shared_counters = pjs.get_stream("agentbus-budget-counters").await.unwrap();
+    assert!(shared_counters
+        .direct_get_last_for_subject(format!("agentbus.budget.acme.llm.{period}"))
+        .await
+        .is_err());
+    // The cap holds there as anywhere: 800 more do not fit.
+    let err = report_usage(&ns, &account, "llm.tokens", 800, "r-2")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code, ErrorCode::BudgetExceeded, "{err}");
+
     // The refused creates named tenants that never existed: their events
     // are in the platform log, and no log of theirs has a home.
     for id in ["nowhere", "small"] {

@@ -36,6 +36,12 @@
 //! [`BudgetAlert`] on the tenant's own `tenant.<id>.events.budget` and appends
 //! a `budget.threshold` audit event. A controller that crashes between the
 //! claim and the publish loses that alert (at most once, never twice).
+//!
+//! # Where
+//! Specs, counters and marks are in the shared buckets and stream below, or,
+//! for a tenant created with a region, in that region's (see
+//! [`crate::books`]; a counter's subject is
+//! [`Books::counter_subject`](crate::books::Books::counter_subject)).
 
 use serde::{Deserialize, Serialize};
 
@@ -46,7 +52,7 @@ pub const BUDGETS_BUCKET: &str = "agentbus-budgets";
 pub const MARKS_BUCKET: &str = "agentbus-budget-marks";
 /// The counter stream (JetStream counters, `allow_msg_counter`).
 pub const COUNTER_STREAM: &str = "agentbus-budget-counters";
-/// The counter stream's subjects: `agentbus.budget.<tenant>.<budget>.<period>`.
+/// The shared counter stream's subjects: `agentbus.budget.<tenant>.<budget>.<period>`.
 pub const COUNTER_PREFIX: &str = "agentbus.budget";
 /// Counters are kept this long (two months: a monthly total stays readable
 /// for its whole period and the next).
@@ -234,11 +240,6 @@ pub fn alert_key(tenant: &str, name: &str, period: &str, threshold: Threshold) -
 /// [`MARKS_BUCKET`]).
 pub fn throttle_key(tenant: &str, name: &str, period: &str) -> String {
     format!("throttle.{tenant}.{name}.{period}")
-}
-
-/// The counter subject of a budget in a period.
-pub fn counter_subject(tenant: &str, name: &str, period: &str) -> String {
-    format!("{COUNTER_PREFIX}.{tenant}.{name}.{period}")
 }
 
 /// A period's id (`d20261201`, `m202612`), its start and its end (Unix ms,

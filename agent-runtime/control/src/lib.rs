@@ -22,6 +22,7 @@
 //! - [`tiers`]: service tiers and the one table of per-tenant quotas.
 //! - [`usage`]: server-verified usage per tenant per hour.
 //! - [`budget`]: budgets on reported units, enforced with JetStream counters.
+//! - [`books`]: where a tenant's ledger, policing state and budgets live (shared, or its region).
 //! - [`meter`]: the runtime's usage meter (tasks, tool calls) into the ledgers.
 //! - [`accounts`], [`jwt`]: account and user claims, signed with nkeys.
 //! - [`server_config`], [`local_server`]: nats-server configs and local processes.
@@ -31,6 +32,7 @@
 pub mod accounts;
 pub mod api;
 pub mod audit;
+pub mod books;
 pub mod budget;
 pub mod client;
 pub mod controller;

@@ -19,7 +19,6 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use tenant_bus::{AgentId, TenantId};
 
 use crate::api::{ApiError, ErrorCode, Role};
-use crate::budget::BudgetSpec;
 use crate::kek::Kek;
 pub use crate::registry::{Registry, RegistryOptions, TenantRecord, REGISTRY_BUCKET};
 
@@ -190,7 +189,7 @@ pub fn unavailable(what: &str, e: impl std::fmt::Display) -> ApiError {
     ApiError::new(ErrorCode::Unavailable, format!("{what}: {e}"))
 }
 
-fn corrupt(what: &str, e: impl std::fmt::Display) -> ApiError {
+pub(crate) fn corrupt(what: &str, e: impl std::fmt::Display) -> ApiError {
     ApiError::new(
         ErrorCode::Internal,
         format!("stored {what} is corrupt: {e}"),
@@ -208,11 +207,10 @@ pub struct Store {
     secrets: kv::Store,
     apikeys: kv::Store,
     sessions: kv::Store,
-    usage: kv::Store,
     usage_reports: kv::Store,
-    budgets: kv::Store,
-    budget_marks: kv::Store,
-    budget_counters: jetstream::stream::Stream,
+    /// Where each tenant's books (usage ledger, policing state, budgets)
+    /// live, and the shared ones (which also hold the policing lease).
+    pub books: std::sync::Arc<crate::books::BookHomes>,
 }
 
 impl std::fmt::Debug for Store {
@@ -279,14 +277,6 @@ impl Store {
             1,
         )
         .await?;
-        let usage = open_bucket(
-            &js,
-            crate::usage::USAGE_BUCKET,
-            "agentbus usage per tenant per hour, from the servers' counters",
-            replicas,
-            1,
-        )
-        .await?;
         // Idempotency keys of usage reports: each counts once within 24 h.
         let usage_reports = match js.get_key_value(crate::usage::REPORTS_BUCKET).await {
             Ok(kv) => kv,
@@ -304,47 +294,9 @@ impl Store {
                 .await
                 .map_err(|e| unavailable("creating the usage reports bucket", e))?,
         };
-        let budgets = open_bucket(
-            &js,
-            crate::budget::BUDGETS_BUCKET,
-            "agentbus budgets per tenant",
-            replicas,
-            5,
-        )
-        .await?;
-        let budget_marks = match js.get_key_value(crate::budget::MARKS_BUCKET).await {
-            Ok(kv) => kv,
-            Err(_) => js
-                .create_key_value(kv::Config {
-                    bucket: crate::budget::MARKS_BUCKET.to_string(),
-                    description: "agentbus budget alert claims and throttle slots".to_string(),
-                    history: 1,
-                    max_age: crate::budget::COUNTER_MAX_AGE,
-                    max_value_size: 1024,
-                    storage: jetstream::stream::StorageType::File,
-                    num_replicas: replicas,
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| unavailable("creating the budget marks bucket", e))?,
-        };
-        // JetStream counters (nats-server 2.12+): the leader applies each
-        // Nats-Incr in turn and acknowledges it with the new total.
-        let budget_counters = js
-            .get_or_create_stream(jetstream::stream::Config {
-                name: crate::budget::COUNTER_STREAM.to_string(),
-                description: Some("agentbus budget counters per tenant, budget and period".into()),
-                subjects: vec![format!("{}.>", crate::budget::COUNTER_PREFIX)],
-                allow_message_counter: true,
-                allow_direct: true,
-                max_messages_per_subject: 1,
-                max_age: crate::budget::COUNTER_MAX_AGE,
-                storage: jetstream::stream::StorageType::File,
-                num_replicas: replicas,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| unavailable("creating the budget counter stream", e))?;
+        let books = std::sync::Arc::new(
+            crate::books::BookHomes::open(&js, registry.clone(), replicas).await?,
+        );
         Ok(Self {
             js,
             registry,
@@ -353,11 +305,8 @@ impl Store {
             secrets,
             apikeys,
             sessions,
-            usage,
             usage_reports,
-            budgets,
-            budget_marks,
-            budget_counters,
+            books,
         })
     }
 
@@ -564,67 +513,23 @@ impl Store {
 
     // ----- usage --------------------------------------------------------------------
 
-    /// A tenant's usage ledger and its revision.
-    pub async fn usage_ledger(
-        &self,
-        tenant: &TenantId,
-    ) -> Result<Option<(crate::usage::Ledger, u64)>, ApiError> {
-        get_json(&self.usage, tenant.as_str(), "usage ledger").await
-    }
-
-    /// Writes a ledger: created when `revision` is `None`, else compare-and-set.
-    /// `Ok(false)` when someone else wrote first.
-    pub async fn write_usage_ledger(
-        &self,
-        tenant: &TenantId,
-        ledger: &crate::usage::Ledger,
-        revision: Option<u64>,
-    ) -> Result<bool, ApiError> {
-        let done = match revision {
-            None => create_json(&self.usage, tenant.as_str(), ledger).await?,
-            Some(rev) => update_json(&self.usage, tenant.as_str(), ledger, rev).await?,
-        };
-        Ok(done.is_some())
-    }
-
-    /// Archives one closed hour (idempotent: the same values every time).
-    pub async fn archive_usage_hour(
-        &self,
-        tenant: &TenantId,
-        hour: &crate::usage::ArchivedHour,
-    ) -> Result<(), ApiError> {
-        let bytes = serde_json::to_vec(hour).map_err(|e| corrupt("usage", e))?;
-        self.usage
-            .put(
-                crate::usage::archive_key(tenant, hour.hour_ms),
-                Bytes::from(bytes),
-            )
-            .await
-            .map_err(|e| unavailable("archiving usage", e))?;
-        Ok(())
-    }
-
-    /// Any JSON record of the usage bucket (policing state, leases).
+    /// A JSON record of the shared usage bucket (the policing lease).
     pub async fn usage_get<T: DeserializeOwned>(
         &self,
         key: &str,
     ) -> Result<Option<(T, u64)>, ApiError> {
-        get_json(&self.usage, key, "usage record").await
+        self.books.central().get(key).await
     }
 
-    /// Writes a JSON record of the usage bucket: created when `revision` is
-    /// `None`, else compare-and-set; `Ok(false)` when someone else wrote first.
+    /// Writes a JSON record of the shared usage bucket (the policing lease):
+    /// created when `revision` is `None`, else compare-and-set.
     pub async fn usage_put<T: Serialize>(
         &self,
         key: &str,
         value: &T,
         revision: Option<u64>,
     ) -> Result<bool, ApiError> {
-        let done = match revision {
-            None => create_json(&self.usage, key, value).await?,
-            Some(rev) => update_json(&self.usage, key, value, rev).await?,
-        };
-        Ok(done.is_some())
+        self.books.central().put(key, value, revision).await
     }
 
     /// Claims a usage report's idempotency key (`Ok(false)`: seen within the
@@ -636,142 +541,6 @@ impl Store {
     /// Gives an idempotency key back (the report could not be counted).
     pub async fn unclaim_report(&self, key: &str) {
         let _ = self.usage_reports.purge(key).await;
-    }
-
-    /// Every archived hour of `tenant`.
-    pub async fn archived_usage(
-        &self,
-        tenant: &TenantId,
-    ) -> Result<Vec<crate::usage::ArchivedHour>, ApiError> {
-        let filter = format!("$KV.{}.{tenant}.h.*", crate::usage::USAGE_BUCKET);
-        list_json(&self.js, crate::usage::USAGE_BUCKET, &filter).await
-    }
-
-    // ----- budgets ------------------------------------------------------------------
-
-    /// A tenant's budget specs, by name.
-    pub async fn budgets(&self, tenant: &TenantId) -> Result<Vec<BudgetSpec>, ApiError> {
-        let filter = format!(
-            "$KV.{}.{}*",
-            crate::budget::BUDGETS_BUCKET,
-            crate::budget::spec_prefix(tenant.as_str())
-        );
-        let mut out: Vec<BudgetSpec> =
-            list_json(&self.js, crate::budget::BUDGETS_BUCKET, &filter).await?;
-        out.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(out)
-    }
-
-    /// Writes a budget spec (creates or replaces).
-    pub async fn put_budget(&self, tenant: &TenantId, spec: &BudgetSpec) -> Result<(), ApiError> {
-        let bytes = serde_json::to_vec(spec).map_err(|e| corrupt("budget", e))?;
-        self.budgets
-            .put(
-                crate::budget::spec_key(tenant.as_str(), &spec.name),
-                Bytes::from(bytes),
-            )
-            .await
-            .map_err(|e| unavailable("writing a budget", e))?;
-        Ok(())
-    }
-
-    /// Deletes a budget spec; `Ok(false)` if there was none.
-    pub async fn delete_budget(&self, tenant: &TenantId, name: &str) -> Result<bool, ApiError> {
-        let key = crate::budget::spec_key(tenant.as_str(), name);
-        let existed = get_json::<BudgetSpec>(&self.budgets, &key, "budget")
-            .await?
-            .is_some();
-        if existed {
-            self.budgets
-                .purge(&key)
-                .await
-                .map_err(|e| unavailable("deleting a budget", e))?;
-        }
-        Ok(existed)
-    }
-
-    /// Adds `delta` to a budget counter and returns the new total (the
-    /// stream leader applies increments one at a time).
-    pub async fn budget_incr(&self, subject: &str, delta: i64) -> Result<i128, ApiError> {
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert("Nats-Incr", format!("{delta:+}").as_str());
-        let ack = self
-            .js
-            .publish_with_headers(subject.to_string(), headers, Bytes::new())
-            .await
-            .map_err(|e| unavailable("charging a budget", e))?
-            .await
-            .map_err(|e| unavailable("charging a budget", e))?;
-        let value = ack
-            .value
-            .ok_or_else(|| corrupt("budget counter", "the server returned no total"))?;
-        value
-            .parse::<i128>()
-            .map_err(|e| corrupt("budget counter", e))
-    }
-
-    /// A budget counter's total (0 if it was never charged).
-    pub async fn budget_total(&self, subject: &str) -> Result<i128, ApiError> {
-        #[derive(serde::Deserialize)]
-        struct Val {
-            val: String,
-        }
-        match self
-            .budget_counters
-            .direct_get_last_for_subject(subject)
-            .await
-        {
-            Ok(msg) => {
-                let v: Val = serde_json::from_slice(&msg.payload)
-                    .map_err(|e| corrupt("budget counter", e))?;
-                v.val
-                    .parse::<i128>()
-                    .map_err(|e| corrupt("budget counter", e))
-            }
-            Err(e) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound => Ok(0),
-            Err(e) => Err(unavailable("reading a budget counter", e)),
-        }
-    }
-
-    /// Removes every budget counter of `tenant` (it was deleted; an id used
-    /// again starts from zero).
-    pub async fn purge_budget_counters(&self, tenant: &TenantId) -> Result<(), ApiError> {
-        self.budget_counters
-            .purge()
-            .filter(format!("{}.{tenant}.>", crate::budget::COUNTER_PREFIX))
-            .await
-            .map_err(|e| unavailable("purging budget counters", e))?;
-        Ok(())
-    }
-
-    /// Claims a mark (an alert or a throttle slot) once: `Ok(true)` for the
-    /// one caller that created it.
-    pub async fn claim_budget_mark(&self, key: &str, at_ms: u64) -> Result<bool, ApiError> {
-        Ok(create_json(&self.budget_marks, key, &at_ms)
-            .await?
-            .is_some())
-    }
-
-    /// A mark's value (Unix ms) and revision.
-    pub async fn budget_mark(&self, key: &str) -> Result<Option<(u64, u64)>, ApiError> {
-        get_json(&self.budget_marks, key, "budget mark").await
-    }
-
-    /// Moves a mark to `at_ms` if it is still at `revision`.
-    pub async fn move_budget_mark(
-        &self,
-        key: &str,
-        at_ms: u64,
-        revision: u64,
-    ) -> Result<bool, ApiError> {
-        Ok(update_json(&self.budget_marks, key, &at_ms, revision)
-            .await?
-            .is_some())
-    }
-
-    /// Gives a mark back (what it stood for did not happen).
-    pub async fn drop_budget_mark(&self, key: &str) {
-        let _ = self.budget_marks.purge(key).await;
     }
 
     // ----- admins -------------------------------------------------------------------
@@ -804,7 +573,7 @@ impl Store {
     }
 }
 
-async fn get_json<T: DeserializeOwned>(
+pub(crate) async fn get_json<T: DeserializeOwned>(
     kv: &kv::Store,
     key: &str,
     what: &str,
@@ -822,7 +591,7 @@ async fn get_json<T: DeserializeOwned>(
     }
 }
 
-async fn create_json<T: Serialize>(
+pub(crate) async fn create_json<T: Serialize>(
     kv: &kv::Store,
     key: &str,
     value: &T,
@@ -835,7 +604,7 @@ async fn create_json<T: Serialize>(
     }
 }
 
-async fn update_json<T: Serialize>(
+pub(crate) async fn update_json<T: Serialize>(
     kv: &kv::Store,
     key: &str,
     value: &T,
@@ -852,7 +621,7 @@ async fn update_json<T: Serialize>(
 /// The latest value of every key matching `filter` in `bucket`: an ordered
 /// consumer delivering the last message per subject, read until nothing is
 /// pending. Deleted and purged keys are skipped.
-async fn list_json<T: DeserializeOwned>(
+pub(crate) async fn list_json<T: DeserializeOwned>(
     js: &jetstream::Context,
     bucket: &str,
     filter: &str,

@@ -11,8 +11,8 @@
 //! since its last answer to the current hour.
 //!
 //! # The ledger, and why it is one record
-//! A tenant's usage lives in one KV record (`<tenant>` in [`USAGE_BUCKET`])
-//! holding both the per-server cursors (the counters last seen) and the
+//! A tenant's usage lives in one KV record (`<tenant>` in [`USAGE_BUCKET`],
+//! or its region's `agentbus-usage-<region>`: [`crate::books`]) holding both the per-server cursors (the counters last seen) and the
 //! recent hours' totals, updated with compare-and-set. A delta and its cursor
 //! therefore move together: two controllers polling at once, or a crash half
 //! way, never count an increase twice or lose it. Hours older than
@@ -32,7 +32,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use tenant_bus::TenantId;
 
-/// The bucket.
+/// The shared bucket.
 pub const USAGE_BUCKET: &str = "agentbus-usage";
 /// Idempotency keys of reported units (`report_usage`).
 pub const REPORTS_BUCKET: &str = "agentbus-usage-reports";

@@ -119,6 +119,31 @@ fn region_of(value: &[u8]) -> Result<Option<Region>, ApiError> {
         .map_err(|e| ApiError::new(ErrorCode::Internal, format!("an audit log home: {e}")))
 }
 
+/// Opens (creating if missing, with `replicas`) the homes bucket: the home
+/// of each audit log (key: the log) and of each tenant's books (key
+/// `books.<tenant>`, see [`crate::books`]).
+pub(crate) async fn open_homes_bucket(
+    js: &jetstream::Context,
+    replicas: usize,
+) -> Result<kv::Store, ApiError> {
+    match js.get_key_value(HOMES_BUCKET).await {
+        Ok(kv) => Ok(kv),
+        Err(_) => js
+            .create_key_value(kv::Config {
+                bucket: HOMES_BUCKET.to_string(),
+                description: "agentbus homes: the region of each audit log and tenant's books"
+                    .into(),
+                history: 1,
+                max_value_size: 256,
+                storage: stream::StorageType::File,
+                num_replicas: replicas,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| unavailable("creating the homes bucket", e)),
+    }
+}
+
 impl Homes {
     /// Opens (creating if missing) the homes bucket with `replicas`.
     pub(super) async fn open(
@@ -127,21 +152,7 @@ impl Homes {
         registry: Registry,
         replicas: usize,
     ) -> Result<Self, ApiError> {
-        let kv = match js.get_key_value(HOMES_BUCKET).await {
-            Ok(kv) => kv,
-            Err(_) => js
-                .create_key_value(kv::Config {
-                    bucket: HOMES_BUCKET.to_string(),
-                    description: "agentbus audit log homes: the region of each log".into(),
-                    history: 1,
-                    max_value_size: 256,
-                    storage: stream::StorageType::File,
-                    num_replicas: replicas,
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| unavailable("creating the audit homes bucket", e))?,
-        };
+        let kv = open_homes_bucket(&js, replicas).await?;
         Ok(Self {
             js,
             kv,

@@ -11,6 +11,7 @@ use super::auth::Caller;
 use super::police::system_caller;
 use super::Controller;
 use crate::api::{self, ApiError, ErrorCode};
+use crate::books::Books;
 use crate::budget::{self, Action, BudgetAlert, BudgetRef, BudgetSpec, BudgetView, Threshold};
 use crate::registry::{Status, TenantRecord};
 
@@ -28,6 +29,8 @@ fn to_json<T: serde::Serialize>(v: &T) -> Result<Value> {
 /// later).
 #[derive(Debug, Clone)]
 pub(super) struct Charge {
+    /// The books holding the counter.
+    books: Arc<Books>,
     spec: BudgetSpec,
     period: String,
     subject: String,
@@ -81,7 +84,8 @@ impl Controller {
                 spec.validate().map_err(|e| bad(e.to_string()))?;
                 self.tenant(tenant).await?;
                 let _guard = self.locks.lock(tenant.as_str()).await;
-                let existing = self.store.budgets(tenant).await?;
+                let books = self.books(tenant).await?;
+                let existing = books.budgets(tenant).await?;
                 if !existing.iter().any(|b| b.name == spec.name)
                     && existing.len() >= budget::MAX_BUDGETS
                 {
@@ -90,13 +94,13 @@ impl Controller {
                         format!("at most {} budgets per tenant", budget::MAX_BUDGETS),
                     ));
                 }
-                self.store.put_budget(tenant, &spec).await?;
+                books.put_budget(tenant, &spec).await?;
                 to_json(&self.budget_view(tenant, spec).await?)
             }
             "list" => {
                 self.tenant(tenant).await?;
                 let mut out = Vec::new();
-                for spec in self.store.budgets(tenant).await? {
+                for spec in self.books(tenant).await?.budgets(tenant).await? {
                     out.push(self.budget_view(tenant, spec).await?);
                 }
                 to_json(&out)
@@ -108,7 +112,12 @@ impl Controller {
                     return Err(bad(format!("budget name {:?} is not valid", r.name)));
                 }
                 self.tenant(tenant).await?;
-                if !self.store.delete_budget(tenant, &r.name).await? {
+                if !self
+                    .books(tenant)
+                    .await?
+                    .delete_budget(tenant, &r.name)
+                    .await?
+                {
                     return Err(ApiError::new(
                         ErrorCode::NotFound,
                         format!("budget {tenant}/{}", r.name),
@@ -128,13 +137,9 @@ impl Controller {
     ) -> Result<BudgetView> {
         let now = tenant_bus::envelope::now_ms();
         let (period, _, end) = budget::period_of(spec.period, now);
-        let total = self
-            .store
-            .budget_total(&budget::counter_subject(
-                tenant.as_str(),
-                &spec.name,
-                &period,
-            ))
+        let books = self.books(tenant).await?;
+        let total = books
+            .budget_total(&books.counter_subject(tenant.as_str(), &spec.name, &period))
             .await?;
         let spent = u64::try_from(total.max(0)).unwrap_or(u64::MAX);
         Ok(BudgetView {
@@ -162,8 +167,8 @@ impl Controller {
         if amount == 0 {
             return Ok(Vec::new());
         }
-        let specs: Vec<BudgetSpec> = self
-            .store
+        let books = self.books(&record.id).await?;
+        let specs: Vec<BudgetSpec> = books
             .budgets(&record.id)
             .await?
             .into_iter()
@@ -177,8 +182,8 @@ impl Controller {
         let mut done: Vec<Charge> = Vec::new();
         for spec in specs {
             let (period, _, end) = budget::period_of(spec.period, now);
-            let subject = budget::counter_subject(record.id.as_str(), &spec.name, &period);
-            let total = match self.store.budget_incr(&subject, delta).await {
+            let subject = books.counter_subject(record.id.as_str(), &spec.name, &period);
+            let total = match books.budget_incr(&subject, delta).await {
                 Ok(t) => t,
                 Err(e) => {
                     self.uncharge(&done).await;
@@ -186,6 +191,7 @@ impl Controller {
                 }
             };
             let charge = Charge {
+                books: books.clone(),
                 spec: spec.clone(),
                 period: period.clone(),
                 subject,
@@ -199,7 +205,10 @@ impl Controller {
             // Over the cap: what the action says.
             let retry_at = match spec.action {
                 Action::Warn => None,
-                Action::Throttle => match self.throttle_slot(record, &spec, &period, now).await {
+                Action::Throttle => match self
+                    .throttle_slot(&books, record, &spec, &period, now)
+                    .await
+                {
                     Ok(slot) => slot,
                     Err(e) => {
                         self.uncharge(&done).await;
@@ -211,7 +220,7 @@ impl Controller {
             let Some(retry_at) = retry_at else { continue };
             self.uncharge(&done).await;
             let before = total - i128::from(delta);
-            self.budget_alert(record, &spec, &period, Threshold::Hard, before, now)
+            self.budget_alert(&books, record, &spec, &period, Threshold::Hard, before, now)
                 .await;
             let revoke = (spec.action == Action::Revoke).then(|| PendingRevoke {
                 record: record.clone(),
@@ -242,7 +251,7 @@ impl Controller {
     /// [`crate::budget`]).
     pub(super) async fn uncharge(&self, charges: &[Charge]) {
         for c in charges {
-            if let Err(e) = self.store.budget_incr(&c.subject, -c.delta).await {
+            if let Err(e) = c.books.budget_incr(&c.subject, -c.delta).await {
                 tracing::warn!(subject = %c.subject, error = %e, "budget charge not taken back: the total stays high by it");
             }
         }
@@ -254,13 +263,29 @@ impl Controller {
         for c in charges {
             if let Some(soft) = c.spec.soft {
                 if c.total >= i128::from(soft) {
-                    self.budget_alert(record, &c.spec, &c.period, Threshold::Soft, c.total, now)
-                        .await;
+                    self.budget_alert(
+                        &c.books,
+                        record,
+                        &c.spec,
+                        &c.period,
+                        Threshold::Soft,
+                        c.total,
+                        now,
+                    )
+                    .await;
                 }
             }
             if c.total >= i128::from(c.spec.hard) {
-                self.budget_alert(record, &c.spec, &c.period, Threshold::Hard, c.total, now)
-                    .await;
+                self.budget_alert(
+                    &c.books,
+                    record,
+                    &c.spec,
+                    &c.period,
+                    Threshold::Hard,
+                    c.total,
+                    now,
+                )
+                .await;
             }
         }
     }
@@ -270,6 +295,7 @@ impl Controller {
     /// else when the next slot opens.
     async fn throttle_slot(
         &self,
+        books: &Books,
         record: &TenantRecord,
         spec: &BudgetSpec,
         period: &str,
@@ -279,9 +305,9 @@ impl Controller {
         let interval = spec.throttle_interval_ms;
         // Bounded: each lost race means another charge took the slot.
         for _ in 0..crate::store::CAS_ATTEMPTS {
-            match self.store.budget_mark(&key).await? {
+            match books.budget_mark(&key).await? {
                 None => {
-                    if self.store.claim_budget_mark(&key, now).await? {
+                    if books.claim_budget_mark(&key, now).await? {
                         return Ok(None);
                     }
                 }
@@ -290,7 +316,7 @@ impl Controller {
                     if now < next {
                         return Ok(Some(next));
                     }
-                    if self.store.move_budget_mark(&key, now, revision).await? {
+                    if books.move_budget_mark(&key, now, revision).await? {
                         return Ok(None);
                     }
                 }
@@ -301,8 +327,10 @@ impl Controller {
 
     /// Publishes a threshold's alert once per period: the create-only claim
     /// decides which charge does it.
+    #[allow(clippy::too_many_arguments)] // each is one fact of the alert
     async fn budget_alert(
         &self,
+        books: &Books,
         record: &TenantRecord,
         spec: &BudgetSpec,
         period: &str,
@@ -311,7 +339,7 @@ impl Controller {
         now: u64,
     ) {
         let key = budget::alert_key(record.id.as_str(), &spec.name, period, threshold);
-        match self.store.claim_budget_mark(&key, now).await {
+        match books.claim_budget_mark(&key, now).await {
             Ok(true) => {}
             Ok(false) => return,
             Err(e) => {
@@ -404,9 +432,15 @@ impl Controller {
 
     /// Removes a deleted tenant's budgets and counters.
     pub(super) async fn purge_budgets(&self, tenant: &TenantId) -> Result<()> {
-        for spec in self.store.budgets(tenant).await? {
-            self.store.delete_budget(tenant, &spec.name).await?;
+        let books = self.books(tenant).await?;
+        for spec in books.budgets(tenant).await? {
+            books.delete_budget(tenant, &spec.name).await?;
         }
-        self.store.purge_budget_counters(tenant).await
+        books.purge_budget_counters(tenant).await
+    }
+
+    /// Where `tenant`'s books live (see [`crate::books`]).
+    pub(super) async fn books(&self, tenant: &TenantId) -> Result<Arc<Books>> {
+        self.store.books.of(tenant).await
     }
 }

@@ -315,6 +315,21 @@ impl Controller {
             None => None,
         };
         self.audit.claim_home(id, region.as_ref()).await?;
+        // The books (usage ledger, policing state, budgets) live in the
+        // same place, decided now; opening them refuses a region that
+        // cannot hold them.
+        let books = self.store.books.claim(id, region.as_ref()).await?;
+        if books.as_ref() != region.as_ref() {
+            let at = books.map_or_else(
+                || "the shared buckets".to_string(),
+                |r| format!("region {r}"),
+            );
+            return Err(ApiError::new(
+                ErrorCode::InvalidInput,
+                format!("tenant id {id} was used before and its usage and budgets live in {at}; an id keeps its region: choose another id"),
+            ));
+        }
+        self.store.books.books(region.as_ref()).await?;
         // Secrets first, named by the account key: a crashed or losing attempt
         // leaves only unreferenced secrets, never a record without its keys.
         let mut root = [0u8; 32];

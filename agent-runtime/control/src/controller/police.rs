@@ -105,8 +105,9 @@ impl Controller {
         tenant: &TenantId,
     ) -> Result<(PoliceState, Option<u64>), ApiError> {
         match self
-            .store
-            .usage_get::<PoliceState>(&state_key(tenant))
+            .books(tenant)
+            .await?
+            .get::<PoliceState>(&state_key(tenant))
             .await?
         {
             Some((s, rev)) => Ok((s, Some(rev))),
@@ -331,8 +332,9 @@ impl Controller {
             }
         }
         if !self
-            .store
-            .usage_put(&state_key(tenant), &state, rev)
+            .books(tenant)
+            .await?
+            .put(&state_key(tenant), &state, rev)
             .await?
         {
             // Another write won; the next poll looks again.
@@ -404,9 +406,11 @@ impl Controller {
             for k in &expired {
                 state.throttled.remove(k);
             }
-            if !self
-                .store
-                .usage_put(&state_key(&record.id), &state, rev)
+            let Ok(books) = self.books(&record.id).await else {
+                continue;
+            };
+            if !books
+                .put(&state_key(&record.id), &state, rev)
                 .await
                 .unwrap_or(false)
             {

@@ -29,7 +29,8 @@ impl Controller {
         let record = self.tenant(id).await?;
         let now = tenant_bus::envelope::now_ms();
         let live = self.live_stats(&record.account).await?;
-        let (hour, today) = match self.store.usage_ledger(id).await? {
+        let books = self.books(id).await?;
+        let (hour, today) = match books.usage_ledger(id).await? {
             Some((ledger, _)) => {
                 let this_hour = hour_of(now);
                 let day_start = now - now % (24 * HOUR_MS);
@@ -58,7 +59,7 @@ impl Controller {
             None => (UsageTotals::default(), UsageTotals::default()),
         };
         let mut budgets = Vec::new();
-        for spec in self.store.budgets(id).await? {
+        for spec in books.budgets(id).await? {
             budgets.push(self.budget_view(id, spec).await?);
         }
         let (police, _) = self.police_state(id).await?;

@@ -181,8 +181,9 @@ impl Controller {
         observations: &[(&String, Counters)],
         now: u64,
     ) -> Result<bool, ApiError> {
+        let books = self.books(tenant).await?;
         for _ in 0..CAS_ATTEMPTS {
-            let (mut ledger, rev) = match self.store.usage_ledger(tenant).await? {
+            let (mut ledger, rev) = match books.usage_ledger(tenant).await? {
                 Some((l, r)) => (l, Some(r)),
                 None => (usage::Ledger::default(), None),
             };
@@ -192,13 +193,13 @@ impl Controller {
             }
             // Closed hours leave the ledger only after their archive is written.
             for hour in ledger.expired_hours(now) {
-                self.store.archive_usage_hour(tenant, &hour).await?;
+                books.archive_usage_hour(tenant, &hour).await?;
                 ledger.remove_hour(hour.hour_ms);
             }
             if ledger == before {
                 return Ok(false);
             }
-            if self.store.write_usage_ledger(tenant, &ledger, rev).await? {
+            if books.write_usage_ledger(tenant, &ledger, rev).await? {
                 return Ok(true);
             }
         }
@@ -253,7 +254,8 @@ impl Controller {
         self.tenant(tenant).await?;
         let mut hours: BTreeMap<u64, Counters> = BTreeMap::new();
         let mut units: BTreeMap<u64, BTreeMap<String, u64>> = BTreeMap::new();
-        if let Some((ledger, _)) = self.store.usage_ledger(tenant).await? {
+        let books = self.books(tenant).await?;
+        if let Some((ledger, _)) = books.usage_ledger(tenant).await? {
             hours.extend(ledger.hours);
             units.extend(ledger.units);
         }
@@ -264,7 +266,7 @@ impl Controller {
             .copied()
             .unwrap_or(u64::MAX);
         if req.from_ms < oldest_live {
-            for archived in self.store.archived_usage(tenant).await? {
+            for archived in books.archived_usage(tenant).await? {
                 // The ledger wins for an hour in both (archived, then not yet
                 // removed from the ledger).
                 if !hours.contains_key(&archived.hour_ms) && !units.contains_key(&archived.hour_ms)
@@ -321,8 +323,9 @@ impl Controller {
             }
             let mut skipped = 0;
             let added = async {
+                let books = self.books(&id).await?;
                 for _ in 0..CAS_ATTEMPTS {
-                    let (mut ledger, rev) = match self.store.usage_ledger(&id).await? {
+                    let (mut ledger, rev) = match books.usage_ledger(&id).await? {
                         Some((l, r)) => (l, Some(r)),
                         None => (usage::Ledger::default(), None),
                     };
@@ -332,7 +335,7 @@ impl Controller {
                             skipped += 1;
                         }
                     }
-                    if self.store.write_usage_ledger(&id, &ledger, rev).await? {
+                    if books.write_usage_ledger(&id, &ledger, rev).await? {
                         return Ok(());
                     }
                 }
@@ -424,8 +427,9 @@ impl Controller {
             }
         };
         let added = async {
+            let books = self.books(&tenant).await?;
             for _ in 0..CAS_ATTEMPTS {
-                let (mut ledger, rev) = match self.store.usage_ledger(&tenant).await? {
+                let (mut ledger, rev) = match books.usage_ledger(&tenant).await? {
                     Some((l, r)) => (l, Some(r)),
                     None => (usage::Ledger::default(), None),
                 };
@@ -435,7 +439,7 @@ impl Controller {
                         format!("at most {} units per tenant per hour", usage::MAX_UNITS),
                     ));
                 }
-                if self.store.write_usage_ledger(&tenant, &ledger, rev).await? {
+                if books.write_usage_ledger(&tenant, &ledger, rev).await? {
                     return Ok(());
                 }
             }
