@@ -8,7 +8,8 @@
 //!
 //! # Layout
 //! - [`up`]: `agentbus up` (server + embedded controller) and `agentbus controller`;
-//!   [`stores`]: which stores a state directory holds, so `up` never hides them.
+//!   [`stores`]: which stores a state directory holds, so `up` never hides them;
+//!   [`import`]: `up --cluster N --from-single` copies a single server's data in.
 //! - [`tenant`]: `agentbus tenant ...`.
 //! - [`agent`]: `agentbus agent ...`, `agentbus admin ...`, `agentbus status`.
 //! - [`audit`]: `agentbus audit list | verify | proof | check-proof`.
@@ -19,6 +20,7 @@
 pub mod agent;
 pub mod audit;
 pub mod budget;
+pub mod import;
 pub mod key;
 pub mod msg;
 pub mod output;

@@ -19,7 +19,9 @@ use tenant_bus::{
 };
 use tokio::sync::broadcast;
 
-use crate::output::{Failure, Output, EXIT_INTERNAL, EXIT_REFUSED, EXIT_UNAVAILABLE, EXIT_USAGE};
+use crate::output::{
+    fail, Failure, Output, EXIT_INTERNAL, EXIT_REFUSED, EXIT_UNAVAILABLE, EXIT_USAGE,
+};
 use crate::{one_line, write_stdout};
 
 /// Arguments of `agentbus pub`.
@@ -79,13 +81,6 @@ pub struct ReplyArgs {
     /// Exit after answering this many requests (0: never).
     #[arg(long)]
     pub count: Option<u64>,
-}
-
-fn fail(code: i32, message: impl Into<String>) -> Failure {
-    Failure {
-        message: one_line(&message.into()),
-        code,
-    }
 }
 
 /// The whole source chain of an error, as one lower-case line (to recognise the

@@ -107,6 +107,14 @@ impl From<agentbus_control::ControlError> for Failure {
     }
 }
 
+/// A failure with exit `code`, its message kept to one line.
+pub fn fail(code: i32, message: impl Into<String>) -> Failure {
+    Failure {
+        message: agentbus_control::one_line(&message.into()),
+        code,
+    }
+}
+
 /// A usage failure (exit 2).
 pub fn usage(message: impl Into<String>) -> Failure {
     Failure {

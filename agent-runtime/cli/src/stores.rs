@@ -18,6 +18,10 @@
 //!   placed on the missing nodes without a quorum (an R3 stream on two absent
 //!   nodes cannot be read or written), so that is refused too; more nodes are
 //!   fine (they join the cluster, and the placement pass raises replicas).
+//!
+//! The way from a single server's data to a cluster is a copy
+//! (`up --cluster N --from-single`, [`crate::import`]), allowed only into an
+//! empty cluster ([`Stores::refuse_copy`]).
 
 use std::path::Path;
 
@@ -88,6 +92,30 @@ impl Stores {
         }
         None
     }
+
+    /// Why copying the single server's data into a new cluster of `nodes`
+    /// (`up --cluster N --from-single`) cannot start; `None` when it can:
+    /// the single server holds data and the cluster none (a copy is never
+    /// merged into data).
+    pub fn refuse_copy(&self, state: &Path, nodes: usize) -> Option<String> {
+        let dir = state.display();
+        if nodes < 2 {
+            return Some("--from-single copies into a cluster: add --cluster N".to_string());
+        }
+        if !self.single {
+            return Some(format!(
+                "{dir} holds no single server's data to copy ({} is empty)",
+                state.join("jetstream").display()
+            ));
+        }
+        if !self.cluster_nodes.is_empty() {
+            return Some(format!(
+                "{} already holds a cluster's data (an earlier copy?); a copy is never merged into data: move it aside and run again",
+                state.join("cluster").display()
+            ));
+        }
+        None
+    }
 }
 
 #[cfg(test)]
@@ -147,6 +175,20 @@ mod tests {
         assert!(why.contains("lose their quorum"), "{why}");
         assert_eq!(stores.refuse(tmp.path(), 3), None);
         assert_eq!(stores.refuse(tmp.path(), 5), None, "more nodes join");
+    }
+
+    #[test]
+    fn a_copy_needs_a_single_servers_data_and_an_empty_cluster() {
+        let tmp = tempfile::tempdir().unwrap();
+        let why = Stores::of(tmp.path()).refuse_copy(tmp.path(), 3).unwrap();
+        assert!(why.contains("no single server's data"), "{why}");
+        with_data(tmp.path());
+        let stores = Stores::of(tmp.path());
+        assert_eq!(stores.refuse_copy(tmp.path(), 3), None);
+        assert!(stores.refuse_copy(tmp.path(), 1).is_some());
+        with_data(&tmp.path().join("cluster").join("n1"));
+        let why = Stores::of(tmp.path()).refuse_copy(tmp.path(), 3).unwrap();
+        assert!(why.contains("never merged"), "{why}");
     }
 
     #[test]

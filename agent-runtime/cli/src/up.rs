@@ -17,7 +17,9 @@ use agentbus_control::controller::shutdown::Shutdown;
 use agentbus_control::local_server::{ClusterOptions, LocalCluster, LocalServer, ServerOptions};
 use agentbus_control::{Controller, ControllerConfig, Installation};
 
-use crate::output::{usage, Failure, EXIT_INTERNAL, EXIT_REFUSED, EXIT_UNAVAILABLE, EXIT_USAGE};
+use crate::output::{
+    fail, usage, Failure, EXIT_INTERNAL, EXIT_REFUSED, EXIT_UNAVAILABLE, EXIT_USAGE,
+};
 
 /// Restarts of a failed server allowed within [`RESTART_WINDOW`].
 pub const MAX_RESTARTS: usize = 5;
@@ -39,6 +41,11 @@ pub struct UpArgs {
     /// Run a local cluster of this many nodes (3 for development and tests).
     #[arg(long)]
     pub cluster: Option<usize>,
+    /// With --cluster, on a state directory a single server used: copy its
+    /// data (tenants, keys, agents, usage, budgets, audit log, every
+    /// tenant's streams) into the new cluster, then move its store aside.
+    #[arg(long, requires = "cluster")]
+    pub from_single: bool,
     /// Replicas of every bucket and stream: 1 to the number of nodes, at most 5
     /// (default: 1 on one node, 3 on three or more).
     #[arg(long)]
@@ -124,13 +131,6 @@ fn with_platform_jwt(
     let verifier = JwksVerifier::from_file(jwks, parsed)
         .map_err(|e| usage(format!("{}: {e}", jwks.display())))?;
     Ok(config.platform_jwt(verifier))
-}
-
-fn fail(code: i32, message: impl Into<String>) -> Failure {
-    Failure {
-        message: message.into(),
-        code,
-    }
 }
 
 /// Holds `<state>/up.lock` exclusively while `up` runs.
@@ -219,6 +219,29 @@ impl Servers {
     }
 }
 
+/// The single server of `state` (its store, resolver and config), listening
+/// on `host:port` (0: a free port).
+fn single_server(
+    install: &Installation,
+    state: &Path,
+    host: &str,
+    port: u16,
+) -> Result<LocalServer, Failure> {
+    let mut options = install
+        .default_server_options()
+        .listen(host.to_string(), port);
+    options.server_name = "agentbus".to_string();
+    let config = install.server_config(&options);
+    let mut server_options = ServerOptions::new()
+        .config(config)
+        .dir(state.join("server"));
+    if port != 0 {
+        server_options = server_options.port(port);
+    }
+    LocalServer::start(server_options)
+        .map_err(|e| fail(EXIT_UNAVAILABLE, agentbus_control::one_line(&e.to_string())))
+}
+
 /// Runs `agentbus up`.
 pub async fn run(args: UpArgs) -> Result<(), Failure> {
     let state = args.state.as_path();
@@ -250,7 +273,12 @@ pub async fn run(args: UpArgs) -> Result<(), Failure> {
     let (mut install, created) = Installation::open_or_init(state)?;
     let _lock = lock(state)?;
     // Checked under the lock: another `up` may have been changing them.
-    if let Some(why) = crate::stores::Stores::of(state).refuse(state, nodes) {
+    let stores = crate::stores::Stores::of(state);
+    if args.from_single {
+        if let Some(why) = stores.refuse_copy(state, nodes) {
+            return Err(fail(EXIT_REFUSED, why));
+        }
+    } else if let Some(why) = stores.refuse(state, nodes) {
         return Err(fail(EXIT_REFUSED, why));
     }
     if created {
@@ -269,20 +297,7 @@ pub async fn run(args: UpArgs) -> Result<(), Failure> {
                 ),
             ));
         }
-        let mut options = install
-            .default_server_options()
-            .listen(args.host.clone(), args.port);
-        options.server_name = "agentbus".to_string();
-        let config = install.server_config(&options);
-        let mut server_options = ServerOptions::new()
-            .config(config)
-            .dir(state.join("server"));
-        if args.port != 0 {
-            server_options = server_options.port(args.port);
-        }
-        let server = LocalServer::start(server_options)
-            .map_err(|e| fail(EXIT_UNAVAILABLE, agentbus_control::one_line(&e.to_string())))?;
-        Servers::One(server)
+        Servers::One(single_server(&install, state, &args.host, args.port)?)
     } else {
         let snippet =
             agentbus_control::server_config::render_operator_snippet(&install.operator_facts());
@@ -309,6 +324,19 @@ pub async fn run(args: UpArgs) -> Result<(), Failure> {
         Servers::Cluster(Box::new(cluster))
     };
     let urls = servers.urls();
+    // The single server's data first (before the controller opens its
+    // buckets on the cluster): see `crate::import`.
+    let old = if args.from_single {
+        let old = single_server(&install, state, "127.0.0.1", 0)?;
+        eprintln!("agentbus: copying the single server's data into the {nodes}-node cluster");
+        if let Err(e) = crate::import::copy_platform(&install, &old.url(), &urls, replicas).await {
+            servers.shutdown();
+            return Err(e);
+        }
+        Some(old)
+    } else {
+        None
+    };
     install.set_urls(urls.split(',').map(str::to_string).collect(), replicas)?;
     serve_metrics(args.metrics)?;
     let config = with_platform_jwt(
@@ -323,6 +351,18 @@ pub async fn run(args: UpArgs) -> Result<(), Failure> {
             return Err(e.into());
         }
     };
+    if let Some(old) = old {
+        let copied = crate::import::copy_tenants(&controller, &old.url(), &urls, replicas).await;
+        if let Err(e) = copied {
+            servers.shutdown();
+            return Err(e);
+        }
+        let aside = crate::import::retire(old, state)?;
+        eprintln!(
+            "agentbus: the single server's data is in the cluster; its store moved to {}",
+            aside.display()
+        );
+    }
     let shutdown = Shutdown::new();
     let serving = tokio::spawn(controller.clone().serve(shutdown.clone()));
     eprintln!(

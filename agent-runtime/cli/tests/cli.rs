@@ -1554,3 +1554,197 @@ fn agent_create_writes_bundles_creds_files_and_nats_contexts() {
     }
     drop(server);
 }
+
+/// `up --cluster 3 --from-single`: a single server's tenants, agents,
+/// budgets with their spending, audit log and each tenant's streams reach
+/// the new cluster; the old store is moved aside, not deleted.
+#[test]
+fn up_from_single_copies_a_single_servers_data_into_a_cluster() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    let dir = tmp.path();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+
+    // The single server: a tenant, an agent with a state value and three
+    // queued tasks, and a budget with 300 spent.
+    let server = up(&state);
+    json(&state, &["tenant", "create", "acme"]);
+    let bundle_path = dir.join("bot.json");
+    ok(
+        &state,
+        &[
+            "agent",
+            "create",
+            "acme",
+            "bot",
+            "--out",
+            bundle_path.to_str().unwrap(),
+        ],
+    );
+    json(
+        &state,
+        &[
+            "budget",
+            "set",
+            "acme",
+            "llm",
+            "--unit",
+            "llm.tokens",
+            "--hard",
+            "1000",
+        ],
+    );
+    let mut bundle = tenant_bus::CredentialBundle::from_file(&bundle_path).unwrap();
+    rt.block_on(async {
+        let ns = tenant_bus::TenantNamespace::connect(&bundle).await.unwrap();
+        ns.kv("sessions")
+            .await
+            .unwrap()
+            .put("s1", b"kept")
+            .await
+            .unwrap();
+        let account = agentbus_control::keys::bundle_account(&bundle).unwrap();
+        assert!(
+            agentbus_control::keys::report_usage(&ns, &account, "llm.tokens", 300, "r-1")
+                .await
+                .unwrap()
+        );
+        // A raw client of the agent's creds (its inboxes are under its tenant).
+        let raw = async_nats::ConnectOptions::with_credentials(bundle.creds.as_deref().unwrap())
+            .unwrap()
+            .custom_inbox_prefix("tenant.acme._INBOX")
+            .connect(bundle.url.as_str())
+            .await
+            .unwrap();
+        let js = async_nats::jetstream::new(raw);
+        js.create_stream(async_nats::jetstream::stream::Config {
+            name: "TASKS".into(),
+            subjects: vec!["tenant.acme.tasks.queue.>".into()],
+            retention: async_nats::jetstream::stream::RetentionPolicy::WorkQueue,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        for i in 0..3 {
+            js.publish("tenant.acme.tasks.queue.resize", format!("task {i}").into())
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        }
+    });
+    drop(server);
+
+    // Without --cluster the flag is a usage error; into a cluster it copies.
+    let out = Command::new(BIN)
+        .args(["up", "--state", state.to_str().unwrap(), "--from-single"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut child = Command::new(BIN)
+        .args([
+            "up",
+            "--state",
+            state.to_str().unwrap(),
+            "--port",
+            "0",
+            "--cluster",
+            "3",
+            "--from-single",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(
+            std::fs::File::create(dir.join("up.err")).unwrap(),
+        ))
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).unwrap();
+    let cluster = Up { child };
+    let urls = line.trim().to_string();
+    let progress = std::fs::read_to_string(dir.join("up.err")).unwrap();
+    assert_eq!(
+        urls.split(',').count(),
+        3,
+        "url line: {line:?}; stderr: {progress}"
+    );
+    // It said what it copied.
+    assert!(
+        progress.contains("copied tenant acme stream TASKS (3 messages)"),
+        "{progress}"
+    );
+
+    // Everything is there, replicated three times.
+    assert_eq!(json(&state, &["tenant", "get", "acme"])["id"], "acme");
+    let agents = json(&state, &["agent", "list", "acme"]);
+    assert_eq!(agents.as_array().unwrap().len(), 1, "{agents}");
+    let budgets = json(&state, &["budget", "list", "acme"]);
+    assert_eq!(budgets[0]["spent"], 300, "{budgets}");
+    let status = json(&state, &["status"]);
+    for b in status["buckets"].as_array().unwrap() {
+        assert_eq!(b["replicas"], 3, "{b}");
+    }
+    let verify = run(&state, &["audit", "verify", "acme"]);
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stdout)
+    );
+    bundle.url = urls.clone();
+    rt.block_on(async {
+        let ns = tenant_bus::TenantNamespace::connect(&bundle).await.unwrap();
+        let kv = ns.kv("sessions").await.unwrap();
+        assert_eq!(kv.get("s1").await.unwrap().value.as_ref(), b"kept");
+        let raw = async_nats::ConnectOptions::with_credentials(bundle.creds.as_deref().unwrap())
+            .unwrap()
+            .custom_inbox_prefix("tenant.acme._INBOX")
+            .connect(urls.split(',').collect::<Vec<_>>())
+            .await
+            .unwrap();
+        let js = async_nats::jetstream::new(raw);
+        let info = js.get_stream("TASKS").await.unwrap().cached_info().clone();
+        assert_eq!(info.state.messages, 3);
+        assert_eq!(info.config.num_replicas, 3);
+        // The cap still holds with the copied spending: 800 more do not fit.
+        let account = agentbus_control::keys::bundle_account(&bundle).unwrap();
+        let err = agentbus_control::keys::report_usage(&ns, &account, "llm.tokens", 800, "r-2")
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.code,
+            agentbus_control::api::ErrorCode::BudgetExceeded,
+            "{err}"
+        );
+    });
+    drop(cluster);
+
+    // The old store was moved aside, not deleted; the directory now holds a
+    // cluster's data, and a second copy is refused.
+    let aside: Vec<_> = std::fs::read_dir(&state)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("jetstream.copied-")
+        })
+        .collect();
+    assert_eq!(aside.len(), 1);
+    assert!(std::fs::read_dir(aside[0].path()).unwrap().next().is_some());
+    up_refused(&state, &[], "3-node cluster's data");
+    up_refused(
+        &state,
+        &["--cluster", "3", "--from-single"],
+        "no single server's data",
+    );
+}

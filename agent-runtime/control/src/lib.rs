@@ -23,6 +23,7 @@
 //! - [`usage`]: server-verified usage per tenant per hour.
 //! - [`budget`]: budgets on reported units, enforced with JetStream counters.
 //! - [`books`]: where a tenant's ledger, policing state and budgets live (shared, or its region).
+//! - [`migrate`]: copying an account's streams to another server or cluster.
 //! - [`meter`]: the runtime's usage meter (tasks, tool calls) into the ledgers.
 //! - [`accounts`], [`jwt`]: account and user claims, signed with nkeys.
 //! - [`server_config`], [`local_server`]: nats-server configs and local processes.
@@ -44,6 +45,7 @@ pub mod kek;
 pub mod keys;
 pub mod local_server;
 pub mod meter;
+pub mod migrate;
 pub mod registry;
 pub mod server_config;
 pub mod store;

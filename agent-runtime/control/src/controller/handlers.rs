@@ -540,6 +540,26 @@ impl Controller {
         record: &TenantRecord,
         name: &str,
     ) -> Result<Option<async_nats::Client>> {
+        let Some(creds) = self.tenant_creds(record, name).await? else {
+            return Ok(None);
+        };
+        super::connect(&self.urls, &creds, name)
+            .await
+            .map(Some)
+            .map_err(|e| ApiError::new(ErrorCode::Unavailable, e.to_string()))
+    }
+
+    /// The credentials of a fresh user of `tenant`'s account, named `name`,
+    /// with the account's full permissions: what the controller's own
+    /// administration of the tenant's JetStream uses (and `agentbus up
+    /// --from-single`, copying it to another server). `None` when the
+    /// tenant is being deleted (its signing key is gone).
+    pub async fn tenant_user_creds(&self, tenant: &TenantId, name: &str) -> Result<Option<String>> {
+        let record = self.tenant(tenant).await?;
+        self.tenant_creds(&record, name).await
+    }
+
+    async fn tenant_creds(&self, record: &TenantRecord, name: &str) -> Result<Option<String>> {
         let Some(signing) = self.tenant_signing(record).await? else {
             return Ok(None);
         };
@@ -556,11 +576,7 @@ impl Controller {
             revoked_at.max(now_unix()) + 1,
         )
         .map_err(internal)?;
-        let creds = crate::jwt::format_creds(&jwt, &seed(&user)?);
-        super::connect(&self.urls, &creds, name)
-            .await
-            .map(Some)
-            .map_err(|e| ApiError::new(ErrorCode::Unavailable, e.to_string()))
+        Ok(Some(crate::jwt::format_creds(&jwt, &seed(&user)?)))
     }
 
     async fn remove_jetstream(&self, record: &TenantRecord) -> Result<()> {
