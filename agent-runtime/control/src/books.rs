@@ -44,6 +44,7 @@ use crate::api::{ApiError, ErrorCode};
 use crate::budget::{
     BudgetSpec, BUDGETS_BUCKET, COUNTER_MAX_AGE, COUNTER_PREFIX, COUNTER_STREAM, MARKS_BUCKET,
 };
+use crate::region_records::RegionRecords;
 use crate::registry::{Registry, RegistryErrorKind};
 use crate::store::{corrupt, create_json, get_json, list_json, unavailable, update_json};
 use crate::usage::USAGE_BUCKET;
@@ -461,28 +462,16 @@ fn home_key(tenant: &TenantId) -> String {
     format!("books.{tenant}")
 }
 
-fn region_of(value: &[u8]) -> Result<Option<Region>, ApiError> {
-    let text = std::str::from_utf8(value)
-        .map_err(|_| ApiError::new(ErrorCode::Internal, "a books home is not UTF-8"))?;
-    if text.is_empty() {
-        return Ok(None);
-    }
-    Region::new(text)
-        .map(Some)
-        .map_err(|e| ApiError::new(ErrorCode::Internal, format!("a books home: {e}")))
-}
-
 /// Where each tenant's books live, as one controller instance knows it.
 pub struct BookHomes {
     js: jetstream::Context,
-    homes: kv::Store,
+    /// `books.<tenant>` -> its region (`None`: shared).
+    records: RegionRecords,
     registry: Registry,
     replicas: usize,
     central: Arc<Books>,
     /// Opened regional books (one per region: few).
     regions: tokio::sync::Mutex<HashMap<Region, Arc<Books>>>,
-    /// tenant -> its region (`None`: shared): records never change.
-    known: std::sync::Mutex<HashMap<TenantId, Option<Region>>>,
 }
 
 impl std::fmt::Debug for BookHomes {
@@ -503,12 +492,11 @@ impl BookHomes {
         let homes = crate::audit::home::open_homes_bucket(js, replicas).await?;
         Ok(Self {
             js: js.clone(),
-            homes,
+            records: RegionRecords::new(homes, "a books home", MAX_CACHED_HOMES),
             registry,
             replicas,
             central,
             regions: tokio::sync::Mutex::new(HashMap::new()),
-            known: std::sync::Mutex::new(HashMap::new()),
         })
     }
 
@@ -532,35 +520,6 @@ impl BookHomes {
         Ok(books)
     }
 
-    fn remember(&self, tenant: &TenantId, region: Option<&Region>) {
-        if let Ok(mut known) = self.known.lock() {
-            if known.len() >= MAX_CACHED_HOMES {
-                known.clear();
-            }
-            known.insert(tenant.clone(), region.cloned());
-        }
-    }
-
-    /// The stored home of `tenant`'s books, if any (cached once seen).
-    async fn recorded(&self, tenant: &TenantId) -> Result<Option<Option<Region>>, ApiError> {
-        if let Some(r) = self.known.lock().ok().and_then(|k| k.get(tenant).cloned()) {
-            return Ok(Some(r));
-        }
-        let entry = self
-            .homes
-            .entry(home_key(tenant))
-            .await
-            .map_err(|e| unavailable("reading a books home", e))?;
-        match entry {
-            Some(e) if e.operation == kv::Operation::Put => {
-                let region = region_of(&e.value)?;
-                self.remember(tenant, region.as_ref());
-                Ok(Some(region))
-            }
-            _ => Ok(None),
-        }
-    }
-
     /// Writes `tenant`'s books home unless it has one; the home it has
     /// afterwards. `tenant create` calls it before the tenant exists.
     pub async fn claim(
@@ -568,34 +527,14 @@ impl BookHomes {
         tenant: &TenantId,
         region: Option<&Region>,
     ) -> Result<Option<Region>, ApiError> {
-        let value = region.map(|r| r.to_string()).unwrap_or_default();
-        match self
-            .homes
-            .create(home_key(tenant), value.into_bytes().into())
-            .await
-        {
-            Ok(_) => {
-                self.remember(tenant, region);
-                Ok(region.cloned())
-            }
-            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
-                match self.recorded(tenant).await? {
-                    Some(r) => Ok(r),
-                    None => Err(ApiError::new(
-                        ErrorCode::Unavailable,
-                        format!("the books home of {tenant} exists but cannot be read"),
-                    )),
-                }
-            }
-            Err(e) => Err(unavailable("writing a books home", e)),
-        }
+        self.records.claim(&home_key(tenant), region).await
     }
 
     /// Where `tenant`'s books live (see the module docs): its record, else
     /// decided now and recorded. A tenant that does not exist is answered
     /// with the shared books and nothing is recorded.
     pub async fn of(&self, tenant: &TenantId) -> Result<Arc<Books>, ApiError> {
-        if let Some(region) = self.recorded(tenant).await? {
+        if let Some(region) = self.records.recorded(&home_key(tenant)).await? {
             return self.books(region.as_ref()).await;
         }
         if self.central.hold(tenant).await? {
@@ -621,14 +560,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn regional_names_and_homes_read_back() {
+    fn regional_names_and_home_keys() {
         let eu = Region::new("eu").unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(named(USAGE_BUCKET, Some(&eu)), "agentbus-usage-eu");
+        assert_eq!(
+            named(COUNTER_STREAM, Some(&eu)),
+            "agentbus-budget-counters-eu"
+        );
         assert_eq!(named(USAGE_BUCKET, None), USAGE_BUCKET);
-        assert_eq!(region_of(b"eu").ok(), Some(Some(eu)));
-        assert_eq!(region_of(b"").ok(), Some(None));
-        assert!(region_of(b"not a region!").is_err());
-        assert!(region_of(&[0xff]).is_err());
         let t = TenantId::new("acme").unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(home_key(&t), "books.acme");
     }

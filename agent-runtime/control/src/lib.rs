@@ -22,7 +22,8 @@
 //! - [`tiers`]: service tiers and the one table of per-tenant quotas.
 //! - [`usage`]: server-verified usage per tenant per hour.
 //! - [`budget`]: budgets on reported units, enforced with JetStream counters.
-//! - [`books`]: where a tenant's ledger, policing state and budgets live (shared, or its region).
+//! - [`books`]: where a tenant's ledger, policing state and budgets live (shared, or its region);
+//!   `region_records`: the create-only records of where a log or books live.
 //! - [`migrate`]: copying an account's streams to another server or cluster.
 //! - [`meter`]: the runtime's usage meter (tasks, tool calls) into the ledgers.
 //! - [`accounts`], [`jwt`]: account and user claims, signed with nkeys.
@@ -46,6 +47,7 @@ pub mod keys;
 pub mod local_server;
 pub mod meter;
 pub mod migrate;
+mod region_records;
 pub mod registry;
 pub mod server_config;
 pub mod store;

@@ -146,8 +146,12 @@ async fn copy_stream(
     // Read with "the next message at or after this sequence" requests to
     // the stream itself: read-only whatever the retention (a consumer on a
     // work queue would take the tasks), and gaps cost nothing.
-    let mut copied = 0u64;
-    let mut acks = std::collections::VecDeque::new();
+    let mut out = Publisher {
+        js: to_js,
+        stream: &name,
+        acks: std::collections::VecDeque::new(),
+        copied: 0,
+    };
     // A counter's messages carry running totals: only each subject's last
     // one is copied, as one increment, after the read.
     let mut totals: std::collections::BTreeMap<String, String> = Default::default();
@@ -173,34 +177,19 @@ async fn copy_stream(
             totals.insert(msg.subject.to_string(), counter_total(&msg.payload)?);
             continue;
         }
-        let headers = copied_headers(Some(&msg.headers));
-        let ack = to_js
-            .publish_with_headers(msg.subject.to_string(), headers, msg.payload)
-            .await
-            .map_err(|e| unavailable(&format!("copying stream {name}"), e))?;
-        acks.push_back(ack);
-        if acks.len() >= WINDOW {
-            await_ack(&mut acks, &name).await?;
-            copied += 1;
-        }
+        out.send(
+            msg.subject.to_string(),
+            copied_headers(Some(&msg.headers)),
+            msg.payload,
+        )
+        .await?;
     }
     for (subject, total) in totals {
         let mut headers = HeaderMap::new();
         headers.insert("Nats-Incr", total.as_str());
-        let ack = to_js
-            .publish_with_headers(subject, headers, bytes::Bytes::new())
-            .await
-            .map_err(|e| unavailable(&format!("copying stream {name}"), e))?;
-        acks.push_back(ack);
-        if acks.len() >= WINDOW {
-            await_ack(&mut acks, &name).await?;
-            copied += 1;
-        }
+        out.send(subject, headers, bytes::Bytes::new()).await?;
     }
-    while !acks.is_empty() {
-        await_ack(&mut acks, &name).await?;
-        copied += 1;
-    }
+    let copied = out.finish().await?;
     Ok(StreamCopy {
         stream: name,
         messages: copied,
@@ -246,20 +235,55 @@ async fn create_when_ready(
     }
 }
 
-async fn await_ack(
-    acks: &mut std::collections::VecDeque<async_nats::jetstream::context::PublishAckFuture>,
-    name: &str,
-) -> Result<(), ApiError> {
-    let Some(ack) = acks.pop_front() else {
-        return Ok(());
-    };
-    match tokio::time::timeout(STEP_TIMEOUT, std::future::IntoFuture::into_future(ack)).await {
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err(e)) => Err(unavailable(&format!("copying stream {name}"), e)),
-        Err(_) => Err(unavailable(
-            &format!("copying stream {name}"),
-            "the target did not acknowledge",
-        )),
+/// Publishes to the target with at most [`WINDOW`] acknowledgements
+/// outstanding, counting the acknowledged ones.
+struct Publisher<'a> {
+    js: &'a jetstream::Context,
+    stream: &'a str,
+    acks: std::collections::VecDeque<jetstream::context::PublishAckFuture>,
+    copied: u64,
+}
+
+impl Publisher<'_> {
+    async fn send(
+        &mut self,
+        subject: String,
+        headers: HeaderMap,
+        payload: bytes::Bytes,
+    ) -> Result<(), ApiError> {
+        let ack = self
+            .js
+            .publish_with_headers(subject, headers, payload)
+            .await
+            .map_err(|e| unavailable(&format!("copying stream {}", self.stream), e))?;
+        self.acks.push_back(ack);
+        if self.acks.len() >= WINDOW {
+            self.await_one().await?;
+        }
+        Ok(())
+    }
+
+    async fn await_one(&mut self) -> Result<(), ApiError> {
+        let Some(ack) = self.acks.pop_front() else {
+            return Ok(());
+        };
+        let what = format!("copying stream {}", self.stream);
+        match tokio::time::timeout(STEP_TIMEOUT, std::future::IntoFuture::into_future(ack)).await {
+            Ok(Ok(_)) => {
+                self.copied += 1;
+                Ok(())
+            }
+            Ok(Err(e)) => Err(unavailable(&what, e)),
+            Err(_) => Err(unavailable(&what, "the target did not acknowledge")),
+        }
+    }
+
+    /// Waits for every outstanding acknowledgement; the messages copied.
+    async fn finish(mut self) -> Result<u64, ApiError> {
+        while !self.acks.is_empty() {
+            self.await_one().await?;
+        }
+        Ok(self.copied)
     }
 }
 

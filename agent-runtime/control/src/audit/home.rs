@@ -35,6 +35,7 @@ use tenant_bus::TenantId;
 use super::event::PLATFORM_LOG;
 use super::{MAX_CACHED_LOGS, MAX_ENTRY_BYTES, SUBJECT_PREFIX};
 use crate::api::{ApiError, ErrorCode};
+use crate::region_records::RegionRecords;
 use crate::registry::{Registry, RegistryErrorKind};
 use crate::store::unavailable;
 
@@ -98,25 +99,13 @@ pub(super) enum AppendHome {
 /// The homes of the logs, as one controller instance knows them.
 pub(super) struct Homes {
     js: jetstream::Context,
-    kv: kv::Store,
     registry: Registry,
     replicas: usize,
     central: Arc<Home>,
     /// Opened regional streams (one per region: few).
     regions: tokio::sync::Mutex<HashMap<Region, Arc<Home>>>,
-    /// log -> its region (`None`: the shared stream): records never change.
-    known: std::sync::Mutex<HashMap<String, Option<Region>>>,
-}
-
-fn region_of(value: &[u8]) -> Result<Option<Region>, ApiError> {
-    let text = std::str::from_utf8(value)
-        .map_err(|_| ApiError::new(ErrorCode::Internal, "an audit log home is not UTF-8"))?;
-    if text.is_empty() {
-        return Ok(None);
-    }
-    Region::new(text)
-        .map(Some)
-        .map_err(|e| ApiError::new(ErrorCode::Internal, format!("an audit log home: {e}")))
+    /// log -> its region (`None`: the shared stream).
+    records: RegionRecords,
 }
 
 /// Opens (creating if missing, with `replicas`) the homes bucket: the home
@@ -155,7 +144,6 @@ impl Homes {
         let kv = open_homes_bucket(&js, replicas).await?;
         Ok(Self {
             js,
-            kv,
             registry,
             replicas,
             central: Arc::new(Home {
@@ -164,7 +152,7 @@ impl Homes {
                 prefix: SUBJECT_PREFIX.to_string(),
             }),
             regions: tokio::sync::Mutex::new(HashMap::new()),
-            known: std::sync::Mutex::new(HashMap::new()),
+            records: RegionRecords::new(kv, "an audit log home", MAX_CACHED_LOGS),
         })
     }
 
@@ -231,61 +219,17 @@ impl Homes {
         }
     }
 
-    fn remember(&self, log: &str, region: Option<&Region>) {
-        if let Ok(mut known) = self.known.lock() {
-            if known.len() >= MAX_CACHED_LOGS {
-                known.clear();
-            }
-            known.insert(log.to_string(), region.cloned());
-        }
-    }
-
-    fn cached(&self, log: &str) -> Option<Option<Region>> {
-        self.known.lock().ok()?.get(log).cloned()
-    }
-
     /// The stored home record of `log`, if any (cached once seen).
     async fn recorded(&self, log: &str) -> Result<Option<Option<Region>>, ApiError> {
         if log == PLATFORM_LOG {
             return Ok(Some(None));
         }
-        if let Some(r) = self.cached(log) {
-            return Ok(Some(r));
-        }
-        let entry = self
-            .kv
-            .entry(log)
-            .await
-            .map_err(|e| unavailable("reading an audit log home", e))?;
-        match entry {
-            Some(e) if e.operation == kv::Operation::Put => {
-                let region = region_of(&e.value)?;
-                self.remember(log, region.as_ref());
-                Ok(Some(region))
-            }
-            _ => Ok(None),
-        }
+        self.records.recorded(log).await
     }
 
     /// Writes `log`'s home unless it has one; the home it has afterwards.
     async fn claim(&self, log: &str, region: Option<&Region>) -> Result<Option<Region>, ApiError> {
-        let value = region.map(|r| r.to_string()).unwrap_or_default();
-        match self.kv.create(log, value.into_bytes().into()).await {
-            Ok(_) => {
-                self.remember(log, region);
-                Ok(region.cloned())
-            }
-            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
-                match self.recorded(log).await? {
-                    Some(r) => Ok(r),
-                    None => Err(ApiError::new(
-                        ErrorCode::Unavailable,
-                        format!("the audit log home of {log} exists but cannot be read"),
-                    )),
-                }
-            }
-            Err(e) => Err(unavailable("writing an audit log home", e)),
-        }
+        self.records.claim(log, region).await
     }
 
     /// Whether the shared stream holds entries of `log` (a log from before
