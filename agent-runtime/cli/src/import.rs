@@ -1,5 +1,8 @@
-//! `agentbus up --cluster N --from-single`: a state directory's single
-//! server grows into a local cluster with its data.
+//! Copying a deployment's data into new servers: `agentbus up --cluster N
+//! --from-single` (a state directory's single server grows into a local
+//! cluster) and `agentbus import --from URL` (the same for servers not run
+//! by `agentbus up`: the installation's servers, before any controller
+//! serves them, take the data of the servers at URL).
 //!
 //! NATS cannot reuse a single server's store in a cluster (see
 //! [`crate::stores`]), so the data is copied, stream by stream
@@ -27,9 +30,77 @@ use std::path::{Path, PathBuf};
 
 use agentbus_control::local_server::LocalServer;
 use agentbus_control::migrate::{copy_streams, StreamCopy};
-use agentbus_control::{Controller, Installation};
+use agentbus_control::{Controller, ControllerConfig, Installation};
+use clap::Args;
+use serde::Serialize;
 
-use crate::output::{fail, Failure, EXIT_INTERNAL, EXIT_UNAVAILABLE};
+use crate::output::{fail, print, Failure, Output, EXIT_INTERNAL, EXIT_UNAVAILABLE, EXIT_USAGE};
+
+/// Arguments of `agentbus import`.
+#[derive(Debug, Args)]
+pub struct ImportArgs {
+    /// The state directory of the installation (its KEK and controller
+    /// credentials; the source must be the same installation's servers).
+    #[arg(long, default_value = ".agentbus", env = "AGENTBUS_STATE")]
+    pub state: PathBuf,
+    /// The servers holding the data now (URL list, comma-separated).
+    #[arg(long, value_name = "URLS")]
+    pub from: String,
+    /// The servers to copy into (default: the installation's). No controller
+    /// may have served them yet: a stream that already holds messages there
+    /// is refused, never merged.
+    #[arg(long, env = "AGENTBUS_URL")]
+    pub url: Option<String>,
+    /// Replicas of the copies (default: the installation's).
+    #[arg(long)]
+    pub replicas: Option<usize>,
+}
+
+/// What `agentbus import` copied.
+#[derive(Debug, Serialize)]
+pub struct Imported {
+    /// The servers copied from.
+    pub from: String,
+    /// The servers copied into.
+    pub to: String,
+    /// Streams of the platform account copied.
+    pub platform_streams: usize,
+    /// Streams of tenants' accounts copied.
+    pub tenant_streams: usize,
+}
+
+/// Runs `agentbus import`: the platform account's streams, then (through a
+/// controller connected to the target, which pushes the tenants' accounts
+/// there) every tenant's. It does not serve: start the controllers after.
+pub async fn run(output: Output, args: ImportArgs) -> Result<(), Failure> {
+    let install = Installation::open(&args.state)?;
+    let to = args.url.unwrap_or_else(|| install.url_list());
+    let replicas = args.replicas.unwrap_or(install.facts().replicas);
+    tenant_bus::region::check_replicas(replicas)
+        .map_err(|e| fail(EXIT_USAGE, format!("--replicas {e}")))?;
+    if args.from == to {
+        return Err(fail(
+            EXIT_USAGE,
+            "--from names the servers copied into; give the old servers' URLs",
+        ));
+    }
+    let platform_streams = copy_platform(&install, &args.from, &to, replicas).await?;
+    let controller =
+        Controller::connect(&install, ControllerConfig::new(&to).replicas(replicas)).await?;
+    let tenant_streams = copy_tenants(&controller, &args.from, &to, replicas).await?;
+    let done = Imported {
+        from: args.from,
+        to,
+        platform_streams,
+        tenant_streams,
+    };
+    print(output, &done, || {
+        format!(
+            "copied {} platform and {} tenant streams from {} into {}; start the controllers",
+            done.platform_streams, done.tenant_streams, done.from, done.to
+        )
+    })
+}
 
 /// The platform streams not copied: the old server's live logins.
 const NOT_COPIED: &[&str] = &["KV_agentbus-sessions"];

@@ -9,7 +9,8 @@
 //! # Layout
 //! - [`up`]: `agentbus up` (server + embedded controller) and `agentbus controller`;
 //!   [`stores`]: which stores a state directory holds, so `up` never hides them;
-//!   [`import`]: `up --cluster N --from-single` copies a single server's data in.
+//!   [`import`]: `agentbus import` and `up --cluster N --from-single` copy a
+//!   deployment's data into new servers.
 //! - [`tenant`]: `agentbus tenant ...`.
 //! - [`agent`]: `agentbus agent ...`, `agentbus admin ...`, `agentbus status`.
 //! - [`audit`]: `agentbus audit list | verify | proof | check-proof`.
@@ -60,6 +61,10 @@ pub enum Command {
     Up(up::UpArgs),
     /// Run a controller instance (any number may run; they share the work).
     Controller(up::ControllerArgs),
+    /// Copy a deployment's data (every tenant, key, agent, usage, budget, audit
+    /// log and tenant stream) from other servers into the installation's, before
+    /// any controller serves them.
+    Import(import::ImportArgs),
     /// Show the server, nodes, controllers and buckets with their replicas.
     Status(remote::Remote),
     /// Create, inspect, change, suspend, delete tenants and rotate their keys.
@@ -139,6 +144,7 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
         Command::Up(args) => up::run(args).await,
         Command::Controller(args) => up::controller(args).await,
+        Command::Import(args) => import::run(output, args).await,
         Command::Status(remote) => agent::status(output, remote).await,
         Command::Tenant(args) => tenant::run(output, args).await,
         Command::Agent(args) => agent::run(output, args).await,

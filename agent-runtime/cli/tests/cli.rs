@@ -691,6 +691,7 @@ fn every_command_has_help() {
         vec!["agent", "list", "--help"],
         vec!["admin", "create", "--help"],
         vec!["controller", "--help"],
+        vec!["import", "--help"],
         vec!["status", "--help"],
         vec!["reply", "--help"],
         vec!["tenant", "delete", "--help"],
@@ -1747,4 +1748,155 @@ fn up_from_single_copies_a_single_servers_data_into_a_cluster() {
         &["--cluster", "3", "--from-single"],
         "no single server's data",
     );
+}
+
+/// `agentbus import`: servers not run by `agentbus up` (here a hand-built
+/// three-node cluster of the same installation) take a single server's data
+/// before any controller serves them; a controller then serves it.
+#[test]
+fn import_copies_a_deployment_into_servers_no_controller_has_served() {
+    use agentbus_control::local_server::{
+        ClusterOptions, LocalCluster, LocalServer, ServerOptions,
+    };
+    use agentbus_control::server_config::{render_operator_snippet, render_resolver_block};
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let server = up(&state);
+    json(&state, &["tenant", "create", "acme"]);
+    let bundle_path = tmp.path().join("bot.json");
+    ok(
+        &state,
+        &[
+            "agent",
+            "create",
+            "acme",
+            "bot",
+            "--out",
+            bundle_path.to_str().unwrap(),
+        ],
+    );
+    let mut bundle = tenant_bus::CredentialBundle::from_file(&bundle_path).unwrap();
+    rt.block_on(async {
+        let ns = tenant_bus::TenantNamespace::connect(&bundle).await.unwrap();
+        ns.kv("sessions")
+            .await
+            .unwrap()
+            .put("s1", b"kept")
+            .await
+            .unwrap();
+    });
+    drop(server);
+
+    // The old server again, and a new cluster of the same installation.
+    let install = agentbus_control::Installation::open(&state).unwrap();
+    let mut options = install
+        .default_server_options()
+        .listen("127.0.0.1".to_string(), 0);
+    options.server_name = "agentbus".to_string();
+    let mut old = LocalServer::start(
+        ServerOptions::new()
+            .config(install.server_config(&options))
+            .dir(state.join("server")),
+    )
+    .unwrap();
+    let cluster = rt.block_on(async {
+        LocalCluster::start(
+            ClusterOptions::new()
+                .nodes(3)
+                .config(render_operator_snippet(&install.operator_facts()))
+                .node_config(|_, dir| render_resolver_block(&dir.join("resolver")))
+                .probe_creds(install.creds("sys.creds").unwrap())
+                .dir(tmp.path().join("cluster")),
+        )
+        .await
+        .unwrap()
+    });
+    let urls = cluster.urls();
+    let out = Command::new(BIN)
+        .args([
+            "import",
+            "--state",
+            state.to_str().unwrap(),
+            "--from",
+            &old.url(),
+        ])
+        .args(["--url", &urls, "--replicas", "3", "-o", "json"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let done: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(done["platform_streams"].as_u64().unwrap() >= 10, "{done}");
+    assert_eq!(done["tenant_streams"], 1, "{done}: {stderr}");
+    assert!(
+        stderr.contains("copied tenant acme stream KV_STATE (1 messages)"),
+        "{stderr}"
+    );
+    // A second import into the same servers is refused: never merged.
+    let again = Command::new(BIN)
+        .args([
+            "import",
+            "--state",
+            state.to_str().unwrap(),
+            "--from",
+            &old.url(),
+        ])
+        .args(["--url", &urls])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("never merged"),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    old.shutdown(Duration::from_secs(10));
+
+    // A controller serves the cluster: the tenant, its agent and its state.
+    let controller = Up {
+        child: Command::new(BIN)
+            .args(["controller", "--state", state.to_str().unwrap()])
+            .args(["--url", &urls, "--replicas", "3"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    };
+    let admin = state.join("admin.creds");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let got = loop {
+        let out = Command::new(BIN)
+            .args([
+                "tenant", "get", "acme", "-o", "json", "--url", &urls, "--creds",
+            ])
+            .arg(&admin)
+            .output()
+            .unwrap();
+        if out.status.success() {
+            break serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    assert_eq!(got["id"], "acme");
+    bundle.url = urls.clone();
+    rt.block_on(async {
+        let ns = tenant_bus::TenantNamespace::connect(&bundle).await.unwrap();
+        let kv = ns.kv("sessions").await.unwrap();
+        assert_eq!(kv.get("s1").await.unwrap().value.as_ref(), b"kept");
+    });
+    drop(controller);
+    drop(cluster);
 }
