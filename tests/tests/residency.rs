@@ -688,3 +688,93 @@ async fn a_regions_state_store_lives_only_on_its_nodes_and_never_moves() {
         }
     }
 }
+
+/// Books without a home record (a tenant from before books had homes) stay
+/// where their ledger already is, in the shared buckets, and get a record
+/// saying so; a region-bound tenant without a record and without books
+/// there gets its region. A fresh controller instance decides, so nothing
+/// cached from the creates answers for it.
+#[tokio::test]
+async fn books_without_a_home_record_stay_where_their_ledger_is() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_cluster, urls, cp, first, _audit) = operator_deployment(tmp.path(), 2, |c| {
+        c.placement_every(Duration::from_secs(3600))
+    })
+    .await;
+    for id in ["legacy", "fresh"] {
+        cp.create_tenant_with(
+            id,
+            &CreateTenant {
+                region: Some("eu".to_string()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    }
+    // As before homes existed: no records, and legacy's ledger is shared.
+    let install = Installation::open(tmp.path().join("state")).unwrap();
+    let platform =
+        async_nats::ConnectOptions::with_credentials(&install.creds("controller.creds").unwrap())
+            .unwrap()
+            .connect(urls.split(',').collect::<Vec<_>>())
+            .await
+            .unwrap();
+    let pjs = jetstream::new(platform);
+    let homes = pjs.get_key_value("agentbus-audit-homes").await.unwrap();
+    for id in ["legacy", "fresh"] {
+        homes.purge(format!("books.{id}")).await.unwrap();
+    }
+    let shared = pjs.get_key_value("agentbus-usage").await.unwrap();
+    let ledger = serde_json::to_vec(&agentbus_control::usage::Ledger::default()).unwrap();
+    shared.put("legacy", ledger.into()).await.unwrap();
+    first.fire();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let second = Controller::connect(
+        &install,
+        ControllerConfig::new(&urls)
+            .replicas(2)
+            .placement_every(Duration::from_secs(3600)),
+    )
+    .await
+    .unwrap();
+    let shutdown = Shutdown::new();
+    tokio::spawn(second.serve(shutdown.clone()));
+
+    let spec = BudgetSpec {
+        name: "llm".into(),
+        unit: "llm.tokens".into(),
+        period: Period::Day,
+        hard: 1_000,
+        soft: None,
+        action: Action::Block,
+        throttle_interval_ms: 1_000,
+    };
+    for id in ["legacy", "fresh"] {
+        cp.set_budget(id, &spec).await.unwrap();
+    }
+    let home = |id: &'static str| {
+        let homes = homes.clone();
+        async move {
+            let e = homes.get(format!("books.{id}")).await.unwrap();
+            String::from_utf8(e.expect("a books home record").to_vec()).unwrap()
+        }
+    };
+    assert_eq!(home("legacy").await, "", "legacy stays shared");
+    assert_eq!(home("fresh").await, "eu");
+    let shared_budgets = pjs.get_key_value("agentbus-budgets").await.unwrap();
+    let eu_budgets = pjs.get_key_value("agentbus-budgets-eu").await.unwrap();
+    assert!(shared_budgets
+        .get("spec.legacy.llm")
+        .await
+        .unwrap()
+        .is_some());
+    assert!(eu_budgets.get("spec.legacy.llm").await.unwrap().is_none());
+    assert!(eu_budgets.get("spec.fresh.llm").await.unwrap().is_some());
+    assert!(shared_budgets
+        .get("spec.fresh.llm")
+        .await
+        .unwrap()
+        .is_none());
+    shutdown.fire();
+}
