@@ -590,9 +590,7 @@ impl TenantKv {
     pub async fn put(&self, key: &str, value: impl AsRef<[u8]>) -> Result<u64, KvError> {
         let bucket_key = self.bucket_key(key)?;
         let (stored, _) = self.seal(&bucket_key, value.as_ref())?;
-        self.inner
-            .kv
-            .put(bucket_key, stored)
+        crate::settle::while_unrouted(|| self.inner.kv.put(bucket_key.as_str(), stored.clone()))
             .await
             .map_err(|e| unavailable(format!("put {key}"), e))
     }
@@ -602,7 +600,11 @@ impl TenantKv {
     pub async fn create(&self, key: &str, value: impl AsRef<[u8]>) -> Result<u64, KvError> {
         let bucket_key = self.bucket_key(key)?;
         let (stored, _) = self.seal(&bucket_key, value.as_ref())?;
-        match self.inner.kv.create(&bucket_key, stored.clone()).await {
+        let created = crate::settle::while_unrouted(|| {
+            self.inner.kv.create(bucket_key.as_str(), stored.clone())
+        })
+        .await;
+        match created {
             Ok(revision) => Ok(revision),
             Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
                 // An expired value counts as absent: replace exactly it (CAS).
@@ -645,26 +647,26 @@ impl TenantKv {
     ) -> Result<u64, KvError> {
         let bucket_key = self.bucket_key(key)?;
         let (stored, _) = self.seal(&bucket_key, value.as_ref())?;
-        self.inner
-            .kv
-            .update(bucket_key, stored, revision)
-            .await
-            .map_err(|e| match e.kind() {
-                kv::UpdateErrorKind::WrongLastRevision => Error::with_source(
-                    KvErrorKind::WrongRevision,
-                    format!("{key}: not at revision {revision}"),
-                    e,
-                ),
-                _ => unavailable(format!("update {key}"), e),
-            })
+        crate::settle::while_unrouted(|| {
+            self.inner
+                .kv
+                .update(bucket_key.as_str(), stored.clone(), revision)
+        })
+        .await
+        .map_err(|e| match e.kind() {
+            kv::UpdateErrorKind::WrongLastRevision => Error::with_source(
+                KvErrorKind::WrongRevision,
+                format!("{key}: not at revision {revision}"),
+                e,
+            ),
+            _ => unavailable(format!("update {key}"), e),
+        })
     }
 
     /// Deletes `key` (a delete marker; idempotent).
     pub async fn delete(&self, key: &str) -> Result<(), KvError> {
         let bucket_key = self.bucket_key(key)?;
-        self.inner
-            .kv
-            .delete(bucket_key)
+        crate::settle::while_unrouted(|| self.inner.kv.delete(bucket_key.as_str()))
             .await
             .map_err(|e| unavailable(format!("delete {key}"), e))
     }
@@ -672,18 +674,20 @@ impl TenantKv {
     /// Deletes `key` only if its latest revision is `revision`.
     pub async fn delete_if(&self, key: &str, revision: u64) -> Result<(), KvError> {
         let bucket_key = self.bucket_key(key)?;
-        self.inner
-            .kv
-            .delete_expect_revision(bucket_key, Some(revision))
-            .await
-            .map_err(|e| match e.kind() {
-                kv::UpdateErrorKind::WrongLastRevision => Error::with_source(
-                    KvErrorKind::WrongRevision,
-                    format!("{key}: not at revision {revision}"),
-                    e,
-                ),
-                _ => unavailable(format!("delete {key}"), e),
-            })
+        crate::settle::while_unrouted(|| {
+            self.inner
+                .kv
+                .delete_expect_revision(bucket_key.as_str(), Some(revision))
+        })
+        .await
+        .map_err(|e| match e.kind() {
+            kv::UpdateErrorKind::WrongLastRevision => Error::with_source(
+                KvErrorKind::WrongRevision,
+                format!("{key}: not at revision {revision}"),
+                e,
+            ),
+            _ => unavailable(format!("delete {key}"), e),
+        })
     }
 
     /// This store's keys holding an unexpired value, at most

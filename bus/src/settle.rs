@@ -12,6 +12,11 @@
 //! codes, for at most [`SETTLE_LIMIT`]; every other error, and the same
 //! errors after the limit (an account that really lacks JetStream), is
 //! returned at once.
+//!
+//! A new stream has a second, shorter race: its subjects reach the other
+//! servers of the cluster over the routes, so the first publish through
+//! another server may find no responder. [`while_unrouted`] retries exactly
+//! that, for at most [`ROUTE_LIMIT`].
 
 use std::error::Error as StdError;
 use std::future::Future;
@@ -65,6 +70,51 @@ where
                 tracing::debug!(error = %e, "JetStream account still settling; retrying");
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_millis(500));
+            }
+            other => return other,
+        }
+    }
+}
+
+/// How long a new stream's subjects may take to reach the server a client
+/// is connected to before "no responders" is taken as final.
+pub const ROUTE_LIMIT: Duration = Duration::from_secs(3);
+
+/// Whether `error` (or any error in its source chain) is a JetStream publish
+/// that no stream answered ("no responders"). Right after a stream is created
+/// on a cluster, the server holding it has subscribed to its subjects, but
+/// the other servers learn that interest over the routes a moment later: a
+/// client connected to one of them gets "no responders" for a publish that a
+/// retry delivers. Nothing was stored, so a retry is safe.
+pub fn is_unrouted(error: &(dyn StdError + 'static)) -> bool {
+    use jetstream::context::{PublishError, PublishErrorKind};
+    let mut next = Some(error);
+    while let Some(e) = next {
+        if let Some(p) = e.downcast_ref::<PublishError>() {
+            return p.kind() == PublishErrorKind::StreamNotFound;
+        }
+        next = e.source();
+    }
+    false
+}
+
+/// Runs `op` until it succeeds, fails with an error that is not
+/// [`is_unrouted`], or [`ROUTE_LIMIT`] has passed; returns its last result
+/// (a stream that really does not exist still fails, after the limit).
+pub async fn while_unrouted<T, E, F, Fut>(mut op: F) -> Result<T, E>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+    E: StdError + 'static,
+{
+    let deadline = Instant::now() + ROUTE_LIMIT;
+    let mut pause = Duration::from_millis(20);
+    loop {
+        match op().await {
+            Err(e) if is_unrouted(&e) && Instant::now() + pause < deadline => {
+                tracing::debug!(error = %e, "no stream answered yet; retrying");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(250));
             }
             other => return other,
         }
@@ -132,6 +182,49 @@ mod tests {
         .await;
         assert!(out.is_err());
         assert_eq!(calls, 1, "a final error is not retried");
+    }
+
+    fn no_responders() -> jetstream::context::PublishError {
+        jetstream::context::PublishError::new(jetstream::context::PublishErrorKind::StreamNotFound)
+    }
+
+    #[test]
+    fn only_a_publish_nobody_answered_is_unrouted() {
+        assert!(is_unrouted(&no_responders()));
+        let wrapped = crate::error::Error::with_source(
+            crate::kv::KvErrorKind::Unavailable,
+            "put k",
+            no_responders(),
+        );
+        assert!(is_unrouted(&wrapped), "found in the source chain");
+        assert!(!is_unrouted(&jetstream::context::PublishError::new(
+            jetstream::context::PublishErrorKind::TimedOut
+        )));
+        assert!(!is_unrouted(&api(10059)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn unrouted_publishes_are_retried_then_returned_after_the_limit() {
+        let mut calls = 0;
+        let out: Result<u32, jetstream::context::PublishError> = while_unrouted(|| {
+            calls += 1;
+            let n = calls;
+            async move {
+                if n < 3 {
+                    Err(no_responders())
+                } else {
+                    Ok(n)
+                }
+            }
+        })
+        .await;
+        assert_eq!(out.ok(), Some(3));
+        let start = tokio::time::Instant::now();
+        let out: Result<(), jetstream::context::PublishError> =
+            while_unrouted(|| async { Err(no_responders()) }).await;
+        assert!(out.is_err());
+        assert!(start.elapsed() <= ROUTE_LIMIT, "{:?}", start.elapsed());
+        assert!(start.elapsed() >= ROUTE_LIMIT / 2, "{:?}", start.elapsed());
     }
 
     #[tokio::test(start_paused = true)]

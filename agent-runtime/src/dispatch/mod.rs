@@ -813,7 +813,11 @@ impl Dispatcher {
     }
 
     async fn publish_sealed(&self, task: &SealedTask) -> Result<Submitted, DispatchError> {
-        self.send_sealed(task).await?.ack().await
+        // Right after the stream was created on a cluster, this client's
+        // server may not know its subjects yet ("no responders"): retried
+        // briefly (the message id makes a retry safe).
+        tenant_bus::settle::while_unrouted(|| async { self.send_sealed(task).await?.ack().await })
+            .await
     }
 
     async fn send_sealed(&self, task: &SealedTask) -> Result<SubmitAck, DispatchError> {

@@ -56,3 +56,38 @@ def test_a_final_error_is_raised_at_once_and_a_settling_one_after_the_limit():
         asyncio.run(while_settling(never, limit=0.4))
     assert raised.value.err_code == 10035
     assert 0.2 <= time.monotonic() - start < 2.0
+
+
+def test_an_unanswered_publish_is_retried_then_raised_after_the_limit():
+    from tenantbus.settle import is_unrouted, while_unrouted
+
+    assert is_unrouted(nats.js.errors.NoStreamResponseError())
+    assert not is_unrouted(api_error(10059))
+    assert not is_unrouted(asyncio.TimeoutError())
+    calls = []
+
+    async def op():
+        calls.append(1)
+        if len(calls) < 3:
+            raise nats.js.errors.NoStreamResponseError()
+        return 7
+
+    assert asyncio.run(while_unrouted(op)) == 7
+    assert len(calls) == 3
+
+    async def other():
+        calls.append(1)
+        raise api_error(10059)
+
+    calls.clear()
+    with pytest.raises(nats.js.errors.APIError):
+        asyncio.run(while_unrouted(other))
+    assert len(calls) == 1, "another error is raised at once"
+
+    async def never():
+        raise nats.js.errors.NoStreamResponseError()
+
+    start = time.monotonic()
+    with pytest.raises(nats.js.errors.NoStreamResponseError):
+        asyncio.run(while_unrouted(never, limit=0.3))
+    assert 0.1 <= time.monotonic() - start < 2.0

@@ -71,7 +71,7 @@ from .envelope import MessageId, now_ms, open_envelope
 from .errors import DispatchError, DispatchErrorKind, EnvelopeError, IdError, SealError
 from .ids import validate_id
 from .namespace import TenantNamespace, _as_bytes
-from .settle import while_settling
+from .settle import while_settling, while_unrouted
 from .subject import scope
 
 log = logging.getLogger("tenantbus.dispatch")
@@ -519,8 +519,13 @@ class Dispatcher:
         """Publishes a sealed task with ``Nats-Msg-Id`` = its id and waits for
         the stream's ack. Safe to repeat (a duplicate inside the window is dropped)."""
         try:
-            ack = await self.js.publish(
-                task.subject, task.body, headers={MSG_ID_HEADER: task.id.to_hex()}
+            # Right after the stream was created on a cluster this client's
+            # server may not know its subjects yet: see tenantbus.settle (the
+            # message id makes a retry safe).
+            ack = await while_unrouted(
+                lambda: self.js.publish(
+                    task.subject, task.body, headers={MSG_ID_HEADER: task.id.to_hex()}
+                )
             )
         except Exception as e:
             raise _unavailable("publish task", e) from e

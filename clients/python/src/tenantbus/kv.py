@@ -40,7 +40,7 @@ from nats.js import api
 from .envelope import now_ms, open_envelope
 from .errors import EnvelopeError, DropReason, TenantBusError
 from .ids import validate_id
-from .settle import while_settling
+from .settle import while_settling, while_unrouted
 from .subject import validate_subject
 
 #: The tenant state bucket's name (in each tenant's own account).
@@ -309,7 +309,7 @@ class TenantKv:
         bucket_key = self.bucket_key(key)
         stored = self._seal(bucket_key, value)
         try:
-            return int(await self._kv.put(bucket_key, stored))
+            return int(await while_unrouted(lambda: self._kv.put(bucket_key, stored)))
         except Exception as e:
             raise _unavailable(f"put {key}", e) from e
 
@@ -319,7 +319,7 @@ class TenantKv:
         bucket_key = self.bucket_key(key)
         stored = self._seal(bucket_key, value)
         try:
-            return int(await self._kv.create(bucket_key, stored))
+            return int(await while_unrouted(lambda: self._kv.create(bucket_key, stored)))
         except nats.js.errors.KeyWrongLastSequenceError:
             pass
         except Exception as e:
@@ -349,7 +349,9 @@ class TenantKv:
         bucket_key = self.bucket_key(key)
         stored = self._seal(bucket_key, value)
         try:
-            return int(await self._kv.update(bucket_key, stored, last=revision))
+            return int(
+                await while_unrouted(lambda: self._kv.update(bucket_key, stored, last=revision))
+            )
         except nats.js.errors.KeyWrongLastSequenceError:
             raise KvError(KvErrorKind.WRONG_REVISION, f"{key}: not at revision {revision}") from None
         except Exception as e:
@@ -359,7 +361,7 @@ class TenantKv:
         """Deletes ``key`` (a delete marker; idempotent)."""
         bucket_key = self.bucket_key(key)
         try:
-            await self._kv.delete(bucket_key)
+            await while_unrouted(lambda: self._kv.delete(bucket_key))
         except Exception as e:
             raise _unavailable(f"delete {key}", e) from e
 
@@ -367,7 +369,7 @@ class TenantKv:
         """Deletes ``key`` only if its latest revision is ``revision``."""
         bucket_key = self.bucket_key(key)
         try:
-            await self._kv.delete(bucket_key, last=revision)
+            await while_unrouted(lambda: self._kv.delete(bucket_key, last=revision))
         except nats.js.errors.APIError as e:
             if e.err_code in (10071, 10164):
                 raise KvError(KvErrorKind.WRONG_REVISION, f"{key}: not at revision {revision}") from None

@@ -8,6 +8,11 @@ found" (10035) or "JetStream not enabled for account" (10039), though nothing
 is wrong. :func:`while_settling` retries exactly those two codes for at most
 :data:`SETTLE_LIMIT` seconds, as the Rust ``tenant_bus::settle`` does; every
 other error, and these after the limit, is raised at once.
+
+A new stream has a second, shorter race: its subjects reach the other servers
+of a cluster over the routes, so the first publish through another server may
+find no responder. :func:`while_unrouted` retries exactly that (nothing was
+stored) for at most :data:`ROUTE_LIMIT` seconds, as ``tenant_bus::settle``.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import asyncio
 import time
 from typing import Awaitable, Callable, TypeVar
 
+import nats.errors
 import nats.js.errors
 
 #: Seconds a new account's JetStream may take to settle.
@@ -46,3 +52,27 @@ async def while_settling(op: Callable[[], Awaitable[T]], limit: float = SETTLE_L
                 raise
         await asyncio.sleep(pause)
         pause = min(pause * 2, 0.5)
+
+
+#: Seconds a new stream's subjects may take to reach the server a client is on.
+ROUTE_LIMIT = 3.0
+
+
+def is_unrouted(error: BaseException) -> bool:
+    """Whether ``error`` is a JetStream publish that no stream answered."""
+    return isinstance(error, (nats.js.errors.NoStreamResponseError, nats.errors.NoRespondersError))
+
+
+async def while_unrouted(op: Callable[[], Awaitable[T]], limit: float = ROUTE_LIMIT) -> T:
+    """Runs ``op()`` until it succeeds, raises an error that is not
+    :func:`is_unrouted`, or ``limit`` seconds have passed."""
+    deadline = time.monotonic() + limit
+    pause = 0.02
+    while True:
+        try:
+            return await op()
+        except (nats.js.errors.NoStreamResponseError, nats.errors.NoRespondersError):
+            if time.monotonic() + pause >= deadline:
+                raise
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, 0.25)
