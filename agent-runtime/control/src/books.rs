@@ -48,6 +48,7 @@ use crate::region_records::RegionRecords;
 use crate::registry::{Registry, RegistryErrorKind};
 use crate::store::{corrupt, create_json, get_json, list_json, unavailable, update_json};
 use crate::usage::USAGE_BUCKET;
+use tenant_bus::settle::while_unrouted;
 
 /// The subject prefix of a region's budget counters:
 /// `<prefix>.<region>.<tenant>.<budget>.<period>`.
@@ -283,12 +284,9 @@ impl Books {
         tenant: &TenantId,
         hour: &crate::usage::ArchivedHour,
     ) -> Result<(), ApiError> {
-        let bytes = serde_json::to_vec(hour).map_err(|e| corrupt("usage", e))?;
-        self.usage
-            .put(
-                crate::usage::archive_key(tenant, hour.hour_ms),
-                Bytes::from(bytes),
-            )
+        let bytes = Bytes::from(serde_json::to_vec(hour).map_err(|e| corrupt("usage", e))?);
+        let key = crate::usage::archive_key(tenant, hour.hour_ms);
+        while_unrouted(|| self.usage.put(key.as_str(), bytes.clone()))
             .await
             .map_err(|e| unavailable("archiving usage", e))?;
         Ok(())
@@ -339,12 +337,9 @@ impl Books {
 
     /// Writes a budget spec (creates or replaces).
     pub async fn put_budget(&self, tenant: &TenantId, spec: &BudgetSpec) -> Result<(), ApiError> {
-        let bytes = serde_json::to_vec(spec).map_err(|e| corrupt("budget", e))?;
-        self.budgets
-            .put(
-                crate::budget::spec_key(tenant.as_str(), &spec.name),
-                Bytes::from(bytes),
-            )
+        let bytes = Bytes::from(serde_json::to_vec(spec).map_err(|e| corrupt("budget", e))?);
+        let key = crate::budget::spec_key(tenant.as_str(), &spec.name);
+        while_unrouted(|| self.budgets.put(key.as_str(), bytes.clone()))
             .await
             .map_err(|e| unavailable("writing a budget", e))?;
         Ok(())
@@ -383,13 +378,16 @@ impl Books {
     pub async fn budget_incr(&self, subject: &str, delta: i64) -> Result<i128, ApiError> {
         let mut headers = async_nats::HeaderMap::new();
         headers.insert("Nats-Incr", format!("{delta:+}").as_str());
-        let ack = self
-            .js
-            .publish_with_headers(subject.to_string(), headers, Bytes::new())
-            .await
-            .map_err(|e| unavailable("charging a budget", e))?
-            .await
-            .map_err(|e| unavailable("charging a budget", e))?;
+        // "No responders" means no counter applied it: retried (a stream
+        // created a moment ago on a cluster, see tenant_bus::settle).
+        let ack = while_unrouted(|| async {
+            self.js
+                .publish_with_headers(subject.to_string(), headers.clone(), Bytes::new())
+                .await?
+                .await
+        })
+        .await
+        .map_err(|e| unavailable("charging a budget", e))?;
         let value = ack
             .value
             .ok_or_else(|| corrupt("budget counter", "the server returned no total"))?;

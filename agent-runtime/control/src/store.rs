@@ -597,7 +597,9 @@ pub(crate) async fn create_json<T: Serialize>(
     value: &T,
 ) -> Result<Option<u64>, ApiError> {
     let bytes = serde_json::to_vec(value).map_err(|e| corrupt("record", e))?;
-    match kv.create(key, Bytes::from(bytes)).await {
+    let bytes = Bytes::from(bytes);
+    // A bucket created a moment ago on a cluster: see tenant_bus::settle.
+    match tenant_bus::settle::while_unrouted(|| kv.create(key, bytes.clone())).await {
         Ok(rev) => Ok(Some(rev)),
         Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(None),
         Err(e) => Err(unavailable("creating a record", e)),
@@ -611,7 +613,8 @@ pub(crate) async fn update_json<T: Serialize>(
     revision: u64,
 ) -> Result<Option<u64>, ApiError> {
     let bytes = serde_json::to_vec(value).map_err(|e| corrupt("record", e))?;
-    match kv.update(key, Bytes::from(bytes), revision).await {
+    let bytes = Bytes::from(bytes);
+    match tenant_bus::settle::while_unrouted(|| kv.update(key, bytes.clone(), revision)).await {
         Ok(rev) => Ok(Some(rev)),
         Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(None),
         Err(e) => Err(unavailable("updating a record", e)),
