@@ -56,20 +56,49 @@ fn settling_code(code: ErrorCode) -> bool {
 
 /// Runs `op` until it succeeds, fails with an error that is not
 /// [`is_settling`], or [`SETTLE_LIMIT`] has passed; returns its last result.
-pub async fn while_settling<T, E, F, Fut>(mut op: F) -> Result<T, E>
+pub async fn while_settling<T, E, F, Fut>(op: F) -> Result<T, E>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, E>>,
     E: StdError + 'static,
 {
-    let deadline = Instant::now() + SETTLE_LIMIT;
-    let mut pause = Duration::from_millis(50);
+    let backoff = Backoff {
+        limit: SETTLE_LIMIT,
+        first: Duration::from_millis(50),
+        most: Duration::from_millis(500),
+    };
+    retry_while(is_settling, backoff, "JetStream account still settling", op).await
+}
+
+/// How a retry loop waits: doubling pauses from `first` to `most`, and no
+/// retry that would end past `limit` after the first try.
+struct Backoff {
+    limit: Duration,
+    first: Duration,
+    most: Duration,
+}
+
+/// Runs `op` until it succeeds, fails with an error `retryable` does not
+/// accept, or `backoff` gives up; returns its last result.
+async fn retry_while<T, E, F, Fut>(
+    retryable: fn(&(dyn StdError + 'static)) -> bool,
+    backoff: Backoff,
+    why: &str,
+    mut op: F,
+) -> Result<T, E>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+    E: StdError + 'static,
+{
+    let deadline = Instant::now() + backoff.limit;
+    let mut pause = backoff.first;
     loop {
         match op().await {
-            Err(e) if is_settling(&e) && Instant::now() + pause < deadline => {
-                tracing::debug!(error = %e, "JetStream account still settling; retrying");
+            Err(e) if retryable(&e) && Instant::now() + pause < deadline => {
+                tracing::debug!(error = %e, "{why}; retrying");
                 tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_millis(500));
+                pause = (pause * 2).min(backoff.most);
             }
             other => return other,
         }
@@ -101,24 +130,18 @@ pub fn is_unrouted(error: &(dyn StdError + 'static)) -> bool {
 /// Runs `op` until it succeeds, fails with an error that is not
 /// [`is_unrouted`], or [`ROUTE_LIMIT`] has passed; returns its last result
 /// (a stream that really does not exist still fails, after the limit).
-pub async fn while_unrouted<T, E, F, Fut>(mut op: F) -> Result<T, E>
+pub async fn while_unrouted<T, E, F, Fut>(op: F) -> Result<T, E>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, E>>,
     E: StdError + 'static,
 {
-    let deadline = Instant::now() + ROUTE_LIMIT;
-    let mut pause = Duration::from_millis(20);
-    loop {
-        match op().await {
-            Err(e) if is_unrouted(&e) && Instant::now() + pause < deadline => {
-                tracing::debug!(error = %e, "no stream answered yet; retrying");
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_millis(250));
-            }
-            other => return other,
-        }
-    }
+    let backoff = Backoff {
+        limit: ROUTE_LIMIT,
+        first: Duration::from_millis(20),
+        most: Duration::from_millis(250),
+    };
+    retry_while(is_unrouted, backoff, "no stream answered yet", op).await
 }
 
 #[cfg(test)]

@@ -42,16 +42,29 @@ def is_settling(error: BaseException) -> bool:
 async def while_settling(op: Callable[[], Awaitable[T]], limit: float = SETTLE_LIMIT) -> T:
     """Runs ``op()`` until it succeeds, raises an error that is not
     :func:`is_settling`, or ``limit`` seconds have passed."""
+    return await _retry_while(is_settling, op, limit, first=0.05, most=0.5)
+
+
+async def _retry_while(
+    retryable: Callable[[BaseException], bool],
+    op: Callable[[], Awaitable[T]],
+    limit: float,
+    first: float,
+    most: float,
+) -> T:
+    """Runs ``op()`` until it succeeds or raises an error ``retryable`` does not
+    accept; doubling pauses from ``first`` to ``most``, no retry that would
+    end past ``limit`` seconds."""
     deadline = time.monotonic() + limit
-    pause = 0.05
+    pause = first
     while True:
         try:
             return await op()
-        except nats.js.errors.APIError as e:
-            if not is_settling(e) or time.monotonic() + pause >= deadline:
+        except Exception as e:
+            if not retryable(e) or time.monotonic() + pause >= deadline:
                 raise
         await asyncio.sleep(pause)
-        pause = min(pause * 2, 0.5)
+        pause = min(pause * 2, most)
 
 
 #: Seconds a new stream's subjects may take to reach the server a client is on.
@@ -66,13 +79,4 @@ def is_unrouted(error: BaseException) -> bool:
 async def while_unrouted(op: Callable[[], Awaitable[T]], limit: float = ROUTE_LIMIT) -> T:
     """Runs ``op()`` until it succeeds, raises an error that is not
     :func:`is_unrouted`, or ``limit`` seconds have passed."""
-    deadline = time.monotonic() + limit
-    pause = 0.02
-    while True:
-        try:
-            return await op()
-        except (nats.js.errors.NoStreamResponseError, nats.errors.NoRespondersError):
-            if time.monotonic() + pause >= deadline:
-                raise
-        await asyncio.sleep(pause)
-        pause = min(pause * 2, 0.25)
+    return await _retry_while(is_unrouted, op, limit, first=0.02, most=0.25)
