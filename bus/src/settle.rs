@@ -6,12 +6,18 @@
 //! done so, creating a stream or bucket for the account is refused with
 //! "account not found" (10035) or "JetStream not enabled for account"
 //! (10039), though nothing is wrong and a retry a few hundred milliseconds
-//! later succeeds (nats-server issue #2874 describes the same race).
+//! later succeeds (nats-server issue #2874 describes the same race). A
+//! stream placed on a server that has not yet made the account's JetStream
+//! directory fails there with "could not create storage directory", which
+//! the server reports to the client only as "error creating store for
+//! stream" (10049) and then removes the assignment, so a retry is again
+//! safe (seen on 2.15 with an R1 stream placed by tag right after the
+//! tenant's creation).
 //!
-//! [`while_settling`] retries an operation that fails with exactly those two
-//! codes, for at most [`SETTLE_LIMIT`]; every other error, and the same
-//! errors after the limit (an account that really lacks JetStream), is
-//! returned at once.
+//! [`while_settling`] retries an operation that fails with exactly those
+//! errors, for at most [`SETTLE_LIMIT`]; every other error, and the same
+//! errors after the limit (an account that really lacks JetStream, a store
+//! that really cannot be written), is returned at once.
 //!
 //! A new stream has a second, shorter race: its subjects reach the other
 //! servers of the cluster over the routes, so the first publish through
@@ -32,17 +38,23 @@ use async_nats::jetstream::ErrorCode;
 /// are taken as final.
 pub const SETTLE_LIMIT: Duration = Duration::from_secs(10);
 
+/// The sentence a server answers in place of any failure to create a
+/// stream's store on the server it placed the stream on.
+const STORE_FAILED: &str = "error creating store for stream";
+
 /// Whether `error` (or any error in its source chain) is a JetStream API
-/// error saying the account is not (yet) known to JetStream.
+/// error saying the account is not (yet) known to JetStream, or that the
+/// stream's store could not be created (which includes the account's
+/// directory not yet existing on the server the stream was placed on).
 pub fn is_settling(error: &(dyn StdError + 'static)) -> bool {
     let mut next = Some(error);
     while let Some(e) = next {
         if let Some(api) = e.downcast_ref::<jetstream::Error>() {
-            return settling_code(api.error_code());
+            return settling_api(api);
         }
         if let Some(c) = e.downcast_ref::<jetstream::context::CreateStreamError>() {
             if let CreateStreamErrorKind::JetStream(api) = c.kind() {
-                return settling_code(api.error_code());
+                return settling_api(&api);
             }
         }
         next = e.source();
@@ -50,8 +62,13 @@ pub fn is_settling(error: &(dyn StdError + 'static)) -> bool {
     false
 }
 
-fn settling_code(code: ErrorCode) -> bool {
-    code == ErrorCode::NO_ACCOUNT || code == ErrorCode::JETSTREAM_NOT_ENABLED_FOR_ACCOUNT
+fn settling_api(api: &jetstream::Error) -> bool {
+    let code = api.error_code();
+    code == ErrorCode::NO_ACCOUNT
+        || code == ErrorCode::JETSTREAM_NOT_ENABLED_FOR_ACCOUNT
+        // 10049 is also every other "stream create failed"; only the store
+        // sentence is a placement race.
+        || (code == ErrorCode::STREAM_CREATE && api.to_string().starts_with(STORE_FAILED))
 }
 
 /// Runs `op` until it succeeds, fails with an error that is not
@@ -151,8 +168,12 @@ mod tests {
     use async_nats::jetstream::context::{CreateKeyValueError, CreateKeyValueErrorKind};
 
     fn api(code: u64) -> jetstream::Error {
+        api_said(code, "x")
+    }
+
+    fn api_said(code: u64, description: &str) -> jetstream::Error {
         serde_json::from_str(&format!(
-            r#"{{"code":503,"err_code":{code},"description":"x"}}"#
+            r#"{{"code":503,"err_code":{code},"description":"{description}"}}"#
         ))
         .unwrap_or_else(|e| panic!("{e}"))
     }
@@ -165,11 +186,19 @@ mod tests {
     }
 
     #[test]
-    fn only_the_two_account_codes_are_settling_wherever_they_sit_in_the_chain() {
+    fn only_the_account_codes_and_a_store_failure_are_settling_wherever_they_sit_in_the_chain() {
         assert!(is_settling(&api(10035)));
         assert!(is_settling(&api(10039)));
         assert!(is_settling(&bucket_create(10035)));
         assert!(is_settling(&bucket_create(10039)));
+        let store = api_said(10049, STORE_FAILED);
+        assert!(is_settling(&store));
+        assert!(is_settling(&CreateStreamError::new(
+            CreateStreamErrorKind::JetStream(store)
+        )));
+        // Any other "stream create failed" (10049 carries the cause) is final.
+        assert!(!is_settling(&api_said(10049, "subjects overlap")));
+        assert!(!is_settling(&api(10049)));
         // Insufficient resources, no suitable peers (a region that is down),
         // JetStream disabled on the server: final.
         for code in [10023, 10005, 10076] {

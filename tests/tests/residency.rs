@@ -36,7 +36,7 @@ use agentbus_control::{AdminClient, Controller, ControllerConfig, Installation};
 use async_nats::jetstream;
 use tenant_bus::kv::{KvErrorKind, KvOptions};
 use tenant_bus::region::{Region, StorePlacement};
-use tenant_bus::settle::while_settling;
+use tenant_bus::settle::{while_settling, while_unrouted};
 use tenant_bus::{AgentId, CredentialBundle, MasterSecret, TenantId, TenantNamespace};
 
 /// `server_tags` of node `i`: two nodes in `eu`, one in `us`.
@@ -437,20 +437,26 @@ async fn a_stream_a_raw_client_creates_outside_the_region_is_moved_into_it() {
             ..Default::default()
         };
         // A new account's JetStream reaches every node of the cluster shortly
-        // after its JWT (seen in CI: 503 "JetStream not enabled for account"
-        // right after the tenant was created); only that is retried.
+        // after its JWT (seen in CI: 503 "JetStream not enabled for account",
+        // and 500 "error creating store for stream" from n3 before it made
+        // the account's directory, right after the tenant was created); only
+        // that is retried.
         while_settling(|| js.create_stream(config.clone()))
             .await
             .unwrap_or_else(|e| panic!("creating TASKS of {tenant} on the us node: {e}"));
         for i in 0..3 {
-            js.publish(
-                format!("tenant.{tenant}.tasks.queue.resize"),
-                format!("task {i}").into(),
-            )
+            // The stream's subjects reach the client's server over the routes
+            // a moment after its creation ("no responders" until then).
+            while_unrouted(|| async {
+                js.publish(
+                    format!("tenant.{tenant}.tasks.queue.resize"),
+                    format!("task {i}").into(),
+                )
+                .await?
+                .await
+            })
             .await
-            .unwrap()
-            .await
-            .unwrap();
+            .unwrap_or_else(|e| panic!("queueing task {i} of {tenant}: {e}"));
         }
         raw_js.push(js);
     }

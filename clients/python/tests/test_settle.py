@@ -1,5 +1,5 @@
-"""tenantbus.settle: only the two "account not settled yet" codes are retried,
-and only for a bounded time."""
+"""tenantbus.settle: only the "account not settled yet" codes and a store the
+server could not create yet are retried, and only for a bounded time."""
 
 import asyncio
 import time
@@ -10,13 +10,22 @@ import pytest
 from tenantbus.settle import is_settling, while_settling
 
 
-def api_error(err_code: int) -> nats.js.errors.APIError:
-    return nats.js.errors.ServiceUnavailableError(code=503, err_code=err_code, description="x")
+def api_error(err_code: int, description: str = "x") -> nats.js.errors.APIError:
+    return nats.js.errors.ServiceUnavailableError(
+        code=503, err_code=err_code, description=description
+    )
 
 
-def test_only_the_account_codes_are_settling():
+def test_only_the_account_codes_and_a_store_failure_are_settling():
     assert is_settling(api_error(10035))
     assert is_settling(api_error(10039))
+    assert is_settling(
+        nats.js.errors.ServerError(
+            code=500, err_code=10049, description="error creating store for stream"
+        )
+    )
+    # Any other "stream create failed" carries its cause and is final.
+    assert not is_settling(api_error(10049, "subjects overlap"))
     # Insufficient resources, no suitable peers (a region that is down),
     # JetStream disabled on the server; not an API error at all.
     for code in (10023, 10005, 10076):

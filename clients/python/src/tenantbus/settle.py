@@ -5,9 +5,12 @@ holds the new account's JWT, but each server enables JetStream for the account
 a moment later, on its own. Until the JetStream meta leader has done so,
 creating a stream or bucket for the account is refused with "account not
 found" (10035) or "JetStream not enabled for account" (10039), though nothing
-is wrong. :func:`while_settling` retries exactly those two codes for at most
-:data:`SETTLE_LIMIT` seconds, as the Rust ``tenant_bus::settle`` does; every
-other error, and these after the limit, is raised at once.
+is wrong. A stream placed on a server that has not yet made the account's
+JetStream directory fails there, and the client only hears "error creating
+store for stream" (10049, with that exact description; the server then drops
+the assignment). :func:`while_settling` retries exactly those errors for at
+most :data:`SETTLE_LIMIT` seconds, as the Rust ``tenant_bus::settle`` does;
+every other error, and these after the limit, is raised at once.
 
 A new stream has a second, shorter race: its subjects reach the other servers
 of a cluster over the routes, so the first publish through another server may
@@ -33,10 +36,18 @@ SETTLING_CODES = frozenset({10035, 10039})
 T = TypeVar("T")
 
 
+#: What a server answers for any failure to create a stream's store on the
+#: server it placed the stream on (code 10049, "stream create failed").
+STORE_FAILED = (10049, "error creating store for stream")
+
+
 def is_settling(error: BaseException) -> bool:
     """Whether ``error`` is a JetStream API error saying the account is not
-    (yet) known to JetStream."""
-    return isinstance(error, nats.js.errors.APIError) and error.err_code in SETTLING_CODES
+    (yet) known to JetStream, or that the stream's store could not be created
+    yet."""
+    if not isinstance(error, nats.js.errors.APIError):
+        return False
+    return error.err_code in SETTLING_CODES or (error.err_code, error.description) == STORE_FAILED
 
 
 async def while_settling(op: Callable[[], Awaitable[T]], limit: float = SETTLE_LIMIT) -> T:
