@@ -16,6 +16,7 @@ async def test_get_put_create_update_delete_keys_and_watch(nats_server) -> None:
     ns = await tb.connect(make_bundle(nats_server.url, t, "py"))
     try:
         store = await ns.kv(f"s-{t}")
+        assert await store.keys() == []  # nothing ever written: answered at once
         watch = await store.watch()
         r1 = await store.put("user.42", b"v1")
         e = await store.get("user.42")

@@ -416,7 +416,12 @@ class TenantKv:
         sub = await self._subscribe(api.DeliverPolicy.LAST_PER_SUBJECT, cb)
         try:
             info = await sub.consumer_info()
-            if info.num_pending == 0 and sub.delivered == 0:
+            # Empty only by the server's own count: nothing left and nothing
+            # ever sent. The pushed messages and this reply travel separately
+            # inside the server, so the reply may overtake messages already
+            # sent (then this subscription has not seen them yet, and the
+            # callback's last message, num_pending 0, ends the wait).
+            if info.num_pending == 0 and info.delivered.consumer_seq == 0:
                 return []
             err = await asyncio.wait_for(done, self.options.timeout + 0.1 * len(out))
         except asyncio.TimeoutError:
