@@ -94,12 +94,27 @@ async fn failing_task_is_retried_then_succeeds() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn task_is_dead_lettered_after_max_deliveries_with_the_reason() {
+    dead_lettered_after_max_deliveries(false).await;
+}
+
+/// The same on a stream that admits one copy per id: the letter is on its
+/// task's own subject (`tasks.dead.<type>.<id hex>`) and reads back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_one_copy_per_id_a_task_is_dead_lettered_on_its_own_subject() {
+    dead_lettered_after_max_deliveries(true).await;
+}
+
+async fn dead_lettered_after_max_deliveries(one_copy_per_id: bool) {
     let server = Server::jetstream();
     let master = MasterSecret::generate().unwrap();
     let ns = connect(&server, &master, "acme", "planner").await;
-    let d = Dispatcher::new(&ns, options().max_deliveries(3))
-        .await
-        .unwrap();
+    let d = Dispatcher::new(
+        &ns,
+        options().max_deliveries(3).one_copy_per_id(one_copy_per_id),
+    )
+    .await
+    .unwrap();
+    assert_eq!(d.one_copy_per_id(), one_copy_per_id);
     let runs = Arc::new(AtomicU64::new(0));
     let r = runs.clone();
     let worker = d
@@ -127,6 +142,18 @@ async fn task_is_dead_lettered_after_max_deliveries_with_the_reason() {
     );
     assert_eq!(runs.load(Ordering::SeqCst), 3);
 
+    let js = async_nats::jetstream::new(server.raw_client().await);
+    let mut stream = js.get_stream(d.stream_name()).await.unwrap();
+    let dead = format!("tenant.acme.tasks.dead.charge.{}", handle.id().to_hex());
+    let on_own_subject = stream.info().await.unwrap().state.subjects_count == 1
+        && js
+            .get_stream(d.stream_name())
+            .await
+            .unwrap()
+            .get_last_raw_message_by_subject(&dead)
+            .await
+            .is_ok();
+    assert_eq!(on_own_subject, one_copy_per_id);
     let mut letters = d.dead_letters().await.unwrap();
     let letter = letters.next(WAIT).await.unwrap().expect("a dead letter");
     assert_eq!(letter.task_id, handle.id().to_hex());
@@ -825,6 +852,135 @@ async fn two_workers_with_copies_of_one_id_record_one_outcome() {
     let mut late = d.handle(task.id()).await.unwrap();
     assert_eq!(late.wait(WAIT).await.unwrap(), outcome);
     assert_eq!(queued(&server, &d).await, 0, "both copies acked");
+    for w in workers {
+        w.shutdown(Duration::from_secs(5)).await;
+    }
+}
+
+/// On a stream that admits one copy per id, a copy of a task that is queued
+/// or running is refused by the server: through the dispatcher (a
+/// duplicate) and from a raw client, long after the duplicate window, so
+/// with two workers the handler runs once. A copy moved to another id's
+/// subject is refused by the worker. Once the outcome is recorded, a later
+/// copy is stored, found done and not run. A dispatcher asking for the
+/// default follows the stream it finds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_copy_per_id_refuses_copies_while_one_is_queued_or_running() {
+    let server = Server::jetstream();
+    let master = MasterSecret::generate().unwrap();
+    let ns = connect(&server, &master, "acme", "planner").await;
+    let d = Dispatcher::new(
+        &ns,
+        options()
+            .one_copy_per_id(true)
+            .duplicate_window(Duration::from_millis(200))
+            .ack_wait(Duration::from_secs(10)),
+    )
+    .await
+    .unwrap();
+    assert!(d.one_copy_per_id());
+    let follower = Dispatcher::new(&ns, options()).await.unwrap();
+    assert!(follower.one_copy_per_id(), "the stream decides");
+    let started = Arc::new(AtomicU64::new(0));
+    let release = Arc::new(tokio::sync::Semaphore::new(0));
+    let mut workers = Vec::new();
+    for name in ["one", "two"] {
+        let (s, r) = (started.clone(), release.clone());
+        workers.push(
+            d.worker(
+                "charge",
+                move |_task: Task| {
+                    let (s, r) = (s.clone(), r.clone());
+                    async move {
+                        s.fetch_add(1, Ordering::SeqCst);
+                        let _permit = r.acquire().await.map_err(|e| e.to_string())?;
+                        Ok::<_, String>(Bytes::from(format!("charged by {name}")))
+                    }
+                },
+                WorkerOptions::new().concurrency(1),
+            )
+            .await
+            .unwrap(),
+        );
+    }
+    let task = d.seal("charge", b"order-9").unwrap();
+    assert!(task
+        .subject()
+        .ends_with(&format!(".charge.{}", task.id().to_hex())));
+    let mut handle = d.handle(task.id()).await.unwrap();
+    assert!(!d.submit(&task).await.unwrap().duplicate);
+    let running = eventually(WAIT, || async {
+        (started.load(Ordering::SeqCst) == 1).then_some(())
+    })
+    .await;
+    assert!(running.is_some());
+    tokio::time::sleep(Duration::from_millis(500)).await; // past the window
+                                                          // Through the dispatcher: a duplicate, nothing stored.
+    let again = follower.submit(&task).await.unwrap();
+    assert!(again.duplicate && again.sequence == 0, "{again:?}");
+    // From a raw client with a fresh message id: refused by the server.
+    let js = async_nats::jetstream::new(server.raw_client().await);
+    let raw = js
+        .send_publish(
+            task.subject().to_string(),
+            async_nats::jetstream::message::PublishMessage::build()
+                .payload(task.body().clone())
+                .message_id("the-copy"),
+        )
+        .await
+        .unwrap()
+        .await;
+    let refused = raw.expect_err("a second copy of a running task was stored");
+    assert!(
+        refused.to_string().contains("maximum messages per subject"),
+        "{refused}"
+    );
+    // Moved to another id's subject: stored, but refused by the worker.
+    let other = d.seal("charge", b"other").unwrap();
+    js.send_publish(
+        other.subject().to_string(),
+        async_nats::jetstream::message::PublishMessage::build().payload(task.body().clone()),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    let rejected = eventually(WAIT, || async {
+        let r: u64 = workers.iter().map(|w| w.stats().rejected()).sum();
+        (r == 1).then_some(())
+    })
+    .await;
+    assert!(
+        rejected.is_some(),
+        "{:?}",
+        workers.iter().map(|w| w.stats()).collect::<Vec<_>>()
+    );
+    release.add_permits(16);
+    let outcome = handle.wait(WAIT).await.unwrap();
+    assert_eq!(started.load(Ordering::SeqCst), 1, "one copy ran");
+    // Finished and acked: a later copy is stored, found done, not run.
+    let acked = eventually(WAIT, || async {
+        (queued(&server, &d).await == 0).then_some(())
+    })
+    .await;
+    assert!(acked.is_some());
+    assert!(!d.submit(&task).await.unwrap().duplicate);
+    let skipped = eventually(WAIT, || async {
+        let dup: u64 = workers.iter().map(|w| w.stats().duplicates()).sum();
+        (dup == 1).then_some(())
+    })
+    .await;
+    assert!(
+        skipped.is_some(),
+        "{:?}",
+        workers.iter().map(|w| w.stats()).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        started.load(Ordering::SeqCst),
+        1,
+        "the finished task did not run again"
+    );
+    assert_eq!(d.outcome(&task.id()).await.unwrap(), Some(outcome));
     for w in workers {
         w.shutdown(Duration::from_secs(5)).await;
     }

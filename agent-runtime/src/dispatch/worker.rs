@@ -311,7 +311,12 @@ pub(crate) async fn start(
             &durable,
             pull::Config {
                 durable_name: Some(durable.clone()),
-                filter_subject: d.task_subject(&task_type),
+                // One copy per id: `tasks.queue.<type>.<id hex>`.
+                filter_subject: if d.shared.per_id {
+                    format!("{}.*", d.task_subject(&task_type))
+                } else {
+                    d.task_subject(&task_type)
+                },
                 ack_policy: consumer::AckPolicy::Explicit,
                 ack_wait: d.shared.options.ack_wait,
                 // No server-side limit: the worker dead-letters at max_deliveries,
@@ -682,12 +687,25 @@ async fn process(ctx: &Ctx, msg: Message, _slot: Slot) {
         .map(|i| u64::try_from(i.delivered).unwrap_or(1).max(1))
         .unwrap_or(1);
     let subject = msg.subject.to_string();
-    let (stamp, payload) = match tenant_bus::envelope::open(
-        &d.shared.ns.keys(),
-        &subject,
-        None,
-        &msg.payload,
-    ) {
+    // On a stream with one copy per id the seal is bound to the subject
+    // without its id token, and that token must name the sealed id: a task
+    // moved to another id's subject is refused like a broken seal.
+    let (sealed_for, named) = if d.shared.per_id {
+        match super::split_per_id(&subject) {
+            Some((s, id)) => (s, Some(id)),
+            None => ("", None),
+        }
+    } else {
+        (subject.as_str(), None)
+    };
+    let opened =
+        match tenant_bus::envelope::open(&d.shared.ns.keys(), sealed_for, None, &msg.payload) {
+            Ok((stamp, _)) if d.shared.per_id && named != Some(stamp.msg_id.to_hex().as_str()) => {
+                Err(tenant_bus::verify::DropReason::Authentication)
+            }
+            other => other,
+        };
+    let (stamp, payload) = match opened {
         Ok(x) => x,
         Err(reason) => {
             ctx.stats.rejected.fetch_add(1, Ordering::Relaxed);
@@ -1046,7 +1064,7 @@ async fn give_up(ctx: &Ctx, msg: &Message, task: &Task, reason: String, expect: 
         task.sender.as_ref().map(|s| s.to_string()),
         &task.payload,
     );
-    let subject = tenant_bus::subject::scope(
+    let sealed_for = tenant_bus::subject::scope(
         d.shared.ns.tenant(),
         &format!("tasks.dead.{}", task.task_type),
     );
@@ -1056,9 +1074,11 @@ async fn give_up(ctx: &Ctx, msg: &Message, task: &Task, reason: String, expect: 
             d.shared
                 .ns
                 .sealer()
-                .seal(&subject, None, &json)
+                .seal(&sealed_for, None, &json)
                 .map_err(|e| e.to_string())
         });
+    // One copy per id: one dead letter per task id, on its own subject.
+    let subject = super::per_id_subject(sealed_for, d.shared.per_id, &task.id);
     let body = match sealed {
         Ok((_, body)) => body,
         Err(e) => {

@@ -3,6 +3,7 @@
 
 import asyncio
 
+import nats.js.errors
 import pytest
 
 import tenantbus as tb
@@ -247,5 +248,83 @@ async def test_rust_worker_runs_a_task_a_python_dispatcher_submitted(nats_server
         # Re-submitting a finished task after the Rust worker recorded it: the
         # stream drops it as a duplicate; the done record (sealed by Rust) opens here.
         assert (await d.outcome(h1.id)).output == b"done:cat.png"
+    finally:
+        await ns.close()
+
+
+async def test_one_copy_per_id_refuses_copies_while_one_is_queued_or_running(nats_server) -> None:
+    t = unique_tenant("dp")
+    ns = await tb.connect(make_bundle(nats_server.url, t, "py"))
+    try:
+        d = await Dispatcher.create(ns, opts(one_copy_per_id=True, duplicate_window=0.2, ack_wait=10.0))
+        follower = await Dispatcher.create(ns, opts())
+        assert d.one_copy_per_id and follower.one_copy_per_id, "the stream decides"
+        started, release = [], asyncio.Event()
+
+        async def handler(task: Task) -> bytes:
+            started.append(task.id)
+            await release.wait()
+            return b"charged"
+
+        workers = [await d.worker("charge", handler, concurrency=1, fetch_expires=0.5) for _ in range(2)]
+        task = d.seal("charge", b"order-9")
+        assert task.subject.endswith(f".charge.{task.id.to_hex()}")
+        handle = await d.handle(task.id)
+        assert not (await d.submit(task)).duplicate
+        for _ in range(100):
+            if started:
+                break
+            await asyncio.sleep(0.05)
+        assert len(started) == 1
+        await asyncio.sleep(0.5)  # past the duplicate window
+        again = await follower.submit(task)
+        assert again.duplicate and again.sequence == 0
+        # A raw copy with a fresh message id: refused by the server.
+        with pytest.raises(nats.js.errors.APIError) as refused:
+            await d.js.publish(task.subject, task.body, headers={"Nats-Msg-Id": "the-copy"})
+        assert "maximum messages per subject" in str(refused.value.description)
+        # Moved to another id's subject: stored, refused by the worker.
+        other = d.seal("charge", b"other")
+        await d.js.publish(other.subject, task.body)
+        for _ in range(100):
+            if sum(w.stats.rejected for w in workers) == 1:
+                break
+            await asyncio.sleep(0.05)
+        assert sum(w.stats.rejected for w in workers) == 1
+        release.set()
+        assert await handle.wait(20) == TaskOutcome(True, output=b"charged")
+        assert started == [task.id], "one copy ran"
+        # Finished and acked: a later copy is stored, found done, not run.
+        for _ in range(100):
+            if (await d.js.stream_info(d.stream_name)).state.messages == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert not (await d.submit(task)).duplicate
+        for _ in range(100):
+            if sum(w.stats.duplicates for w in workers) == 1:
+                break
+            await asyncio.sleep(0.05)
+        assert sum(w.stats.duplicates for w in workers) == 1 and started == [task.id]
+        for w in workers:
+            await w.shutdown(5)
+    finally:
+        await ns.close()
+
+
+async def test_a_rust_worker_follows_a_one_copy_per_id_stream_python_created(nats_server, tmp_path, peers) -> None:
+    t = unique_tenant("dp")
+    ns = await tb.connect(make_bundle(nats_server.url, t, "py-dispatcher"))
+    try:
+        d = await Dispatcher.create(ns, opts(one_copy_per_id=True))
+        rust = await RustPeer.start(write_bundle(tmp_path, make_bundle(nats_server.url, t, "rust-worker")),
+                                    "work", "resize", "1", "30000")
+        peers.append(rust)
+        await rust.wait_for("ready")
+        h = await d.dispatch("resize", b"cat.png")
+        assert await h.wait(30) == TaskOutcome(True, output=b"done:cat.png")
+        assert (await rust.wait_for("done"))["ok"] is True
+        tasks = [e for e in rust.events if e.get("event") == "task"]
+        assert [(e["id"], e["payload"]) for e in tasks] == [(h.id.to_hex(), "cat.png")]
+        assert await rust.finish() == 0
     finally:
         await ns.close()

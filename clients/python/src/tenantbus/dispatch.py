@@ -20,6 +20,17 @@ done bucket         ``TASKS_DONE`` (``TASKS_DONE_<id>``): key = task id hex,
                     ``tasks.results.<key>``
 ==================  ==========================================================
 
+One copy per id (``DispatchOptions.one_copy_per_id``, the stream's setting:
+``max_msgs_per_subject`` 1, discard new per subject): tasks are published on
+``tasks.queue.<type>.<task id hex>`` and dead letters on
+``tasks.dead.<type>.<task id hex>``, still sealed for the subject without the
+id token, which must name the sealed id. The server then refuses a second copy
+of an id while one is queued or running, whatever the duplicate window, so two
+workers never hold copies of one task at once (``submit`` reports it as a
+duplicate with sequence 0). Every dispatcher and worker follows the stream it
+finds. Costs about 18% of raw publish and 12% of raw consume throughput
+(measured on one node, 128-byte messages).
+
 The done bucket republishes each recorded outcome to its result subject, so the
 server hands it to the requester and a worker sends one message per outcome. A
 bucket created before it did (agents cannot change it) is used as it is, and
@@ -68,7 +79,7 @@ from nats.js import api
 
 from .bundle import MAX_REPLICAS, MIN_REPLICAS, Placement, region_holds
 from .envelope import MessageId, now_ms, open_envelope
-from .errors import DispatchError, DispatchErrorKind, EnvelopeError, IdError, SealError
+from .errors import DispatchError, DispatchErrorKind, DropReason, EnvelopeError, IdError, SealError
 from .ids import validate_id
 from .namespace import TenantNamespace, _as_bytes
 from .settle import while_settling, while_unrouted
@@ -114,6 +125,11 @@ class DispatchOptions:
     #: creates them (1 to 5; existing ones are used as they are). ``None``: the
     #: bundle's ``placement.replicas`` (the deployment's count), else 1.
     replicas: Optional[int] = None
+    #: A stream this dispatcher creates admits at most one queued copy of each
+    #: task id, enforced by the server (tasks and dead letters on
+    #: ``<subject>.<task id hex>``). The stream's setting: every dispatcher
+    #: and worker follows the stream it finds, as the Rust one does.
+    one_copy_per_id: bool = False
 
     def names(self, tenant: str) -> Tuple[str, str]:
         """The stream and bucket names for ``tenant``."""
@@ -337,7 +353,10 @@ def _unusable_task_stream(config: Any, subjects: List[str]) -> Optional[str]:
         return f"has subjects {have}"
     if config.retention != api.RetentionPolicy.WORK_QUEUE:
         return f"retention {config.retention}, not a work queue"
-    limits = [config.max_msgs, config.max_bytes, config.max_msgs_per_subject]
+    # One message per subject with new ones refused (one copy per id) drops
+    # nothing queued: a copy is refused to its publisher instead.
+    per_subject = 0 if _one_copy_per_id(config) else config.max_msgs_per_subject
+    limits = [config.max_msgs, config.max_bytes, per_subject]
     if any((v or 0) > 0 for v in limits) or (config.max_age or 0) > 0:
         return (
             f"limits would drop queued tasks (max_msgs {config.max_msgs}, max_bytes {config.max_bytes}, "
@@ -355,6 +374,30 @@ def _unusable_task_stream(config: Any, subjects: List[str]) -> Optional[str]:
     return None
 
 
+def _one_copy_per_id(config: Any) -> bool:
+    """Whether a task stream admits exactly one queued copy per subject, new
+    copies refused (what ``one_copy_per_id`` creates)."""
+    return (
+        config.max_msgs_per_subject == 1
+        and config.discard == api.DiscardPolicy.NEW
+        and bool(getattr(config, "discard_new_per_subject", False))
+    )
+
+
+def _split_per_id(subject: str) -> Optional[Tuple[str, str]]:
+    """On a one-copy-per-id stream: the subject a message's seal is bound to
+    and the task id its subject names, or None for a subject without that
+    last token (never published by a dispatcher)."""
+    sealed_for, _, tid = subject.rpartition(".")
+    if sealed_for and len(tid) == 32 and all(c in "0123456789abcdef" for c in tid):
+        return sealed_for, tid
+    return None
+
+
+#: What the server says to a copy refused because its subject holds one.
+_COPY_REFUSED = (10077, "maximum messages per subject exceeded")
+
+
 class Dispatcher:
     """Dispatches tasks of one tenant and starts its workers. Create with
     ``await Dispatcher.create(ns, options)``."""
@@ -370,6 +413,8 @@ class Dispatcher:
         self.done_bucket = options.names(ns.tenant)[1]
         #: The done bucket republishes each recorded outcome to its requester.
         self.republishes = republishes
+        #: The stream admits one queued copy per task id (set by :meth:`create`).
+        self.one_copy_per_id = False
 
     @classmethod
     async def create(cls, ns: TenantNamespace, options: Optional[DispatchOptions] = None) -> "Dispatcher":
@@ -411,6 +456,10 @@ class Dispatcher:
                         num_replicas=replicas,
                         placement=js_placement,
                     )
+                    if options.one_copy_per_id:
+                        config.max_msgs_per_subject = 1
+                        config.discard = api.DiscardPolicy.NEW
+                        config.discard_new_per_subject = True
                     info = await while_settling(lambda: js.add_stream(config))
                 except nats.js.errors.BadRequestError as refused:
                     # Created concurrently (a different config: checked below),
@@ -487,13 +536,33 @@ class Dispatcher:
                 f"{int(options.task_max_age)} s",
             )
         republishes = kv_config is None or _republishes(kv_config, republish)
-        return cls(ns, options, js, kv, stream, republishes)
+        d = cls(ns, options, js, kv, stream, republishes)
+        d.one_copy_per_id = _one_copy_per_id(info.config)
+        return d
 
     # -- subjects --------------------------------------------------------
 
     def task_subject(self, task_type: str) -> str:
-        """The full subject of tasks of ``task_type``."""
+        """The full subject of tasks of ``task_type``, which their seals are
+        bound to (and which they are published on, unless the stream admits
+        one copy per id: see :meth:`queue_subject`)."""
         return scope(self.ns.tenant, f"tasks.queue.{task_type}")
+
+    def queue_subject(self, task_type: str, task_id: MessageId) -> str:
+        """The full subject task ``task_id`` is published on."""
+        return self._per_id(self.task_subject(task_type), task_id)
+
+    def _per_id(self, subject: str, task_id: MessageId) -> str:
+        return f"{subject}.{task_id.to_hex()}" if self.one_copy_per_id else subject
+
+    def _sealed_for(self, subject: str) -> Tuple[str, Optional[str]]:
+        """The subject a stored message's seal is bound to, and the task id
+        its subject names (one copy per id; an empty subject when it names
+        none, which no seal opens for)."""
+        if not self.one_copy_per_id:
+            return subject, None
+        split = _split_per_id(subject)
+        return split if split is not None else ("", None)
 
     def result_subject(self, task_id: MessageId) -> str:
         """The full subject the outcome of task ``task_id`` is published on."""
@@ -508,16 +577,18 @@ class Dispatcher:
     def seal(self, task_type: str, payload: Union[bytes, str]) -> SealedTask:
         """Seals a task (not yet submitted)."""
         validate_task_type(task_type)
-        subject = self.task_subject(task_type)
+        sealed_for = self.task_subject(task_type)
         try:
-            tid, body = self.ns.sealer.seal(subject, None, _as_bytes(payload))
+            tid, body = self.ns.sealer.seal(sealed_for, None, _as_bytes(payload))
         except SealError as e:
             raise DispatchError(DispatchErrorKind.SEAL, str(e)) from e
-        return SealedTask(tid, task_type, subject, body)
+        return SealedTask(tid, task_type, self._per_id(sealed_for, tid), body)
 
     async def submit(self, task: SealedTask) -> Submitted:
         """Publishes a sealed task with ``Nats-Msg-Id`` = its id and waits for
-        the stream's ack. Safe to repeat (a duplicate inside the window is dropped)."""
+        the stream's ack. Safe to repeat (a duplicate inside the window is
+        dropped; on a one-copy-per-id stream so is a copy while another is
+        queued or running: ``duplicate``, sequence 0)."""
         try:
             # Right after the stream was created on a cluster this client's
             # server may not know its subjects yet: see tenantbus.settle (the
@@ -527,6 +598,10 @@ class Dispatcher:
                     task.subject, task.body, headers={MSG_ID_HEADER: task.id.to_hex()}
                 )
             )
+        except nats.js.errors.APIError as e:
+            if self.one_copy_per_id and (e.err_code, e.description) == _COPY_REFUSED:
+                return Submitted(task.id, 0, True)
+            raise _unavailable("publish task", e) from e
         except Exception as e:
             raise _unavailable("publish task", e) from e
         return Submitted(task.id, int(ack.seq), bool(ack.duplicate))
@@ -615,8 +690,14 @@ class Dispatcher:
                     break
                 for m in msgs:
                     try:
-                        _, plain = open_envelope(self.ns.keys, m.subject, None, m.data)
-                        out.append(DeadLetter.from_json(plain))
+                        # One copy per id: sealed for the subject without its
+                        # id token, which must name the letter's task.
+                        sealed_for, named = self._sealed_for(m.subject)
+                        _, plain = open_envelope(self.ns.keys, sealed_for, None, m.data)
+                        letter = DeadLetter.from_json(plain)
+                        if named is not None and named != letter.task_id:
+                            raise EnvelopeError(DropReason.AUTHENTICATION, "moved to another id")
+                        out.append(letter)
                         await m.ack()
                     except Exception:
                         log.warning("terminating an unverifiable dead letter on %s", m.subject)
@@ -727,13 +808,15 @@ class Worker:
         d = self._d
         durable = f"work-{self.task_type}"
         try:
+            # One copy per id: `tasks.queue.<type>.<id hex>` (as Rust's worker).
+            subject = d.task_subject(self.task_type) + (".*" if d.one_copy_per_id else "")
             self._sub = await d.js.pull_subscribe(
-                d.task_subject(self.task_type),
+                subject,
                 durable=durable,
                 stream=d.stream_name,
                 config=api.ConsumerConfig(
                     durable_name=durable,
-                    filter_subject=d.task_subject(self.task_type),
+                    filter_subject=subject,
                     ack_policy=api.AckPolicy.EXPLICIT,
                     ack_wait=max(0.5, d.options.ack_wait),
                     max_deliver=-1,
@@ -823,7 +906,13 @@ class Worker:
         except Exception:
             delivered = 1
         try:
-            stamp, payload = open_envelope(d.ns.keys, msg.subject, None, msg.data)
+            # One copy per id: the seal is bound to the subject without its
+            # id token, and that token must name the sealed id (a task moved
+            # to another id's subject is refused like a broken seal).
+            sealed_for, named = d._sealed_for(msg.subject)
+            stamp, payload = open_envelope(d.ns.keys, sealed_for, None, msg.data)
+            if named is not None and named != stamp.msg_id.to_hex():
+                raise EnvelopeError(DropReason.AUTHENTICATION, "moved to another id")
         except EnvelopeError as e:
             self.stats.rejected += 1
             log.warning("terminating a task that failed verification: %s", e.kind.value)
@@ -979,9 +1068,11 @@ class Worker:
             sender=task.sender,
             payload_b64=base64.b64encode(task.payload).decode("ascii"),
         )
-        subject = d.dead_subject(task.task_type)
+        sealed_for = d.dead_subject(task.task_type)
+        # One copy per id: one dead letter per task id, on its own subject.
+        subject = d._per_id(sealed_for, task.id)
         try:
-            _, body = d.ns.sealer.seal(subject, None, letter.to_json())
+            _, body = d.ns.sealer.seal(sealed_for, None, letter.to_json())
         except SealError as e:
             log.warning("cannot seal the dead letter of %s: %s", task.id, e)
             await _settle(msg, "nak", 1.0)
