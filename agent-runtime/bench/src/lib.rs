@@ -582,6 +582,35 @@ fn jetstream_rows(
         pick(&[floor, runs[1].clone()], "consume_per_sec"),
         None,
     ));
+    // What the server-enforced one-copy-per-id stream costs dispatch (a
+    // subject per task, one message per subject), against the same raw runs.
+    let mut per_id = Vec::with_capacity(plan.repeats);
+    for r in 0..plan.repeats {
+        progress(
+            started,
+            &format!(
+                "{label} dispatch with one copy per id, repeat {}/{}",
+                r + 1,
+                plan.repeats
+            ),
+        );
+        per_id.push(measure(
+            "sealed",
+            Some("--one-copy-per-id"),
+            &format!("r{r}perid{cluster}"),
+        )?);
+    }
+    let per_id = [runs[0].clone(), per_id];
+    report.rows.push(Row::higher(
+        format!("{label} publish msgs/s, one copy per id"),
+        pick(&per_id, "publish_per_sec"),
+        None,
+    ));
+    report.rows.push(Row::higher(
+        format!("{label} consume msgs/s, one copy per id"),
+        pick(&per_id, "consume_per_sec"),
+        None,
+    ));
     // Where the consume gap goes: the client's CPU per task (on this
     // machine the server shares the same two cores).
     report.rows.push(Row::lower(

@@ -74,6 +74,11 @@ pub struct JetstreamArgs {
     /// consumer that records its outcomes, measured against plain raw.
     #[arg(long)]
     pub record_outcomes: bool,
+    /// Sealed mode only: a task stream that admits one queued copy per task
+    /// id (`DispatchOptions::one_copy_per_id`: a subject per task and a
+    /// one-message-per-subject limit).
+    #[arg(long)]
+    pub one_copy_per_id: bool,
 }
 
 /// Arguments of the throughput measurement.
@@ -829,6 +834,11 @@ async fn jetstream(a: JetstreamArgs) -> Result<serde_json::Value, BenchError> {
     // task costs beside its delivery, ack and outcome write.
     let consume_cpu_secs;
     let mut per_task = serde_json::Value::Null;
+    if a.one_copy_per_id && matches!(a.mode, Mode::Raw) {
+        return Err(BenchError(
+            "--one-copy-per-id is for sealed mode (a dispatch stream setting)".into(),
+        ));
+    }
     match a.mode {
         Mode::Raw => {
             let client = raw_client(&a.url).await?;
@@ -968,7 +978,8 @@ async fn jetstream(a: JetstreamArgs) -> Result<serde_json::Value, BenchError> {
                 DispatchOptions::new()
                     .stream(&format!("TASKS_{}", a.run))
                     .done_bucket(&format!("DONE_{}", a.run))
-                    .replicas(a.replicas),
+                    .replicas(a.replicas)
+                    .one_copy_per_id(a.one_copy_per_id),
             )
             .await
             .map_err(|e| fail("dispatcher")(e.to_string()))?;
