@@ -94,6 +94,7 @@ async fn a_deployment_that_grows_raises_every_stream_to_its_replicas() {
         status.buckets
     );
     let stats = cp.tenant_stats("acme").await.unwrap();
+    assert_eq!(stats.replicas, 1);
     let r1: Vec<_> = stats.streams.iter().filter(|s| s.replicas == 1).collect();
     assert_eq!(
         r1.len(),
@@ -119,6 +120,7 @@ async fn a_deployment_that_grows_raises_every_stream_to_its_replicas() {
                     .all(|s| s.replicas == 3 && s.nodes.len() == 3);
             if platform_done && tenant_done {
                 assert_eq!(status.replicas, 3);
+                assert_eq!(stats.replicas, 3);
                 break;
             }
         }

@@ -324,12 +324,73 @@ fn stats_table(s: &agentbus_control::api::TenantStats) -> String {
             Some(false) => "; OUTSIDE its region",
             None => "",
         };
+        // Raised by the placement pass within a pass or two; one that stays
+        // marked could not be raised (the controller's log says why).
+        let below = if st.replicas < s.replicas {
+            format!("; BELOW the deployment's R{}", s.replicas)
+        } else {
+            String::new()
+        };
         out.push_str(&format!(
-            "\nstream       {} R{} on {}{place}",
+            "\nstream       {} R{} on {}{place}{below}",
             st.name,
             st.replicas,
             st.nodes.join(", ")
         ));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use agentbus_control::api::{LiveStats, TenantStats, TenantStream, UsageTotals};
+    use agentbus_control::tiers::{Quotas, Tier};
+
+    fn stats(replicas: usize, streams: &[(&str, usize)]) -> TenantStats {
+        TenantStats {
+            tenant: "acme".into(),
+            status: "active".into(),
+            tier: "pro".into(),
+            quotas: Quotas::for_tier(Tier::Pro),
+            live: LiveStats::default(),
+            usage_this_hour: UsageTotals::default(),
+            usage_today: UsageTotals::default(),
+            budgets: Vec::new(),
+            throttled: Default::default(),
+            strikes_last_10m: 0,
+            agents_issued: 1,
+            agents_revoked: 0,
+            api_keys_active: 0,
+            streams: streams
+                .iter()
+                .map(|(name, r)| TenantStream {
+                    name: name.to_string(),
+                    replicas: *r,
+                    nodes: vec!["n1".into()],
+                    in_region: None,
+                })
+                .collect(),
+            replicas,
+            audit_log: String::new(),
+        }
+    }
+
+    #[test]
+    fn a_stream_below_the_deployments_replicas_is_marked() {
+        let text = stats_table(&stats(3, &[("TASKS", 1), ("KV_STATE", 3)]));
+        let line = |name: &str| {
+            text.lines()
+                .find(|l| l.contains(&format!(" {name} R")))
+                .unwrap_or_else(|| panic!("no line for {name}: {text}"))
+                .to_string()
+        };
+        assert!(
+            line("TASKS").ends_with("; BELOW the deployment's R3"),
+            "{text}"
+        );
+        assert!(!line("KV_STATE").contains("BELOW"), "{text}");
+        // An older controller (no count): nothing is marked.
+        assert!(!stats_table(&stats(0, &[("TASKS", 1)])).contains("BELOW"));
+    }
 }

@@ -425,6 +425,12 @@ pub struct TenantStats {
     /// bound to a region whether all of them are on that region's servers.
     #[serde(default)]
     pub streams: Vec<TenantStream>,
+    /// The deployment's replica count. The placement pass raises a stream
+    /// kept with fewer; one that stays below could not be raised (for
+    /// example, the account's JetStream limits cannot hold the copies: the
+    /// controller's log says why). 0 from a controller that predates it.
+    #[serde(default)]
+    pub replicas: usize,
     /// The platform stream holding the tenant's audit log: `AUDIT`, or
     /// `AUDIT_<region>` for a tenant created with a region (docs/audit.md).
     #[serde(default, skip_serializing_if = "String::is_empty")]

@@ -91,6 +91,7 @@ impl Controller {
             agents_revoked: agents.iter().filter(|a| a.revoked_at.is_some()).count(),
             api_keys_active: keys.iter().filter(|k| k.status(now_s) == "active").count(),
             streams,
+            replicas: self.config.replicas,
             audit_log,
         })
     }
