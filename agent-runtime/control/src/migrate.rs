@@ -8,10 +8,15 @@
 //! JetStream API of both sides: the stream's configuration (with the new
 //! deployment's replicas), then every message in order with its subject,
 //! headers and payload, each publish acknowledged by the target before the
-//! copy counts it. The source is read with "next message at or after this
-//! sequence" requests to the stream (read-only whatever its retention: a
-//! consumer on a work queue would take the tasks; one request per message,
-//! gaps skipped by the server), publishes pipelined 256 deep.
+//! copy counts it. The source is read with get-message requests to the
+//! stream (read-only whatever its retention: a consumer on a work queue
+//! would take the tasks): a stream whose live messages fill at least half of
+//! its sequence range is read by sequence, 256 requests in flight (a deleted
+//! sequence answers "no message" and is skipped); a sparser one (a bucket
+//! whose keys were overwritten many times) with one "next message at or
+//! after this sequence" request at a time, gaps skipped by the server.
+//! Publishes are pipelined 256 deep. What the stream held when the copy of
+//! it started is copied.
 //!
 //! What changes: stream sequences (and so KV revisions) are
 //! renumbered from 1 (nothing the project stores refers to them: audit
@@ -31,14 +36,15 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream::{self, stream};
+use async_nats::jetstream::{self, message::StreamMessage, stream};
 use async_nats::HeaderMap;
-use futures::TryStreamExt as _;
+use futures::{StreamExt as _, TryStreamExt as _};
 
 use crate::api::{ApiError, ErrorCode};
 use crate::store::unavailable;
 
-/// Publishes in flight at once while copying a stream.
+/// Publishes (and reads of a dense stream) in flight at once while copying
+/// a stream.
 const WINDOW: usize = 256;
 /// How long one message (read or acknowledged) may take.
 const STEP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -143,9 +149,9 @@ async fn copy_stream(
         .get_stream(&name)
         .await
         .map_err(|e| unavailable(&format!("reading stream {name}"), e))?;
-    // Read with "the next message at or after this sequence" requests to
-    // the stream itself: read-only whatever the retention (a consumer on a
-    // work queue would take the tasks), and gaps cost nothing.
+    // Read with get-message requests to the stream itself: read-only
+    // whatever the retention (a consumer on a work queue would take the
+    // tasks). See the module docs for the dense and sparse reads.
     let mut out = Publisher {
         js: to_js,
         stream: &name,
@@ -155,34 +161,56 @@ async fn copy_stream(
     // A counter's messages carry running totals: only each subject's last
     // one is copied, as one increment, after the read.
     let mut totals: std::collections::BTreeMap<String, String> = Default::default();
-    let mut next_seq = 1u64;
-    for _ in 0..=info.state.messages {
-        let read = tokio::time::timeout(
-            STEP_TIMEOUT,
-            source
-                .raw_message_builder()
-                .sequence(next_seq)
-                .next_by_subject(">")
-                .send(),
-        )
-        .await
-        .map_err(|_| unavailable(&format!("reading stream {name}"), "timed out"))?;
-        let msg = match read {
-            Ok(msg) => msg,
-            Err(e) if e.kind() == stream::RawMessageErrorKind::NoMessageFound => break,
-            Err(e) => return Err(unavailable(&format!("reading stream {name}"), e)),
-        };
-        next_seq = msg.sequence.saturating_add(1);
-        if counter {
-            totals.insert(msg.subject.to_string(), counter_total(&msg.payload)?);
-            continue;
+    let state = &info.state;
+    let span = state
+        .last_sequence
+        .saturating_sub(state.first_sequence)
+        .saturating_add(1);
+    if state.messages > 0 && span <= state.messages.saturating_mul(2) {
+        // Dense: every sequence asked for, WINDOW at once, in order.
+        let source = &source;
+        let mut reads = futures::stream::iter(state.first_sequence..=state.last_sequence)
+            .map(|seq| async move {
+                tokio::time::timeout(
+                    STEP_TIMEOUT,
+                    source.raw_message_builder().sequence(seq).send(),
+                )
+                .await
+            })
+            .buffered(WINDOW);
+        while let Some(read) = reads.next().await {
+            let read =
+                read.map_err(|_| unavailable(&format!("reading stream {name}"), "timed out"))?;
+            match read {
+                Ok(msg) => take(msg, counter, &mut totals, &mut out).await?,
+                // Deleted (or removed since the copy began): nothing to copy.
+                Err(e) if e.kind() == stream::RawMessageErrorKind::NoMessageFound => {}
+                Err(e) => return Err(unavailable(&format!("reading stream {name}"), e)),
+            }
         }
-        out.send(
-            msg.subject.to_string(),
-            copied_headers(Some(&msg.headers)),
-            msg.payload,
-        )
-        .await?;
+    } else {
+        // Sparse: "the next message at or after", one at a time, gaps
+        // skipped by the server.
+        let mut next_seq = state.first_sequence.max(1);
+        for _ in 0..=state.messages {
+            let read = tokio::time::timeout(
+                STEP_TIMEOUT,
+                source
+                    .raw_message_builder()
+                    .sequence(next_seq)
+                    .next_by_subject(">")
+                    .send(),
+            )
+            .await
+            .map_err(|_| unavailable(&format!("reading stream {name}"), "timed out"))?;
+            let msg = match read {
+                Ok(msg) => msg,
+                Err(e) if e.kind() == stream::RawMessageErrorKind::NoMessageFound => break,
+                Err(e) => return Err(unavailable(&format!("reading stream {name}"), e)),
+            };
+            next_seq = msg.sequence.saturating_add(1);
+            take(msg, counter, &mut totals, &mut out).await?;
+        }
     }
     for (subject, total) in totals {
         let mut headers = HeaderMap::new();
@@ -194,6 +222,26 @@ async fn copy_stream(
         stream: name,
         messages: copied,
     })
+}
+
+/// One message read from the source: sent to the target, or for a counter
+/// stream kept as its subject's latest total.
+async fn take(
+    msg: StreamMessage,
+    counter: bool,
+    totals: &mut std::collections::BTreeMap<String, String>,
+    out: &mut Publisher<'_>,
+) -> Result<(), ApiError> {
+    if counter {
+        totals.insert(msg.subject.to_string(), counter_total(&msg.payload)?);
+        return Ok(());
+    }
+    out.send(
+        msg.subject.to_string(),
+        copied_headers(Some(&msg.headers)),
+        msg.payload,
+    )
+    .await
 }
 
 /// Whether a stream create failed only because JetStream is not serving
