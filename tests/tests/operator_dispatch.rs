@@ -59,17 +59,25 @@ struct Tenant {
     runs: Runs,
 }
 
-async fn tenant(cp: &AdminClient, id: &str) -> Tenant {
+/// A tenant whose stream is created with `one_copy_per_id` when asked
+/// (then tasks travel on `tasks.queue.<type>.<id>`, which the account's
+/// allow-list must let the worker consume).
+async fn tenant(cp: &AdminClient, id: &str, one_copy_per_id: bool) -> Tenant {
     cp.create_tenant(id, Tier::Free).await.unwrap();
     let planner = cp.issue_agent(id, "planner", "default").await.unwrap();
     let runner = cp.issue_agent(id, "runner", "default").await.unwrap();
     assert!(planner.creds.is_some() && runner.creds.is_some());
     let dispatcher_ns = TenantNamespace::connect(&planner).await.unwrap();
     let worker_ns = TenantNamespace::connect(&runner).await.unwrap();
-    let d = Dispatcher::new(&dispatcher_ns, options()).await.unwrap();
+    let d = Dispatcher::new(&dispatcher_ns, options().one_copy_per_id(one_copy_per_id))
+        .await
+        .unwrap();
     assert_eq!(d.stream_name(), DEFAULT_STREAM);
     assert_eq!(d.done_bucket(), DEFAULT_DONE_BUCKET);
+    assert_eq!(d.one_copy_per_id(), one_copy_per_id);
+    // The worker's dispatcher follows the stream it finds.
     let wd = Dispatcher::new(&worker_ns, options()).await.unwrap();
+    assert_eq!(wd.one_copy_per_id(), one_copy_per_id);
     let runs: Runs = Arc::default();
     let (r, tag) = (runs.clone(), id.to_string());
     let worker = wd
@@ -156,16 +164,20 @@ async fn scenarios(t: &Tenant) {
     // de-duplication): the worker finds the id in TASKS_DONE and does not run it.
     let js = jetstream::new(t.dispatcher_ns.nats().clone());
     let before = t.worker.stats().duplicates();
-    js.send_publish(
-        task.subject().to_string(),
-        jetstream::message::PublishMessage::build()
-            .payload(task.body().clone())
-            .message_id(format!("again-{}", task.id().to_hex())),
-    )
-    .await
-    .unwrap()
-    .await
-    .unwrap();
+    let publish = || async {
+        js.send_publish(
+            task.subject().to_string(),
+            jetstream::message::PublishMessage::build()
+                .payload(task.body().clone())
+                .message_id(format!("again-{}", task.id().to_hex())),
+        )
+        .await?
+        .await
+    };
+    // With one copy per id the server refuses the copy until the first one
+    // is acked (a moment after its outcome is recorded).
+    let stored = eventually(WAIT, || async { publish().await.ok() }).await;
+    assert!(stored.is_some(), "{id}: the copy was never stored");
     let seen = eventually(WAIT, || async {
         (t.worker.stats().duplicates() > before).then_some(())
     })
@@ -177,8 +189,10 @@ async fn scenarios(t: &Tenant) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_tenants_dispatch_and_work_under_their_own_accounts() {
     let p = platform().await;
-    let a = tenant(&p.cp, "a").await;
-    let b = tenant(&p.cp, "b").await;
+    let a = tenant(&p.cp, "a", false).await;
+    // b's stream admits one copy per id: its workers consume
+    // `tasks.queue.resize.*` under the same allow-list.
+    let b = tenant(&p.cp, "b", true).await;
 
     // Both tenants at once, on the same stream and bucket names.
     tokio::join!(scenarios(&a), scenarios(&b));
@@ -234,8 +248,8 @@ fn violation(kind: &'static str, subject: &str) -> impl Fn(&str) -> bool {
 async fn tenant_b_cannot_read_tenant_a_tasks_or_done_records() {
     let p = platform().await;
     let url = p.server.url();
-    let a = tenant(&p.cp, "a").await;
-    let b = tenant(&p.cp, "b").await;
+    let a = tenant(&p.cp, "a", false).await;
+    let b = tenant(&p.cp, "b", false).await;
     let spy = p.cp.issue_agent("b", "spy", "default").await.unwrap();
     let (raw, mut events) = raw_connect(&url, &spy).await;
 

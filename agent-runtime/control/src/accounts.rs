@@ -110,6 +110,11 @@ fn task_stream_subjects(tenant: &TenantId, stream: &str, out: &mut Vec<String>) 
     out.push(format!(
         "$JS.API.CONSUMER.CREATE.{stream}.*.tenant.{tenant}.tasks.queue.*"
     ));
+    // The same type's tasks on a one-copy-per-id stream
+    // (`tasks.queue.<type>.<id hex>`, filter `tasks.queue.<type>.*`).
+    out.push(format!(
+        "$JS.API.CONSUMER.CREATE.{stream}.*.tenant.{tenant}.tasks.queue.*.*"
+    ));
     out.push(format!(
         "$JS.API.CONSUMER.CREATE.{stream}.{DEAD_LETTER_CONSUMER}.tenant.{tenant}.tasks.dead.>"
     ));
@@ -522,6 +527,7 @@ mod tests {
             "$JS.API.STREAM.CREATE.TASKS".to_string(),
             "$JS.API.STREAM.INFO.TASKS".to_string(),
             "$JS.API.CONSUMER.CREATE.TASKS.*.tenant.acme.tasks.queue.*".to_string(),
+            "$JS.API.CONSUMER.CREATE.TASKS.*.tenant.acme.tasks.queue.*.*".to_string(),
             "$JS.API.CONSUMER.CREATE.TASKS.dead-letters.tenant.acme.tasks.dead.>".to_string(),
             "$JS.API.CONSUMER.INFO.TASKS.*".to_string(),
             "$JS.API.CONSUMER.MSG.NEXT.TASKS.*".to_string(),
