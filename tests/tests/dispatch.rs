@@ -857,6 +857,26 @@ async fn two_workers_with_copies_of_one_id_record_one_outcome() {
     }
 }
 
+/// Waits until the workers' `count` of their stats adds up to `want`;
+/// fails naming `what` and every worker's stats.
+async fn wait_total(
+    workers: &[agent_runtime::dispatch::Worker],
+    what: &str,
+    count: impl Fn(&agent_runtime::dispatch::WorkerStats) -> u64,
+    want: u64,
+) {
+    let reached = eventually(WAIT, || async {
+        let total: u64 = workers.iter().map(|w| count(w.stats())).sum();
+        (total == want).then_some(())
+    })
+    .await;
+    assert!(
+        reached.is_some(),
+        "{what} never reached {want}: {:?}",
+        workers.iter().map(|w| w.stats()).collect::<Vec<_>>()
+    );
+}
+
 /// On a stream that admits one copy per id, a copy of a task that is queued
 /// or running is refused by the server: through the dispatcher (a
 /// duplicate) and from a raw client, long after the duplicate window, so
@@ -945,16 +965,7 @@ async fn one_copy_per_id_refuses_copies_while_one_is_queued_or_running() {
     .unwrap()
     .await
     .unwrap();
-    let rejected = eventually(WAIT, || async {
-        let r: u64 = workers.iter().map(|w| w.stats().rejected()).sum();
-        (r == 1).then_some(())
-    })
-    .await;
-    assert!(
-        rejected.is_some(),
-        "{:?}",
-        workers.iter().map(|w| w.stats()).collect::<Vec<_>>()
-    );
+    wait_total(&workers, "rejected", |s| s.rejected(), 1).await;
     release.add_permits(16);
     let outcome = handle.wait(WAIT).await.unwrap();
     assert_eq!(started.load(Ordering::SeqCst), 1, "one copy ran");
@@ -965,16 +976,7 @@ async fn one_copy_per_id_refuses_copies_while_one_is_queued_or_running() {
     .await;
     assert!(acked.is_some());
     assert!(!d.submit(&task).await.unwrap().duplicate);
-    let skipped = eventually(WAIT, || async {
-        let dup: u64 = workers.iter().map(|w| w.stats().duplicates()).sum();
-        (dup == 1).then_some(())
-    })
-    .await;
-    assert!(
-        skipped.is_some(),
-        "{:?}",
-        workers.iter().map(|w| w.stats()).collect::<Vec<_>>()
-    );
+    wait_total(&workers, "duplicates", |s| s.duplicates(), 1).await;
     assert_eq!(
         started.load(Ordering::SeqCst),
         1,

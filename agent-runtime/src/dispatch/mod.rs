@@ -6,8 +6,8 @@
 //! |---|---|---|
 //! | work-queue stream | `TASKS` ([`DEFAULT_STREAM`]) | subjects `tasks.queue.>` and `tasks.dead.>`; retention WorkQueue, file storage, duplicate window (default 2 min) |
 //! | a task | `tasks.queue.<type>` (`tasks.queue.<type>.<id hex>` with one copy per id) | sealed for `tasks.queue.<type>`; `Nats-Msg-Id` = the message id in hex |
-//! | worker consumer | durable `work-<type>` | pull, explicit ack, filter `tasks.queue.<type>` |
-//! | dead letter | `tasks.dead.<type>` | sealed JSON [`DeadLetter`] with the reason; `Nats-Msg-Id` = `dead-<task id>`; kept in the stream until read through [`Dispatcher::dead_letters`] (durable `dead-letters`) |
+//! | worker consumer | durable `work-<type>` | pull, explicit ack, filter `tasks.queue.<type>` (`tasks.queue.<type>.*` with one copy per id) |
+//! | dead letter | `tasks.dead.<type>` (`tasks.dead.<type>.<task id hex>` with one copy per id) | sealed JSON [`DeadLetter`] with the reason; `Nats-Msg-Id` = `dead-<task id>`; kept in the stream until read through [`Dispatcher::dead_letters`] (durable `dead-letters`) |
 //! | result | `tasks.results.<task id hex>` | sealed [`TaskOutcome`], core NATS (not stored in the stream) |
 //! | done bucket | `TASKS_DONE` ([`DEFAULT_DONE_BUCKET`]) | key = task id hex, value = the sealed result; `max_age` = done retention (default 7 days); republishes every write to `tasks.results.<key>` |
 //!
@@ -1068,14 +1068,23 @@ pub(crate) fn per_id_subject(subject: String, per_id: bool, id: &MessageId) -> S
     }
 }
 
-/// On a stream that admits one copy per id: the subject a message's seal is
-/// bound to and the id its subject names (`<sealed subject>.<32 hex>`), or
-/// `None` for a subject without that last token (never published by a
-/// dispatcher: refused like a failed seal).
-pub(crate) fn split_per_id(subject: &str) -> Option<(&str, &str)> {
-    let (sealed_for, id) = subject.rsplit_once('.')?;
-    let hex = id.len() == 32 && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
-    hex.then_some((sealed_for, id))
+/// The subject a stored message's seal is bound to, and on a stream that
+/// admits one copy per id the task id its subject names
+/// (`<sealed subject>.<32 hex>`). A per-id subject without that last token
+/// (never published by a dispatcher) gives an empty subject, which no seal
+/// opens for: refused like a failed seal.
+pub(crate) fn sealed_for(subject: &str, per_id: bool) -> (&str, Option<&str>) {
+    if !per_id {
+        return (subject, None);
+    }
+    match subject.rsplit_once('.') {
+        Some((sealed_for, id))
+            if id.len() == 32 && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) =>
+        {
+            (sealed_for, Some(id))
+        }
+        _ => ("", None),
+    }
 }
 
 /// Whether a publish was refused because its subject already holds a
@@ -1193,14 +1202,8 @@ impl DeadLetters {
             })?;
             // One copy per id: sealed for the subject without its id token,
             // which must name the letter's task.
-            let (sealed_for, named) = if self.dispatcher.shared.per_id {
-                match split_per_id(msg.subject.as_str()) {
-                    Some((s, id)) => (s, Some(id)),
-                    None => ("", None),
-                }
-            } else {
-                (msg.subject.as_str(), None)
-            };
+            let (sealed_for, named) =
+                sealed_for(msg.subject.as_str(), self.dispatcher.shared.per_id);
             let opened = tenant_bus::envelope::open(
                 &self.dispatcher.shared.ns.keys(),
                 sealed_for,

@@ -690,14 +690,7 @@ async fn process(ctx: &Ctx, msg: Message, _slot: Slot) {
     // On a stream with one copy per id the seal is bound to the subject
     // without its id token, and that token must name the sealed id: a task
     // moved to another id's subject is refused like a broken seal.
-    let (sealed_for, named) = if d.shared.per_id {
-        match super::split_per_id(&subject) {
-            Some((s, id)) => (s, Some(id)),
-            None => ("", None),
-        }
-    } else {
-        (subject.as_str(), None)
-    };
+    let (sealed_for, named) = super::sealed_for(&subject, d.shared.per_id);
     let opened =
         match tenant_bus::envelope::open(&d.shared.ns.keys(), sealed_for, None, &msg.payload) {
             Ok((stamp, _)) if d.shared.per_id && named != Some(stamp.msg_id.to_hex().as_str()) => {
