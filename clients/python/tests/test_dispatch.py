@@ -2,6 +2,7 @@
 (examples/interop_peer.rs) on the same stream, consumer and done bucket."""
 
 import asyncio
+import inspect
 
 import nats.js.errors
 import pytest
@@ -252,6 +253,18 @@ async def test_rust_worker_runs_a_task_a_python_dispatcher_submitted(nats_server
         await ns.close()
 
 
+async def _until(cond, limit: float = 5.0) -> None:
+    """Polls ``cond()`` (plain or async) every 50 ms for up to ``limit``
+    seconds (the caller asserts what it needs afterwards)."""
+    for _ in range(int(limit / 0.05)):
+        met = cond()
+        if inspect.isawaitable(met):
+            met = await met
+        if met:
+            return
+        await asyncio.sleep(0.05)
+
+
 async def test_one_copy_per_id_refuses_copies_while_one_is_queued_or_running(nats_server) -> None:
     t = unique_tenant("dp")
     ns = await tb.connect(make_bundle(nats_server.url, t, "py"))
@@ -271,10 +284,7 @@ async def test_one_copy_per_id_refuses_copies_while_one_is_queued_or_running(nat
         assert task.subject.endswith(f".charge.{task.id.to_hex()}")
         handle = await d.handle(task.id)
         assert not (await d.submit(task)).duplicate
-        for _ in range(100):
-            if started:
-                break
-            await asyncio.sleep(0.05)
+        await _until(lambda: bool(started))
         assert len(started) == 1
         await asyncio.sleep(0.5)  # past the duplicate window
         again = await follower.submit(task)
@@ -286,24 +296,18 @@ async def test_one_copy_per_id_refuses_copies_while_one_is_queued_or_running(nat
         # Moved to another id's subject: stored, refused by the worker.
         other = d.seal("charge", b"other")
         await d.js.publish(other.subject, task.body)
-        for _ in range(100):
-            if sum(w.stats.rejected for w in workers) == 1:
-                break
-            await asyncio.sleep(0.05)
+        await _until(lambda: sum(w.stats.rejected for w in workers) == 1)
         assert sum(w.stats.rejected for w in workers) == 1
         release.set()
         assert await handle.wait(20) == TaskOutcome(True, output=b"charged")
         assert started == [task.id], "one copy ran"
         # Finished and acked: a later copy is stored, found done, not run.
-        for _ in range(100):
-            if (await d.js.stream_info(d.stream_name)).state.messages == 0:
-                break
-            await asyncio.sleep(0.05)
+        async def acked() -> bool:
+            return (await d.js.stream_info(d.stream_name)).state.messages == 0
+
+        await _until(acked)
         assert not (await d.submit(task)).duplicate
-        for _ in range(100):
-            if sum(w.stats.duplicates for w in workers) == 1:
-                break
-            await asyncio.sleep(0.05)
+        await _until(lambda: sum(w.stats.duplicates for w in workers) == 1)
         assert sum(w.stats.duplicates for w in workers) == 1 and started == [task.id]
         for w in workers:
             await w.shutdown(5)
