@@ -21,23 +21,24 @@
 //!   unconditional put: if another copy of the task finished in between, the
 //!   write is refused ([`Recorded::Conflict`]) and the worker keeps the stored
 //!   outcome instead of overwriting it.
-//! - **The writes** ([`Writes`]): every worker sends its records through one
-//!   acknowledgement inbox (`<inbox>.<n>`, one subscription) read by one task,
-//!   instead of async-nats' JetStream publish, which costs each write a fresh
-//!   inbox name, two timers and an untagged-enum parse of the answer. A write
-//!   here is a publish and a oneshot; one sweep a second fails the writes whose
-//!   answer is overdue. Measured in `agentbus bench` (see BENCHMARKS.md).
+//! - **The writes** go through the dispatcher's acknowledgement inbox
+//!   (`acks.rs`, shared with task publishes) instead of async-nats' KV
+//!   client; a write without an answer in time is an outage (retried,
+//!   expecting the same revision: if the first one landed, the retry finds it
+//!   and keeps it).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::kv;
 use bytes::Bytes;
 use futures::StreamExt as _;
-use serde::Deserialize;
 use tokio::sync::{mpsc, oneshot, Mutex};
+
+use super::acks::AckInbox;
 
 /// Keys per batched lookup (the server answers at most 1024 results).
 const MAX_BATCH: usize = 256;
@@ -46,13 +47,6 @@ const LOOKUPS_IN_FLIGHT: usize = 2;
 /// How long one batched lookup may take before it counts as failed (the
 /// workers waiting on it retry, holding their tasks).
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long a write may wait for the server's answer before it counts as
-/// failed (the worker then retries it, expecting the same revision: if the
-/// first one landed, the retry finds it and keeps it).
-const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
-/// The JetStream error code of a conditional write whose expected last
-/// subject sequence did not match (`JSStreamWrongLastSequenceErrF`).
-const WRONG_LAST_SEQUENCE: u64 = 10071;
 
 /// A record found in the done bucket.
 #[derive(Debug, Clone)]
@@ -301,19 +295,30 @@ pub(crate) enum Recorded {
 }
 
 /// Writes `value` under `key` if the key's last revision is `expect` (0: the
-/// key has no record), through `writes` when the worker has them. `Err`: the
+/// key has no record), through `acks` (else async-nats' KV client, which knows
+/// JetStream domains and API prefixes). `Err`: the
 /// bucket could not be written or read (an outage: retry).
 pub(crate) async fn record(
     store: &kv::Store,
-    writes: Option<&Writes>,
+    acks: Option<&AckInbox>,
     key: &str,
     value: Bytes,
     expect: u64,
 ) -> Result<Recorded, String> {
-    let written = match writes {
-        Some(w) => {
+    let written = match acks {
+        Some(a) => {
             let prefix = store.put_prefix.as_ref().unwrap_or(&store.prefix);
-            w.write(format!("{prefix}{key}"), value, expect).await?
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert(
+                async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
+                async_nats::HeaderValue::from(expect),
+            );
+            let sent = a.publish(format!("{prefix}{key}"), headers, value).await;
+            match sent.map_err(|e| e.to_string())?.wait().await {
+                Ok(_) => true,
+                Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => false,
+                Err(e) => return Err(format!("done record: {e}")),
+            }
         }
         None => match store.update(key, value, expect).await {
             Ok(_) => true,
@@ -326,229 +331,4 @@ pub(crate) async fn record(
     }
     let now = store.entry(key).await.map_err(|e| e.to_string())?;
     Ok(Recorded::Conflict(now.map(record_of)))
-}
-
-/// A write waiting for the server's answer.
-struct Pending {
-    reply: oneshot::Sender<Result<bool, String>>,
-    sent: tokio::time::Instant,
-}
-
-type PendingWrites = Arc<std::sync::Mutex<HashMap<u64, Pending>>>;
-
-/// The conditional writes of one worker: one acknowledgement inbox and one
-/// task reading it. Dropping it ends that task; writes still waiting then fail
-/// (and are retried by their callers, as after any outage).
-pub(crate) struct Writes {
-    nats: async_nats::Client,
-    inbox: String,
-    next: AtomicU64,
-    pending: PendingWrites,
-    reader: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for Writes {
-    fn drop(&mut self) {
-        self.reader.abort();
-    }
-}
-
-impl Writes {
-    /// Subscribes the acknowledgement inbox on `nats` and starts its reader.
-    /// `None` when the bucket is reached through a JetStream domain or API
-    /// prefix (its writes then go through async-nats' KV client, which
-    /// knows those).
-    pub(crate) async fn start(
-        nats: async_nats::Client,
-        store: &kv::Store,
-    ) -> Result<Option<Self>, async_nats::SubscribeError> {
-        if store.use_jetstream_prefix {
-            return Ok(None);
-        }
-        let inbox = nats.new_inbox();
-        let sub = nats.subscribe(format!("{inbox}.*")).await?;
-        let pending: PendingWrites = Arc::default();
-        let reader = tokio::spawn(read_answers(sub, pending.clone()));
-        Ok(Some(Self {
-            nats,
-            inbox,
-            next: AtomicU64::new(1),
-            pending,
-            reader,
-        }))
-    }
-
-    /// Publishes `value` to `subject` expecting the subject's last sequence to
-    /// be `expect`. `Ok(true)`: stored; `Ok(false)`: refused, the last
-    /// sequence is another (the caller reads what is there); `Err`: no answer
-    /// (an outage, a timeout: retry).
-    pub(crate) async fn write(
-        &self,
-        subject: String,
-        value: Bytes,
-        expect: u64,
-    ) -> Result<bool, String> {
-        let n = self.next.fetch_add(1, Ordering::Relaxed);
-        let (reply, answer) = oneshot::channel();
-        self.pending
-            .lock()
-            .map_err(|_| "write table poisoned".to_string())?
-            .insert(
-                n,
-                Pending {
-                    reply,
-                    sent: tokio::time::Instant::now(),
-                },
-            );
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert(
-            async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
-            async_nats::HeaderValue::from(expect),
-        );
-        let sent = self
-            .nats
-            .publish_with_reply_and_headers(subject, format!("{}.{n}", self.inbox), headers, value)
-            .await;
-        if let Err(e) = sent {
-            if let Ok(mut p) = self.pending.lock() {
-                p.remove(&n);
-            }
-            return Err(format!("done record not sent: {e}"));
-        }
-        answer
-            .await
-            .map_err(|_| "the write acknowledgement reader ended".to_string())?
-    }
-}
-
-/// Reads the answers to [`Writes::write`] and hands each to its writer; once a
-/// second fails the writes unanswered for [`WRITE_TIMEOUT`].
-async fn read_answers(mut sub: async_nats::Subscriber, pending: PendingWrites) {
-    let mut sweep = tokio::time::interval(Duration::from_secs(1));
-    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            msg = sub.next() => {
-                let Some(msg) = msg else {
-                    // The subscription ended (the client closed): fail what waits.
-                    if let Ok(mut p) = pending.lock() {
-                        for (_, w) in p.drain() {
-                            let _ = w.reply.send(Err("connection closed".into()));
-                        }
-                    }
-                    return;
-                };
-                let Some(n) = msg
-                    .subject
-                    .rsplit('.')
-                    .next()
-                    .and_then(|n| n.parse::<u64>().ok())
-                else {
-                    continue;
-                };
-                let waiting = pending.lock().ok().and_then(|mut p| p.remove(&n));
-                // None: answered after its timeout; the retry settles it.
-                if let Some(w) = waiting {
-                    let _ = w.reply.send(answer(&msg));
-                }
-            }
-            _ = sweep.tick() => {
-                let Ok(mut p) = pending.lock() else { return };
-                let overdue: Vec<u64> = p
-                    .iter()
-                    .filter(|(_, w)| w.sent.elapsed() >= WRITE_TIMEOUT)
-                    .map(|(n, _)| *n)
-                    .collect();
-                for n in overdue {
-                    if let Some(w) = p.remove(&n) {
-                        let _ = w.reply.send(Err(format!(
-                            "done record not acknowledged within {} s",
-                            WRITE_TIMEOUT.as_secs()
-                        )));
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// JetStream's answer to a publish: a `PubAck` or an API error.
-#[derive(Deserialize)]
-struct PubAnswer {
-    #[serde(default)]
-    seq: Option<u64>,
-    #[serde(default)]
-    error: Option<ApiError>,
-}
-
-#[derive(Deserialize)]
-struct ApiError {
-    #[serde(default)]
-    code: u16,
-    #[serde(default)]
-    err_code: u64,
-    #[serde(default)]
-    description: String,
-}
-
-/// `Ok(true)`: stored; `Ok(false)`: wrong last sequence; `Err`: anything else
-/// (no responders: the stream has no leader or is gone; another API error).
-fn answer(msg: &async_nats::Message) -> Result<bool, String> {
-    match msg.status {
-        None | Some(async_nats::StatusCode::OK) => {}
-        Some(async_nats::StatusCode::NO_RESPONDERS) => {
-            return Err("done bucket unavailable (no responders)".into())
-        }
-        Some(code) => {
-            return Err(format!(
-                "done record answered {code} {}",
-                msg.description.as_deref().unwrap_or_default()
-            ))
-        }
-    }
-    let a: PubAnswer = serde_json::from_slice(&msg.payload)
-        .map_err(|e| format!("unreadable answer to a done record: {e}"))?;
-    match (a.error, a.seq) {
-        (Some(e), _) if e.err_code == WRONG_LAST_SEQUENCE => Ok(false),
-        (Some(e), _) => Err(format!(
-            "done record refused: {} (code {}, err_code {})",
-            e.description, e.code, e.err_code
-        )),
-        (None, Some(_)) => Ok(true),
-        (None, None) => Err("answer to a done record without a sequence".into()),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn msg(payload: &str, status: Option<async_nats::StatusCode>) -> async_nats::Message {
-        async_nats::Message {
-            subject: "_INBOX.x.1".into(),
-            reply: None,
-            payload: Bytes::from(payload.to_string()),
-            headers: None,
-            status,
-            description: None,
-            length: payload.len(),
-        }
-    }
-
-    #[test]
-    fn a_pub_ack_is_a_write() {
-        assert_eq!(answer(&msg(r#"{"stream":"KV_D","seq":7}"#, None)), Ok(true));
-    }
-
-    #[test]
-    fn a_wrong_last_sequence_is_a_conflict_and_other_errors_are_outages() {
-        let wrong =
-            r#"{"error":{"code":400,"err_code":10071,"description":"wrong last sequence: 3"}}"#;
-        assert_eq!(answer(&msg(wrong, None)), Ok(false));
-        let other = r#"{"error":{"code":503,"err_code":10008,"description":"JetStream system temporarily unavailable"}}"#;
-        assert!(answer(&msg(other, None)).is_err_and(|e| e.contains("temporarily unavailable")));
-        assert!(answer(&msg("", Some(async_nats::StatusCode::NO_RESPONDERS))).is_err());
-        assert!(answer(&msg("not json", None)).is_err());
-        assert!(answer(&msg("{}", None)).is_err());
-    }
 }

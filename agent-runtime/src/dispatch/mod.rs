@@ -154,6 +154,7 @@
 //!   holds across every runtime instance; this costs one KV create and one
 //!   delete per task, plus a heartbeat every `ttl / 3` while it runs.
 
+mod acks;
 mod done;
 pub mod wire;
 pub mod worker;
@@ -542,12 +543,14 @@ pub(crate) struct Shared {
     pub(crate) republishes: bool,
     pub(crate) options: DispatchOptions,
     pub(crate) stream_name: String,
+    /// Publish acknowledgements of tasks and done records, on one inbox.
+    pub(crate) acks: acks::AckInbox,
 }
 
 /// A task sent by [`Dispatcher::send`], whose stream ack is still to come.
 pub struct SubmitAck {
     id: MessageId,
-    ack: jetstream::context::PublishAckFuture,
+    ack: acks::AckFuture,
     per_id: bool,
 }
 
@@ -567,7 +570,7 @@ impl SubmitAck {
     /// a copy refused because another copy of the id is still queued or
     /// running is a duplicate (sequence 0: nothing was stored).
     pub async fn ack(self) -> Result<Submitted, DispatchError> {
-        let ack = match self.ack.await {
+        let ack = match self.ack.wait().await {
             Ok(ack) => ack,
             Err(e) if self.per_id && is_copy_refused(&e) => {
                 return Ok(Submitted {
@@ -750,8 +753,12 @@ impl Dispatcher {
                 (kv, true)
             }
         };
+        let acks = acks::AckInbox::start(ns.nats().clone())
+            .await
+            .map_err(|e| unavailable("publish acknowledgement inbox", e))?;
         Ok(Self {
             shared: Arc::new(Shared {
+                acks,
                 ns: ns.clone(),
                 js,
                 stream,
@@ -891,15 +898,15 @@ impl Dispatcher {
     }
 
     async fn send_sealed(&self, task: &SealedTask) -> Result<SubmitAck, DispatchError> {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(
+            async_nats::header::NATS_MESSAGE_ID,
+            task.id.to_hex().as_str(),
+        );
         let ack = self
             .shared
-            .js
-            .send_publish(
-                task.subject.clone(),
-                jetstream::message::PublishMessage::build()
-                    .payload(task.body.clone())
-                    .message_id(task.id.to_hex()),
-            )
+            .acks
+            .publish(task.subject.clone(), headers, task.body.clone())
             .await
             .map_err(|e| unavailable("publish task", e))?;
         Ok(SubmitAck {
