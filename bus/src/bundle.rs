@@ -47,7 +47,10 @@ pub type BundleError = Error<BundleErrorKind>;
 /// Everything an agent needs to join its tenant's namespace.
 #[derive(Clone, serde::Serialize, serde::Deserialize)]
 pub struct CredentialBundle {
-    /// The NATS server URL (`nats://host:port`, comma-separated for a cluster).
+    /// The NATS server URL (`nats://host:port`, comma-separated for a
+    /// cluster). Without `creds` (or a token in the options), a user and
+    /// password in it (`nats://user:password@host:port`) log in as that
+    /// nats-server config user.
     pub url: String,
     /// The agent's tenant.
     pub tenant: TenantId,

@@ -219,7 +219,15 @@ impl TenantNamespace {
             })?,
             None => match &options.auth_token {
                 Some(token) => async_nats::ConnectOptions::with_token(token.clone()),
-                None => async_nats::ConnectOptions::new(),
+                // `nats://user:password@host`: async-nats parses the user and
+                // password of a URL but does not log in with them.
+                None => match addrs.iter().find_map(|a| a.username().zip(a.password())) {
+                    Some((user, password)) => async_nats::ConnectOptions::with_user_and_password(
+                        user.to_string(),
+                        password.to_string(),
+                    ),
+                    None => async_nats::ConnectOptions::new(),
+                },
             },
         };
         let cb_counters = counters.clone();

@@ -408,3 +408,33 @@ async fn freshness_options_out_of_range_are_refused_on_connect() {
     let mut sub = ns.subscribe("jobs.>").await.unwrap();
     echo_barrier(&ns, &mut sub, "jobs.probe").await;
 }
+
+/// `nats://user:password@host` logs in as that user (async-nats parses a
+/// URL's user and password but does not send them); a wrong password is an
+/// authorization error, not a connection failure.
+#[tokio::test]
+async fn a_user_and_password_in_the_url_log_in() {
+    use tenant_bus::{namespace::ConnectErrorKind, CredentialBundle, TenantNamespace};
+    let server = Server::with_config(
+        "authorization { users = [ { user: \"agent\", password: \"right\" } ] }\n",
+    );
+    let master = MasterSecret::generate().unwrap();
+    let t = TenantId::new("acme").unwrap();
+    let bundle = |password: &str| CredentialBundle {
+        url: server
+            .url()
+            .replacen("nats://", &format!("nats://agent:{password}@"), 1),
+        tenant: t.clone(),
+        agent: AgentId::new("planner").unwrap(),
+        creds: None,
+        keys: master.key_set(&t, [1], 1).unwrap(),
+        placement: Default::default(),
+    };
+    let ns = TenantNamespace::connect(&bundle("right")).await.unwrap();
+    ns.nats().flush().await.unwrap();
+    let wrong = TenantNamespace::connect(&bundle("wrong")).await.err();
+    assert_eq!(
+        wrong.map(|e| e.kind()),
+        Some(ConnectErrorKind::Authorization)
+    );
+}
