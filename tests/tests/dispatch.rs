@@ -1238,3 +1238,63 @@ async fn long_handlers_outlive_ack_wait_and_the_time_limit_fails_the_attempt() {
         worker.shutdown(Duration::from_secs(5)).await;
     }
 }
+
+/// A worker whose credentials may not create its consumer fails at once with
+/// `PermissionDenied` naming the subject (the server answers a denied
+/// request with nothing, so without watching the connection's events this
+/// was an outage after the request's timeout), and creates nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_the_server_refuses_its_consumer_says_so_at_once() {
+    let server = Server::with_options(
+        nats_harness::ServerOptions::new().jetstream(true).config(
+            r#"authorization {
+  users = [
+    { user: "agent", password: "pw",
+      permissions: {
+        publish: { allow: [">"], deny: ["$JS.API.CONSUMER.CREATE.>", "$JS.API.CONSUMER.DURABLE.CREATE.>"] }
+        subscribe: { allow: [">"] } } }
+  ]
+}
+"#,
+        ),
+    );
+    let master = MasterSecret::generate().unwrap();
+    let t = TenantId::new("acme").unwrap();
+    let bundle = CredentialBundle {
+        url: server.url().replacen("nats://", "nats://agent:pw@", 1),
+        tenant: t.clone(),
+        agent: AgentId::new("runner").unwrap(),
+        creds: None,
+        keys: master.key_set(&t, [1], 1).unwrap(),
+        placement: Default::default(),
+    };
+    // A user and password in the URL (nats-server's config users).
+    let ns = TenantNamespace::connect(&bundle).await.unwrap();
+    let d = Dispatcher::new(&ns, options()).await.unwrap();
+    let started = std::time::Instant::now();
+    let err = d
+        .worker(
+            "resize",
+            |_task: Task| async { Ok::<Bytes, String>(Bytes::new()) },
+            WorkerOptions::new(),
+        )
+        .await
+        .err()
+        .unwrap_or_else(|| panic!("the worker started without its consumer"));
+    assert_eq!(err.kind(), DispatchErrorKind::PermissionDenied, "{err}");
+    let message = err.to_string();
+    assert!(
+        message.contains("$JS.API.CONSUMER.CREATE") && message.contains("work-resize"),
+        "{message}"
+    );
+    // Before the JetStream request's own timeout (5 s).
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    // Nothing was created.
+    let js = async_nats::jetstream::new(ns.nats().clone());
+    let stream = js.get_stream(d.stream_name()).await.unwrap();
+    assert!(stream.consumer_info("work-resize").await.is_err());
+}

@@ -213,6 +213,11 @@ pub enum DispatchErrorKind {
     /// The options do not fit the namespace (a scheduler of another tenant)
     /// or are out of range (replicas outside 1 to 5).
     InvalidOptions,
+    /// The server refused this connection a JetStream API subject the step
+    /// needs (its credentials' permissions, e.g. issued before the
+    /// allow-list had the entry): the message names the subject. Reissue the
+    /// credentials; retrying does not help.
+    PermissionDenied,
 }
 
 impl DispatchErrorKind {
@@ -247,6 +252,7 @@ impl std::fmt::Display for DispatchErrorKind {
             Self::Corrupt => "task result failed verification",
             Self::Rejected(r) => return write!(f, "not admitted by the scheduler: {r}"),
             Self::InvalidOptions => "dispatch options do not fit the namespace",
+            Self::PermissionDenied => "the server's permissions refuse this step",
         })
     }
 }
@@ -259,6 +265,51 @@ pub(crate) fn unavailable(
     e: impl std::error::Error + Send + Sync + 'static,
 ) -> DispatchError {
     Error::with_source(DispatchErrorKind::Unavailable, what, e)
+}
+
+/// Runs `op`, a JetStream API call about `name` (a stream or consumer name):
+/// its error is [`DispatchErrorKind::Unavailable`], unless meanwhile the
+/// server refuses this connection a `$JS.API` subject naming `name`. The
+/// server answers a denied request with nothing (the client only hears a
+/// permissions violation on the connection), so that fails at once with
+/// [`DispatchErrorKind::PermissionDenied`] naming the subject, instead of
+/// as an outage after the request's timeout.
+pub(crate) async fn api_call<T, E, Fut>(
+    ns: &TenantNamespace,
+    what: String,
+    name: &str,
+    op: Fut,
+) -> Result<T, DispatchError>
+where
+    Fut: std::future::Future<Output = Result<T, E>>,
+    E: std::error::Error + Send + Sync + 'static,
+{
+    use tenant_bus::events::BusEvent;
+    use tokio::sync::broadcast::error::RecvError;
+    // Subscribed before `op` first runs, so no refusal is missed.
+    let mut events = ns.events();
+    let mut watching = true;
+    tokio::pin!(op);
+    loop {
+        tokio::select! {
+            r = &mut op => return r.map_err(|e| unavailable(what, e)),
+            event = events.recv(), if watching => match event {
+                Ok(BusEvent::PermissionViolation { detail })
+                    if detail.contains("$JS.API.") && detail.contains(name) =>
+                {
+                    return Err(Error::new(
+                        DispatchErrorKind::PermissionDenied,
+                        format!(
+                            "{what}: the server refused this connection ({detail}); \
+                             its credentials do not allow this step, reissue them"
+                        ),
+                    ));
+                }
+                Err(RecvError::Closed) => watching = false,
+                _ => {}
+            },
+        }
+    }
 }
 
 /// A task type: a slug (`a-z 0-9 -`), one subject token.
@@ -668,9 +719,13 @@ impl Dispatcher {
         };
         // A tenant created a moment ago may not be known to JetStream on
         // every server yet (see `tenant_bus::settle`).
-        let stream = while_settling(|| js.get_or_create_stream(config.clone()))
-            .await
-            .map_err(|e| unavailable(format!("stream {stream_name}{where_}"), e))?;
+        let stream = api_call(
+            ns,
+            format!("stream {stream_name}{where_}"),
+            &stream_name,
+            while_settling(|| js.get_or_create_stream(config.clone())),
+        )
+        .await?;
         // Agents may create the stream but never change it afterwards (the
         // control plane's allow-list has no STREAM.UPDATE), so whoever creates it
         // first fixes its configuration. One that would drop, move or copy queued
@@ -747,9 +802,13 @@ impl Dispatcher {
                     republish: Some(republish),
                     ..Default::default()
                 };
-                let kv = while_settling(|| js.create_key_value(config.clone()))
-                    .await
-                    .map_err(|e| unavailable(format!("bucket {bucket}{where_}"), e))?;
+                let kv = api_call(
+                    ns,
+                    format!("bucket {bucket}{where_}"),
+                    &format!("KV_{bucket}"),
+                    while_settling(|| js.create_key_value(config.clone())),
+                )
+                .await?;
                 (kv, true)
             }
         };
@@ -989,10 +1048,11 @@ impl Dispatcher {
     /// A reader of dead letters (a durable consumer on `tasks.dead.>`; reading
     /// one removes it from the stream).
     pub async fn dead_letters(&self) -> Result<DeadLetters, DispatchError> {
-        let consumer = self
-            .shared
-            .stream
-            .get_or_create_consumer(
+        let consumer = api_call(
+            &self.shared.ns,
+            "dead-letter consumer".to_string(),
+            &self.shared.stream_name,
+            self.shared.stream.get_or_create_consumer(
                 DEAD_LETTER_CONSUMER,
                 consumer::pull::Config {
                     durable_name: Some(DEAD_LETTER_CONSUMER.to_string()),
@@ -1000,9 +1060,9 @@ impl Dispatcher {
                     ack_policy: consumer::AckPolicy::Explicit,
                     ..Default::default()
                 },
-            )
-            .await
-            .map_err(|e| unavailable("dead-letter consumer", e))?;
+            ),
+        )
+        .await?;
         Ok(DeadLetters {
             consumer,
             dispatcher: self.clone(),

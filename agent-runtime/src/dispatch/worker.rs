@@ -306,10 +306,11 @@ pub(crate) async fn start(
     options: WorkerOptions,
 ) -> Result<Worker, DispatchError> {
     let durable = format!("work-{task_type}");
-    let consumer = d
-        .shared
-        .stream
-        .get_or_create_consumer(
+    let consumer = super::api_call(
+        &d.shared.ns,
+        format!("consumer {durable}"),
+        &d.shared.stream_name,
+        d.shared.stream.get_or_create_consumer(
             &durable,
             pull::Config {
                 durable_name: Some(durable.clone()),
@@ -326,9 +327,9 @@ pub(crate) async fn start(
                 max_deliver: -1,
                 ..Default::default()
             },
-        )
-        .await
-        .map_err(|e| unavailable(format!("consumer {durable}"), e))?;
+        ),
+    )
+    .await?;
     let (stop, stop_rx) = watch::channel(false);
     let (abandon, abandon_rx) = watch::channel(false);
     let stats = Arc::new(WorkerStats::default());
