@@ -332,3 +332,45 @@ async def test_a_rust_worker_follows_a_one_copy_per_id_stream_python_created(nat
         assert await rust.finish() == 0
     finally:
         await ns.close()
+
+
+async def test_a_worker_the_server_refuses_its_consumer_says_so_at_once(tmp_path) -> None:
+    """Credentials that may not create the worker's consumer: PERMISSION_DENIED
+    naming the subject at once (the server answers the denied request with
+    nothing, so this was an outage after the request's timeout), and no
+    consumer is created. As the Rust dispatch test of the same name."""
+    import time
+
+    from conftest import NatsServer, nats_server_bin
+
+    conf = tmp_path / "users.conf"
+    conf.write_text(
+        'authorization { users = [ { user: "agent", password: "pw", permissions: {\n'
+        '  publish: { allow: [">"], deny: ["$JS.API.CONSUMER.CREATE.>", "$JS.API.CONSUMER.DURABLE.CREATE.>"] }\n'
+        '  subscribe: { allow: [">"] } } } ] }\n'
+    )
+    server = NatsServer(nats_server_bin() or "nats-server", config=str(conf))
+    try:
+        t = unique_tenant("deny")
+        url = server.url.replace("nats://", "nats://agent:pw@", 1)
+        ns = await tb.connect(make_bundle(url, t, "runner"))
+        try:
+            d = await Dispatcher.create(ns, opts())
+            started = time.monotonic()
+
+            async def handler(task: Task) -> bytes:
+                return b""
+
+            with pytest.raises(tb.DispatchError) as refused:
+                await d.worker("resize", handler)
+            assert refused.value.kind == tb.DispatchErrorKind.PERMISSION_DENIED, refused.value
+            # nats-py lowercases the server's text.
+            text = str(refused.value).lower()
+            assert "$js.api.consumer.create" in text and "work-resize" in text, text
+            assert time.monotonic() - started < 4, "waited out the request timeout"
+            with pytest.raises(nats.js.errors.NotFoundError):
+                await d.js.consumer_info(d.stream_name, "work-resize")
+        finally:
+            await ns.close()
+    finally:
+        server.stop()

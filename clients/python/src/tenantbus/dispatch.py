@@ -273,6 +273,34 @@ def _cannot_create(what: str, where: str, e: BaseException) -> DispatchError:
     return DispatchError(DispatchErrorKind.UNAVAILABLE, f"cannot create {what}{where}: {detail}")
 
 
+async def _api_call(ns: TenantNamespace, what: str, name: str, step: Awaitable[Any]) -> Any:
+    """Runs ``step``, a JetStream API call about ``name`` (a stream or
+    consumer name). If meanwhile the server refuses this connection a
+    ``$JS.API`` subject naming ``name``, raises ``PERMISSION_DENIED`` at once
+    naming the subject (the server answers a denied request with nothing, so
+    the step itself would only time out), as the Rust ``dispatch::api_call``."""
+    with ns.watch_permissions() as violations:
+        running = asyncio.ensure_future(step)
+        try:
+            while True:
+                refused = asyncio.ensure_future(violations.get())
+                done, _ = await asyncio.wait({running, refused}, return_when=asyncio.FIRST_COMPLETED)
+                if running in done:
+                    refused.cancel()
+                    return running.result()
+                text = refused.result()
+                # nats-py hands the server's text on lowercased.
+                if "$js.api." in text.lower() and name.lower() in text.lower():
+                    raise DispatchError(
+                        DispatchErrorKind.PERMISSION_DENIED,
+                        f"{what}: the server refused this connection ({text}); "
+                        "its credentials do not allow this step, reissue them",
+                    )
+        finally:
+            if not running.done():
+                running.cancel()
+
+
 def validate_task_type(task_type: str) -> str:
     """A task type is a slug (one subject token)."""
     try:
@@ -669,11 +697,16 @@ class Dispatcher:
     async def dead_letters(self, timeout: float = 1.0, max_letters: int = 100) -> List[DeadLetter]:
         """Reads (and removes) up to ``max_letters`` dead letters through the
         durable consumer ``dead-letters``, waiting up to ``timeout`` seconds."""
-        sub = await self.js.pull_subscribe(
-            scope(self.ns.tenant, "tasks.dead.>"),
-            durable="dead-letters",
-            stream=self.stream_name,
-            config=api.ConsumerConfig(ack_policy=api.AckPolicy.EXPLICIT),
+        sub = await _api_call(
+            self.ns,
+            "dead-letter consumer",
+            self.stream_name,
+            self.js.pull_subscribe(
+                scope(self.ns.tenant, "tasks.dead.>"),
+                durable="dead-letters",
+                stream=self.stream_name,
+                config=api.ConsumerConfig(ack_policy=api.AckPolicy.EXPLICIT),
+            ),
         )
         out: List[DeadLetter] = []
         deadline = time.monotonic() + timeout
@@ -810,18 +843,25 @@ class Worker:
         try:
             # One copy per id: `tasks.queue.<type>.<id hex>` (as Rust's worker).
             subject = d.task_subject(self.task_type) + (".*" if d.one_copy_per_id else "")
-            self._sub = await d.js.pull_subscribe(
-                subject,
-                durable=durable,
-                stream=d.stream_name,
-                config=api.ConsumerConfig(
-                    durable_name=durable,
-                    filter_subject=subject,
-                    ack_policy=api.AckPolicy.EXPLICIT,
-                    ack_wait=max(0.5, d.options.ack_wait),
-                    max_deliver=-1,
+            self._sub = await _api_call(
+                d.ns,
+                f"consumer {durable}",
+                d.stream_name,
+                d.js.pull_subscribe(
+                    subject,
+                    durable=durable,
+                    stream=d.stream_name,
+                    config=api.ConsumerConfig(
+                        durable_name=durable,
+                        filter_subject=subject,
+                        ack_policy=api.AckPolicy.EXPLICIT,
+                        ack_wait=max(0.5, d.options.ack_wait),
+                        max_deliver=-1,
+                    ),
                 ),
             )
+        except DispatchError:
+            raise
         except Exception as e:
             raise _unavailable(f"consumer {durable}", e) from e
         self._loop_task = asyncio.get_running_loop().create_task(self._run())

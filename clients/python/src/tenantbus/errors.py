@@ -190,6 +190,9 @@ class DispatchErrorKind(enum.Enum):
     SEAL = "seal"
     TIMED_OUT = "timed_out"
     CORRUPT = "corrupt"
+    #: The server refused this connection a JetStream API subject the step
+    #: needs (its credentials' permissions): the detail names the subject.
+    PERMISSION_DENIED = "permission_denied"
 
 
 class DispatchError(TenantBusError[DispatchErrorKind]):

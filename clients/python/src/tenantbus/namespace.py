@@ -10,6 +10,7 @@ server permissions cover them and no other tenant can read them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import itertools
 import json
@@ -20,7 +21,9 @@ from typing import (
     AsyncIterator,
     Awaitable,
     Callable,
+    ContextManager,
     Dict,
+    Iterator,
     List,
     Mapping,
     Optional,
@@ -157,6 +160,34 @@ def _apply_overrides(options: Optional[NamespaceOptions], overrides: Mapping[str
     return opts
 
 
+class PermissionWatch:
+    """Hands the server's permission violations on this connection to the
+    steps watching for them (:meth:`TenantNamespace.watch_permissions`).
+
+    The server answers a request its permissions deny with nothing; the
+    client only hears ``Permissions Violation for Publish to "<subject>"`` on
+    the connection. A step that watches can fail at once, naming the subject,
+    instead of timing out as if the server were down. Each watcher holds at
+    most 64 texts; more are dropped (the count is in the counters)."""
+
+    def __init__(self) -> None:
+        self._queues: "set[asyncio.Queue[str]]" = set()
+
+    def publish(self, text: str) -> None:
+        for q in list(self._queues):
+            if not q.full():
+                q.put_nowait(text)
+
+    @contextlib.contextmanager
+    def watch(self) -> Iterator["asyncio.Queue[str]"]:
+        q: "asyncio.Queue[str]" = asyncio.Queue(maxsize=64)
+        self._queues.add(q)
+        try:
+            yield q
+        finally:
+            self._queues.discard(q)
+
+
 async def _connect(
     b: CredentialBundle, opts: NamespaceOptions, fail_fast_auth: bool = False
 ) -> "TenantNamespace":
@@ -168,6 +199,7 @@ async def _connect(
     except KeySetError as e:
         raise ConnectError(ConnectErrorKind.KEYS, str(e)) from e
     counters = Counters()
+    permissions = PermissionWatch()
 
     async def error_cb(e: Exception) -> None:
         name = type(e).__name__
@@ -176,6 +208,7 @@ async def _connect(
             counters.slow_consumer += 1
         elif "permission" in text:
             counters.permission_violation += 1
+            permissions.publish(str(e))
         else:
             counters.server_error += 1
 
@@ -219,7 +252,7 @@ async def _connect(
     nc.options["max_reconnect_attempts"] = -1
     nc.options["allow_reconnect"] = kwargs["allow_reconnect"]
     counters.server_error = 0  # failed attempts before the connection was made
-    return TenantNamespace(nc, b, opts, counters)
+    return TenantNamespace(nc, b, opts, counters, permissions)
 
 
 class Subscription:
@@ -308,9 +341,15 @@ class TenantNamespace:
     """An agent's connection to its tenant's namespace. Use :func:`connect`."""
 
     def __init__(
-        self, nc: NatsClient, bundle: CredentialBundle, options: NamespaceOptions, counters: Counters
+        self,
+        nc: NatsClient,
+        bundle: CredentialBundle,
+        options: NamespaceOptions,
+        counters: Counters,
+        permissions: Optional[PermissionWatch] = None,
     ) -> None:
         self._nc = nc
+        self._permissions = permissions or PermissionWatch()
         self.tenant: str = bundle.tenant
         self.agent: str = bundle.agent
         #: Replicas and region for the streams and buckets this agent creates,
@@ -356,6 +395,11 @@ class TenantNamespace:
     def keys(self) -> TenantKeySet:
         """The tenant's key set in force."""
         return self.sealer.keys
+
+    def watch_permissions(self) -> ContextManager["asyncio.Queue[str]"]:
+        """A queue of the server's permission-violation texts on this
+        connection while the ``with`` block runs (see :class:`PermissionWatch`)."""
+        return self._permissions.watch()
 
     def counters(self) -> CountersSnapshot:
         """Delivery and drop counters (drops per reason, same names as Rust)."""
