@@ -325,3 +325,98 @@ async fn tenant_stats_show_live_connections_metered_units_and_budgets() {
         ErrorCode::NotFound
     );
 }
+
+/// Runtime-metered units (`tasks.run`, tool calls: reported by a runtime
+/// host after the work was done) count against the budgets on their unit:
+/// never refused, alerting at the soft and hard thresholds, and a `revoke`
+/// budget suspends the tenant once over its cap (policed with the meter's
+/// flush interval as the delay). A batch sent again is not counted twice;
+/// another tenant's budget on the same unit is untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runtime_metered_units_count_against_budgets_after_the_fact() {
+    use agentbus_control::meter::{RuntimeUsage, RuntimeUsageAnswer};
+    let p = platform().await;
+    p.cp.create_tenant("acme", Tier::Free).await.unwrap();
+    p.cp.create_tenant("initech", Tier::Free).await.unwrap();
+    let (a, _) = agent(&p, "acme", "watcher").await;
+    let mut events = a.subscribe("events.budget").await.unwrap();
+    for tenant in ["acme", "initech"] {
+        p.cp.set_budget(
+            tenant,
+            &spec("runs", "tasks.run", 5, Some(3), Action::Revoke),
+        )
+        .await
+        .unwrap();
+    }
+    let runtime = agentbus_control::controller::connect(
+        &p.server.url(),
+        &p.install.creds("controller.creds").unwrap(),
+        "runtime",
+    )
+    .await
+    .unwrap();
+    let send = |seq: u64, runs: u64| {
+        let runtime = runtime.clone();
+        async move {
+            let batch = RuntimeUsage {
+                host: "budget-host".into(),
+                seq,
+                tenants: [("acme".to_string(), [("tasks.run".to_string(), runs)].into())].into(),
+            };
+            let reply = runtime
+                .request(
+                    agentbus_control::api::RUNTIME_USAGE_SUBJECT,
+                    serde_json::to_vec(&batch).unwrap().into(),
+                )
+                .await
+                .unwrap();
+            match serde_json::from_slice(&reply.payload).unwrap() {
+                agentbus_control::api::Response::<RuntimeUsageAnswer>::Ok(a) => a.added,
+                agentbus_control::api::Response::Error(e) => panic!("{e:?}"),
+            }
+        }
+    };
+    let spent = |tenant: &'static str| {
+        let cp = p.cp.clone();
+        async move { cp.budgets(tenant).await.unwrap()[0].spent }
+    };
+    let status = |tenant: &'static str| {
+        let cp = p.cp.clone();
+        async move { cp.tenant(tenant).await.unwrap().record.status }
+    };
+
+    // 4 runs: over the soft threshold (3), under the cap (5).
+    assert_eq!(send(1, 4).await, 1);
+    assert_eq!(spent("acme").await, 4);
+    let got = alerts(&mut events, Duration::from_secs(1)).await;
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].threshold, Threshold::Soft);
+    // The same batch again (a lost answer): not counted twice.
+    assert_eq!(send(1, 4).await, 0);
+    assert_eq!(spent("acme").await, 4);
+    assert_eq!(
+        status("acme").await,
+        agentbus_control::registry::Status::Active
+    );
+
+    // 3 more: 7 of 5. Already run, so counted, not refused; the hard
+    // threshold alerts and `revoke` suspends the tenant.
+    assert_eq!(send(2, 3).await, 1);
+    assert_eq!(spent("acme").await, 7);
+    let got = alerts(&mut events, Duration::from_secs(1)).await;
+    assert!(
+        got.iter()
+            .any(|g| g.threshold == Threshold::Hard && g.action == Action::Revoke),
+        "{got:?}"
+    );
+    assert_eq!(
+        status("acme").await,
+        agentbus_control::registry::Status::Suspended
+    );
+    // initech's budget on the same unit saw nothing.
+    assert_eq!(spent("initech").await, 0);
+    assert_eq!(
+        status("initech").await,
+        agentbus_control::registry::Status::Active
+    );
+}

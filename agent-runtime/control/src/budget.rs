@@ -29,6 +29,18 @@
 //!   that charge until the period ends: the error is on the refusing side,
 //!   never the admitting side.
 //!
+//! # Runtime-metered units
+//! Units a runtime host meters ([`crate::meter`]: `tasks.run`,
+//! `tasks.completed`, `tasks.failed`, `tools.calls`, `tool.<name>`) are
+//! reported after the work was done, in batches every flush interval. Their
+//! batch charges the budgets on those units *after the fact*: the counter
+//! always advances (nothing is refused: there is no later charge of these
+//! units to refuse), the thresholds alert as below, and a `revoke` budget
+//! over its cap suspends the tenant. So such a budget is policed, with the
+//! meter's flush interval as the delay and the last batch as the overshoot;
+//! `warn`, `throttle` and `block` on them only alert. A batch sent again is
+//! claimed per host, sequence and tenant and counted once.
+//!
 //! # Alerts
 //! The first charge of a period that reaches the soft threshold, and the first
 //! that reaches (or is refused at) the hard cap, claim an alert record with a

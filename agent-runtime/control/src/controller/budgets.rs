@@ -246,6 +246,69 @@ impl Controller {
         Ok(done)
     }
 
+    /// Charges runtime-metered units ([`crate::meter`]: tasks run, tool
+    /// calls), which are reported after the work was done, so nothing is
+    /// refused: every budget of the tenant on `unit` counts `amount`, the
+    /// alerts follow once the units are in the ledger
+    /// ([`Self::budget_alerts_after`]), and a `revoke` budget now over its cap
+    /// asks for the tenant's suspension (returned, to run after the batch is
+    /// counted). `warn`, `throttle` and `block` only alert: there is no later
+    /// charge of these units to refuse. An outage takes back the charges
+    /// already made and is [`ErrorCode::Unavailable`] (the batch is sent
+    /// again).
+    pub(super) async fn charge_after_the_fact(
+        &self,
+        record: &TenantRecord,
+        unit: &str,
+        amount: u64,
+        now: u64,
+    ) -> Result<(Vec<Charge>, Option<PendingRevoke>)> {
+        if amount == 0 {
+            return Ok((Vec::new(), None));
+        }
+        let books = self.books(&record.id).await?;
+        let specs: Vec<BudgetSpec> = books
+            .budgets(&record.id)
+            .await?
+            .into_iter()
+            .filter(|b| b.unit == unit)
+            .collect();
+        if specs.is_empty() {
+            return Ok((Vec::new(), None));
+        }
+        let delta = i64::try_from(amount)
+            .map_err(|_| bad(format!("amount {amount} is too large to charge")))?;
+        let mut done: Vec<Charge> = Vec::new();
+        let mut revoke = None;
+        for spec in specs {
+            let (period, _, _) = budget::period_of(spec.period, now);
+            let subject = books.counter_subject(record.id.as_str(), &spec.name, &period);
+            let total = match books.budget_incr(&subject, delta).await {
+                Ok(t) => t,
+                Err(e) => {
+                    self.uncharge(&done).await;
+                    return Err(e);
+                }
+            };
+            if total > i128::from(spec.hard) && spec.action == Action::Revoke && revoke.is_none() {
+                revoke = Some(PendingRevoke {
+                    record: record.clone(),
+                    spec: spec.clone(),
+                    period: period.clone(),
+                });
+            }
+            done.push(Charge {
+                books: books.clone(),
+                spec,
+                period,
+                subject,
+                delta,
+                total,
+            });
+        }
+        Ok((done, revoke))
+    }
+
     /// Takes charges back (the report was refused or could not be counted).
     /// A failure leaves the counter too high, never too low (see
     /// [`crate::budget`]).

@@ -312,14 +312,38 @@ impl Controller {
                 answer.skipped += 1;
                 continue;
             };
-            if self.tenant(&id).await.is_err() {
+            let Ok(record) = self.tenant(&id).await else {
                 answer.skipped += 1;
                 continue;
-            }
+            };
             let claim = format!("rt.{}.{}.{id}", batch.host, batch.seq);
             if !self.store.claim_report(&claim).await? {
                 answer.duplicates += 1;
                 continue;
+            }
+            // The tenant's budgets on these units count them first (after
+            // the fact: nothing is refused); taken back if the ledger cannot
+            // be written, as the claim is.
+            let mut charges = Vec::new();
+            let mut revoke = None;
+            for (unit, amount) in &units {
+                if !usage::valid_unit(unit) {
+                    continue;
+                }
+                match self
+                    .charge_after_the_fact(&record, unit, *amount, now)
+                    .await
+                {
+                    Ok((c, r)) => {
+                        charges.extend(c);
+                        revoke = revoke.or(r);
+                    }
+                    Err(e) => {
+                        self.uncharge(&charges).await;
+                        self.store.unclaim_report(&claim).await;
+                        return Err(ApiError::new(ErrorCode::Unavailable, e.message));
+                    }
+                }
             }
             let mut skipped = 0;
             let added = async {
@@ -347,8 +371,13 @@ impl Controller {
             .await;
             if let Err(e) = added {
                 // Not added: the batch comes again and this tenant with it.
+                self.uncharge(&charges).await;
                 self.store.unclaim_report(&claim).await;
                 return Err(ApiError::new(ErrorCode::Unavailable, e.message));
+            }
+            self.budget_alerts_after(&record, &charges).await;
+            if let Some(pending) = revoke {
+                self.budget_revoke(pending).await;
             }
             answer.added += 1;
             answer.skipped += skipped;
