@@ -267,9 +267,10 @@ pub(crate) fn unavailable(
     Error::with_source(DispatchErrorKind::Unavailable, what, e)
 }
 
-/// Runs `op`, a JetStream API call about `name` (a stream or consumer name):
-/// its error is [`DispatchErrorKind::Unavailable`], unless meanwhile the
-/// server refuses this connection a `$JS.API` subject naming `name`. The
+/// Runs `op`, a JetStream API call about `name` (a stream name, or
+/// `<stream>.<durable>` for a consumer): its error is
+/// [`DispatchErrorKind::Unavailable`], unless meanwhile the server refuses
+/// this connection a `$JS.API` subject naming `name` ([`refuses`]). The
 /// server answers a denied request with nothing (the client only hears a
 /// permissions violation on the connection), so that fails at once with
 /// [`DispatchErrorKind::PermissionDenied`] naming the subject, instead of
@@ -294,9 +295,7 @@ where
         tokio::select! {
             r = &mut op => return r.map_err(|e| unavailable(what, e)),
             event = events.recv(), if watching => match event {
-                Ok(BusEvent::PermissionViolation { detail })
-                    if detail.contains("$JS.API.") && detail.contains(name) =>
-                {
+                Ok(BusEvent::PermissionViolation { detail }) if refuses(&detail, name) => {
                     return Err(Error::new(
                         DispatchErrorKind::PermissionDenied,
                         format!(
@@ -310,6 +309,23 @@ where
             },
         }
     }
+}
+
+/// Whether the server's permissions-violation text `detail` (`... to
+/// "<subject>"`) names a `$JS.API` subject that carries `name`'s tokens
+/// consecutively: `TASKS` is in `$JS.API.STREAM.INFO.TASKS` but not in
+/// `$JS.API.STREAM.INFO.KV_TASKS_DONE`; `TASKS.work-a` is in a create of
+/// consumer `work-a` on `TASKS` but not of `work-ab`.
+fn refuses(detail: &str, name: &str) -> bool {
+    let Some(subject) = detail.split('"').nth(1) else {
+        return false;
+    };
+    if !subject.starts_with("$JS.API.") {
+        return false;
+    }
+    let tokens: Vec<&str> = subject.split('.').collect();
+    let want: Vec<&str> = name.split('.').collect();
+    !want.is_empty() && tokens.windows(want.len()).any(|w| w == want.as_slice())
 }
 
 /// A task type: a slug (`a-z 0-9 -`), one subject token.
@@ -1051,7 +1067,7 @@ impl Dispatcher {
         let consumer = api_call(
             &self.shared.ns,
             "dead-letter consumer".to_string(),
-            &self.shared.stream_name,
+            &format!("{}.{DEAD_LETTER_CONSUMER}", self.shared.stream_name),
             self.shared.stream.get_or_create_consumer(
                 DEAD_LETTER_CONSUMER,
                 consumer::pull::Config {
@@ -1294,5 +1310,27 @@ impl DeadLetters {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::refuses;
+
+    #[test]
+    fn a_refusal_names_a_step_only_by_whole_tokens_of_a_jetstream_subject() {
+        let info = r#"Permissions Violation for Publish to "$JS.API.STREAM.INFO.TASKS""#;
+        assert!(refuses(info, "TASKS"));
+        let bucket = r#"Permissions Violation for Publish to "$JS.API.STREAM.INFO.KV_TASKS_DONE""#;
+        assert!(!refuses(bucket, "TASKS"));
+        assert!(refuses(bucket, "KV_TASKS_DONE"));
+        let create = r#"Permissions Violation for Publish to "$JS.API.CONSUMER.CREATE.TASKS.work-a.tenant.x.tasks.queue.a""#;
+        assert!(refuses(create, "TASKS.work-a"));
+        assert!(!refuses(create, "TASKS.work-ab"));
+        assert!(!refuses(create, "OTHER.work-a"));
+        // Not a JetStream API subject, or no subject at all.
+        let plain = r#"Permissions Violation for Publish to "tenant.x.TASKS""#;
+        assert!(!refuses(plain, "TASKS"));
+        assert!(!refuses("Permissions Violation", "TASKS"));
     }
 }

@@ -309,7 +309,7 @@ pub(crate) async fn start(
     let consumer = super::api_call(
         &d.shared.ns,
         format!("consumer {durable}"),
-        &d.shared.stream_name,
+        &format!("{}.{durable}", d.shared.stream_name),
         d.shared.stream.get_or_create_consumer(
             &durable,
             pull::Config {

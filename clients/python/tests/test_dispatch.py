@@ -374,3 +374,16 @@ async def test_a_worker_the_server_refuses_its_consumer_says_so_at_once(tmp_path
             await ns.close()
     finally:
         server.stop()
+
+
+def test_a_refusal_names_a_step_only_by_whole_tokens_of_a_jetstream_subject() -> None:
+    from tenantbus.dispatch import _refuses
+
+    info = 'nats: permissions violation for publish to "$js.api.stream.info.tasks_a"'
+    assert _refuses(info, "TASKS_a")
+    assert not _refuses('nats: permissions violation for publish to "$js.api.stream.info.kv_tasks_done_a"', "TASKS_a")
+    create = 'nats: permissions violation for publish to "$js.api.consumer.create.tasks_a.work-x.tenant.a.tasks.queue.x"'
+    assert _refuses(create, "TASKS_a.work-x")
+    assert not _refuses(create, "TASKS_a.work-xy")
+    assert not _refuses('nats: permissions violation for publish to "tenant.a.tasks_a"', "TASKS_a")
+    assert not _refuses("nats: permissions violation", "TASKS_a")

@@ -273,10 +273,25 @@ def _cannot_create(what: str, where: str, e: BaseException) -> DispatchError:
     return DispatchError(DispatchErrorKind.UNAVAILABLE, f"cannot create {what}{where}: {detail}")
 
 
+def _refuses(text: str, name: str) -> bool:
+    """Whether a permissions-violation text (``... to "<subject>"``) names a
+    ``$JS.API`` subject carrying ``name``'s tokens consecutively (as the Rust
+    ``dispatch::refuses``; nats-py lowercases the text, so case is ignored)."""
+    parts = text.split('"')
+    if len(parts) < 2:
+        return False
+    subject = parts[1].lower()
+    if not subject.startswith("$js.api."):
+        return False
+    tokens = subject.split(".")
+    want = name.lower().split(".")
+    return any(tokens[i : i + len(want)] == want for i in range(len(tokens) - len(want) + 1))
+
+
 async def _api_call(ns: TenantNamespace, what: str, name: str, step: Awaitable[Any]) -> Any:
-    """Runs ``step``, a JetStream API call about ``name`` (a stream or
-    consumer name). If meanwhile the server refuses this connection a
-    ``$JS.API`` subject naming ``name``, raises ``PERMISSION_DENIED`` at once
+    """Runs ``step``, a JetStream API call about ``name`` (a stream name, or
+    ``<stream>.<durable>`` for a consumer). If meanwhile the server refuses
+    this connection a ``$JS.API`` subject naming ``name``, raises ``PERMISSION_DENIED`` at once
     naming the subject (the server answers a denied request with nothing, so
     the step itself would only time out), as the Rust ``dispatch::api_call``."""
     with ns.watch_permissions() as violations:
@@ -289,8 +304,7 @@ async def _api_call(ns: TenantNamespace, what: str, name: str, step: Awaitable[A
                     refused.cancel()
                     return running.result()
                 text = refused.result()
-                # nats-py hands the server's text on lowercased.
-                if "$js.api." in text.lower() and name.lower() in text.lower():
+                if _refuses(text, name):
                     raise DispatchError(
                         DispatchErrorKind.PERMISSION_DENIED,
                         f"{what}: the server refused this connection ({text}); "
@@ -700,7 +714,7 @@ class Dispatcher:
         sub = await _api_call(
             self.ns,
             "dead-letter consumer",
-            self.stream_name,
+            f"{self.stream_name}.dead-letters",
             self.js.pull_subscribe(
                 scope(self.ns.tenant, "tasks.dead.>"),
                 durable="dead-letters",
@@ -846,7 +860,7 @@ class Worker:
             self._sub = await _api_call(
                 d.ns,
                 f"consumer {durable}",
-                d.stream_name,
+                f"{d.stream_name}.{durable}",
                 d.js.pull_subscribe(
                     subject,
                     durable=durable,
