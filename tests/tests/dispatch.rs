@@ -1298,3 +1298,63 @@ async fn a_worker_the_server_refuses_its_consumer_says_so_at_once() {
     let stream = js.get_stream(d.stream_name()).await.unwrap();
     assert!(stream.consumer_info("work-resize").await.is_err());
 }
+
+/// A stalled server (SIGSTOP): at most `max_unanswered` task publishes await
+/// their answers; the next `send` waits for a place; an answer overdue 5 s
+/// fails its publish as an outage (timed out), which frees its place; once
+/// the server runs again, the publish that waited is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unanswered_publishes_are_bounded_and_time_out_on_a_stalled_server() {
+    let mut server = Server::jetstream();
+    let master = MasterSecret::generate().unwrap();
+    let ns = connect(&server, &master, "acme", "planner").await;
+    let d = Dispatcher::new(&ns, options().max_unanswered(4))
+        .await
+        .unwrap();
+    let pid = server.process().pid().unwrap().to_string();
+    let signal = |sig: &str| {
+        let status = std::process::Command::new("kill")
+            .args([sig, pid.as_str()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill {sig} {pid}");
+    };
+    signal("-STOP");
+    let started = std::time::Instant::now();
+    let mut unanswered = Vec::new();
+    for i in 0..4 {
+        let task = d.seal("resize", format!("t{i}").as_bytes()).unwrap();
+        unanswered.push(d.send(&task).await.unwrap());
+    }
+    let fifth = d.seal("resize", b"t4").unwrap();
+    let waiting = d.send(&fifth);
+    tokio::pin!(waiting);
+    let early = tokio::time::timeout(Duration::from_millis(500), &mut waiting).await;
+    assert!(
+        early.is_err(),
+        "a fifth publish went out while four were unanswered"
+    );
+    // The four fail as overdue (5 s, swept once a second) ...
+    for ack in unanswered {
+        let err = ack.ack().await.unwrap_err();
+        assert_eq!(err.kind(), DispatchErrorKind::Unavailable, "{err}");
+        assert!(err.to_string().contains("timed out"), "{err}");
+    }
+    assert!(
+        started.elapsed() >= Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    // ... which frees their places: the fifth goes out.
+    let fifth_ack = tokio::time::timeout(Duration::from_secs(3), waiting)
+        .await
+        .expect("a place was freed")
+        .unwrap();
+    signal("-CONT");
+    let submitted = fifth_ack.ack().await.unwrap();
+    assert_eq!(submitted.id, fifth.id());
+    assert!(
+        submitted.sequence > 0 && !submitted.duplicate,
+        "{submitted:?}"
+    );
+}

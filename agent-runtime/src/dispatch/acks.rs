@@ -11,8 +11,9 @@
 //! [`tenant_bus::settle`] read them as before. Measured in `agentbus bench`
 //! (see BENCHMARKS.md).
 //!
-//! Unanswered publishes are bounded ([`MAX_PENDING`]): a publisher that never
-//! awaits its acks waits for a free place instead of growing the table.
+//! Unanswered publishes are bounded ([`MAX_PENDING`] by default): a publisher
+//! that never awaits its acks waits for a free place instead of growing the
+//! table.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -27,7 +28,8 @@ use futures::StreamExt as _;
 use serde::Deserialize;
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
-/// Publishes awaiting their answer at most, per inbox.
+/// Publishes awaiting their answer at most, per inbox, by default
+/// ([`DispatchOptions::max_unanswered`](super::DispatchOptions::max_unanswered)).
 pub(crate) const MAX_PENDING: usize = 8192;
 /// How long a publish may wait for its answer (async-nats' JetStream default).
 pub(crate) const ACK_TIMEOUT: Duration = Duration::from_secs(5);
@@ -75,9 +77,11 @@ impl AckFuture {
 }
 
 impl AckInbox {
-    /// Subscribes `<inbox>.*` on `nats` and starts its reader.
+    /// Subscribes `<inbox>.*` on `nats` and starts its reader; at most
+    /// `max_pending` publishes await their answer at once.
     pub(crate) async fn start(
         nats: async_nats::Client,
+        max_pending: usize,
     ) -> Result<Self, async_nats::SubscribeError> {
         let inbox = nats.new_inbox();
         let sub = nats.subscribe(format!("{inbox}.*")).await?;
@@ -88,13 +92,13 @@ impl AckInbox {
             inbox,
             next: AtomicU64::new(1),
             pending,
-            places: Arc::new(Semaphore::new(MAX_PENDING)),
+            places: Arc::new(Semaphore::new(max_pending.max(1))),
             reader,
         })
     }
 
     /// Publishes `payload` to `subject` with `headers`, answered on this
-    /// inbox. Waits while [`MAX_PENDING`] publishes are unanswered.
+    /// inbox. Waits while the bound's worth of publishes are unanswered.
     pub(crate) async fn publish(
         &self,
         subject: String,

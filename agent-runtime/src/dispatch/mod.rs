@@ -375,6 +375,7 @@ pub struct DispatchOptions {
     pub(crate) replicas: Option<usize>,
     pub(crate) region: Option<tenant_bus::region::Region>,
     pub(crate) one_copy_per_id: bool,
+    pub(crate) max_unanswered: usize,
 }
 
 impl Default for DispatchOptions {
@@ -400,6 +401,7 @@ impl Default for DispatchOptions {
             replicas: None,
             region: None,
             one_copy_per_id: false,
+            max_unanswered: acks::MAX_PENDING,
         }
     }
 }
@@ -506,6 +508,14 @@ impl DispatchOptions {
     /// at least the task max age. Default 7 days.
     pub fn done_retention(mut self, retention: Duration) -> Self {
         self.done_retention = retention;
+        self
+    }
+
+    /// Publishes (tasks and the workers' done records) awaiting the server's
+    /// answer at most, per dispatcher; one more waits for a place (each
+    /// answer is awaited at most 5 s). Default 8,192; at least 1.
+    pub fn max_unanswered(mut self, n: usize) -> Self {
+        self.max_unanswered = n.max(1);
         self
     }
 
@@ -828,7 +838,7 @@ impl Dispatcher {
                 (kv, true)
             }
         };
-        let acks = acks::AckInbox::start(ns.nats().clone())
+        let acks = acks::AckInbox::start(ns.nats().clone(), options.max_unanswered)
             .await
             .map_err(|e| unavailable("publish acknowledgement inbox", e))?;
         Ok(Self {
