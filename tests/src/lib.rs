@@ -178,6 +178,19 @@ impl Platform {
         start_controller(&self.install, &self.server.url()).await
     }
 
+    /// A connection with the platform's own credentials (`controller.creds`),
+    /// as a runtime instance has: the registry, the runtime APIs, the raw
+    /// platform streams. `name` is the connection's name.
+    pub async fn platform_client(&self, name: &str) -> async_nats::Client {
+        let creds = self
+            .install
+            .creds("controller.creds")
+            .unwrap_or_else(|e| panic!("controller.creds: {e}"));
+        agentbus_control::controller::connect(&self.server.url(), &creds, name)
+            .await
+            .unwrap_or_else(|e| panic!("platform connect: {e}"))
+    }
+
     /// Another admin client from `.creds` text.
     pub async fn admin_client(&self, creds: &str) -> agentbus_control::AdminClient {
         agentbus_control::AdminClient::connect(&self.server.url(), creds)

@@ -348,13 +348,7 @@ async fn runtime_metered_units_count_against_budgets_after_the_fact() {
         .await
         .unwrap();
     }
-    let runtime = agentbus_control::controller::connect(
-        &p.server.url(),
-        &p.install.creds("controller.creds").unwrap(),
-        "runtime",
-    )
-    .await
-    .unwrap();
+    let runtime = p.platform_client("runtime").await;
     let send = |seq: u64, runs: u64| {
         let runtime = runtime.clone();
         async move {

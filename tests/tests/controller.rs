@@ -423,13 +423,7 @@ async fn agents_started_by_the_runtime_follow_a_key_rotation() {
     let a = p.cp.issue_agent("rt", "a", "default").await.unwrap();
     let b = p.cp.issue_agent("rt", "b", "default").await.unwrap();
     // A runtime instance: the platform account's registry, watched.
-    let client = agentbus_control::controller::connect(
-        &p.server.url(),
-        &p.install.creds("controller.creds").unwrap(),
-        "runtime",
-    )
-    .await
-    .unwrap();
+    let client = p.platform_client("runtime").await;
     let registry = Registry::open(client).await.unwrap();
     let watcher = std::sync::Arc::new(RegistryWatcher::start(&registry).await.unwrap());
     let host = AgentHost::new(watcher);
@@ -481,13 +475,7 @@ async fn reconcile_never_deletes_the_account_of_a_record_it_cannot_read() {
     let bundle = p.cp.issue_agent("fragile", "a", "default").await.unwrap();
     let account = p.cp.tenant("fragile").await.unwrap().record.account;
     // Corrupt the tenant's record through the raw KV API (platform credentials).
-    let raw = agentbus_control::controller::connect(
-        &url,
-        &p.install.creds("controller.creds").unwrap(),
-        "raw",
-    )
-    .await
-    .unwrap();
+    let raw = p.platform_client("raw").await;
     let kv = async_nats::jetstream::new(raw)
         .get_key_value("agentbus-tenants")
         .await

@@ -22,13 +22,7 @@ use nats_harness::{eventually, platform, Platform};
 
 /// A runtime instance's platform connection, registry and its watcher.
 async fn runtime_client(p: &Platform) -> (async_nats::Client, Registry, Arc<RegistryWatcher>) {
-    let client = agentbus_control::controller::connect(
-        &p.server.url(),
-        &p.install.creds("controller.creds").unwrap(),
-        "runtime",
-    )
-    .await
-    .unwrap();
+    let client = p.platform_client("runtime").await;
     let registry = Registry::open(client.clone()).await.unwrap();
     let watcher = Arc::new(RegistryWatcher::start(&registry).await.unwrap());
     (client, registry, watcher)

@@ -51,13 +51,7 @@ async fn a_bundle_relabelled_as_another_tenant_is_refused_and_the_genuine_one_ac
 
     // A runtime instance: the platform account's registry, watched, and a
     // scheduler, so agent slots are taken per tenant.
-    let client = agentbus_control::controller::connect(
-        &p.server.url(),
-        &p.install.creds("controller.creds").unwrap(),
-        "runtime",
-    )
-    .await
-    .unwrap();
+    let client = p.platform_client("runtime").await;
     let registry = Registry::open(client).await.unwrap();
     let watcher = Arc::new(RegistryWatcher::start(&registry).await.unwrap());
     let records = (

@@ -164,40 +164,23 @@ impl Controller {
         amount: u64,
         now: u64,
     ) -> std::result::Result<Vec<Charge>, Refusal> {
-        if amount == 0 {
+        let Some((books, specs, delta)) = self.budgets_on(record, unit, amount).await? else {
             return Ok(Vec::new());
-        }
-        let books = self.books(&record.id).await?;
-        let specs: Vec<BudgetSpec> = books
-            .budgets(&record.id)
-            .await?
-            .into_iter()
-            .filter(|b| b.unit == unit)
-            .collect();
-        if specs.is_empty() {
-            return Ok(Vec::new());
-        }
-        let delta = i64::try_from(amount)
-            .map_err(|_| bad(format!("amount {amount} is too large to charge")))?;
+        };
         let mut done: Vec<Charge> = Vec::new();
         for spec in specs {
             let (period, _, end) = budget::period_of(spec.period, now);
-            let subject = books.counter_subject(record.id.as_str(), &spec.name, &period);
-            let total = match books.budget_incr(&subject, delta).await {
-                Ok(t) => t,
+            let charge = match self
+                .charge(&books, record, spec.clone(), period.clone(), delta)
+                .await
+            {
+                Ok(c) => c,
                 Err(e) => {
                     self.uncharge(&done).await;
                     return Err(e.into());
                 }
             };
-            let charge = Charge {
-                books: books.clone(),
-                spec: spec.clone(),
-                period: period.clone(),
-                subject,
-                delta,
-                total,
-            };
+            let total = charge.total;
             done.push(charge);
             if total <= i128::from(spec.hard) {
                 continue;
@@ -263,8 +246,46 @@ impl Controller {
         amount: u64,
         now: u64,
     ) -> Result<(Vec<Charge>, Option<PendingRevoke>)> {
-        if amount == 0 {
+        let Some((books, specs, delta)) = self.budgets_on(record, unit, amount).await? else {
             return Ok((Vec::new(), None));
+        };
+        let mut done: Vec<Charge> = Vec::new();
+        let mut revoke = None;
+        for spec in specs {
+            let (period, _, _) = budget::period_of(spec.period, now);
+            let charge = match self.charge(&books, record, spec, period, delta).await {
+                Ok(c) => c,
+                Err(e) => {
+                    self.uncharge(&done).await;
+                    return Err(e);
+                }
+            };
+            if charge.total > i128::from(charge.spec.hard)
+                && charge.spec.action == Action::Revoke
+                && revoke.is_none()
+            {
+                revoke = Some(PendingRevoke {
+                    record: record.clone(),
+                    spec: charge.spec.clone(),
+                    period: charge.period.clone(),
+                });
+            }
+            done.push(charge);
+        }
+        Ok((done, revoke))
+    }
+
+    /// The tenant's books, its budgets on `unit` and `amount` as a counter
+    /// increment; `None` when there is nothing to charge (no amount, or no
+    /// budget on the unit).
+    async fn budgets_on(
+        &self,
+        record: &TenantRecord,
+        unit: &str,
+        amount: u64,
+    ) -> Result<Option<(Arc<Books>, Vec<BudgetSpec>, i64)>> {
+        if amount == 0 {
+            return Ok(None);
         }
         let books = self.books(&record.id).await?;
         let specs: Vec<BudgetSpec> = books
@@ -274,39 +295,33 @@ impl Controller {
             .filter(|b| b.unit == unit)
             .collect();
         if specs.is_empty() {
-            return Ok((Vec::new(), None));
+            return Ok(None);
         }
         let delta = i64::try_from(amount)
             .map_err(|_| bad(format!("amount {amount} is too large to charge")))?;
-        let mut done: Vec<Charge> = Vec::new();
-        let mut revoke = None;
-        for spec in specs {
-            let (period, _, _) = budget::period_of(spec.period, now);
-            let subject = books.counter_subject(record.id.as_str(), &spec.name, &period);
-            let total = match books.budget_incr(&subject, delta).await {
-                Ok(t) => t,
-                Err(e) => {
-                    self.uncharge(&done).await;
-                    return Err(e);
-                }
-            };
-            if total > i128::from(spec.hard) && spec.action == Action::Revoke && revoke.is_none() {
-                revoke = Some(PendingRevoke {
-                    record: record.clone(),
-                    spec: spec.clone(),
-                    period: period.clone(),
-                });
-            }
-            done.push(Charge {
-                books: books.clone(),
-                spec,
-                period,
-                subject,
-                delta,
-                total,
-            });
-        }
-        Ok((done, revoke))
+        Ok(Some((books, specs, delta)))
+    }
+
+    /// Adds `delta` to `spec`'s counter for `period`: the charge, with the
+    /// counter's total including it.
+    async fn charge(
+        &self,
+        books: &Arc<Books>,
+        record: &TenantRecord,
+        spec: BudgetSpec,
+        period: String,
+        delta: i64,
+    ) -> Result<Charge> {
+        let subject = books.counter_subject(record.id.as_str(), &spec.name, &period);
+        let total = books.budget_incr(&subject, delta).await?;
+        Ok(Charge {
+            books: books.clone(),
+            spec,
+            period,
+            subject,
+            delta,
+            total,
+        })
     }
 
     /// Takes charges back (the report was refused or could not be counted).
