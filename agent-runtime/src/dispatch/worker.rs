@@ -290,10 +290,6 @@ struct Ctx {
     in_flight: Mutex<HashSet<MessageId>>,
     abandon: watch::Receiver<bool>,
     lookups: Lookups,
-    /// Outcome writes through the dispatcher's acknowledgement inbox
-    /// (`false`: through async-nats' KV client, for a bucket reached through a
-    /// JetStream domain or API prefix).
-    own_writes: bool,
     /// With prefetch: the handler slots (the pull slots also count the tasks
     /// pulled ahead). Without: none, a pull slot is a handler slot.
     handlers: Option<Arc<Semaphore>>,
@@ -341,7 +337,6 @@ pub(crate) async fn start(
         .subscribe(format!("{inbox}.*"))
         .await
         .map_err(|e| unavailable("pull inbox", e))?;
-    let own_writes = !d.shared.done.use_jetstream_prefix;
     let lookups = Lookups::start(nats, d.shared.done.clone(), stats.lookup_requests.clone());
     let ctx = Arc::new(Ctx {
         audit: options.audit.clone(),
@@ -353,7 +348,6 @@ pub(crate) async fn start(
         in_flight: Mutex::new(HashSet::new()),
         abandon: abandon_rx,
         lookups,
-        own_writes,
         handlers: (options.prefetch > 0).then(|| Arc::new(Semaphore::new(options.concurrency))),
     });
     let task = tokio::spawn(run(
@@ -1000,7 +994,10 @@ async fn finish(
         let written = hold_until_ok(ctx, msg, progress_every, "done record", || {
             Box::pin(done::record(
                 &d.shared.done,
-                ctx.own_writes.then_some(&d.shared.acks),
+                // Through the dispatcher's acknowledgement inbox, unless the
+                // bucket is reached through a JetStream domain or API prefix
+                // (then async-nats' KV client, which knows those).
+                (!d.shared.done.use_jetstream_prefix).then_some(&d.shared.acks),
                 &hex,
                 sealed.clone(),
                 expect,
