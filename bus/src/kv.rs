@@ -396,40 +396,28 @@ impl TenantKv {
         }
         let js = jetstream::new(ns.nats().clone());
         let bucket = options.bucket.clone();
-        let kv = match js.get_key_value(bucket.as_str()).await {
-            Ok(kv) => kv,
-            Err(get_err) => {
-                let config = kv::Config {
-                    bucket: bucket.clone(),
-                    description: format!("agentbus state of tenant {}", ns.tenant()),
-                    history: 1,
-                    storage: jetstream::stream::StorageType::File,
-                    num_replicas: replicas,
-                    placement: options.region.as_ref().map(|r| r.placement()),
-                    ..Default::default()
-                };
-                let created =
-                    crate::settle::while_settling(|| js.create_key_value(config.clone())).await;
-                match created {
-                    Ok(kv) => kv,
-                    // Created by someone else meanwhile: open theirs.
-                    Err(create_err) => js.get_key_value(bucket.as_str()).await.map_err(|_| {
-                        let region = options
-                            .region
-                            .as_ref()
-                            .map(|r| format!(" in region {r} (servers tagged {})", r.tag()))
-                            .unwrap_or_default();
-                        unavailable(
-                            format!(
-                                "bucket {bucket} of tenant {}: cannot open it ({get_err}) nor create it{region}",
-                                ns.tenant()
-                            ),
-                            create_err,
-                        )
-                    })?,
-                }
-            }
+        let config = kv::Config {
+            bucket: bucket.clone(),
+            description: format!("agentbus state of tenant {}", ns.tenant()),
+            history: 1,
+            storage: jetstream::stream::StorageType::File,
+            num_replicas: replicas,
+            placement: options.region.as_ref().map(|r| r.placement()),
+            ..Default::default()
         };
+        let (kv, _) = crate::bucket::open_or_create(&js, config)
+            .await
+            .map_err(|e| {
+                let region = options
+                    .region
+                    .as_ref()
+                    .map(|r| format!(" in region {r} (servers tagged {})", r.tag()))
+                    .unwrap_or_default();
+                unavailable(
+                    format!("bucket {bucket} of tenant {}{region}", ns.tenant()),
+                    e,
+                )
+            })?;
         if let Some(region) = &options.region {
             let mut stream = js
                 .get_stream(format!("KV_{bucket}"))

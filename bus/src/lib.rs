@@ -45,8 +45,11 @@
 //!   (`ns.kv("sessions")`) on its `STATE` bucket.
 //! - [`settle`]: retrying stream and bucket creation while a new account's
 //!   JetStream settles across a cluster.
+//! - [`bucket`]: opening a bucket, creating it only when the server says it
+//!   does not exist (an outage is reported as one, not as a failed create).
 
 pub mod admission;
+pub mod bucket;
 pub mod budget;
 pub mod bundle;
 pub mod connect;

@@ -103,28 +103,20 @@ async fn open_bucket(
     replicas: usize,
     region: Option<&Region>,
 ) -> Result<kv::Store, ApiError> {
-    let store = match js.get_key_value(&spec.name).await {
-        Ok(kv) => kv,
-        Err(_) => js
-            .create_key_value(kv::Config {
-                bucket: spec.name.clone(),
-                description: spec.description.to_string(),
-                history: spec.history,
-                max_age: spec.max_age,
-                max_value_size: spec.max_value_size,
-                storage: stream::StorageType::File,
-                num_replicas: replicas,
-                placement: region.map(Region::placement),
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| {
-                unavailable(
-                    &where_(&format!("creating bucket {}", spec.name), region),
-                    e,
-                )
-            })?,
+    let config = kv::Config {
+        bucket: spec.name.clone(),
+        description: spec.description.to_string(),
+        history: spec.history,
+        max_age: spec.max_age,
+        max_value_size: spec.max_value_size,
+        storage: stream::StorageType::File,
+        num_replicas: replicas,
+        placement: region.map(Region::placement),
+        ..Default::default()
     };
+    let (store, _) = tenant_bus::bucket::open_or_create(js, config)
+        .await
+        .map_err(|e| unavailable(&where_(&format!("bucket {}", spec.name), region), e))?;
     if let Some(region) = region {
         let info = js
             .get_stream(format!("KV_{}", spec.name))

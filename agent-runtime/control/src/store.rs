@@ -226,21 +226,19 @@ async fn open_bucket(
     replicas: usize,
     history: i64,
 ) -> Result<kv::Store, ApiError> {
-    match js.get_key_value(bucket).await {
-        Ok(kv) => Ok(kv),
-        Err(_) => js
-            .create_key_value(kv::Config {
-                bucket: bucket.to_string(),
-                description: description.to_string(),
-                history,
-                max_value_size: 64 * 1024,
-                storage: jetstream::stream::StorageType::File,
-                num_replicas: replicas,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| unavailable(&format!("creating bucket {bucket}"), e)),
-    }
+    let config = kv::Config {
+        bucket: bucket.to_string(),
+        description: description.to_string(),
+        history,
+        max_value_size: 64 * 1024,
+        storage: jetstream::stream::StorageType::File,
+        num_replicas: replicas,
+        ..Default::default()
+    };
+    tenant_bus::bucket::open_or_create(js, config)
+        .await
+        .map(|(kv, _)| kv)
+        .map_err(|e| unavailable(&format!("bucket {bucket}"), e))
 }
 
 impl Store {
@@ -278,22 +276,22 @@ impl Store {
         )
         .await?;
         // Idempotency keys of usage reports: each counts once within 24 h.
-        let usage_reports = match js.get_key_value(crate::usage::REPORTS_BUCKET).await {
-            Ok(kv) => kv,
-            Err(_) => js
-                .create_key_value(kv::Config {
-                    bucket: crate::usage::REPORTS_BUCKET.to_string(),
-                    description: "agentbus usage report idempotency keys (24 h)".to_string(),
-                    history: 1,
-                    max_age: crate::usage::REPORT_DEDUPE_WINDOW,
-                    max_value_size: 1024,
-                    storage: jetstream::stream::StorageType::File,
-                    num_replicas: replicas,
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| unavailable("creating the usage reports bucket", e))?,
-        };
+        let usage_reports = tenant_bus::bucket::open_or_create(
+            &js,
+            kv::Config {
+                bucket: crate::usage::REPORTS_BUCKET.to_string(),
+                description: "agentbus usage report idempotency keys (24 h)".to_string(),
+                history: 1,
+                max_age: crate::usage::REPORT_DEDUPE_WINDOW,
+                max_value_size: 1024,
+                storage: jetstream::stream::StorageType::File,
+                num_replicas: replicas,
+                ..Default::default()
+            },
+        )
+        .await
+        .map(|(kv, _)| kv)
+        .map_err(|e| unavailable("the usage reports bucket", e))?;
         let books = std::sync::Arc::new(
             crate::books::BookHomes::open(&js, registry.clone(), replicas).await?,
         );

@@ -780,63 +780,59 @@ impl Dispatcher {
             destination: scope(ns.tenant(), "tasks.results.>"),
             headers_only: false,
         };
-        let (done, republishes) = match js.get_key_value(&bucket).await {
-            Ok(kv) => {
-                // Someone else created it. A done record must outlive the task's
-                // maximum age, or a replayed copy of a finished task would be
-                // neither recognised as done nor refused as expired (see the
-                // module docs); agents cannot change a bucket, so one that
-                // forgets sooner is refused. (One created below has our
-                // retention, which is never shorter than the maximum age.)
-                let status = kv
-                    .status()
-                    .await
-                    .map_err(|e| unavailable(format!("bucket {bucket}"), e))?;
-                if let Some(r) = &region {
-                    if !r.holds(status.info.config.placement.as_ref()) {
-                        return Err(Error::new(
-                            DispatchErrorKind::StreamConflict,
-                            format!("bucket {bucket} is not placed in region {r}"),
-                        ));
-                    }
-                }
-                let kept = status.max_age();
-                if !kept.is_zero() && kept < options.task_max_age {
+        let config = kv::Config {
+            bucket: bucket.clone(),
+            description: format!("agentbus finished tasks of tenant {}", ns.tenant()),
+            history: 1,
+            max_age: options.done_retention,
+            storage: stream::StorageType::File,
+            num_replicas: replicas,
+            placement: region.as_ref().map(|r| r.placement()),
+            republish: Some(republish.clone()),
+            ..Default::default()
+        };
+        let (done, created) = api_call(
+            ns,
+            format!("bucket {bucket}{where_}"),
+            &format!("KV_{bucket}"),
+            tenant_bus::bucket::open_or_create(&js, config),
+        )
+        .await?;
+        let republishes = if created {
+            true
+        } else {
+            // Someone else created it. A done record must outlive the task's
+            // maximum age, or a replayed copy of a finished task would be
+            // neither recognised as done nor refused as expired (see the
+            // module docs); agents cannot change a bucket, so one that forgets
+            // sooner is refused. (One created here has our retention, which is
+            // never shorter than the maximum age.)
+            let status = done
+                .status()
+                .await
+                .map_err(|e| unavailable(format!("bucket {bucket}"), e))?;
+            if let Some(r) = &region {
+                if !r.holds(status.info.config.placement.as_ref()) {
                     return Err(Error::new(
                         DispatchErrorKind::StreamConflict,
-                        format!(
-                            "bucket {bucket} keeps records {} s, less than the task max age of {} s",
-                            kept.as_secs(),
-                            options.task_max_age.as_secs()
-                        ),
+                        format!("bucket {bucket} is not placed in region {r}"),
                     ));
                 }
-                // A bucket created before outcomes were republished (agents
-                // cannot change it): workers publish each outcome themselves.
-                let republishes = status.info.config.republish.as_ref() == Some(&republish);
-                (kv, republishes)
             }
-            Err(_) => {
-                let config = kv::Config {
-                    bucket: bucket.clone(),
-                    description: format!("agentbus finished tasks of tenant {}", ns.tenant()),
-                    history: 1,
-                    max_age: options.done_retention,
-                    storage: stream::StorageType::File,
-                    num_replicas: replicas,
-                    placement: region.as_ref().map(|r| r.placement()),
-                    republish: Some(republish),
-                    ..Default::default()
-                };
-                let kv = api_call(
-                    ns,
-                    format!("bucket {bucket}{where_}"),
-                    &format!("KV_{bucket}"),
-                    while_settling(|| js.create_key_value(config.clone())),
-                )
-                .await?;
-                (kv, true)
+            let kept = status.max_age();
+            if !kept.is_zero() && kept < options.task_max_age {
+                return Err(Error::new(
+                    DispatchErrorKind::StreamConflict,
+                    format!(
+                        "bucket {bucket} keeps records {} s, less than the task max age of {} s",
+                        kept.as_secs(),
+                        options.task_max_age.as_secs()
+                    ),
+                ));
             }
+            // A bucket created before outcomes were republished (agents
+            // cannot change it): workers publish each outcome themselves.
+            status.info.config.republish.as_ref() == Some(&republish)
         };
         let acks = acks::AckInbox::start(ns.nats().clone(), options.max_unanswered)
             .await

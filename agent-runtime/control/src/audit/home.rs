@@ -115,22 +115,19 @@ pub(crate) async fn open_homes_bucket(
     js: &jetstream::Context,
     replicas: usize,
 ) -> Result<kv::Store, ApiError> {
-    match js.get_key_value(HOMES_BUCKET).await {
-        Ok(kv) => Ok(kv),
-        Err(_) => js
-            .create_key_value(kv::Config {
-                bucket: HOMES_BUCKET.to_string(),
-                description: "agentbus homes: the region of each audit log and tenant's books"
-                    .into(),
-                history: 1,
-                max_value_size: 256,
-                storage: stream::StorageType::File,
-                num_replicas: replicas,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| unavailable("creating the homes bucket", e)),
-    }
+    let config = kv::Config {
+        bucket: HOMES_BUCKET.to_string(),
+        description: "agentbus homes: the region of each audit log and tenant's books".into(),
+        history: 1,
+        max_value_size: 256,
+        storage: stream::StorageType::File,
+        num_replicas: replicas,
+        ..Default::default()
+    };
+    tenant_bus::bucket::open_or_create(js, config)
+        .await
+        .map(|(kv, _)| kv)
+        .map_err(|e| unavailable("the homes bucket", e))
 }
 
 impl Homes {

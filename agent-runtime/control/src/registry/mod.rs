@@ -575,21 +575,18 @@ impl Registry {
         options: RegistryOptions,
     ) -> Result<Self, RegistryError> {
         let js = jetstream::new(client);
-        let kv = match js.get_key_value(&options.bucket).await {
-            Ok(kv) => kv,
-            Err(_) => js
-                .create_key_value(kv::Config {
-                    bucket: options.bucket.clone(),
-                    description: "agentbus tenant registry (no key material)".to_string(),
-                    history: options.history,
-                    max_value_size: MAX_RECORD_BYTES,
-                    storage: jetstream::stream::StorageType::File,
-                    num_replicas: options.replicas,
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| unavailable("creating the registry bucket")(Box::new(e)))?,
+        let config = kv::Config {
+            bucket: options.bucket.clone(),
+            description: "agentbus tenant registry (no key material)".to_string(),
+            history: options.history,
+            max_value_size: MAX_RECORD_BYTES,
+            storage: jetstream::stream::StorageType::File,
+            num_replicas: options.replicas,
+            ..Default::default()
         };
+        let (kv, _) = tenant_bus::bucket::open_or_create(&js, config)
+            .await
+            .map_err(|e| unavailable("opening the registry bucket")(Box::new(e)))?;
         Ok(Self { kv })
     }
 

@@ -1,0 +1,137 @@
+//! Opening a key-value bucket that may not exist yet.
+//!
+//! "Get the bucket, and create it if that failed" takes every failure of the
+//! get for absence. On a cluster that loses the node leading the bucket's
+//! stream, the get fails by timing out (the stream cannot answer until a new
+//! leader is elected; async-nats waits 5 s), and the create that follows
+//! waits out a second timeout or is refused as "stream name already in use
+//! with a different configuration" (10058): a new runtime instance took 10 s
+//! to start and then named the wrong cause. [`open_or_create`] creates only
+//! when the server says the bucket's stream does not exist (10059), and
+//! reports any other failure of the get as what it is.
+//!
+//! The create is retried while a new account's JetStream settles
+//! ([`crate::settle::while_settling`]). When it fails, the bucket is looked up
+//! once more: another process may have created it in between (concurrent
+//! creators of one bucket are normal: every agent of a tenant opens its
+//! state store and task buckets).
+
+use std::error::Error as StdError;
+
+use async_nats::jetstream::{self, kv, ErrorCode};
+
+use crate::error::Error;
+use crate::settle::while_settling;
+
+/// Which step of [`open_or_create`] failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum BucketErrorKind {
+    /// Looking the bucket up failed for another reason than its absence (no
+    /// answer, no leader, a stream of that name that is not a bucket).
+    Open,
+    /// The bucket did not exist and creating it failed (and it still cannot
+    /// be opened).
+    Create,
+}
+
+crate::kind_display!(BucketErrorKind {
+    Open => "cannot open the bucket",
+    Create => "cannot create the bucket",
+});
+
+/// An [`open_or_create`] error; the source is async-nats' error.
+pub type BucketError = Error<BucketErrorKind>;
+
+/// Whether `error` (or any error in its source chain) is the server saying a
+/// stream does not exist (JetStream API error 10059), as async-nats reports
+/// it for a stream or bucket lookup.
+pub fn is_not_found(error: &(dyn StdError + 'static)) -> bool {
+    use jetstream::context::{GetStreamError, GetStreamErrorKind};
+    let mut next = Some(error);
+    while let Some(e) = next {
+        if let Some(api) = e.downcast_ref::<jetstream::Error>() {
+            return api.error_code() == ErrorCode::STREAM_NOT_FOUND;
+        }
+        if let Some(g) = e.downcast_ref::<GetStreamError>() {
+            if let GetStreamErrorKind::JetStream(api) = g.kind() {
+                return api.error_code() == ErrorCode::STREAM_NOT_FOUND;
+            }
+        }
+        next = e.source();
+    }
+    false
+}
+
+/// Opens bucket `config.bucket`, creating it with `config` only if the server
+/// says it does not exist. Returns the store and whether this call created it
+/// (an existing bucket keeps its own configuration: check what matters).
+pub async fn open_or_create(
+    js: &jetstream::Context,
+    config: kv::Config,
+) -> Result<(kv::Store, bool), BucketError> {
+    // Boxed: the lookups, the create and its retries make a large future,
+    // and callers open several buckets in one `async fn` (the control plane's
+    // store); inline, that overflowed a 2 MiB thread stack in a debug build.
+    Box::pin(open_or_create_inner(js, config)).await
+}
+
+async fn open_or_create_inner(
+    js: &jetstream::Context,
+    config: kv::Config,
+) -> Result<(kv::Store, bool), BucketError> {
+    let name = config.bucket.clone();
+    match js.get_key_value(name.as_str()).await {
+        Ok(kv) => return Ok((kv, false)),
+        Err(e) if is_not_found(&e) => {}
+        Err(e) => return Err(Error::with_source(BucketErrorKind::Open, name, e)),
+    }
+    match while_settling(|| js.create_key_value(config.clone())).await {
+        Ok(kv) => Ok((kv, true)),
+        // Created by someone else meanwhile: open theirs.
+        Err(create) => match js.get_key_value(name.as_str()).await {
+            Ok(kv) => Ok((kv, false)),
+            Err(_) => Err(Error::with_source(BucketErrorKind::Create, name, create)),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn api(code: u64) -> jetstream::Error {
+        serde_json::from_value(serde_json::json!({
+            "code": 404, "err_code": code, "description": "stream not found"
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn only_stream_not_found_is_absence() {
+        assert!(is_not_found(&api(10059)));
+        assert!(!is_not_found(&api(10058)));
+        assert!(!is_not_found(&api(10039)));
+        // As async-nats reports a bucket lookup: KeyValueError(GetBucket) <-
+        // GetStreamError(JetStream(api)).
+        let get = jetstream::context::GetStreamError::new(
+            jetstream::context::GetStreamErrorKind::JetStream(api(10059)),
+        );
+        let kv_err = jetstream::context::KeyValueError::with_source(
+            jetstream::context::KeyValueErrorKind::GetBucket,
+            get,
+        );
+        assert!(is_not_found(&kv_err));
+        // A lookup that timed out is not absence.
+        let timed_out = jetstream::context::KeyValueError::with_source(
+            jetstream::context::KeyValueErrorKind::GetBucket,
+            jetstream::context::GetStreamError::new(
+                jetstream::context::GetStreamErrorKind::Request,
+            ),
+        );
+        assert!(!is_not_found(&timed_out));
+        assert!(!is_not_found(&std::io::Error::other("x")));
+    }
+}
