@@ -10,8 +10,8 @@
 //! when the server says the bucket's stream does not exist (10059), and
 //! reports any other failure of the get as what it is.
 //!
-//! The create is retried while a new account's JetStream settles
-//! ([`crate::settle::while_settling`]). When it fails, the bucket is looked up
+//! The lookup and the create are retried while a new account's JetStream
+//! settles ([`crate::settle::while_settling`]). When it fails, the bucket is looked up
 //! once more: another process may have created it in between (concurrent
 //! creators of one bucket are normal: every agent of a tenant opens its
 //! state store and task buckets).
@@ -81,7 +81,9 @@ async fn open_or_create_inner(
     config: kv::Config,
 ) -> Result<(kv::Store, bool), BucketError> {
     let name = config.bucket.clone();
-    match js.get_key_value(name.as_str()).await {
+    // A tenant created a moment ago may not be known to JetStream on every
+    // server yet: its lookups are refused as the creates are (see `settle`).
+    match while_settling(|| js.get_key_value(name.as_str())).await {
         Ok(kv) => return Ok((kv, false)),
         Err(e) if is_not_found(&e) => {}
         Err(e) => return Err(Error::with_source(BucketErrorKind::Open, name, e)),

@@ -57,6 +57,12 @@ pub fn is_settling(error: &(dyn StdError + 'static)) -> bool {
                 return settling_api(&api);
             }
         }
+        // A lookup (stream or bucket) answered by an account not yet known.
+        if let Some(g) = e.downcast_ref::<jetstream::context::GetStreamError>() {
+            if let jetstream::context::GetStreamErrorKind::JetStream(api) = g.kind() {
+                return settling_api(&api);
+            }
+        }
         next = e.source();
     }
     false
@@ -207,6 +213,25 @@ mod tests {
         assert!(!is_settling(&CreateStreamError::new(
             CreateStreamErrorKind::TimedOut
         )));
+        // A bucket lookup as async-nats reports it: KeyValueError(GetBucket)
+        // <- GetStreamError(JetStream(api)). A new account's is settling; a
+        // missing bucket or a timed-out lookup is not.
+        use async_nats::jetstream::context::{
+            GetStreamError, GetStreamErrorKind, KeyValueError, KeyValueErrorKind,
+        };
+        let lookup = |kind| {
+            KeyValueError::with_source(KeyValueErrorKind::GetBucket, GetStreamError::new(kind))
+        };
+        assert!(is_settling(&lookup(GetStreamErrorKind::JetStream(api(
+            10035
+        )))));
+        assert!(is_settling(&lookup(GetStreamErrorKind::JetStream(api(
+            10039
+        )))));
+        assert!(!is_settling(&lookup(GetStreamErrorKind::JetStream(api(
+            10059
+        )))));
+        assert!(!is_settling(&lookup(GetStreamErrorKind::Request)));
     }
 
     #[tokio::test(start_paused = true)]
