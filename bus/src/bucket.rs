@@ -10,15 +10,20 @@
 //! when the server says the bucket's stream does not exist (10059), and
 //! reports any other failure of the get as what it is.
 //!
-//! The lookup and the create are retried while a new account's JetStream
-//! settles ([`crate::settle::while_settling`]). When it fails, the bucket is looked up
+//! A lookup that gets no answer is sent again every [`LOOKUP_TRY`] for at
+//! most [`LOOKUP_LIMIT`]: a request sent while the stream has no leader is
+//! never answered, so a new one finds the new leader as soon as it is
+//! elected. The lookup and the create are retried while a new account's
+//! JetStream settles ([`crate::settle::while_settling`]). When it fails, the bucket is looked up
 //! once more: another process may have created it in between (concurrent
 //! creators of one bucket are normal: every agent of a tenant opens its
 //! state store and task buckets).
 
 use std::error::Error as StdError;
+use std::time::Duration;
 
 use async_nats::jetstream::{self, kv, ErrorCode};
+use tokio::time::Instant;
 
 use crate::error::Error;
 use crate::settle::while_settling;
@@ -81,12 +86,16 @@ async fn open_or_create_inner(
     config: kv::Config,
 ) -> Result<(kv::Store, bool), BucketError> {
     let name = config.bucket.clone();
-    // A tenant created a moment ago may not be known to JetStream on every
-    // server yet: its lookups are refused as the creates are (see `settle`).
-    match while_settling(|| js.get_key_value(name.as_str())).await {
-        Ok(kv) => return Ok((kv, false)),
-        Err(e) if is_not_found(&e) => {}
-        Err(e) => return Err(Error::with_source(BucketErrorKind::Open, name, e)),
+    if exists(js, &name)
+        .await
+        .map_err(|e| Error::with_source(BucketErrorKind::Open, name.clone(), e))?
+    {
+        // Opened with the caller's context, whose timeout the store keeps.
+        return js
+            .get_key_value(name.as_str())
+            .await
+            .map(|kv| (kv, false))
+            .map_err(|e| Error::with_source(BucketErrorKind::Open, name, e));
     }
     match while_settling(|| js.create_key_value(config.clone())).await {
         Ok(kv) => Ok((kv, true)),
@@ -96,6 +105,54 @@ async fn open_or_create_inner(
             Err(_) => Err(Error::with_source(BucketErrorKind::Create, name, create)),
         },
     }
+}
+
+/// How long one lookup of a bucket waits for an answer before it is sent
+/// again. A stream whose leader was lost answers nothing until a new one is
+/// elected (a few seconds on a cluster), and a request sent before that is
+/// never answered: a short wait and a new request open the bucket about as
+/// soon as the election ends, where one request waited out async-nats' 10 s.
+pub const LOOKUP_TRY: Duration = Duration::from_secs(2);
+/// How long the lookups of one open may take in all before the bucket is
+/// reported unavailable (async-nats' own request timeout).
+pub const LOOKUP_LIMIT: Duration = Duration::from_secs(10);
+
+/// Whether bucket `name` exists: its stream is looked up, asked again every
+/// [`LOOKUP_TRY`] while no answer comes, for at most [`LOOKUP_LIMIT`], and
+/// while a new account's JetStream settles.
+async fn exists(
+    js: &jetstream::Context,
+    name: &str,
+) -> Result<bool, jetstream::context::GetStreamError> {
+    let mut quick = js.clone();
+    quick.set_timeout(LOOKUP_TRY);
+    let stream = format!("KV_{name}");
+    let deadline = Instant::now() + LOOKUP_LIMIT;
+    loop {
+        match while_settling(|| quick.get_stream(stream.as_str())).await {
+            Ok(_) => return Ok(true),
+            Err(e) if is_not_found(&e) => return Ok(false),
+            Err(e) if timed_out(&e) && Instant::now() < deadline => {
+                tracing::debug!(bucket = name, error = %e, "bucket lookup unanswered; asking again");
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Whether `error` (or any error in its source chain) is a JetStream request
+/// that timed out: no answer, as opposed to an answer saying no (or "no
+/// responders", which says JetStream is not there at all and is final).
+fn timed_out(error: &(dyn StdError + 'static)) -> bool {
+    use jetstream::context::{RequestError, RequestErrorKind};
+    let mut next = Some(error);
+    while let Some(e) = next {
+        if let Some(r) = e.downcast_ref::<RequestError>() {
+            return r.kind() == RequestErrorKind::TimedOut;
+        }
+        next = e.source();
+    }
+    false
 }
 
 #[cfg(test)]
@@ -135,5 +192,20 @@ mod tests {
         );
         assert!(!is_not_found(&timed_out));
         assert!(!is_not_found(&std::io::Error::other("x")));
+    }
+
+    #[test]
+    fn only_an_unanswered_lookup_is_asked_again() {
+        use jetstream::context::{
+            GetStreamError, GetStreamErrorKind, RequestError, RequestErrorKind,
+        };
+        let request = |kind| {
+            GetStreamError::with_source(GetStreamErrorKind::Request, RequestError::new(kind))
+        };
+        assert!(super::timed_out(&request(RequestErrorKind::TimedOut)));
+        assert!(!super::timed_out(&request(RequestErrorKind::NoResponders)));
+        assert!(!super::timed_out(&GetStreamError::new(
+            GetStreamErrorKind::JetStream(api(10059))
+        )));
     }
 }
