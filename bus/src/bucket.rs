@@ -2,22 +2,22 @@
 //!
 //! "Get the bucket, and create it if that failed" takes every failure of the
 //! get for absence. On a cluster that loses the node leading the bucket's
-//! stream, the get fails by timing out (the stream cannot answer until a new
-//! leader is elected; async-nats waits 5 s), and the create that follows
-//! waits out a second timeout or is refused as "stream name already in use
-//! with a different configuration" (10058): a new runtime instance took 10 s
-//! to start and then named the wrong cause. [`open_or_create`] creates only
-//! when the server says the bucket's stream does not exist (10059), and
-//! reports any other failure of the get as what it is.
+//! stream, the get fails by timing out (the stream answers nothing until a
+//! new leader is elected), and the create that follows waits out another
+//! request or is refused as "stream name already in use with a different
+//! configuration" (10058): a new runtime instance took 10 s to start and
+//! then named the wrong cause. [`open_or_create`] creates only when the
+//! server says the bucket's stream does not exist (10059), and reports any
+//! other failure of the lookup as what it is.
 //!
 //! A lookup that gets no answer is sent again every [`LOOKUP_TRY`] for at
 //! most [`LOOKUP_LIMIT`]: a request sent while the stream has no leader is
 //! never answered, so a new one finds the new leader as soon as it is
 //! elected. The lookup and the create are retried while a new account's
-//! JetStream settles ([`crate::settle::while_settling`]). When it fails, the bucket is looked up
-//! once more: another process may have created it in between (concurrent
-//! creators of one bucket are normal: every agent of a tenant opens its
-//! state store and task buckets).
+//! JetStream settles ([`crate::settle::while_settling`]). When the create
+//! fails, the bucket is looked up once more: another process may have
+//! created it in between (concurrent creators of one bucket are normal:
+//! every agent of a tenant opens its state store and task buckets).
 
 use std::error::Error as StdError;
 use std::time::Duration;
@@ -26,7 +26,7 @@ use async_nats::jetstream::{self, kv, ErrorCode};
 use tokio::time::Instant;
 
 use crate::error::Error;
-use crate::settle::while_settling;
+use crate::settle::{api_error, in_chain, while_settling};
 
 /// Which step of [`open_or_create`] failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -52,20 +52,7 @@ pub type BucketError = Error<BucketErrorKind>;
 /// stream does not exist (JetStream API error 10059), as async-nats reports
 /// it for a stream or bucket lookup.
 pub fn is_not_found(error: &(dyn StdError + 'static)) -> bool {
-    use jetstream::context::{GetStreamError, GetStreamErrorKind};
-    let mut next = Some(error);
-    while let Some(e) = next {
-        if let Some(api) = e.downcast_ref::<jetstream::Error>() {
-            return api.error_code() == ErrorCode::STREAM_NOT_FOUND;
-        }
-        if let Some(g) = e.downcast_ref::<GetStreamError>() {
-            if let GetStreamErrorKind::JetStream(api) = g.kind() {
-                return api.error_code() == ErrorCode::STREAM_NOT_FOUND;
-            }
-        }
-        next = e.source();
-    }
-    false
+    api_error(error).is_some_and(|api| api.error_code() == ErrorCode::STREAM_NOT_FOUND)
 }
 
 /// Opens bucket `config.bucket`, creating it with `config` only if the server
@@ -145,14 +132,7 @@ async fn exists(
 /// responders", which says JetStream is not there at all and is final).
 fn timed_out(error: &(dyn StdError + 'static)) -> bool {
     use jetstream::context::{RequestError, RequestErrorKind};
-    let mut next = Some(error);
-    while let Some(e) = next {
-        if let Some(r) = e.downcast_ref::<RequestError>() {
-            return r.kind() == RequestErrorKind::TimedOut;
-        }
-        next = e.source();
-    }
-    false
+    in_chain::<RequestError>(error).is_some_and(|r| r.kind() == RequestErrorKind::TimedOut)
 }
 
 #[cfg(test)]

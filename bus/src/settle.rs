@@ -47,25 +47,46 @@ const STORE_FAILED: &str = "error creating store for stream";
 /// stream's store could not be created (which includes the account's
 /// directory not yet existing on the server the stream was placed on).
 pub fn is_settling(error: &(dyn StdError + 'static)) -> bool {
+    api_error(error).is_some_and(|api| settling_api(&api))
+}
+
+/// The first JetStream API error (the server's answer) in `error`'s source
+/// chain, however async-nats carries it: as the error itself, or inside a
+/// stream create's or a stream (or bucket) lookup's error kind.
+pub(crate) fn api_error(error: &(dyn StdError + 'static)) -> Option<jetstream::Error> {
+    use jetstream::context::{CreateStreamError, GetStreamError, GetStreamErrorKind};
     let mut next = Some(error);
     while let Some(e) = next {
         if let Some(api) = e.downcast_ref::<jetstream::Error>() {
-            return settling_api(api);
+            return Some(api.clone());
         }
-        if let Some(c) = e.downcast_ref::<jetstream::context::CreateStreamError>() {
+        if let Some(c) = e.downcast_ref::<CreateStreamError>() {
             if let CreateStreamErrorKind::JetStream(api) = c.kind() {
-                return settling_api(&api);
+                return Some(api);
             }
         }
-        // A lookup (stream or bucket) answered by an account not yet known.
-        if let Some(g) = e.downcast_ref::<jetstream::context::GetStreamError>() {
-            if let jetstream::context::GetStreamErrorKind::JetStream(api) = g.kind() {
-                return settling_api(&api);
+        if let Some(g) = e.downcast_ref::<GetStreamError>() {
+            if let GetStreamErrorKind::JetStream(api) = g.kind() {
+                return Some(api);
             }
         }
         next = e.source();
     }
-    false
+    None
+}
+
+/// The first error of type `T` in `error`'s source chain.
+pub(crate) fn in_chain<'a, T: StdError + 'static>(
+    error: &'a (dyn StdError + 'static),
+) -> Option<&'a T> {
+    let mut next = Some(error);
+    while let Some(e) = next {
+        if let Some(t) = e.downcast_ref::<T>() {
+            return Some(t);
+        }
+        next = e.source();
+    }
+    None
 }
 
 fn settling_api(api: &jetstream::Error) -> bool {
@@ -140,14 +161,7 @@ pub const ROUTE_LIMIT: Duration = Duration::from_secs(3);
 /// retry delivers. Nothing was stored, so a retry is safe.
 pub fn is_unrouted(error: &(dyn StdError + 'static)) -> bool {
     use jetstream::context::{PublishError, PublishErrorKind};
-    let mut next = Some(error);
-    while let Some(e) = next {
-        if let Some(p) = e.downcast_ref::<PublishError>() {
-            return p.kind() == PublishErrorKind::StreamNotFound;
-        }
-        next = e.source();
-    }
-    false
+    in_chain::<PublishError>(error).is_some_and(|p| p.kind() == PublishErrorKind::StreamNotFound)
 }
 
 /// Runs `op` until it succeeds, fails with an error that is not
