@@ -199,6 +199,29 @@ impl Platform {
     }
 }
 
+/// A cluster-wide scheduler (default config) whose rate and slot buckets are
+/// created with `replicas`, as a runtime instance makes it with the
+/// deployment's setting.
+pub async fn replicated_scheduler(
+    js: &async_nats::jetstream::Context,
+    replicas: usize,
+) -> Result<agent_runtime::scheduler::Scheduler, agent_runtime::scheduler::SchedulerError> {
+    use agent_runtime::scheduler::{RateBucket, Scheduler, SchedulerConfig, SlotBucket};
+    Scheduler::connect(
+        js,
+        SchedulerConfig::default(),
+        &RateBucket {
+            replicas,
+            ..RateBucket::default()
+        },
+        &SlotBucket {
+            replicas,
+            ..SlotBucket::default()
+        },
+    )
+    .await
+}
+
 /// Starts a controller for `install` on `url`, serving in a task.
 pub async fn start_controller(
     install: &agentbus_control::Installation,

@@ -136,9 +136,7 @@ async fn stopping_the_bucket_leader_recovers_within_5s_and_every_bucket_is_r3() 
 #[tokio::test]
 async fn the_runtime_creates_scheduler_buckets_and_task_streams_with_the_deployments_replicas() {
     use agent_runtime::dispatch::{DispatchOptions, Dispatcher};
-    use agent_runtime::scheduler::{
-        RateBucket, Scheduler, SchedulerConfig, SlotBucket, RATE_BUCKET, SLOT_BUCKET,
-    };
+    use agent_runtime::scheduler::{RATE_BUCKET, SLOT_BUCKET};
     use agentbus_control::registry::Registry;
 
     let Deployment {
@@ -170,20 +168,9 @@ async fn the_runtime_creates_scheduler_buckets_and_task_streams_with_the_deploym
         .unwrap();
     assert_eq!(replicas, 3);
     let pjs = async_nats::jetstream::new(platform);
-    let _sched = Scheduler::connect(
-        &pjs,
-        SchedulerConfig::default(),
-        &RateBucket {
-            replicas,
-            ..RateBucket::default()
-        },
-        &SlotBucket {
-            replicas,
-            ..SlotBucket::default()
-        },
-    )
-    .await
-    .unwrap();
+    let _sched = nats_harness::replicated_scheduler(&pjs, replicas)
+        .await
+        .unwrap();
     for bucket in [RATE_BUCKET, SLOT_BUCKET] {
         let mut s = pjs.get_stream(format!("KV_{bucket}")).await.unwrap();
         assert_eq!(s.info().await.unwrap().config.num_replicas, 3, "{bucket}");

@@ -59,10 +59,7 @@ use agent_runtime::registry::{
     Registry, RegistryError, RegistryErrorKind, RegistryOptions, RegistryWatcher, SettingsPatch,
     Status, TenantGate, TenantSettings, REGISTRY_BUCKET,
 };
-use agent_runtime::scheduler::{
-    RateBucket, RegistryFollower, Scheduler, SchedulerConfig, SchedulerError, SchedulerErrorKind,
-    SlotBucket, SLOT_BUCKET,
-};
+use agent_runtime::scheduler::{RegistryFollower, SchedulerError, SchedulerErrorKind, SLOT_BUCKET};
 use agent_runtime::tiers::Tier;
 use async_nats::jetstream;
 use bytes::Bytes;
@@ -282,20 +279,9 @@ async fn start_instance(urls: &str, replicas: usize, tenant: &TenantId) -> Resul
     if record.status != Status::Active {
         return Err(format!("refused: {tenant} is {:?}", record.status));
     }
-    let sched = Scheduler::connect(
-        &jetstream::new(client),
-        SchedulerConfig::default(),
-        &RateBucket {
-            replicas,
-            ..RateBucket::default()
-        },
-        &SlotBucket {
-            replicas,
-            ..SlotBucket::default()
-        },
-    )
-    .await
-    .map_err(scheduler_err)?;
+    let sched = nats_harness::replicated_scheduler(&jetstream::new(client), replicas)
+        .await
+        .map_err(scheduler_err)?;
     let lease = sched
         .tenant(tenant, &record.quotas())
         .map_err(scheduler_err)?
@@ -380,20 +366,10 @@ async fn scenario(target: Target, replicas: usize, outage: Duration) -> Outcome 
     // The runtime: a scheduler with cluster-wide task slots following the
     // registry, a worker and a dispatcher both gated by it.
     let worker_ns = TenantNamespace::connect(&bundle("worker")).await.unwrap();
-    let sched = Scheduler::connect(
-        &jetstream::new(worker_ns.nats().clone()),
-        SchedulerConfig::default(),
-        &RateBucket {
-            replicas,
-            ..RateBucket::default()
-        },
-        &SlotBucket {
-            replicas,
-            ..SlotBucket::default()
-        },
-    )
-    .await
-    .unwrap();
+    let sched =
+        nats_harness::replicated_scheduler(&jetstream::new(worker_ns.nats().clone()), replicas)
+            .await
+            .unwrap();
     let sched = Arc::new(sched);
     let tenant_sched = sched.tenant(&tenant, &record.quotas()).unwrap();
     let _follower = RegistryFollower::start(&sched, &watcher);
