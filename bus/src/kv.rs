@@ -405,29 +405,21 @@ impl TenantKv {
             placement: options.region.as_ref().map(|r| r.placement()),
             ..Default::default()
         };
-        let (kv, _) = crate::bucket::open_or_create(&js, config)
-            .await
-            .map_err(|e| {
-                let region = options
-                    .region
-                    .as_ref()
-                    .map(|r| format!(" in region {r} (servers tagged {})", r.tag()))
-                    .unwrap_or_default();
-                unavailable(
-                    format!("bucket {bucket} of tenant {}{region}", ns.tenant()),
-                    e,
-                )
-            })?;
+        let (kv, _) = crate::open::bucket(&js, config).await.map_err(|e| {
+            let region = options
+                .region
+                .as_ref()
+                .map(|r| format!(" in region {r} (servers tagged {})", r.tag()))
+                .unwrap_or_default();
+            unavailable(
+                format!("bucket {bucket} of tenant {}{region}", ns.tenant()),
+                e,
+            )
+        })?;
         if let Some(region) = &options.region {
-            let mut stream = js
-                .get_stream(format!("KV_{bucket}"))
-                .await
-                .map_err(|e| unavailable(format!("bucket {bucket}"), e))?;
-            let info = stream
-                .info()
-                .await
-                .map_err(|e| unavailable(format!("bucket {bucket}"), e))?;
-            if !region.holds(info.config.placement.as_ref()) {
+            // The lookup (or the create) just answered with the bucket's
+            // configuration.
+            if !region.holds(kv.stream.cached_info().config.placement.as_ref()) {
                 return Err(Error::new(
                     KvErrorKind::OutsideRegion,
                     format!(

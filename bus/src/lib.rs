@@ -44,12 +44,13 @@
 //! - [`kv`]: [`TenantKv`], the tenant's sealed key-value state store
 //!   (`ns.kv("sessions")`) on its `STATE` bucket.
 //! - [`settle`]: retrying stream and bucket creation while a new account's
-//!   JetStream settles across a cluster.
-//! - [`bucket`]: opening a bucket, creating it only when the server says it
-//!   does not exist (an outage is reported as one, not as a failed create).
+//!   JetStream settles across a cluster, and lookups a leaderless stream
+//!   left unanswered.
+//! - [`open`]: opening a bucket, stream or consumer, creating it only when
+//!   the server says it does not exist (an outage is reported as one, not as
+//!   a failed create).
 
 pub mod admission;
-pub mod bucket;
 pub mod budget;
 pub mod bundle;
 pub mod connect;
@@ -61,6 +62,7 @@ pub mod keys;
 pub mod kv;
 pub mod message;
 pub mod namespace;
+pub mod open;
 pub mod options;
 pub mod region;
 pub mod replay;

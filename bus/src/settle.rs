@@ -23,6 +23,15 @@
 //! servers of the cluster over the routes, so the first publish through
 //! another server may find no responder. [`while_unrouted`] retries exactly
 //! that, for at most [`ROUTE_LIMIT`].
+//!
+//! A stream or consumer whose leader was lost answers nothing until a new
+//! one is elected (a few seconds on a cluster), and a request sent before
+//! that is never answered, even after the election: one lookup waited out
+//! async-nats' whole request timeout (10 s) and then failed.
+//! [`while_unanswered`] sends an idempotent request (a lookup) again every
+//! [`ASK_AGAIN_AFTER`] while no answer has come, keeping the earlier copies
+//! in flight, for at most [`ASK_LIMIT`], so it is answered about as soon as
+//! the election ends.
 
 use std::error::Error as StdError;
 use std::future::Future;
@@ -52,9 +61,13 @@ pub fn is_settling(error: &(dyn StdError + 'static)) -> bool {
 
 /// The first JetStream API error (the server's answer) in `error`'s source
 /// chain, however async-nats carries it: as the error itself, or inside a
-/// stream create's or a stream (or bucket) lookup's error kind.
+/// stream create's, a stream (or bucket) lookup's or a consumer lookup's
+/// error kind.
 pub(crate) fn api_error(error: &(dyn StdError + 'static)) -> Option<jetstream::Error> {
-    use jetstream::context::{CreateStreamError, GetStreamError, GetStreamErrorKind};
+    use jetstream::context::{
+        ConsumerInfoError, ConsumerInfoErrorKind, CreateStreamError, GetStreamError,
+        GetStreamErrorKind,
+    };
     let mut next = Some(error);
     while let Some(e) = next {
         if let Some(api) = e.downcast_ref::<jetstream::Error>() {
@@ -67,6 +80,11 @@ pub(crate) fn api_error(error: &(dyn StdError + 'static)) -> Option<jetstream::E
         }
         if let Some(g) = e.downcast_ref::<GetStreamError>() {
             if let GetStreamErrorKind::JetStream(api) = g.kind() {
+                return Some(api);
+            }
+        }
+        if let Some(c) = e.downcast_ref::<ConsumerInfoError>() {
+            if let ConsumerInfoErrorKind::JetStream(api) = c.kind() {
                 return Some(api);
             }
         }
@@ -179,6 +197,125 @@ where
         most: Duration::from_millis(250),
     };
     retry_while(is_unrouted, backoff, "no stream answered yet", op).await
+}
+
+/// How often [`while_unanswered`] sends its request again while no answer
+/// has come.
+pub const ASK_AGAIN_AFTER: Duration = Duration::from_secs(1);
+/// How long [`while_unanswered`] waits for an answer in all. A stream's
+/// followers elect a new leader 4 to 9 s after the old one stops (nats-server
+/// 2.15's election timeouts), so a request sent just after the election ends
+/// is still within the limit.
+pub const ASK_LIMIT: Duration = Duration::from_secs(12);
+
+/// The error of [`while_unanswered`]: the request's own, or no answer to any
+/// of the requests sent.
+#[derive(Debug)]
+pub enum AskError<E> {
+    /// The request failed: the server's answer, or a failure to send it.
+    Failed(E),
+    /// No answer came within [`ASK_LIMIT`] (a stream or consumer without a
+    /// leader, a server that does not answer).
+    Unanswered,
+}
+
+impl<E: std::fmt::Display> std::fmt::Display for AskError<E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AskError::Failed(e) => write!(f, "{e}"),
+            AskError::Unanswered => write!(
+                f,
+                "no answer within {} s (asked every {} s)",
+                ASK_LIMIT.as_secs(),
+                ASK_AGAIN_AFTER.as_secs()
+            ),
+        }
+    }
+}
+
+impl<E: StdError + 'static> StdError for AskError<E> {
+    // The request's error is the source, so the checks that walk a source
+    // chain (`is_settling`, `open::is_not_found`) find the server's answer.
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        match self {
+            AskError::Failed(e) => Some(e),
+            AskError::Unanswered => None,
+        }
+    }
+}
+
+impl<E> AskError<E> {
+    /// The request's own error, if the server answered (or sending failed).
+    pub fn failed(&self) -> Option<&E> {
+        match self {
+            AskError::Failed(e) => Some(e),
+            AskError::Unanswered => None,
+        }
+    }
+}
+
+/// Runs `op`, one idempotent JetStream API request (a lookup: asking twice
+/// changes nothing), until one copy of it is answered: while no answer has
+/// come, a new copy is sent every [`ASK_AGAIN_AFTER`], and the earlier ones
+/// stay in flight (a slow answer to the first still counts; a copy sent
+/// after an election ends is answered by the new leader), for at most
+/// [`ASK_LIMIT`]. A copy that times out on its own is dropped. Errors that
+/// say a new account's JetStream is still settling ([`is_settling`]) send
+/// the next copy after [`while_settling`]'s backoff instead. The first other
+/// answer, success or error, is returned; the copies still in flight are
+/// dropped.
+///
+/// Only for requests that are safe to repeat: a stream create sent twice
+/// while the first is still being applied can be refused, so creates go
+/// through [`while_settling`] with the caller's timeout.
+pub async fn while_unanswered<T, E, F, Fut>(mut op: F) -> Result<T, AskError<E>>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+    E: StdError + 'static,
+{
+    use futures::stream::{FuturesUnordered, StreamExt as _};
+    let deadline = Instant::now() + ASK_LIMIT;
+    let mut copies = FuturesUnordered::new();
+    copies.push(op());
+    let mut next_copy = Instant::now() + ASK_AGAIN_AFTER;
+    let mut pause = Duration::from_millis(50);
+    loop {
+        tokio::select! {
+            Some(answer) = copies.next() => match answer {
+                Ok(t) => return Ok(t),
+                Err(e) if timed_out(&e) => {
+                    tracing::debug!(error = %e, "JetStream request unanswered");
+                }
+                Err(e) if is_settling(&e) && Instant::now() + pause < deadline => {
+                    tracing::debug!(error = %e, "JetStream account still settling; retrying");
+                    next_copy = next_copy.min(Instant::now() + pause);
+                    pause = (pause * 2).min(Duration::from_millis(500));
+                }
+                Err(e) => return Err(AskError::Failed(e)),
+            },
+            () = tokio::time::sleep_until(next_copy.min(deadline)) => {
+                if Instant::now() >= deadline {
+                    return Err(AskError::Unanswered);
+                }
+                tracing::debug!("JetStream request unanswered; asking again");
+                copies.push(op());
+                next_copy = Instant::now() + ASK_AGAIN_AFTER;
+            }
+        }
+    }
+}
+
+/// Whether `error` (or any error in its source chain) is a JetStream request
+/// that timed out: no answer, as opposed to an answer saying no (or "no
+/// responders", which says JetStream is not there at all and is final).
+pub fn timed_out(error: &(dyn StdError + 'static)) -> bool {
+    use jetstream::context::{
+        ConsumerInfoError, ConsumerInfoErrorKind, RequestError, RequestErrorKind,
+    };
+    in_chain::<RequestError>(error).is_some_and(|r| r.kind() == RequestErrorKind::TimedOut)
+        || in_chain::<ConsumerInfoError>(error)
+            .is_some_and(|c| c.kind() == ConsumerInfoErrorKind::TimedOut)
 }
 
 #[cfg(test)]
@@ -326,5 +463,102 @@ mod tests {
         assert!(out.is_err());
         assert!(start.elapsed() <= SETTLE_LIMIT, "{:?}", start.elapsed());
         assert!(start.elapsed() >= SETTLE_LIMIT - Duration::from_secs(1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unanswered_request_is_sent_again_until_answered() {
+        use jetstream::context::{GetStreamError, GetStreamErrorKind};
+        // Two copies get no answer at all (sent to a leaderless stream), the
+        // third is answered: the result comes 2 x ASK_AGAIN_AFTER later.
+        let start = Instant::now();
+        let mut calls = 0;
+        let out: Result<u32, AskError<GetStreamError>> = while_unanswered(|| {
+            calls += 1;
+            let n = calls;
+            async move {
+                if n < 3 {
+                    std::future::pending::<()>().await;
+                }
+                Ok(n)
+            }
+        })
+        .await;
+        assert_eq!(out.ok(), Some(3));
+        assert_eq!(start.elapsed(), ASK_AGAIN_AFTER * 2);
+
+        // A slow answer to the first copy still counts: it is not cancelled
+        // when the second is sent.
+        let start = Instant::now();
+        let mut calls = 0;
+        let out: Result<u32, AskError<GetStreamError>> = while_unanswered(|| {
+            calls += 1;
+            let n = calls;
+            async move {
+                if n == 1 {
+                    tokio::time::sleep(ASK_AGAIN_AFTER * 3 / 2).await;
+                    Ok(n)
+                } else {
+                    std::future::pending().await
+                }
+            }
+        })
+        .await;
+        assert_eq!(out.ok(), Some(1));
+        assert_eq!(start.elapsed(), ASK_AGAIN_AFTER * 3 / 2);
+        assert_eq!(calls, 2);
+
+        // An answer saying no is final at once.
+        let mut calls = 0;
+        let out: Result<(), AskError<GetStreamError>> = while_unanswered(|| {
+            calls += 1;
+            async {
+                Err(GetStreamError::new(GetStreamErrorKind::JetStream(api(
+                    10059,
+                ))))
+            }
+        })
+        .await;
+        assert!(matches!(out, Err(AskError::Failed(_))));
+        assert_eq!(calls, 1);
+
+        // A new account's settling errors are retried, then answered.
+        let mut calls = 0;
+        let out: Result<u32, AskError<GetStreamError>> = while_unanswered(|| {
+            calls += 1;
+            let n = calls;
+            async move {
+                if n < 3 {
+                    Err(GetStreamError::new(GetStreamErrorKind::JetStream(api(
+                        10039,
+                    ))))
+                } else {
+                    Ok(n)
+                }
+            }
+        })
+        .await;
+        assert_eq!(out.ok(), Some(3));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_never_answered_fails_at_the_limit() {
+        let start = Instant::now();
+        let mut calls = 0u32;
+        let out: Result<(), AskError<std::io::Error>> = while_unanswered(|| {
+            calls += 1;
+            std::future::pending()
+        })
+        .await;
+        assert!(matches!(out, Err(AskError::Unanswered)));
+        assert_eq!(start.elapsed(), ASK_LIMIT);
+        let sent = (ASK_LIMIT.as_millis() / ASK_AGAIN_AFTER.as_millis()) as u32;
+        assert_eq!(
+            calls, sent,
+            "sent every {ASK_AGAIN_AFTER:?} for {ASK_LIMIT:?}"
+        );
+        assert!(out
+            .unwrap_err()
+            .to_string()
+            .contains("no answer within 12 s"));
     }
 }

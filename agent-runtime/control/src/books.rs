@@ -114,15 +114,12 @@ async fn open_bucket(
         placement: region.map(Region::placement),
         ..Default::default()
     };
-    let (store, _) = tenant_bus::bucket::open_or_create(js, config)
+    let (store, _) = tenant_bus::open::bucket(js, config)
         .await
         .map_err(|e| unavailable(&where_(&format!("bucket {}", spec.name), region), e))?;
     if let Some(region) = region {
-        let info = js
-            .get_stream(format!("KV_{}", spec.name))
-            .await
-            .map_err(|e| unavailable(&format!("reading bucket {}", spec.name), e))?;
-        check_placed(&spec.name, info.cached_info(), region)?;
+        // The lookup (or the create) answered with the bucket's configuration.
+        check_placed(&spec.name, store.stream.cached_info(), region)?;
     }
     Ok(store)
 }
@@ -210,8 +207,9 @@ impl Books {
         let counter_stream = named(COUNTER_STREAM, region);
         // JetStream counters (nats-server 2.12+): the leader applies each
         // Nats-Incr in turn and acknowledges it with the new total.
-        let counters = js
-            .get_or_create_stream(stream::Config {
+        let (counters, _) = tenant_bus::open::stream(
+            js,
+            stream::Config {
                 name: counter_stream.clone(),
                 description: Some(in_region(
                     "agentbus budget counters per tenant, budget and period",
@@ -225,14 +223,15 @@ impl Books {
                 num_replicas: replicas,
                 placement: region.map(Region::placement),
                 ..Default::default()
-            })
-            .await
-            .map_err(|e| {
-                unavailable(
-                    &where_(&format!("creating stream {counter_stream}"), region),
-                    e,
-                )
-            })?;
+            },
+        )
+        .await
+        .map_err(|e| {
+            unavailable(
+                &where_(&format!("opening stream {counter_stream}"), region),
+                e,
+            )
+        })?;
         if let Some(region) = region {
             check_placed(&counter_stream, counters.cached_info(), region)?;
         }

@@ -235,7 +235,7 @@ async fn open_bucket(
         num_replicas: replicas,
         ..Default::default()
     };
-    tenant_bus::bucket::open_or_create(js, config)
+    tenant_bus::open::bucket(js, config)
         .await
         .map(|(kv, _)| kv)
         .map_err(|e| unavailable(&format!("bucket {bucket}"), e))
@@ -276,7 +276,7 @@ impl Store {
         )
         .await?;
         // Idempotency keys of usage reports: each counts once within 24 h.
-        let usage_reports = tenant_bus::bucket::open_or_create(
+        let usage_reports = tenant_bus::open::bucket(
             &js,
             kv::Config {
                 bucket: crate::usage::REPORTS_BUCKET.to_string(),

@@ -168,7 +168,6 @@ use futures::StreamExt as _;
 use tenant_bus::admission::{RejectReason, Rejection};
 use tenant_bus::error::Error;
 use tenant_bus::ids::validate_slug;
-use tenant_bus::settle::while_settling;
 use tenant_bus::subject::scope;
 use tenant_bus::{MessageId, TenantNamespace};
 
@@ -745,11 +744,11 @@ impl Dispatcher {
         };
         // A tenant created a moment ago may not be known to JetStream on
         // every server yet (see `tenant_bus::settle`).
-        let stream = api_call(
+        let (stream, _) = api_call(
             ns,
             format!("stream {stream_name}{where_}"),
             &stream_name,
-            while_settling(|| js.get_or_create_stream(config.clone())),
+            tenant_bus::open::stream(&js, config),
         )
         .await?;
         // Agents may create the stream but never change it afterwards (the
@@ -795,7 +794,7 @@ impl Dispatcher {
             ns,
             format!("bucket {bucket}{where_}"),
             &format!("KV_{bucket}"),
-            tenant_bus::bucket::open_or_create(&js, config),
+            tenant_bus::open::bucket(&js, config),
         )
         .await?;
         let republishes = if created {
@@ -807,19 +806,17 @@ impl Dispatcher {
             // module docs); agents cannot change a bucket, so one that forgets
             // sooner is refused. (One created here has our retention, which is
             // never shorter than the maximum age.)
-            let status = done
-                .status()
-                .await
-                .map_err(|e| unavailable(format!("bucket {bucket}"), e))?;
+            // The lookup answered with the bucket's configuration.
+            let config = &done.stream.cached_info().config;
             if let Some(r) = &region {
-                if !r.holds(status.info.config.placement.as_ref()) {
+                if !r.holds(config.placement.as_ref()) {
                     return Err(Error::new(
                         DispatchErrorKind::StreamConflict,
                         format!("bucket {bucket} is not placed in region {r}"),
                     ));
                 }
             }
-            let kept = status.max_age();
+            let kept = config.max_age;
             if !kept.is_zero() && kept < options.task_max_age {
                 return Err(Error::new(
                     DispatchErrorKind::StreamConflict,
@@ -832,7 +829,7 @@ impl Dispatcher {
             }
             // A bucket created before outcomes were republished (agents
             // cannot change it): workers publish each outcome themselves.
-            status.info.config.republish.as_ref() == Some(&republish)
+            config.republish.as_ref() == Some(&republish)
         };
         let acks = acks::AckInbox::start(ns.nats().clone(), options.max_unanswered)
             .await
@@ -1074,7 +1071,9 @@ impl Dispatcher {
             &self.shared.ns,
             "dead-letter consumer".to_string(),
             &format!("{}.{DEAD_LETTER_CONSUMER}", self.shared.stream_name),
-            self.shared.stream.get_or_create_consumer(
+            tenant_bus::open::consumer(
+                &self.shared.js,
+                &self.shared.stream,
                 DEAD_LETTER_CONSUMER,
                 consumer::pull::Config {
                     durable_name: Some(DEAD_LETTER_CONSUMER.to_string()),

@@ -306,7 +306,9 @@ pub(crate) async fn start(
         &d.shared.ns,
         format!("consumer {durable}"),
         &format!("{}.{durable}", d.shared.stream_name),
-        d.shared.stream.get_or_create_consumer(
+        tenant_bus::open::consumer(
+            &d.shared.js,
+            &d.shared.stream,
             &durable,
             pull::Config {
                 durable_name: Some(durable.clone()),

@@ -51,8 +51,16 @@ impl Default for RateBucket {
     }
 }
 
-/// Creates (or updates) a history-1 key-value bucket whose entries expire after
-/// `max_age` (at least 1 s): the shape of both scheduler buckets.
+/// Opens (creating if missing) a history-1 key-value bucket whose entries
+/// expire after `max_age` (at least 1 s): the shape of both scheduler buckets.
+///
+/// An existing bucket is looked up, asked again while its stream elects a
+/// leader ([`tenant_bus::open::bucket`]): an instance starting while a node
+/// is down starts as soon as the election ends, where an update request sent
+/// during it waited out its whole timeout. Only a bucket with another
+/// `max_age` or fewer replicas is updated (this setting wins, as before),
+/// keeping the bucket's replicas when it has more (the controller's
+/// placement pass raises them; an instance never lowers them).
 pub(crate) async fn open_expiring_bucket(
     js: &jetstream::Context,
     bucket: &str,
@@ -68,7 +76,7 @@ pub(crate) async fn open_expiring_bucket(
             format!("{what} must be at least 1 s"),
         ));
     }
-    js.create_or_update_key_value(kv::Config {
+    let config = kv::Config {
         bucket: bucket.to_string(),
         description: description.to_string(),
         history: 1,
@@ -76,9 +84,20 @@ pub(crate) async fn open_expiring_bucket(
         storage,
         num_replicas: replicas,
         ..Default::default()
+    };
+    let (store, created) = tenant_bus::open::bucket(js, config.clone())
+        .await
+        .map_err(|e| store_error(format!("opening bucket {bucket:?}"), e))?;
+    let have = &store.stream.cached_info().config;
+    if created || (have.max_age == max_age && have.num_replicas >= replicas) {
+        return Ok(store);
+    }
+    js.create_or_update_key_value(kv::Config {
+        num_replicas: replicas.max(have.num_replicas),
+        ..config
     })
     .await
-    .map_err(|e| store_error(format!("opening bucket {bucket:?}"), e))
+    .map_err(|e| store_error(format!("updating bucket {bucket:?}"), e))
 }
 
 /// A [`TokenLedger`] in a JetStream key-value bucket, shared by every instance.

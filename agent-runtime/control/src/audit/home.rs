@@ -124,7 +124,7 @@ pub(crate) async fn open_homes_bucket(
         num_replicas: replicas,
         ..Default::default()
     };
-    tenant_bus::bucket::open_or_create(js, config)
+    tenant_bus::open::bucket(js, config)
         .await
         .map(|(kv, _)| kv)
         .map_err(|e| unavailable("the homes bucket", e))
@@ -168,9 +168,9 @@ impl Homes {
         }
         let prefix = format!("{REGION_SUBJECT_PREFIX}.{region}");
         let name = region_stream(region);
-        let stream = self
-            .js
-            .get_or_create_stream(stream::Config {
+        let (stream, _) = tenant_bus::open::stream(
+            &self.js,
+            stream::Config {
                 name: name.clone(),
                 description: Some(format!(
                     "agentbus audit logs of the tenants of region {region}"
@@ -183,17 +183,18 @@ impl Homes {
                 allow_atomic_publish: true,
                 placement: Some(region.placement()),
                 ..Default::default()
-            })
-            .await
-            .map_err(|e| {
-                unavailable(
-                    &format!(
-                        "opening stream {name} in region {region} (servers tagged {})",
-                        region.tag()
-                    ),
-                    e,
-                )
-            })?;
+            },
+        )
+        .await
+        .map_err(|e| {
+            unavailable(
+                &format!(
+                    "opening stream {name} in region {region} (servers tagged {})",
+                    region.tag()
+                ),
+                e,
+            )
+        })?;
         if !region.holds(stream.cached_info().config.placement.as_ref()) {
             return Err(ApiError::new(
                 ErrorCode::Internal,

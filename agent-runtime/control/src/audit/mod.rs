@@ -434,8 +434,9 @@ impl AuditLog {
         config: AuditConfig,
     ) -> Result<Self, ApiError> {
         let js = store.jetstream().clone();
-        let stream = js
-            .get_or_create_stream(stream::Config {
+        let (stream, _) = tenant_bus::open::stream(
+            &js,
+            stream::Config {
                 name: STREAM.to_string(),
                 description: Some(
                     "agentbus audit logs (RFC 6962 leaves and signed checkpoints)".into(),
@@ -448,16 +449,13 @@ impl AuditLog {
                 // Group commits append many events in one atomic batch.
                 allow_atomic_publish: true,
                 ..Default::default()
-            })
-            .await
-            .map_err(|e| unavailable("opening the AUDIT stream", e))?;
-        // A stream created before group commits: allow atomic batches now.
-        let mut stream = stream;
-        let info = stream
-            .info()
-            .await
-            .map_err(|e| unavailable("reading the AUDIT stream", e))?
-            .clone();
+            },
+        )
+        .await
+        .map_err(|e| unavailable("opening the AUDIT stream", e))?;
+        // A stream created before group commits: allow atomic batches now
+        // (the lookup, or the create, answered with its configuration).
+        let info = stream.cached_info().clone();
         if !info.config.allow_atomic_publish {
             let mut config = info.config.clone();
             config.allow_atomic_publish = true;

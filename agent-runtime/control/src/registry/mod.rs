@@ -584,7 +584,7 @@ impl Registry {
             num_replicas: options.replicas,
             ..Default::default()
         };
-        let (kv, _) = tenant_bus::bucket::open_or_create(&js, config)
+        let (kv, _) = tenant_bus::open::bucket(&js, config)
             .await
             .map_err(|e| unavailable("opening the registry bucket")(Box::new(e)))?;
         Ok(Self { kv })

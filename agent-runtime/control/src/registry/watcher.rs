@@ -31,6 +31,7 @@ use std::time::Duration;
 use async_nats::jetstream::kv;
 use futures::StreamExt as _;
 use tenant_bus::error::Error;
+use tenant_bus::settle::while_unanswered;
 use tenant_bus::TenantId;
 use tokio::sync::{broadcast, oneshot};
 
@@ -149,16 +150,22 @@ impl RegistryWatcher {
             overflowed: AtomicU64::new(0),
             last_revision: AtomicU64::new(0),
         });
-        let info = registry.store().stream.get_info().await.map_err(|e| {
-            Error::with_source(RegistryErrorKind::Unavailable, "registry bucket info", e)
-        })?;
+        // Both requests are sent again while unanswered: a bucket whose
+        // stream (or the cluster's meta leader) is being elected answers
+        // nothing, and a request sent before the election ends never gets an
+        // answer (see `tenant_bus::settle::while_unanswered`). A watch
+        // request cut short may still create its consumer: an ephemeral one
+        // nobody listens to, which the server removes.
+        let info = while_unanswered(|| registry.store().stream.get_info())
+            .await
+            .map_err(|e| {
+                Error::with_source(RegistryErrorKind::Unavailable, "registry bucket info", e)
+            })?;
         let empty = info.state.messages == 0;
         // `watch_with_history(">")` is `watch_all` starting with the latest value of
         // every key (deliver policy last-per-subject); plain `watch_all` delivers
         // only changes made after it starts.
-        let watch = registry
-            .store()
-            .watch_with_history(">")
+        let watch = while_unanswered(|| registry.store().watch_with_history(">"))
             .await
             .map_err(|e| Error::with_source(RegistryErrorKind::Unavailable, "registry watch", e))?;
         let (ready_tx, ready_rx) = oneshot::channel();
