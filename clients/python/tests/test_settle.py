@@ -4,6 +4,7 @@ server could not create yet are retried, and only for a bounded time."""
 import asyncio
 import time
 
+import nats.errors
 import nats.js.errors
 import pytest
 
@@ -100,3 +101,76 @@ def test_an_unanswered_publish_is_retried_then_raised_after_the_limit():
     with pytest.raises(nats.js.errors.NoStreamResponseError):
         asyncio.run(while_unrouted(never, limit=0.3))
     assert 0.1 <= time.monotonic() - start < 2.0
+
+
+def test_an_unanswered_request_is_sent_again_until_answered():
+    from tenantbus.settle import while_unanswered
+
+    calls = []
+
+    async def op():
+        calls.append(1)
+        if len(calls) < 3:
+            await asyncio.sleep(3600)  # a leaderless stream: never answered
+        return 7
+
+    start = time.monotonic()
+    assert asyncio.run(while_unanswered(op, limit=5.0, again_after=0.1)) == 7
+    assert len(calls) == 3
+    assert 0.15 <= time.monotonic() - start < 2.0
+
+    # A slow answer to the first copy still counts: it stays in flight when
+    # the second is sent.
+    calls.clear()
+
+    async def slow_first():
+        calls.append(1)
+        if len(calls) == 1:
+            await asyncio.sleep(0.15)
+            return "first"
+        await asyncio.sleep(3600)
+
+    assert asyncio.run(while_unanswered(slow_first, limit=5.0, again_after=0.1)) == "first"
+    assert len(calls) == 2
+
+    # The request's own timeout (nats-py's TimeoutError) is sent again too.
+    calls.clear()
+
+    async def times_out():
+        calls.append(1)
+        if len(calls) < 2:
+            raise nats.errors.TimeoutError
+        return 8
+
+    assert asyncio.run(while_unanswered(times_out, limit=5.0, again_after=0.1)) == 8
+    assert len(calls) == 2
+
+    # An answer saying no is raised at once.
+    calls.clear()
+
+    async def gone():
+        calls.append(1)
+        raise nats.js.errors.NotFoundError(code=404, err_code=10059, description="stream not found")
+
+    with pytest.raises(nats.js.errors.NotFoundError):
+        asyncio.run(while_unanswered(gone, limit=5.0, again_after=0.1))
+    assert len(calls) == 1
+
+
+def test_a_request_never_answered_raises_unanswered_at_the_limit():
+    from tenantbus.settle import Unanswered, while_unanswered
+
+    calls = []
+
+    async def never():
+        calls.append(1)
+        await asyncio.sleep(3600)
+
+    start = time.monotonic()
+    with pytest.raises(Unanswered) as raised:
+        asyncio.run(while_unanswered(never, limit=0.5, again_after=0.1))
+    assert 0.45 <= time.monotonic() - start < 2.0
+    assert 4 <= len(calls) <= 6
+    # A nats-py timeout, so code that handles timeouts handles it.
+    assert isinstance(raised.value, nats.errors.TimeoutError)
+    assert "no answer within 0.5 s" in str(raised.value)

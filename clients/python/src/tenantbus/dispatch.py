@@ -82,7 +82,7 @@ from .envelope import MessageId, now_ms, open_envelope
 from .errors import DispatchError, DispatchErrorKind, DropReason, EnvelopeError, IdError, SealError
 from .ids import validate_id
 from .namespace import TenantNamespace, _as_bytes
-from .settle import while_settling, while_unrouted
+from .settle import while_settling, while_unanswered, while_unrouted
 from .subject import scope
 
 log = logging.getLogger("tenantbus.dispatch")
@@ -315,6 +315,23 @@ async def _api_call(ns: TenantNamespace, what: str, name: str, step: Awaitable[A
                 running.cancel()
 
 
+async def _after_lookup(
+    js: Any, stream: str, durable: str, subscribe: Callable[..., Awaitable[Any]], /, *args: Any, **kwargs: Any
+) -> Any:
+    """Looks consumer ``durable`` of ``stream`` up, asking again while no
+    answer comes (a consumer electing a new leader answers nothing: see
+    :func:`tenantbus.settle.while_unanswered`), then runs
+    ``subscribe(*args, **kwargs)``: nats-py's ``pull_subscribe``, which looks
+    it up once more (answered now) and creates it when it does not exist.
+    The first four parameters are positional-only: ``stream`` and ``durable``
+    are also keywords of ``pull_subscribe``."""
+    try:
+        await while_unanswered(lambda: js.consumer_info(stream, durable))
+    except nats.js.errors.NotFoundError:
+        pass
+    return await subscribe(*args, **kwargs)
+
+
 def validate_task_type(task_type: str) -> str:
     """A task type is a slug (one subject token)."""
     try:
@@ -482,8 +499,9 @@ class Dispatcher:
         subjects = [scope(ns.tenant, "tasks.queue.>"), scope(ns.tenant, "tasks.dead.>")]
         try:
             try:
-                # A tenant created a moment ago: see tenantbus.settle.
-                info = await while_settling(lambda: js.stream_info(stream))
+                # A tenant created a moment ago, or a stream electing a new
+                # leader: see tenantbus.settle.
+                info = await while_unanswered(lambda: js.stream_info(stream))
             except nats.js.errors.NotFoundError:
                 try:
                     # A tenant created a moment ago may not be known to
@@ -528,7 +546,7 @@ class Dispatcher:
         created = False
         try:
             try:
-                kv = await while_settling(lambda: js.key_value(bucket))
+                kv = await while_unanswered(lambda: js.key_value(bucket))
             except nats.js.errors.BucketNotFoundError:
                 if js_placement is None:
                     done_config = api.KeyValueConfig(
@@ -715,7 +733,11 @@ class Dispatcher:
             self.ns,
             "dead-letter consumer",
             f"{self.stream_name}.dead-letters",
-            self.js.pull_subscribe(
+            _after_lookup(
+                self.js,
+                self.stream_name,
+                "dead-letters",
+                self.js.pull_subscribe,
                 scope(self.ns.tenant, "tasks.dead.>"),
                 durable="dead-letters",
                 stream=self.stream_name,
@@ -861,7 +883,11 @@ class Worker:
                 d.ns,
                 f"consumer {durable}",
                 f"{d.stream_name}.{durable}",
-                d.js.pull_subscribe(
+                _after_lookup(
+                    d.js,
+                    d.stream_name,
+                    durable,
+                    d.js.pull_subscribe,
                     subject,
                     durable=durable,
                     stream=d.stream_name,

@@ -40,7 +40,7 @@ from nats.js import api
 from .envelope import now_ms, open_envelope
 from .errors import EnvelopeError, DropReason, TenantBusError
 from .ids import validate_id
-from .settle import while_settling, while_unrouted
+from .settle import while_settling, while_unanswered, while_unrouted
 from .subject import validate_subject
 
 #: The tenant state bucket's name (in each tenant's own account).
@@ -198,7 +198,7 @@ class TenantKv:
         bucket = options.bucket
         try:
             try:
-                info = await while_settling(lambda: js.stream_info(f"KV_{bucket}"))
+                info = await while_unanswered(lambda: js.stream_info(f"KV_{bucket}"))
             except nats.js.errors.NotFoundError:
                 config = _kv_stream_config(
                     bucket, f"agentbus state of tenant {ns.tenant}", 0.0, replicas, js_placement, None

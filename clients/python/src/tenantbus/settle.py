@@ -16,6 +16,14 @@ A new stream has a second, shorter race: its subjects reach the other servers
 of a cluster over the routes, so the first publish through another server may
 find no responder. :func:`while_unrouted` retries exactly that (nothing was
 stored) for at most :data:`ROUTE_LIMIT` seconds, as ``tenant_bus::settle``.
+
+A stream or consumer whose leader was lost answers nothing until a new one is
+elected (a few seconds on a cluster), and a request sent before that is never
+answered, even after the election. :func:`while_unanswered` sends an
+idempotent request (a lookup) again every :data:`ASK_AGAIN_AFTER` seconds
+while no answer comes, for at most :data:`ASK_LIMIT`, as
+``tenant_bus::settle::while_unanswered``: an agent starting during an election
+opens its store as soon as the election ends instead of failing.
 """
 
 from __future__ import annotations
@@ -91,3 +99,76 @@ async def while_unrouted(op: Callable[[], Awaitable[T]], limit: float = ROUTE_LI
     """Runs ``op()`` until it succeeds, raises an error that is not
     :func:`is_unrouted`, or ``limit`` seconds have passed."""
     return await _retry_while(is_unrouted, op, limit, first=0.02, most=0.25)
+
+
+#: Seconds between the copies :func:`while_unanswered` sends while no answer
+#: has come.
+ASK_AGAIN_AFTER = 1.0
+
+#: Seconds :func:`while_unanswered` waits for an answer in all: a stream's
+#: followers elect a new leader 4 to 9 s after the old one stops.
+ASK_LIMIT = 12.0
+
+
+class Unanswered(nats.errors.TimeoutError):
+    """No answer came to any request :func:`while_unanswered` sent (a stream
+    or consumer without a leader, a server that does not answer). A nats-py
+    ``TimeoutError``, so code that handles timeouts handles it."""
+
+    def __init__(self, limit: float, again_after: float) -> None:
+        super().__init__()
+        self.limit = limit
+        self.again_after = again_after
+
+    def __str__(self) -> str:
+        return f"no answer within {self.limit:g} s (asked every {self.again_after:g} s)"
+
+
+async def while_unanswered(
+    op: Callable[[], Awaitable[T]], limit: float = ASK_LIMIT, again_after: float = ASK_AGAIN_AFTER
+) -> T:
+    """Runs ``op()``, one idempotent JetStream API request (a lookup: asking
+    twice changes nothing), until one copy of it is answered: while no answer
+    has come, a new copy is sent every ``again_after`` seconds and the earlier
+    ones stay in flight (a slow answer to the first still counts; a copy sent
+    after an election ends is answered by the new leader), for at most
+    ``limit`` seconds, then :class:`Unanswered` is raised. A copy that times
+    out on its own is dropped; :func:`is_settling` errors send the next copy
+    after :func:`while_settling`'s backoff. The first other answer, result or
+    error, is returned or raised; the copies still in flight are cancelled.
+    As ``tenant_bus::settle::while_unanswered``. Not for creates: one sent
+    twice while the first is still being applied can be refused."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limit
+    copies = {asyncio.ensure_future(op())}
+    next_copy = loop.time() + again_after
+    pause = 0.05
+    try:
+        while True:
+            now = loop.time()
+            if now >= deadline:
+                raise Unanswered(limit, again_after)
+            wake = max(0.0, min(next_copy, deadline) - now)
+            if copies:
+                done, _ = await asyncio.wait(copies, timeout=wake, return_when=asyncio.FIRST_COMPLETED)
+            else:  # every copy gave up or was told to wait: wait for the next
+                await asyncio.sleep(wake)
+                done = set()
+            for copy in done:
+                copies.discard(copy)
+                error = copy.exception()
+                if error is None:
+                    return copy.result()
+                if isinstance(error, asyncio.TimeoutError):
+                    continue  # nats-py's own timeout (a subclass): that copy gave up
+                if is_settling(error) and loop.time() + pause < deadline:
+                    next_copy = min(next_copy, loop.time() + pause)
+                    pause = min(pause * 2, 0.5)
+                    continue
+                raise error
+            if loop.time() >= next_copy and loop.time() < deadline:
+                copies.add(asyncio.ensure_future(op()))
+                next_copy = loop.time() + again_after
+    finally:
+        for copy in copies:
+            copy.cancel()
