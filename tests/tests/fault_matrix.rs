@@ -16,13 +16,14 @@
 //! The runtime runs as an instance does: the tenant's record is in the
 //! registry (created with the scenario's replicas), a [`RegistryWatcher`]
 //! gates every dispatch and every task the worker runs ([`TenantGate`]), and a
-//! [`RegistryFollower`] applies the record to the scheduler. With `registry`,
-//! a new runtime instance also starts while the node is down (opens the
-//! registry, loads a watcher that sees the tenant active, connects a
-//! scheduler, takes one of the tenant's agent slots): with R3 it must succeed
-//! within [`NEW_INSTANCE_WITHIN`] of the kill; with R1 it may fail, but only as
-//! unavailable, never as a refusal (before issue 13 it failed as "quota
-//! exhausted"). In every scenario a change to the tenant's record written
+//! [`RegistryFollower`] applies the record to the scheduler. In every
+//! scenario a new runtime instance also starts while the node is down (opens
+//! the registry, loads a watcher that sees the tenant active, connects a
+//! scheduler, takes one of the tenant's agent slots, opens the tenant's task
+//! stream and done bucket and starts a worker on the existing consumer): with
+//! R3 it must succeed within [`NEW_INSTANCE_WITHIN`] of the kill; with R1 it
+//! may fail, but only as unavailable, never as a refusal (before issue 13 it
+//! failed as "quota exhausted"). In every scenario a change to the tenant's record written
 //! after the restart must reach the running watcher within
 //! [`CHANGE_SEEN_WITHIN`]: its watch outlived the node's loss.
 //!
@@ -54,7 +55,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use agent_runtime::dispatch::{DispatchOptions, Dispatcher, Task, TaskOutcome, WorkerOptions};
+use agent_runtime::dispatch::{
+    DispatchError, DispatchErrorKind, DispatchOptions, Dispatcher, Task, TaskOutcome, WorkerOptions,
+};
 use agent_runtime::registry::{
     Registry, RegistryError, RegistryErrorKind, RegistryOptions, RegistryWatcher, SettingsPatch,
     Status, TenantGate, TenantSettings, REGISTRY_BUCKET,
@@ -70,8 +73,8 @@ use tenant_bus::{AgentId, CredentialBundle, MasterSecret, TenantId, TenantNamesp
 const CONCURRENCY: usize = 8;
 /// Tasks submitted per second while a scenario runs.
 const RATE: u64 = 100;
-/// How soon after the registry leader's kill a new runtime instance must
-/// start, with R3 (leader elections took up to about 7 s in these runs).
+/// How soon after a node's kill a new runtime instance must start, with R3
+/// (leader elections took up to about 7 s in these runs).
 const NEW_INSTANCE_WITHIN: Duration = Duration::from_secs(15);
 /// How soon a change to the tenant's record must reach the running watcher.
 const CHANGE_SEEN_WITHIN: Duration = Duration::from_secs(10);
@@ -120,9 +123,9 @@ struct Outcome {
     /// The longest time between two acknowledged submissions: how long the
     /// outage stopped new work from being accepted.
     pause: Duration,
-    /// `registry` only: when a new runtime instance started after the kill,
-    /// or its last failure ("unavailable: ..." or "refused: ...").
-    new_instance: Option<Result<Duration, String>>,
+    /// When a new runtime instance started after the kill, or its last
+    /// failure ("unavailable: ..." or "refused: ...").
+    new_instance: Result<Duration, String>,
     /// How long a change to the tenant's record written after the restart
     /// took to reach the running watcher; `None`: not within
     /// [`CHANGE_SEEN_WITHIN`].
@@ -145,9 +148,8 @@ impl Outcome {
             self.pause.as_secs_f64(),
             self.recovery.as_secs_f64(),
             match &self.new_instance {
-                None => "-".to_string(),
-                Some(Ok(d)) => format!("{:.1} s", d.as_secs_f64()),
-                Some(Err(e)) => format!("no ({e})"),
+                Ok(d) => format!("{:.1} s", d.as_secs_f64()),
+                Err(e) => format!("no ({e})"),
             },
             match self.change_seen {
                 Some(d) => format!("{:.2} s", d.as_secs_f64()),
@@ -175,11 +177,11 @@ impl Outcome {
             ));
         }
         match &self.new_instance {
-            Some(Err(e)) if self.replicas >= 3 => bad.push(format!(
+            Err(e) if self.replicas >= 3 => bad.push(format!(
                 "a new runtime instance did not start within {NEW_INSTANCE_WITHIN:?} of the kill: {e}"
             )),
-            Some(Err(e)) if !e.starts_with("unavailable") => bad.push(format!(
-                "a new runtime instance was refused instead of told the registry is unavailable: {e}"
+            Err(e) if !e.starts_with("unavailable") => bad.push(format!(
+                "a new runtime instance was refused instead of told the cluster is unavailable: {e}"
             )),
             _ => {}
         }
@@ -222,17 +224,12 @@ async fn leader(js: &jetstream::Context, stream: &str) -> String {
 /// Starts what a new runtime instance needs, again and again until it works
 /// or [`NEW_INSTANCE_WITHIN`] after `killed_at`: `Ok` is when it worked,
 /// counted from the kill; `Err` the last failure.
-async fn new_instance(
-    urls: String,
-    replicas: usize,
-    tenant: TenantId,
-    killed_at: Instant,
-) -> Result<Duration, String> {
+async fn new_instance(probe: Probe, killed_at: Instant) -> Result<Duration, String> {
     let deadline = killed_at + NEW_INSTANCE_WITHIN;
     let mut last = "unavailable: not tried".to_string();
     while Instant::now() < deadline {
         let left = deadline.saturating_duration_since(Instant::now());
-        match tokio::time::timeout(left, start_instance(&urls, replicas, &tenant)).await {
+        match tokio::time::timeout(left, start_instance(&probe)).await {
             Ok(Ok(())) => return Ok(killed_at.elapsed()),
             Ok(Err(e)) => {
                 eprintln!(
@@ -250,11 +247,42 @@ async fn new_instance(
     Err(last)
 }
 
+/// What a new runtime instance of the scenario needs.
+#[derive(Clone)]
+struct Probe {
+    urls: String,
+    replicas: usize,
+    tenant: TenantId,
+    /// The credentials of the instance's agent.
+    bundle: CredentialBundle,
+    /// The handler's record of runs, shared with the scenario's worker.
+    runs: Runs,
+}
+
+type Runs = Arc<Mutex<HashMap<String, u32>>>;
+
+/// The scenario's handler: records the run, answers with the payload.
+async fn job(runs: Runs, task: Task) -> Result<Bytes, String> {
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let id = String::from_utf8_lossy(&task.payload).to_string();
+    *runs.lock().unwrap().entry(id).or_default() += 1;
+    Ok(task.payload)
+}
+
 /// One start of a runtime instance: the registry bucket, a watcher that knows
 /// the tenant is active, a scheduler on the rate and slot buckets, one of the
-/// tenant's agent slots (given back). A failure is "unavailable: ..." when the
-/// cluster could not answer, "refused: ..." when something said no.
-async fn start_instance(urls: &str, replicas: usize, tenant: &TenantId) -> Result<(), String> {
+/// tenant's agent slots (given back), a dispatcher on the tenant's task
+/// stream and done bucket, a worker on the existing consumer (stopped again).
+/// A failure is "unavailable: ..." when the cluster could not answer,
+/// "refused: ..." when something said no.
+async fn start_instance(probe: &Probe) -> Result<(), String> {
+    let Probe {
+        urls,
+        replicas,
+        tenant,
+        ..
+    } = probe;
+    let replicas = *replicas;
     let registry_err = |e: RegistryError| match e.kind() {
         RegistryErrorKind::Unavailable => format!("unavailable: {e}"),
         _ => format!("refused: {e}"),
@@ -288,7 +316,31 @@ async fn start_instance(urls: &str, replicas: usize, tenant: &TenantId) -> Resul
         .acquire_agent_slot(&AgentId::new("probe").unwrap())
         .await
         .map_err(scheduler_err)?;
-    lease.release().await.map_err(scheduler_err)
+    lease.release().await.map_err(scheduler_err)?;
+    let dispatch_err = |e: DispatchError| match e.kind() {
+        DispatchErrorKind::Unavailable => format!("unavailable: {e}"),
+        _ => format!("refused: {e}"),
+    };
+    let ns = TenantNamespace::connect(&probe.bundle)
+        .await
+        .map_err(|e| format!("unavailable: connect: {e}"))?;
+    // The scenario's options: the consumer's ack wait is 3 s.
+    let options = DispatchOptions::new()
+        .replicas(replicas)
+        .ack_wait(Duration::from_secs(3))
+        .gate(TenantGate::new(Arc::new(watcher), tenant.clone()));
+    let d = Dispatcher::new(&ns, options).await.map_err(dispatch_err)?;
+    let runs = probe.runs.clone();
+    let worker = d
+        .worker(
+            "job",
+            move |task: Task| job(runs.clone(), task),
+            WorkerOptions::new().concurrency(1).prefetch(1),
+        )
+        .await
+        .map_err(dispatch_err)?;
+    worker.shutdown(Duration::from_secs(5)).await;
+    Ok(())
 }
 
 /// Renames the tenant (retrying the write for up to 10 s while the cluster
@@ -383,21 +435,13 @@ async fn scenario(target: Target, replicas: usize, outage: Duration) -> Outcome 
     let worker_d = Dispatcher::new(&worker_ns, options().scheduler(tenant_sched))
         .await
         .unwrap();
-    let runs: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
+    let runs: Runs = Arc::default();
     let worker = {
         let runs = runs.clone();
         worker_d
             .worker(
                 "job",
-                move |task: Task| {
-                    let runs = runs.clone();
-                    async move {
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                        let id = String::from_utf8_lossy(&task.payload).to_string();
-                        *runs.lock().unwrap().entry(id).or_default() += 1;
-                        Ok::<Bytes, String>(task.payload)
-                    }
-                },
+                move |task: Task| job(runs.clone(), task),
                 WorkerOptions::new().concurrency(CONCURRENCY),
             )
             .await
@@ -456,22 +500,21 @@ async fn scenario(target: Target, replicas: usize, outage: Duration) -> Outcome 
     let index = node_index(&c, &killed);
     c.kill_node(index).unwrap();
     let killed_at = Instant::now();
-    // A runtime instance starting while the registry's leader is gone. It gives
-    // up NEW_INSTANCE_WITHIN after the kill, before the node is back (outages
+    // A runtime instance starting while the node is gone. It gives up
+    // NEW_INSTANCE_WITHIN after the kill, before the node is back (outages
     // are at least 20 s), so it cannot succeed through the restart.
-    let probe = (target == Target::Registry).then(|| {
-        tokio::spawn(new_instance(
-            urls.clone(),
+    let probe = tokio::spawn(new_instance(
+        Probe {
+            urls: urls.clone(),
             replicas,
-            tenant.clone(),
-            killed_at,
-        ))
-    });
+            tenant: tenant.clone(),
+            bundle: bundle("probe"),
+            runs: runs.clone(),
+        },
+        killed_at,
+    ));
     tokio::time::sleep(outage).await;
-    let new_instance = match probe {
-        Some(p) => Some(p.await.unwrap()),
-        None => None,
-    };
+    let new_instance = probe.await.unwrap();
     c.start_node(index).await.unwrap();
     tokio::time::sleep(Duration::from_secs(3)).await;
     stop.store(true, Ordering::Relaxed);
