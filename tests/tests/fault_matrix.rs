@@ -62,7 +62,9 @@ use agent_runtime::registry::{
     Registry, RegistryError, RegistryErrorKind, RegistryOptions, RegistryWatcher, SettingsPatch,
     Status, TenantGate, TenantSettings, REGISTRY_BUCKET,
 };
-use agent_runtime::scheduler::{RegistryFollower, SchedulerError, SchedulerErrorKind, SLOT_BUCKET};
+use agent_runtime::scheduler::{
+    RegistryFollower, Scheduler, SchedulerConfig, SchedulerError, SchedulerErrorKind, SLOT_BUCKET,
+};
 use agent_runtime::tiers::Tier;
 use async_nats::jetstream;
 use bytes::Bytes;
@@ -307,9 +309,14 @@ async fn start_instance(probe: &Probe) -> Result<(), String> {
     if record.status != Status::Active {
         return Err(format!("refused: {tenant} is {:?}", record.status));
     }
-    let sched = nats_harness::replicated_scheduler(&jetstream::new(client), replicas)
-        .await
-        .map_err(scheduler_err)?;
+    // As an instance does: the scheduler's buckets with the registry's replicas.
+    let sched = Scheduler::connect_for_deployment(
+        &jetstream::new(client),
+        SchedulerConfig::default(),
+        &registry,
+    )
+    .await
+    .map_err(scheduler_err)?;
     let lease = sched
         .tenant(tenant, &record.quotas())
         .map_err(scheduler_err)?

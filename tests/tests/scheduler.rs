@@ -510,3 +510,65 @@ async fn a_live_window_update_is_checked_against_the_ledger_expiry() {
     t.set_quotas(&q);
     assert_eq!(t.window_ms(), 1_500);
 }
+
+/// The replicas of bucket `bucket`'s stream.
+async fn bucket_replicas(js: &jetstream::Context, bucket: &str) -> usize {
+    let mut stream = js.get_stream(format!("KV_{bucket}")).await.unwrap();
+    stream.info().await.unwrap().config.num_replicas
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scheduler_for_the_deployment_takes_the_registrys_replicas_and_never_lowers_them() {
+    use agent_runtime::registry::{Registry, RegistryOptions};
+    use agent_runtime::scheduler::SLOT_BUCKET;
+    let c = nats_harness::cluster(nats_harness::ClusterOptions::new().nodes(3)).await;
+    let client = async_nats::ConnectOptions::new()
+        .connect(c.urls().split(',').collect::<Vec<_>>())
+        .await
+        .unwrap();
+    let js = jetstream::new(client.clone());
+    nats_harness::jetstream_ready(&js, Duration::from_secs(20)).await;
+    // An instance that started before the deployment grew: R1 buckets.
+    Scheduler::connect(
+        &js,
+        SchedulerConfig::default(),
+        &RateBucket::default(),
+        &SlotBucket::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(bucket_replicas(&js, RATE_BUCKET).await, 1);
+    // The registry the controller keeps with the deployment's count.
+    let registry = Registry::open_with(client, RegistryOptions::new().replicas(3))
+        .await
+        .unwrap();
+    assert_eq!(registry.replicas().await.unwrap(), 3);
+    let sched = Scheduler::connect_for_deployment(&js, SchedulerConfig::default(), &registry)
+        .await
+        .unwrap();
+    for bucket in [RATE_BUCKET, SLOT_BUCKET] {
+        assert_eq!(bucket_replicas(&js, bucket).await, 3, "{bucket}");
+    }
+    // It works at once: an agent slot is taken and given back. (Before the
+    // raise waited for the new peers, the first write got no answer and
+    // waited out the 5 s publish timeout.)
+    let quotas = Quotas::for_tier(Tier::Free);
+    let t = sched.tenant(&tenant("acme"), &quotas).unwrap();
+    let lease = tokio::time::timeout(Duration::from_secs(3), t.acquire_agent_slot(&agent(1)))
+        .await
+        .expect("the first agent slot after the raise took 3 s")
+        .unwrap();
+    lease.release().await.unwrap();
+    // An instance asking for fewer replicas uses the buckets as they are.
+    Scheduler::connect(
+        &js,
+        SchedulerConfig::default(),
+        &RateBucket::default(),
+        &SlotBucket::default(),
+    )
+    .await
+    .unwrap();
+    for bucket in [RATE_BUCKET, SLOT_BUCKET] {
+        assert_eq!(bucket_replicas(&js, bucket).await, 3, "{bucket} lowered");
+    }
+}

@@ -92,12 +92,40 @@ pub(crate) async fn open_expiring_bucket(
     if created || (have.max_age == max_age && have.num_replicas >= replicas) {
         return Ok(store);
     }
-    js.create_or_update_key_value(kv::Config {
-        num_replicas: replicas.max(have.num_replicas),
-        ..config
-    })
-    .await
-    .map_err(|e| store_error(format!("updating bucket {bucket:?}"), e))
+    let want = replicas.max(have.num_replicas);
+    let store = js
+        .create_or_update_key_value(kv::Config {
+            num_replicas: want,
+            ..config
+        })
+        .await
+        .map_err(|e| store_error(format!("updating bucket {bucket:?}"), e))?;
+    if want > have.num_replicas {
+        settled(&store, want).await;
+    }
+    Ok(store)
+}
+
+/// Waits (at most 10 s) until `store`'s stream has a leader and `replicas`
+/// peers that are current. A raise from fewer replicas answers before the
+/// new peers have joined, and a write sent meanwhile got no answer (the
+/// first agent slot after a raise waited out the 5 s publish timeout on
+/// three nodes). Not ready after the wait: returned anyway, its writes then
+/// fail as an outage.
+async fn settled(store: &kv::Store, replicas: usize) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while tokio::time::Instant::now() < deadline {
+        let info = tenant_bus::settle::while_unanswered(|| store.stream.get_info()).await;
+        if let Ok(info) = info {
+            if let Some(cluster) = &info.cluster {
+                let current = cluster.replicas.iter().filter(|p| p.current).count();
+                if cluster.leader.is_some() && current + 1 >= replicas {
+                    return;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// A [`TokenLedger`] in a JetStream key-value bucket, shared by every instance.

@@ -47,6 +47,12 @@
 //!   delete; `max_age` = lease TTL (default 30 s), so a crashed agent's slot frees
 //!   itself; file storage.
 //!
+//! Both are created with the `replicas` of [`RateBucket`] and [`SlotBucket`];
+//! [`Scheduler::connect_for_deployment`] takes the deployment's count from the
+//! registry. An existing bucket is looked up (asked again while its stream
+//! elects a leader), raised when it has fewer replicas (the open waits until
+//! the new peers are current) and never lowered.
+//!
 //! Tenant ids are validated slugs, so a tenant's keys cannot collide with or escape
 //! into another tenant's.
 //!

@@ -13,13 +13,14 @@ use tenant_bus::namespace::{ConnectError, ConnectErrorKind};
 use tenant_bus::{AgentId, CredentialBundle, NamespaceOptions, TenantId, TenantNamespace};
 
 use super::concurrency::{ConcurrencyLimit, Overflow, Permit, TaskPermit};
-use super::error::{from_rejection, rejected, SchedulerError, SchedulerErrorKind};
+use super::error::{from_rejection, rejected, store_error, SchedulerError, SchedulerErrorKind};
 use super::kv::{KvLedger, RateBucket};
 use super::layer::{
     Chain, Check, Clock, Gate, RefillFuture, SizeLimit, Suspension, SystemClock, TimeSource,
 };
 use super::rate::{BatchPolicy, Dimension, MemoryLedger, RateWindow, TokenLedger};
 use super::slots::{AgentSlot, AgentSlots, SlotBucket, SlotStore};
+use crate::registry::Registry;
 use crate::tiers::Quotas;
 
 /// The message layers of a tenant, in order: suspension, maximum size, message
@@ -578,6 +579,36 @@ impl Scheduler {
             tenants: RwLock::new(HashMap::new()),
             suspended: RwLock::new(HashSet::new()),
         })
+    }
+
+    /// A cluster-wide scheduler on the default buckets ([`RateBucket`],
+    /// [`SlotBucket`]) with the deployment's replica count: the registry
+    /// bucket's own ([`Registry::replicas`]), which the controller created
+    /// from the installation's setting (1 on one node, 3 on a cluster). What a
+    /// runtime instance of a deployment uses; [`connect`](Self::connect)
+    /// takes buckets and replicas chosen by hand.
+    pub async fn connect_for_deployment(
+        js: &jetstream::Context,
+        config: SchedulerConfig,
+        registry: &Registry,
+    ) -> Result<Self, SchedulerError> {
+        let replicas = registry
+            .replicas()
+            .await
+            .map_err(|e| store_error("reading the deployment's replicas from the registry", e))?;
+        Self::connect(
+            js,
+            config,
+            &RateBucket {
+                replicas,
+                ..RateBucket::default()
+            },
+            &SlotBucket {
+                replicas,
+                ..SlotBucket::default()
+            },
+        )
+        .await
     }
 
     /// The tenant's scheduler, created from `quotas` on first use (later calls

@@ -595,9 +595,9 @@ impl Registry {
     /// cluster). Runtime instances use it for every stream and bucket they create
     /// (scheduler buckets, task streams), so one setting governs them all.
     pub async fn replicas(&self) -> Result<usize, RegistryError> {
-        let status = self
-            .kv
-            .status()
+        // Asked again while unanswered: read when a runtime instance starts,
+        // perhaps while the registry's stream elects a new leader.
+        let status = tenant_bus::settle::while_unanswered(|| self.kv.status())
             .await
             .map_err(|e| unavailable("reading the registry's replicas")(Box::new(e)))?;
         Ok(status.info.config.num_replicas.max(1))
